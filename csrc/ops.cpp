@@ -1,0 +1,41 @@
+// Schemas of every qadapter op. Kernels live in one file per op (CPU here in C++,
+// CUDA in qadapter_kernels/*.py as Triton kernels registered through torch.library).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing qadapter_kernels._C runs the static TORCH_LIBRARY initialisers below; the
+// module itself has no Python functions (pytorch/extension-cpp pattern).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(qadapter, m) {
+  // One pass over the vocabulary per row of [N, V] logits: the soft value
+  // V = alpha_tilde * LSE((Q + alpha_0 * L) / alpha_tilde) - alpha_0 * LSE(L), the picked
+  // Q[a], and LSE(y) (what the backward needs to rebuild softmax(y) without storing it).
+  m.def(
+      "residual_q_values(Tensor q_logits, Tensor base_logits, Tensor actions, float alpha_tilde, "
+      "float alpha_0) -> (Tensor values, Tensor q_taken, Tensor lse_y)");
+  // dQ = grad_q_taken * onehot(actions) + grad_values * softmax(y), written straight into
+  // a fresh [N, V] tensor of q_logits' dtype.
+  m.def(
+      "residual_q_values_backward(Tensor grad_values, Tensor grad_q_taken, Tensor q_logits, "
+      "Tensor base_logits, Tensor actions, Tensor lse_y, float alpha_tilde, float alpha_0) -> Tensor");
+  // The pair pass over [2B, T]: rewards of the chosen variant, sequence scores,
+  // softplus Bradley-Terry, squared-reward regulariser. rewards (0 where unscored) and
+  // num_scored are kept for the backward.
+  m.def(
+      "pair_loss(Tensor values, Tensor q_taken, Tensor loss_mask, float gamma, float beta, "
+      "str variant, bool length_norm) -> (Tensor loss, Tensor pref_loss, Tensor reg_loss, "
+      "Tensor scores, Tensor accuracy, Tensor rewards, Tensor num_scored)");
+  // Per-token coefficients: d(outputs)/d(values) and d(outputs)/d(q_taken), contracted with
+  // the incoming gradients of loss, pref_loss, reg_loss, scores and rewards.
+  m.def(
+      "pair_loss_backward(Tensor grad_loss, Tensor grad_pref_loss, Tensor grad_reg_loss, "
+      "Tensor grad_scores, Tensor grad_rewards, Tensor scores, Tensor rewards, Tensor num_scored, "
+      "Tensor loss_mask, float gamma, float beta, str variant, bool length_norm) -> "
+      "(Tensor grad_values, Tensor grad_q_taken)");
+}

@@ -1,0 +1,190 @@
+// CPU kernels of qadapter::pair_loss and its backward: the [2B, T] pass that turns per-position
+// values and picked Q into rewards, sequence scores and the Bradley-Terry loss.
+// Rows 0..B-1 are chosen responses, rows B..2B-1 the rejected ones (DESIGN.md §2).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string_view>
+
+namespace qadapter {
+namespace {
+
+enum class Variant { kBellman, kOfficial };
+
+Variant parse_variant(std::string_view variant) {
+  if (variant == "bellman") return Variant::kBellman;
+  if (variant == "official") return Variant::kOfficial;
+  TORCH_CHECK_VALUE(false, "variant must be 'bellman' or 'official', got '", variant, "'");
+}
+
+// Which action is scored and which value bootstraps its reward. The action at position t
+// is x[t+1], so the last column never holds one.
+struct RewardRule {
+  Variant variant;
+  const bool* mask;
+  int64_t T;
+
+  bool scored(int64_t row, int64_t t) const {
+    if (t >= T - 1) return false;
+    return mask[row * T + (variant == Variant::kBellman ? t + 1 : t)];
+  }
+  // Index of the value subtracted from Q[a_t] (times gamma), or -1 when it is 0 (terminal).
+  int64_t bootstrap(int64_t row, int64_t t) const {
+    if (variant == Variant::kOfficial) return t;
+    return (t + 2 < T && mask[row * T + t + 2]) ? t + 1 : -1;
+  }
+};
+
+double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
+double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+void check_pair_inputs(const at::Tensor& values, const at::Tensor& q_taken, const at::Tensor& loss_mask) {
+  TORCH_CHECK_VALUE(values.dim() == 2, "values must be [2B, T], got ", values.sizes());
+  TORCH_CHECK_VALUE(q_taken.sizes() == values.sizes(), "q_taken must match values ", values.sizes(),
+                    ", got ", q_taken.sizes());
+  TORCH_CHECK_VALUE(loss_mask.sizes() == values.sizes(), "loss_mask must match values ", values.sizes(),
+                    ", got ", loss_mask.sizes());
+  TORCH_CHECK_TYPE(loss_mask.scalar_type() == at::kBool, "loss_mask must be bool, got ", loss_mask.scalar_type());
+  TORCH_CHECK_VALUE(values.size(0) % 2 == 0 && values.size(0) > 0,
+                    "values must hold 2B rows (chosen then rejected), got ", values.size(0));
+  TORCH_CHECK_VALUE(values.size(1) >= 2, "sequences need T >= 2 tokens, got T = ", values.size(1));
+}
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_impl(
+    const at::Tensor& values, const at::Tensor& q_taken, const at::Tensor& loss_mask, double gamma,
+    double beta, Variant variant, bool length_norm) {
+  const int64_t rows = values.size(0), T = values.size(1), B = rows / 2;
+  const acc_t* v = values.const_data_ptr<acc_t>();
+  const acc_t* q = q_taken.const_data_ptr<acc_t>();
+  const RewardRule rule{variant, loss_mask.const_data_ptr<bool>(), T};
+  const double inv_norm = length_norm ? 1.0 / double(T - 1) : 1.0;
+  auto opts = values.options();
+  at::Tensor rewards = at::zeros({rows, T}, opts), scores = at::empty({rows}, opts);
+  at::Tensor row_sq = at::empty({rows}, opts.dtype(at::kDouble)), row_count = at::empty({rows}, opts.dtype(at::kLong));
+  acc_t* r = rewards.mutable_data_ptr<acc_t>();
+  acc_t* s = scores.mutable_data_ptr<acc_t>();
+  double* sq = row_sq.mutable_data_ptr<double>();
+  int64_t* count = row_count.mutable_data_ptr<int64_t>();
+
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      double sum = 0, sum_sq = 0;
+      int64_t n = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        if (!rule.scored(row, t)) continue;
+        const int64_t vi = rule.bootstrap(row, t);
+        const double reward = double(q[row * T + t]) - (vi < 0 ? 0.0 : gamma * double(v[row * T + vi]));
+        r[row * T + t] = acc_t(reward);
+        sum += reward;
+        sum_sq += reward * reward;
+        ++n;
+      }
+      s[row] = acc_t(sum * inv_norm);
+      sq[row] = sum_sq;
+      count[row] = n;
+    }
+  });
+
+  double total_sq = 0, pref = 0, correct = 0;
+  int64_t total = 0;
+  for (int64_t row = 0; row < rows; ++row) {
+    total_sq += sq[row];
+    total += count[row];
+  }
+  TORCH_CHECK_VALUE(total > 0, "loss_mask scores no token in the whole batch (variant '",
+                    variant == Variant::kBellman ? "bellman" : "official", "')");
+  for (int64_t i = 0; i < B; ++i) {
+    const double chosen = s[i], rejected = s[i + B];
+    pref += softplus(rejected - chosen);
+    correct += chosen > rejected ? 1.0 : 0.0;
+  }
+  pref /= double(B);
+  const double reg = beta * total_sq / double(total);
+  auto scalar = [&](double x) { return at::scalar_tensor(x, opts); };
+  return {scalar(pref + reg), scalar(pref), scalar(reg), scores, scalar(correct / double(B)),
+          rewards, scalar(double(total))};
+}
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor> pair_loss_backward_impl(
+    double g_loss, double g_pref, double g_reg, const at::Tensor& grad_scores, const at::Tensor& grad_rewards,
+    const at::Tensor& scores, const at::Tensor& rewards, double num_scored, const at::Tensor& loss_mask,
+    double gamma, double beta, Variant variant, bool length_norm) {
+  const int64_t rows = rewards.size(0), T = rewards.size(1), B = rows / 2;
+  const acc_t* gs = grad_scores.const_data_ptr<acc_t>();
+  const acc_t* gr = grad_rewards.const_data_ptr<acc_t>();
+  const acc_t* s = scores.const_data_ptr<acc_t>();
+  const acc_t* r = rewards.const_data_ptr<acc_t>();
+  const RewardRule rule{variant, loss_mask.const_data_ptr<bool>(), T};
+  const double inv_norm = length_norm ? 1.0 / double(T - 1) : 1.0;
+  const double g_bt = (g_loss + g_pref) / double(B);
+  const double g_sq = (g_loss + g_reg) * 2.0 * beta / num_scored;
+  at::Tensor grad_values = at::zeros({rows, T}, rewards.options());
+  at::Tensor grad_q_taken = at::zeros({rows, T}, rewards.options());
+  acc_t* gv = grad_values.mutable_data_ptr<acc_t>();
+  acc_t* gq = grad_q_taken.mutable_data_ptr<acc_t>();
+
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const bool chosen = row < B;
+      const int64_t partner = chosen ? row + B : row - B;
+      // pref = mean softplus(S_rejected - S_chosen): the rejected side gets +sigmoid, the chosen -sigmoid.
+      const double margin = chosen ? double(s[partner]) - double(s[row]) : double(s[row]) - double(s[partner]);
+      const double g_score = (chosen ? -g_bt : g_bt) * sigmoid(margin) + double(gs[row]);
+      for (int64_t t = 0; t < T; ++t) {
+        if (!rule.scored(row, t)) continue;
+        const double g = g_score * inv_norm + g_sq * double(r[row * T + t]) + double(gr[row * T + t]);
+        gq[row * T + t] = acc_t(g);
+        const int64_t vi = rule.bootstrap(row, t);
+        if (vi >= 0) gv[row * T + vi] += acc_t(-gamma * g);
+      }
+    }
+  });
+  return {grad_values, grad_q_taken};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(
+    const at::Tensor& values, const at::Tensor& q_taken, const at::Tensor& loss_mask, double gamma,
+    double beta, c10::string_view variant, bool length_norm) {
+  check_pair_inputs(values, q_taken, loss_mask);
+  const Variant v = parse_variant(variant);
+  const auto acc = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor vals = values.to(acc).contiguous(), qt = q_taken.to(acc).contiguous();
+  const at::Tensor mask = loss_mask.contiguous();
+  if (acc == at::kDouble) return pair_loss_impl<double>(vals, qt, mask, gamma, beta, v, length_norm);
+  return pair_loss_impl<float>(vals, qt, mask, gamma, beta, v, length_norm);
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& grad_pref_loss, const at::Tensor& grad_reg_loss,
+    const at::Tensor& grad_scores, const at::Tensor& grad_rewards, const at::Tensor& scores,
+    const at::Tensor& rewards, const at::Tensor& num_scored, const at::Tensor& loss_mask, double gamma,
+    double beta, c10::string_view variant, bool length_norm) {
+  check_pair_inputs(rewards, rewards, loss_mask);
+  const Variant v = parse_variant(variant);
+  const auto acc = rewards.scalar_type();
+  TORCH_CHECK_TYPE(acc == at::kFloat || acc == at::kDouble, "rewards must be float32 or float64");
+  auto as_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
+  const double g_loss = grad_loss.item<double>(), g_pref = grad_pref_loss.item<double>(),
+               g_reg = grad_reg_loss.item<double>(), n = num_scored.item<double>();
+  if (acc == at::kDouble) {
+    return pair_loss_backward_impl<double>(g_loss, g_pref, g_reg, as_acc(grad_scores), as_acc(grad_rewards),
+                                           as_acc(scores), as_acc(rewards), n, loss_mask.contiguous(), gamma,
+                                           beta, v, length_norm);
+  }
+  return pair_loss_backward_impl<float>(g_loss, g_pref, g_reg, as_acc(grad_scores), as_acc(grad_rewards),
+                                        as_acc(scores), as_acc(rewards), n, loss_mask.contiguous(), gamma,
+                                        beta, v, length_norm);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qadapter, CPU, m) {
+  m.impl("pair_loss", &pair_loss_cpu);
+  m.impl("pair_loss_backward", &pair_loss_backward_cpu);
+}
+
+}  // namespace qadapter

@@ -1,0 +1,13 @@
+"""qadapter-kernels: fused CPU (C++) and GPU (Triton) kernels for Q-Adapter.
+
+Set ``TRITON_INTERPRET=1`` before importing this package to run the Triton kernels on CPU
+tensors with ``backend="triton"`` (tests only).
+"""
+from . import _C  # noqa: F401  (registers the qadapter:: op schemas and CPU kernels)
+from . import reference
+from .outputs import QAdapterLossOutput
+from .qadapter_loss import qadapter_loss
+from .residual_q_values import residual_q_values
+
+__all__ = ["QAdapterLossOutput", "qadapter_loss", "reference", "residual_q_values"]
+__version__ = "0.1.0"

@@ -1,0 +1,126 @@
+"""The Q-Adapter loss from [2B, T, V] adapter and base logits: vocabulary pass, then pair pass."""
+import torch
+
+from . import reference
+from ._backend import resolve_backend, through_dispatcher
+from ._checks import (
+    check_index_tensor,
+    check_mask_tensor,
+    check_same_device,
+    check_scalar,
+    check_shape,
+    raise_on_flags,
+    value_checks_enabled,
+)
+from .outputs import QAdapterLossOutput
+from .pair_loss import VARIANTS, pair_loss_rows
+from .residual_q_values import (
+    actions_in_range_flag,
+    check_logits_pair,
+    finite_values_flag,
+    residual_q_values_rows,
+)
+
+
+def check_loss_arguments(
+    input_ids, loss_mask, alpha_tilde, alpha_0, gamma, beta, variant, length_norm, rows_name, rows, T, device
+) -> tuple[float, float, float, float]:
+    """Checks shared by the loss entry points; returns the hyper-parameters as floats."""
+    check_index_tensor("input_ids", input_ids)
+    check_mask_tensor("loss_mask", loss_mask)
+    check_same_device(rows_name, device, input_ids=input_ids, loss_mask=loss_mask)
+    if rows % 2 or rows == 0:
+        raise ValueError(
+            f"{rows_name} must hold 2B rows (B chosen, then B rejected), got {rows} rows"
+        )
+    if T < 2:
+        raise ValueError(f"sequences need T >= 2 tokens (a state and a next token), got T = {T}")
+    check_shape("input_ids", input_ids, (rows, T), f"the [2B, T] of {rows_name}")
+    check_shape("loss_mask", loss_mask, (rows, T), f"the [2B, T] of {rows_name}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if not isinstance(length_norm, bool):
+        raise TypeError(f"length_norm must be a bool, got {type(length_norm).__name__}")
+    return (
+        check_scalar("alpha_tilde", alpha_tilde, 0.0, float("inf"), low_open=True),
+        check_scalar("alpha_0", alpha_0, 0.0, float("inf")),
+        check_scalar("gamma", gamma, 0.0, 1.0),
+        check_scalar("beta", beta, 0.0, float("inf")),
+    )
+
+
+def pair_outputs(values, q_taken, loss_mask, gamma, beta, variant, length_norm, backend,
+                 check_values) -> QAdapterLossOutput:
+    """Pair pass on [2B, T] values and picked Q, with the eager value checks, as the public output."""
+    device = values.device
+    if backend == "torch":
+        if check_values:
+            raise_on_flags(finite_values_flag(values))
+        return reference.pair_loss(values, q_taken, loss_mask, gamma, beta, variant, length_norm)
+    if check_values:
+        # The C++ kernel raises on an empty mask itself; this check serves every device, once.
+        raise_on_flags({
+            **finite_values_flag(values),
+            "loss_mask scores no token in the whole batch": ~reference.scored_positions(loss_mask, variant).any(),
+        })
+    loss, pref, reg, scores, accuracy, _, _ = pair_loss_rows(
+        values, q_taken, loss_mask, gamma, beta, variant, length_norm, through_dispatcher(backend, device)
+    )
+    B = values.shape[0] // 2
+    out = QAdapterLossOutput(loss, pref, reg, scores[:B], scores[B:], accuracy.detach())
+    if check_values:
+        raise_on_flags({"the loss is not finite: an action at a scored position has a -inf q_logit":
+                        ~torch.isfinite(loss)})
+    return out
+
+
+def qadapter_loss(
+    q_logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    alpha_tilde: float = 1.0,
+    alpha_0: float = 0.01,
+    gamma: float = 1.0,
+    beta: float = 0.1,
+    variant: str = "bellman",
+    length_norm: bool = True,
+    backend: str | None = None,
+) -> QAdapterLossOutput:
+    """Fused Q-Adapter loss over B preference pairs (DESIGN.md §2).
+
+    Args:
+        q_logits: ``[2B, T, V]`` adapter logits (rows 0..B-1 chosen, B..2B-1 rejected); fp32,
+            bf16, fp16 or fp64. The only input that receives a gradient.
+        base_logits: ``[2B, T, V]`` frozen base-model logits, same dtype.
+        input_ids: ``[2B, T]`` token ids; the action at position t is ``input_ids[:, t + 1]``.
+        loss_mask: ``[2B, T]`` bool, True at response tokens (not prompt, not padding).
+        alpha_tilde, alpha_0, gamma, beta: Q-Adapter hyper-parameters (DESIGN.md §1).
+        variant: ``"bellman"`` (the theory) or ``"official"`` (bit-compatible with the authors).
+        length_norm: divide sequence scores by ``T - 1`` as the authors do.
+        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "torch" (the reference).
+
+    Returns:
+        A :class:`QAdapterLossOutput`. Never builds an fp32 ``[2B, T, V]`` temporary: the
+        forward streams the vocabulary once and the backward writes dQ directly.
+    """
+    check_logits_pair(q_logits, base_logits)
+    if q_logits.dim() != 3:
+        raise ValueError(f"q_logits must be [2B, T, V], got {list(q_logits.shape)}")
+    rows, T, vocab = q_logits.shape
+    alpha_tilde, alpha_0, gamma, beta = check_loss_arguments(
+        input_ids, loss_mask, alpha_tilde, alpha_0, gamma, beta, variant, length_norm, "q_logits", rows, T,
+        q_logits.device,
+    )
+    backend = resolve_backend(backend, q_logits.device)
+    check_values = value_checks_enabled(q_logits.device)
+    actions = reference.next_token_actions(input_ids.long())
+    loss_mask = loss_mask.bool()
+    if check_values:
+        raise_on_flags(actions_in_range_flag("input_ids", input_ids, vocab))
+    values, q_taken = residual_q_values_rows(
+        q_logits.reshape(rows * T, vocab), base_logits.detach().reshape(rows * T, vocab),
+        actions.reshape(-1), alpha_tilde, alpha_0, backend,
+    )
+    return pair_outputs(values.view(rows, T), q_taken.view(rows, T), loss_mask, gamma, beta, variant,
+                        length_norm, backend, check_values)

@@ -1,0 +1,144 @@
+"""Plain-PyTorch Q-Adapter: the single oracle that tests and benchmarks import.
+
+Readable rather than fast: it materialises every [N, V] intermediate. Inputs are upcast to
+fp32 (fp64 stays fp64), so it doubles as a float64 ground truth.
+"""
+import torch
+import torch.nn.functional as F
+
+from .outputs import QAdapterLossOutput
+
+VARIANTS = ("bellman", "official")
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
+def residual_q_values(
+    q_logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    actions: torch.Tensor,
+    alpha_tilde: float = 1.0,
+    alpha_0: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft value V(s) and Q(s, a) per row: ``[..., V]`` logits -> two ``[...]`` tensors."""
+    q, base = _acc(q_logits), _acc(base_logits)
+    y = (q + alpha_0 * base) / alpha_tilde
+    values = alpha_tilde * torch.logsumexp(y, -1) - alpha_0 * torch.logsumexp(base, -1)
+    q_taken = q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    return values, q_taken
+
+
+def next_token_actions(input_ids: torch.Tensor) -> torch.Tensor:
+    """actions[:, t] = input_ids[:, t + 1]; the last column has no action (0, never scored)."""
+    actions = torch.zeros_like(input_ids)
+    actions[:, :-1] = input_ids[:, 1:]
+    return actions
+
+
+def scored_positions(loss_mask: torch.Tensor, variant: str) -> torch.Tensor:
+    """[2B, T] bool: whether the action at position t enters the loss."""
+    scored = torch.zeros_like(loss_mask)
+    if variant == "bellman":
+        scored[:, :-1] = loss_mask[:, 1:]
+    elif variant == "official":
+        scored[:, :-1] = loss_mask[:, :-1]
+    else:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return scored
+
+
+def rewards(values, q_taken, loss_mask, gamma: float = 1.0, variant: str = "bellman") -> torch.Tensor:
+    """r2(s_t, a_t) at scored positions, 0 elsewhere."""
+    scored = scored_positions(loss_mask, variant)
+    if variant == "bellman":
+        # V(s_{t+1}) counts only while the response goes on: past its end the episode is over.
+        nxt = torch.zeros_like(values)
+        nxt[:, :-2] = torch.where(loss_mask[:, 2:], values[:, 1:-1], torch.zeros_like(values[:, 1:-1]))
+        r = q_taken - gamma * nxt
+    else:
+        r = q_taken - gamma * values
+    return torch.where(scored, r, torch.zeros_like(r))
+
+
+def pair_loss(
+    values: torch.Tensor,
+    q_taken: torch.Tensor,
+    loss_mask: torch.Tensor,
+    gamma: float = 1.0,
+    beta: float = 0.1,
+    variant: str = "bellman",
+    length_norm: bool = True,
+) -> QAdapterLossOutput:
+    """Bradley-Terry loss of [2B, T] per-position values and picked Q (chosen rows first)."""
+    rows, T = values.shape
+    B = rows // 2
+    scored = scored_positions(loss_mask, variant)
+    if not scored.any():
+        raise ValueError("loss_mask scores no token in the whole batch")
+    r = rewards(values, q_taken, loss_mask, gamma, variant)
+    scores = r.sum(-1) / ((T - 1) if length_norm else 1)
+    chosen, rejected = scores[:B], scores[B:]
+    pref = F.softplus(rejected - chosen).mean()
+    reg = beta * (r * r).sum() / scored.sum()
+    return QAdapterLossOutput(
+        loss=pref + reg,
+        pref_loss=pref,
+        reg_loss=reg,
+        chosen_scores=chosen,
+        rejected_scores=rejected,
+        accuracy=(chosen > rejected).to(scores.dtype).mean(),
+    )
+
+
+def qadapter_loss(
+    q_logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    alpha_tilde: float = 1.0,
+    alpha_0: float = 0.01,
+    gamma: float = 1.0,
+    beta: float = 0.1,
+    variant: str = "bellman",
+    length_norm: bool = True,
+) -> QAdapterLossOutput:
+    """The Q-Adapter loss from [2B, T, V] adapter and base logits (DESIGN.md §2)."""
+    values, q_taken = residual_q_values(
+        q_logits, base_logits.detach(), next_token_actions(input_ids), alpha_tilde, alpha_0
+    )
+    return pair_loss(values, q_taken, loss_mask.bool(), gamma, beta, variant, length_norm)
+
+
+def authors_qadapter_loss(
+    q_logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    alpha_tilde: float = 1.0,
+    alpha_0: float = 0.01,
+    gamma: float = 1.0,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """The authors' formula as their training code writes it (the benchmark baseline).
+
+    Full fp32 [2B, T, V] tensors for log_softmax(L), the combined logits and their
+    logsumexp, a gather, and cross-entropy over (chosen, rejected) scores: the "official"
+    variant with length normalisation. Returns the loss only.
+    """
+    B2, T, _ = q_logits.shape
+    q = q_logits.float()
+    log_pi1 = torch.log_softmax(base_logits.float(), dim=-1)
+    combined = (q + alpha_0 * log_pi1) / alpha_tilde
+    v = alpha_tilde * torch.logsumexp(combined, dim=-1)
+    labels = input_ids[:, 1:].unsqueeze(-1)
+    q_a = torch.gather(q[:, :-1], 2, labels).squeeze(-1)
+    mask = loss_mask[:, :-1].float()
+    r = (q_a - gamma * v[:, :-1]) * mask
+    seq = r.sum(-1) / (T - 1)
+    pair_logits = torch.stack([seq[: B2 // 2], seq[B2 // 2 :]], dim=-1)
+    target = torch.zeros(B2 // 2, dtype=torch.long, device=q.device)
+    pref = F.cross_entropy(pair_logits, target)
+    reg = beta * (r**2).sum() / mask.sum()
+    return pref + reg

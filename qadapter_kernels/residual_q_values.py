@@ -1,0 +1,272 @@
+"""Per-position vocabulary pass: soft value V(s) and picked Q(s, a) from adapter and base logits.
+
+    y      = (Q + alpha_0 * L) / alpha_tilde
+    V      = alpha_tilde * LSE(y) - alpha_0 * LSE(L)
+    q_a    = Q[a]
+    dQ     = g_q * onehot(a) + g_V * softmax(y)
+
+Reads top-down: Triton kernels -> launchers -> CUDA registration, fake kernels, autograd ->
+public function. The CPU kernels are C++ (csrc/residual_q_values.cpp).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _C  # noqa: F401  (loads the op schemas and CPU kernels)
+from . import reference
+from ._backend import resolve_backend, through_dispatcher
+from ._checks import (
+    acc_dtype,
+    check_float_tensor,
+    check_index_tensor,
+    check_same_device,
+    check_scalar,
+    check_shape,
+    raise_on_flags,
+    value_checks_enabled,
+)
+
+_BLOCK_V = 4096
+
+
+@triton.jit
+def _residual_q_values_fwd_kernel(
+    q_ptr, l_ptr, actions_ptr, values_ptr, q_taken_ptr, lse_y_ptr,
+    q_stride, l_stride, V, alpha_tilde, alpha_0,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    q_row = q_ptr + row * q_stride
+    l_row = l_ptr + row * l_stride
+    inv_at = 1.0 / alpha_tilde
+    m_y = -float("inf")
+    s_y = 0.0
+    m_l = -float("inf")
+    s_l = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        in_v = offs < V
+        # fp32 right after the load: the reductions run in fp32 whatever the input dtype.
+        q = tl.load(q_row + offs, mask=in_v, other=0.0).to(tl.float32)
+        l = tl.load(l_row + offs, mask=in_v, other=0.0).to(tl.float32)
+        y = tl.where(in_v, (q + alpha_0 * l) * inv_at, -float("inf"))
+        l = tl.where(in_v, l, -float("inf"))
+        new_m_y = tl.maximum(m_y, tl.max(y, 0))
+        new_m_l = tl.maximum(m_l, tl.max(l, 0))
+        # While everything so far is -inf the shift is 0, so exp(-inf - shift) = 0, not NaN.
+        shift_y = tl.where(new_m_y == -float("inf"), 0.0, new_m_y)
+        shift_l = tl.where(new_m_l == -float("inf"), 0.0, new_m_l)
+        s_y = s_y * tl.exp(m_y - shift_y) + tl.sum(tl.exp(y - shift_y), 0)
+        s_l = s_l * tl.exp(m_l - shift_l) + tl.sum(tl.exp(l - shift_l), 0)
+        m_y = new_m_y
+        m_l = new_m_l
+    lse_y = m_y + tl.log(s_y)
+    lse_l = m_l + tl.log(s_l)
+    a = tl.load(actions_ptr + row)
+    # An out-of-range action reads nothing and yields NaN (the eager entry point reports it).
+    valid = (a >= 0) & (a < V)
+    q_a = tl.load(q_row + a, mask=valid, other=float("nan")).to(tl.float32)
+    tl.store(values_ptr + row, alpha_tilde * lse_y - alpha_0 * lse_l)
+    tl.store(q_taken_ptr + row, q_a)
+    tl.store(lse_y_ptr + row, lse_y)
+
+
+@triton.jit
+def _residual_q_values_bwd_kernel(
+    grad_values_ptr, grad_q_taken_ptr, q_ptr, l_ptr, actions_ptr, lse_y_ptr, grad_q_ptr,
+    q_stride, l_stride, V, alpha_tilde, alpha_0,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_v = offs < V
+    out = grad_q_ptr + row * V + offs
+    g_v = tl.load(grad_values_ptr + row)
+    g_q = tl.load(grad_q_taken_ptr + row)
+    if (g_v == 0.0) & (g_q == 0.0):
+        # Prompt and pad positions: zeros, without reading the logits.
+        tl.store(out, tl.zeros([BLOCK_V], dtype=grad_q_ptr.dtype.element_ty), mask=in_v)
+    else:
+        q = tl.load(q_ptr + row * q_stride + offs, mask=in_v, other=0.0).to(tl.float32)
+        l = tl.load(l_ptr + row * l_stride + offs, mask=in_v, other=0.0).to(tl.float32)
+        lse_y = tl.load(lse_y_ptr + row)
+        pi = tl.exp((q + alpha_0 * l) / alpha_tilde - lse_y)
+        a = tl.load(actions_ptr + row)
+        grad = g_v * pi + tl.where(offs == a, g_q, 0.0)
+        tl.store(out, grad.to(grad_q_ptr.dtype.element_ty), mask=in_v)
+
+
+def _row_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _triton_fwd(q_logits, base_logits, actions, alpha_tilde, alpha_0):
+    q, l = _row_contiguous(q_logits), _row_contiguous(base_logits)
+    n, vocab = q.shape
+    out = [torch.empty(n, dtype=acc_dtype(q.dtype), device=q.device) for _ in range(3)]
+    if n:
+        _residual_q_values_fwd_kernel[(n,)](
+            q, l, actions.contiguous(), *out, q.stride(0), l.stride(0), vocab, alpha_tilde, alpha_0,
+            BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)), num_warps=8,
+        )
+    return tuple(out)
+
+
+def _triton_bwd(grad_values, grad_q_taken, q_logits, base_logits, actions, lse_y, alpha_tilde, alpha_0):
+    q, l = _row_contiguous(q_logits), _row_contiguous(base_logits)
+    n, vocab = q.shape
+    grad_q = torch.empty((n, vocab), dtype=q.dtype, device=q.device)
+    block = min(_BLOCK_V, triton.next_power_of_2(vocab))
+    if n:
+        acc = acc_dtype(q.dtype)
+        _residual_q_values_bwd_kernel[(n, triton.cdiv(vocab, block))](
+            grad_values.to(acc).contiguous(), grad_q_taken.to(acc).contiguous(), q, l,
+            actions.contiguous(), lse_y.contiguous(), grad_q, q.stride(0), l.stride(0), vocab,
+            alpha_tilde, alpha_0, BLOCK_V=block, num_warps=8,
+        )
+    return grad_q
+
+
+_lib = torch.library.Library("qadapter", "IMPL")
+_lib.impl("residual_q_values", _triton_fwd, "CUDA")
+_lib.impl("residual_q_values_backward", _triton_bwd, "CUDA")
+
+
+@torch.library.register_fake("qadapter::residual_q_values")
+def _residual_q_values_fake(q_logits, base_logits, actions, alpha_tilde, alpha_0):
+    n = q_logits.shape[0]
+    return tuple(q_logits.new_empty(n, dtype=acc_dtype(q_logits.dtype)) for _ in range(3))
+
+
+@torch.library.register_fake("qadapter::residual_q_values_backward")
+def _residual_q_values_backward_fake(
+    grad_values, grad_q_taken, q_logits, base_logits, actions, lse_y, alpha_tilde, alpha_0
+):
+    return torch.empty_like(q_logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q_logits, base_logits, actions, alpha_tilde, alpha_0 = inputs
+    ctx.save_for_backward(q_logits, base_logits, actions, output[2])
+    ctx.alpha_tilde, ctx.alpha_0 = alpha_tilde, alpha_0
+
+
+def _make_backward(backward_kernel):
+    """Autograd backward over a backward kernel (the dispatcher op or the Triton launcher)."""
+
+    def backward(ctx, grad_values, grad_q_taken, grad_lse_y):
+        q_logits, base_logits, actions, lse_y = ctx.saved_tensors
+        zeros = lse_y.new_zeros(lse_y.shape)
+        grad_values = zeros if grad_values is None else grad_values
+        grad_q_taken = zeros if grad_q_taken is None else grad_q_taken
+        if grad_lse_y is not None:
+            # d LSE(y) / dQ = softmax(y) / alpha_tilde: it joins the value gradient.
+            grad_values = grad_values + grad_lse_y / ctx.alpha_tilde
+        grad_q = backward_kernel(
+            grad_values, grad_q_taken, q_logits, base_logits, actions, lse_y, ctx.alpha_tilde, ctx.alpha_0
+        )
+        # The base model is frozen: base_logits never receives a gradient.
+        return grad_q, None, None, None, None
+
+    return backward
+
+
+torch.library.register_autograd(
+    "qadapter::residual_q_values",
+    _make_backward(torch.ops.qadapter.residual_q_values_backward),
+    setup_context=_setup_context,
+)
+
+
+class _InterpretedResidualQValues(torch.autograd.Function):
+    """Triton kernels on CPU tensors through the interpreter (tests only)."""
+
+    forward = staticmethod(_triton_fwd)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_make_backward(_triton_bwd))
+
+
+def residual_q_values_rows(
+    q_logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    actions: torch.Tensor,
+    alpha_tilde: float,
+    alpha_0: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, V] logits and int64 [N] actions -> (values, q_taken), each [N]; no argument checks."""
+    if backend == "torch":
+        return reference.residual_q_values(q_logits, base_logits, actions, alpha_tilde, alpha_0)
+    if through_dispatcher(backend, q_logits.device):
+        values, q_taken, _ = torch.ops.qadapter.residual_q_values(
+            q_logits, base_logits, actions, alpha_tilde, alpha_0
+        )
+    else:
+        values, q_taken, _ = _InterpretedResidualQValues.apply(
+            q_logits, base_logits, actions, alpha_tilde, alpha_0
+        )
+    return values, q_taken
+
+
+def check_logits_pair(q_logits: object, base_logits: object) -> None:
+    """Both logits float tensors of one shape, dtype and device, with a non-empty vocabulary."""
+    check_float_tensor("q_logits", q_logits)
+    check_float_tensor("base_logits", base_logits)
+    check_same_device("q_logits", q_logits.device, base_logits=base_logits)
+    check_shape("base_logits", base_logits, tuple(q_logits.shape), "the shape of q_logits")
+    if base_logits.dtype != q_logits.dtype:
+        raise TypeError(f"base_logits dtype {base_logits.dtype} differs from q_logits dtype {q_logits.dtype}")
+    if q_logits.dim() < 1 or q_logits.shape[-1] == 0:
+        raise ValueError(f"q_logits must be [..., V] with V >= 1, got {list(q_logits.shape)}")
+
+
+def finite_values_flag(values: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "q_logits or base_logits hold NaN or +inf, or a row with no finite entry": ~torch.isfinite(values).all()
+    }
+
+
+def actions_in_range_flag(name: str, actions: torch.Tensor, vocab: int) -> dict[str, torch.Tensor]:
+    return {f"{name} must be token ids in [0, {vocab})": ((actions < 0) | (actions >= vocab)).any()}
+
+
+def residual_q_values(
+    q_logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    actions: torch.Tensor,
+    alpha_tilde: float = 1.0,
+    alpha_0: float = 0.01,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft values and picked residual Q for every position, in one pass over the vocabulary.
+
+    Args:
+        q_logits: ``[..., V]`` adapter logits Q (fp32, bf16, fp16 or fp64); receives gradients.
+        base_logits: ``[..., V]`` frozen base-model logits L, same shape and dtype; no gradient.
+        actions: ``[...]`` integer token ids in ``[0, V)``: the action whose Q is picked.
+        alpha_tilde: temperature of the customised policy (> 0).
+        alpha_0: weight of the base log-policy (>= 0).
+        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "torch" (the reference).
+
+    Returns:
+        ``(values, q_taken)``, both ``[...]`` in fp32 (fp64 for fp64 logits):
+        ``V = alpha_tilde * LSE((Q + alpha_0 L) / alpha_tilde) - alpha_0 * LSE(L)`` and ``Q[a]``.
+    """
+    check_logits_pair(q_logits, base_logits)
+    check_index_tensor("actions", actions)
+    check_same_device("q_logits", q_logits.device, actions=actions)
+    check_shape("actions", actions, tuple(q_logits.shape[:-1]), "q_logits without its last dimension")
+    alpha_tilde = check_scalar("alpha_tilde", alpha_tilde, 0.0, float("inf"), low_open=True)
+    alpha_0 = check_scalar("alpha_0", alpha_0, 0.0, float("inf"))
+    backend = resolve_backend(backend, q_logits.device)
+    vocab = q_logits.shape[-1]
+    check_values = value_checks_enabled(q_logits.device)
+    if check_values:
+        raise_on_flags(actions_in_range_flag("actions", actions, vocab))
+    values, q_taken = residual_q_values_rows(
+        q_logits.reshape(-1, vocab), base_logits.reshape(-1, vocab), actions.reshape(-1).long(),
+        alpha_tilde, alpha_0, backend,
+    )
+    if check_values:
+        raise_on_flags(finite_values_flag(values))
+    return values.view(actions.shape), q_taken.view(actions.shape)

@@ -57,7 +57,7 @@ setup(
     description="Fused CPU (C++) and GPU (Triton) kernels for Q-Adapter training and decoding",
     packages=find_packages(include=["qadapter_kernels", "qadapter_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.13", "triton>=3.7", "numpy"],
+    install_requires=["torch>=2.5", "triton>=3.1", "numpy"],
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string_view>
 
@@ -36,6 +37,10 @@ struct RewardRule {
     return (t + 2 < T && mask[row * T + t + 2]) ? t + 1 : -1;
   }
 };
+
+// Rows per task: a typical batch is a few microseconds of work, cheaper on one thread than
+// waking the pool.
+int64_t row_grain(int64_t T) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / T); }
 
 double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
 double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
@@ -69,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   double* sq = row_sq.mutable_data_ptr<double>();
   int64_t* count = row_count.mutable_data_ptr<int64_t>();
 
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(T), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       double sum = 0, sum_sq = 0;
       int64_t n = 0;
@@ -127,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_impl(
   acc_t* gv = grad_values.mutable_data_ptr<acc_t>();
   acc_t* gq = grad_q_taken.mutable_data_ptr<acc_t>();
 
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(T), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const bool chosen = row < B;
       const int64_t partner = chosen ? row + B : row - B;

@@ -38,4 +38,19 @@ TORCH_LIBRARY(qadapter, m) {
       "Tensor grad_scores, Tensor grad_rewards, Tensor scores, Tensor rewards, Tensor num_scored, "
       "Tensor loss_mask, float gamma, float beta, str variant, bool length_norm) -> "
       "(Tensor grad_values, Tensor grad_q_taken)");
+  // The vocabulary pass with the LM head fused in: logits Q = adapter_hidden @ W.T (+ bias) and
+  // L = base_hidden @ W.T (+ bias) exist one [tile_rows x tile_vocab] tile at a time. With
+  // with_expected, also returns E = softmax(y) @ W ([N, H]; [0, H] otherwise), from which the
+  // backward gets grad(adapter_hidden) = grad_q_taken * W[a] + grad_values * E.
+  m.def(
+      "fused_linear_residual_q_values(Tensor adapter_hidden, Tensor base_hidden, Tensor weight, "
+      "Tensor? bias, Tensor actions, float alpha_tilde, float alpha_0, int tile_rows, int tile_vocab, "
+      "bool with_expected) -> (Tensor values, Tensor q_taken, Tensor lse_y, Tensor expected)");
+  // Gradients of adapter_hidden, weight and bias, each computed only where output_mask says so
+  // (an empty tensor otherwise); weight and bias recompute the logits tiles.
+  m.def(
+      "fused_linear_residual_q_values_backward(Tensor grad_values, Tensor grad_q_taken, "
+      "Tensor adapter_hidden, Tensor base_hidden, Tensor weight, Tensor? bias, Tensor actions, "
+      "Tensor lse_y, Tensor expected, float alpha_tilde, float alpha_0, int tile_rows, int tile_vocab, "
+      "bool[3] output_mask) -> (Tensor grad_adapter_hidden, Tensor grad_weight, Tensor grad_bias)");
 }

@@ -5,9 +5,16 @@ tensors with ``backend="triton"`` (tests only).
 """
 from . import _C  # noqa: F401  (registers the qadapter:: op schemas and CPU kernels)
 from . import reference
+from .fused_linear import fused_linear_qadapter_loss
 from .outputs import QAdapterLossOutput
 from .qadapter_loss import qadapter_loss
 from .residual_q_values import residual_q_values
 
-__all__ = ["QAdapterLossOutput", "qadapter_loss", "reference", "residual_q_values"]
+__all__ = [
+    "QAdapterLossOutput",
+    "fused_linear_qadapter_loss",
+    "qadapter_loss",
+    "reference",
+    "residual_q_values",
+]
 __version__ = "0.1.0"

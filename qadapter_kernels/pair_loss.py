@@ -201,7 +201,8 @@ def _pair_loss_backward_fake(
 def _setup_context(ctx, inputs, output):
     _, _, loss_mask, gamma, beta, variant, length_norm = inputs
     _, _, _, scores, _, rewards, num_scored = output
-    ctx.save_for_backward(scores, rewards, num_scored, loss_mask)
+    # Detached: the backward ops have no derivative of their own (no double backward).
+    ctx.save_for_backward(scores.detach(), rewards.detach(), num_scored, loss_mask)
     ctx.params = (gamma, beta, variant, length_norm)
 
 

@@ -49,18 +49,18 @@ def check_loss_arguments(
     )
 
 
-def pair_outputs(values, q_taken, loss_mask, gamma, beta, variant, length_norm, backend,
-                 check_values) -> QAdapterLossOutput:
+def pair_outputs(values, q_taken, loss_mask, gamma, beta, variant, length_norm, backend, check_values,
+                 source: str = "q_logits or base_logits") -> QAdapterLossOutput:
     """Pair pass on [2B, T] values and picked Q, with the eager value checks, as the public output."""
     device = values.device
     if backend == "torch":
         if check_values:
-            raise_on_flags(finite_values_flag(values))
+            raise_on_flags(finite_values_flag(values, source))
         return reference.pair_loss(values, q_taken, loss_mask, gamma, beta, variant, length_norm)
     if check_values:
         # The C++ kernel raises on an empty mask itself; this check serves every device, once.
         raise_on_flags({
-            **finite_values_flag(values),
+            **finite_values_flag(values, source),
             "loss_mask scores no token in the whole batch": ~reference.scored_positions(loss_mask, variant).any(),
         })
     loss, pref, reg, scores, accuracy, _, _ = pair_loss_rows(

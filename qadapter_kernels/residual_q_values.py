@@ -220,10 +220,8 @@ def check_logits_pair(q_logits: object, base_logits: object) -> None:
         raise ValueError(f"q_logits must be [..., V] with V >= 1, got {list(q_logits.shape)}")
 
 
-def finite_values_flag(values: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {
-        "q_logits or base_logits hold NaN or +inf, or a row with no finite entry": ~torch.isfinite(values).all()
-    }
+def finite_values_flag(values: torch.Tensor, source: str = "q_logits or base_logits") -> dict[str, torch.Tensor]:
+    return {f"{source}: the logits hold NaN or +inf, or a row with no finite entry": ~torch.isfinite(values).all()}
 
 
 def actions_in_range_flag(name: str, actions: torch.Tensor, vocab: int) -> dict[str, torch.Tensor]:

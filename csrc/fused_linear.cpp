@@ -1,0 +1,237 @@
+// CPU kernels of qadapter::fused_linear_residual_q_values and its backward: the vocabulary pass
+// of residual_q_values.cpp with the LM head fused in, so no [N, V] logits tensor ever exists.
+//
+// Tiles of [rows x vocab] logits of both streams come from ATen matmuls into two reused
+// buffers (each W tile is read once for both streams); the reductions run over the buffers
+// while they are hot. With `with_expected`, the same sweep also accumulates
+// E = softmax(y) @ W online (rescaled like the running sums), which is all the backward needs
+// for grad(adapter_hidden) = g_q * W[a] + g_V * E: no second sweep unless W or the bias
+// requires grad.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "vocab_tile.h"
+
+namespace qadapter {
+namespace {
+
+struct Tiling {
+  int64_t rows, vocab;
+};
+
+// Logits of one [rows x vocab] tile of one stream, computed in acc precision into `buffer`.
+at::Tensor tile_logits(const at::Tensor& hidden, const at::Tensor& w_tile, const std::optional<at::Tensor>& b_tile,
+                       at::Tensor& buffer) {
+  at::Tensor out = buffer.narrow(0, 0, hidden.size(0) * w_tile.size(0)).view({hidden.size(0), w_tile.size(0)});
+  if (b_tile) {
+    at::addmm_out(out, *b_tile, hidden, w_tile.t());
+  } else {
+    at::mm_out(out, hidden, w_tile.t());
+  }
+  return out;
+}
+
+// Walks the [N, V] logits of both streams tile by tile: calls visit(r0, v0, q_tile, l_tile,
+// hidden_a_rows, w_tile) with q_tile/l_tile [R, Vt] contiguous acc tensors, after each row block
+// calls done_rows(r0, R).
+template <typename Visit, typename Done>
+void for_each_tile(const at::Tensor& hidden_a, const at::Tensor& hidden_b, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias, Tiling tiling, at::ScalarType acc, Visit visit,
+                   Done done_rows) {
+  const int64_t n = hidden_a.size(0), vocab = weight.size(0);
+  auto opts = hidden_a.options().dtype(acc);
+  at::Tensor q_buf = at::empty({tiling.rows * tiling.vocab}, opts), l_buf = at::empty({tiling.rows * tiling.vocab}, opts);
+  for (int64_t r0 = 0; r0 < n; r0 += tiling.rows) {
+    const int64_t rows = std::min(tiling.rows, n - r0);
+    const at::Tensor ha = hidden_a.narrow(0, r0, rows).to(acc), hb = hidden_b.narrow(0, r0, rows).to(acc);
+    for (int64_t v0 = 0; v0 < vocab; v0 += tiling.vocab) {
+      const int64_t cols = std::min(tiling.vocab, vocab - v0);
+      const at::Tensor w_tile = weight.narrow(0, v0, cols).to(acc);
+      std::optional<at::Tensor> b_tile;
+      if (bias) b_tile = bias->narrow(0, v0, cols).to(acc);
+      at::Tensor q_tile = tile_logits(ha, w_tile, b_tile, q_buf);
+      at::Tensor l_tile = tile_logits(hb, w_tile, b_tile, l_buf);
+      visit(r0, v0, q_tile, l_tile, ha, w_tile);
+    }
+    done_rows(r0, rows);
+  }
+}
+
+int64_t row_grain(int64_t vocab) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(vocab, 1));
+}
+
+template <typename acc_t>
+void fused_forward(const at::Tensor& ha, const at::Tensor& hb, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias, const at::Tensor& actions, double alpha_tilde,
+                   double alpha_0, Tiling tiling, bool with_expected, at::Tensor& values, at::Tensor& q_taken,
+                   at::Tensor& lse_y, at::Tensor& expected) {
+  const int64_t n = ha.size(0);
+  const int64_t* a = actions.const_data_ptr<int64_t>();
+  acc_t* values_data = values.mutable_data_ptr<acc_t>();
+  acc_t* q_taken_data = q_taken.mutable_data_ptr<acc_t>();
+  acc_t* lse_data = lse_y.mutable_data_ptr<acc_t>();
+  const Combine<acc_t> combine(alpha_tilde, alpha_0);
+  std::vector<OnlineLse<acc_t>> lse_y_rows(n), lse_l_rows(n);
+  at::Tensor factor = at::empty({tiling.rows}, values.options());
+  acc_t* factor_data = factor.mutable_data_ptr<acc_t>();
+
+  auto visit = [&](int64_t r0, int64_t v0, at::Tensor& q_tile, at::Tensor& l_tile, const at::Tensor&,
+                   const at::Tensor& w_tile) {
+    const int64_t rows = q_tile.size(0), cols = q_tile.size(1);
+    acc_t* q = q_tile.mutable_data_ptr<acc_t>();
+    const acc_t* l = l_tile.const_data_ptr<acc_t>();
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        acc_t* q_row = q + r * cols;
+        const int64_t col = a[r0 + r] - v0;
+        if (col >= 0 && col < cols) q_taken_data[r0 + r] = q_row[col];
+        // With with_expected the Q tile is overwritten by exp(y - running max), E's weights.
+        factor_data[r] = fold_tile<acc_t>(q_row, l + r * cols, cols, combine, lse_y_rows[r0 + r],
+                                          lse_l_rows[r0 + r], with_expected ? q_row : nullptr);
+      }
+    });
+    if (with_expected) {
+      at::Tensor e = expected.narrow(0, r0, rows);
+      e.mul_(factor.narrow(0, 0, rows).unsqueeze(1));
+      e.addmm_(q_tile, w_tile);
+    }
+  };
+  auto done = [&](int64_t r0, int64_t rows) {
+    for (int64_t r = r0; r < r0 + rows; ++r) {
+      lse_data[r] = lse_y_rows[r].value();
+      values_data[r] = acc_t(alpha_tilde) * lse_data[r] - acc_t(alpha_0) * lse_l_rows[r].value();
+      factor_data[r - r0] = lse_y_rows[r].sum;
+    }
+    if (with_expected) expected.narrow(0, r0, rows).div_(factor.narrow(0, 0, rows).unsqueeze(1));
+  };
+  for_each_tile(ha, hb, weight, bias, tiling, values.scalar_type(), visit, done);
+}
+
+template <typename acc_t>
+void fused_backward_weight(const at::Tensor& grad_values, const at::Tensor& grad_q_taken, const at::Tensor& ha,
+                           const at::Tensor& hb, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& actions, const at::Tensor& lse_y, double alpha_tilde, double alpha_0,
+                           Tiling tiling, at::Tensor& grad_weight, at::Tensor* grad_bias) {
+  const int64_t* a = actions.const_data_ptr<int64_t>();
+  const acc_t* gv = grad_values.const_data_ptr<acc_t>();
+  const acc_t* gq = grad_q_taken.const_data_ptr<acc_t>();
+  const acc_t* lse = lse_y.const_data_ptr<acc_t>();
+  const Combine<acc_t> combine(alpha_tilde, alpha_0);
+  auto visit = [&](int64_t r0, int64_t v0, at::Tensor& q_tile, at::Tensor& l_tile, const at::Tensor& ha_rows,
+                   const at::Tensor&) {
+    const int64_t rows = q_tile.size(0), cols = q_tile.size(1);
+    acc_t* q = q_tile.mutable_data_ptr<acc_t>();
+    const acc_t* l = l_tile.const_data_ptr<acc_t>();
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        acc_t* q_row = q + r * cols;  // becomes dQ = g_V * softmax(y) + g_q * onehot(a), in place
+        softmax_grad_tile<acc_t>(q_row, l + r * cols, cols, combine, lse[r0 + r], gv[r0 + r], q_row);
+        const int64_t col = a[r0 + r] - v0;
+        if (col >= 0 && col < cols) q_row[col] += gq[r0 + r];
+      }
+    });
+    grad_weight.narrow(0, v0, cols).addmm_(q_tile.t(), ha_rows);
+    if (grad_bias) grad_bias->narrow(0, v0, cols).add_(q_tile.sum(0));
+  };
+  for_each_tile(ha, hb, weight, bias, tiling, lse_y.scalar_type(), visit, [](int64_t, int64_t) {});
+}
+
+void check_hidden(const at::Tensor& ha, const at::Tensor& hb, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, const at::Tensor& actions) {
+  TORCH_CHECK_VALUE(ha.dim() == 2, "adapter_hidden must be [N, H], got ", ha.sizes());
+  TORCH_CHECK_VALUE(hb.sizes() == ha.sizes(), "base_hidden must match adapter_hidden ", ha.sizes(), ", got ", hb.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == ha.size(1) && weight.size(0) > 0,
+                    "lm_head_weight must be [V, H] with H = ", ha.size(1), ", got ", weight.sizes());
+  TORCH_CHECK_TYPE(hb.scalar_type() == ha.scalar_type() && weight.scalar_type() == ha.scalar_type(),
+                   "adapter_hidden, base_hidden and lm_head_weight must share a dtype");
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "lm_head_bias must be [V], got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == ha.scalar_type(), "lm_head_bias must have the hidden states' dtype");
+  }
+  TORCH_CHECK_TYPE(actions.scalar_type() == at::kLong, "actions must be int64, got ", actions.scalar_type());
+  TORCH_CHECK_VALUE(actions.dim() == 1 && actions.size(0) == ha.size(0), "actions must be [N], got ", actions.sizes());
+  const int64_t* a = actions.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < actions.numel(); ++i) {
+    TORCH_CHECK_VALUE(a[i] >= 0 && a[i] < weight.size(0), "actions[", i, "] = ", a[i], " is outside [0, ",
+                      weight.size(0), ")");
+  }
+}
+
+Tiling check_tiling(int64_t tile_rows, int64_t tile_vocab) {
+  TORCH_CHECK_VALUE(tile_rows > 0 && tile_vocab > 0, "tile sizes must be positive, got ", tile_rows, " x ", tile_vocab);
+  return {tile_rows, tile_vocab};
+}
+
+at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_residual_q_values_cpu(
+    const at::Tensor& adapter_hidden, const at::Tensor& base_hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& actions, double alpha_tilde, double alpha_0,
+    int64_t tile_rows, int64_t tile_vocab, bool with_expected) {
+  const at::Tensor a = actions.contiguous();
+  check_hidden(adapter_hidden, base_hidden, weight, bias, a);
+  Tiling tiling = check_tiling(tile_rows, tile_vocab);
+  const int64_t n = adapter_hidden.size(0), h = adapter_hidden.size(1);
+  auto opts = adapter_hidden.options().dtype(acc_type(adapter_hidden));
+  at::Tensor values = at::empty({n}, opts), q_taken = at::empty({n}, opts), lse_y = at::empty({n}, opts);
+  at::Tensor expected = at::zeros({with_expected ? n : 0, h}, opts);
+  if (acc_type(adapter_hidden) == at::kDouble) {
+    fused_forward<double>(adapter_hidden, base_hidden, weight, bias, a, alpha_tilde, alpha_0, tiling, with_expected,
+                          values, q_taken, lse_y, expected);
+  } else {
+    fused_forward<float>(adapter_hidden, base_hidden, weight, bias, a, alpha_tilde, alpha_0, tiling, with_expected,
+                         values, q_taken, lse_y, expected);
+  }
+  return {values, q_taken, lse_y, expected};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_residual_q_values_backward_cpu(
+    const at::Tensor& grad_values, const at::Tensor& grad_q_taken, const at::Tensor& adapter_hidden,
+    const at::Tensor& base_hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& actions, const at::Tensor& lse_y, const at::Tensor& expected, double alpha_tilde,
+    double alpha_0, int64_t tile_rows, int64_t tile_vocab, std::array<bool, 3> output_mask) {
+  const at::Tensor a = actions.contiguous();
+  check_hidden(adapter_hidden, base_hidden, weight, bias, a);
+  Tiling tiling = check_tiling(tile_rows, tile_vocab);
+  const auto acc = acc_type(adapter_hidden);
+  const at::Tensor gv = grad_values.to(acc).contiguous(), gq = grad_q_taken.to(acc).contiguous();
+  const at::Tensor lse = lse_y.to(acc).contiguous();
+  at::Tensor grad_hidden = at::empty({0}, adapter_hidden.options());
+  at::Tensor grad_weight = at::empty({0}, weight.options()), grad_bias = at::empty({0}, weight.options());
+  if (output_mask[0]) {
+    TORCH_CHECK_VALUE(expected.size(0) == adapter_hidden.size(0),
+                      "the forward ran without with_expected, so grad(adapter_hidden) is unavailable");
+    grad_hidden = (gq.unsqueeze(1) * weight.index_select(0, a).to(acc) + gv.unsqueeze(1) * expected)
+                      .to(adapter_hidden.scalar_type());
+  }
+  if (output_mask[1] || output_mask[2]) {
+    at::Tensor gw = at::zeros(weight.sizes(), weight.options().dtype(acc));
+    at::Tensor gb = at::zeros({weight.size(0)}, weight.options().dtype(acc));
+    if (acc == at::kDouble) {
+      fused_backward_weight<double>(gv, gq, adapter_hidden, base_hidden, weight, bias, a, lse, alpha_tilde, alpha_0,
+                                    tiling, gw, output_mask[2] ? &gb : nullptr);
+    } else {
+      fused_backward_weight<float>(gv, gq, adapter_hidden, base_hidden, weight, bias, a, lse, alpha_tilde, alpha_0,
+                                   tiling, gw, output_mask[2] ? &gb : nullptr);
+    }
+    if (output_mask[1]) grad_weight = gw.to(weight.scalar_type());
+    if (output_mask[2]) grad_bias = gb.to(weight.scalar_type());
+  }
+  return {grad_hidden, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qadapter, CPU, m) {
+  m.impl("fused_linear_residual_q_values", &fused_linear_residual_q_values_cpu);
+  m.impl("fused_linear_residual_q_values_backward", &fused_linear_residual_q_values_backward_cpu);
+}
+
+}  // namespace qadapter

@@ -1,0 +1,138 @@
+// Building blocks shared by the CPU vocabulary passes: one tile of a logits row at a time,
+// vectorised with at::vec, with the online logsumexp state of both streams
+// (y = (Q + alpha_0 * L) / alpha_tilde and L).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace qadapter {
+
+using at::vec::Vectorized;
+
+// A tile of a row as acc_t: the row itself when no conversion is needed, else a converted copy.
+template <typename scalar_t, typename acc_t>
+const acc_t* tile_as_acc(const scalar_t* src, int64_t n, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    at::vec::convert(src, buffer, n);
+    return buffer;
+  }
+}
+
+// NaN-propagating max: std::max would silently drop a NaN.
+template <typename acc_t>
+acc_t max_nan(acc_t a, acc_t b) {
+  return (std::isnan(a) || a > b) ? a : b;
+}
+
+template <typename acc_t>
+Vectorized<acc_t> vexp(const Vectorized<acc_t>& x) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return x.exp_u20();  // ~1e-6 relative: ample for a softmax normaliser
+  } else {
+    return x.exp();
+  }
+}
+
+// y = Q / alpha_tilde + (alpha_0 / alpha_tilde) * L.
+template <typename acc_t>
+struct Combine {
+  acc_t inv_at, scale;
+  Combine(double alpha_tilde, double alpha_0)
+      : inv_at(acc_t(1) / acc_t(alpha_tilde)), scale(acc_t(alpha_0) / acc_t(alpha_tilde)) {}
+  acc_t operator()(acc_t q, acc_t l) const { return q * inv_at + l * scale; }
+  Vectorized<acc_t> operator()(const Vectorized<acc_t>& q, const Vectorized<acc_t>& l) const {
+    return at::vec::fmadd(q, Vectorized<acc_t>(inv_at), l * Vectorized<acc_t>(scale));
+  }
+};
+
+// Running logsumexp of one stream: sum of exp(x - max) over what has been folded in.
+template <typename acc_t>
+struct OnlineLse {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum = 0;
+
+  // Moves the running max to cover tile_max; returns exp(old_max - new_max), the factor that
+  // anything accumulated relative to the old max must be multiplied by.
+  acc_t rescale_to(acc_t tile_max) {
+    const acc_t new_max = max_nan(max, tile_max);
+    if (new_max == -std::numeric_limits<acc_t>::infinity()) return acc_t(1);  // nothing finite yet
+    const acc_t factor = std::exp(max - new_max);
+    sum *= factor;
+    max = new_max;
+    return factor;
+  }
+  // Subtracted before exp; 0 while everything is -inf, so exp(-inf - shift) = 0, not NaN.
+  acc_t shift() const { return max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : max; }
+  acc_t value() const { return max + std::log(sum); }
+};
+
+// Folds one tile of both streams into their running logsumexps. Returns the factor by which
+// quantities accumulated against the old y-max must be rescaled; when `probs` is given, writes
+// exp(y - new y-max) there (softmax numerators, for an expectation accumulated alongside).
+template <typename acc_t>
+acc_t fold_tile(const acc_t* q, const acc_t* l, int64_t n, const Combine<acc_t>& combine,
+                OnlineLse<acc_t>& lse_y, OnlineLse<acc_t>& lse_l, acc_t* probs = nullptr) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kVec = Vec::size();
+  const int64_t n_vec = n - n % kVec;
+  const auto vmax = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
+  const auto vsum = [](Vec& a, Vec& b) { return a + b; };
+  Vec max_y(-std::numeric_limits<acc_t>::infinity()), max_l = max_y;
+  for (int64_t i = 0; i < n_vec; i += kVec) {
+    const Vec lv = Vec::loadu(l + i);
+    max_y = at::vec::maximum(max_y, combine(Vec::loadu(q + i), lv));
+    max_l = at::vec::maximum(max_l, lv);
+  }
+  acc_t tile_max_y = at::vec::vec_reduce_all<acc_t>(vmax, max_y);
+  acc_t tile_max_l = at::vec::vec_reduce_all<acc_t>(vmax, max_l);
+  for (int64_t i = n_vec; i < n; ++i) {
+    tile_max_y = max_nan(tile_max_y, combine(q[i], l[i]));
+    tile_max_l = max_nan(tile_max_l, l[i]);
+  }
+  const acc_t factor = lse_y.rescale_to(tile_max_y);
+  lse_l.rescale_to(tile_max_l);
+  const acc_t shift_y = lse_y.shift(), shift_l = lse_l.shift();
+  const Vec v_shift_y(shift_y), v_shift_l(shift_l);
+  Vec sum_y(0), sum_l(0);
+  for (int64_t i = 0; i < n_vec; i += kVec) {
+    const Vec lv = Vec::loadu(l + i);
+    const Vec p = vexp<acc_t>(combine(Vec::loadu(q + i), lv) - v_shift_y);
+    if (probs) p.store(probs + i);
+    sum_y += p;
+    sum_l += vexp<acc_t>(lv - v_shift_l);
+  }
+  acc_t tile_sum_y = at::vec::vec_reduce_all<acc_t>(vsum, sum_y);
+  acc_t tile_sum_l = at::vec::vec_reduce_all<acc_t>(vsum, sum_l);
+  for (int64_t i = n_vec; i < n; ++i) {
+    const acc_t p = std::exp(combine(q[i], l[i]) - shift_y);
+    if (probs) probs[i] = p;
+    tile_sum_y += p;
+    tile_sum_l += std::exp(l[i] - shift_l);
+  }
+  lse_y.sum += tile_sum_y;
+  lse_l.sum += tile_sum_l;
+  return factor;
+}
+
+// out = g_v * softmax(y) over one tile, given the row's final LSE(y).
+template <typename acc_t>
+void softmax_grad_tile(const acc_t* q, const acc_t* l, int64_t n, const Combine<acc_t>& combine, acc_t lse_y,
+                       acc_t g_v, acc_t* out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kVec = Vec::size();
+  const int64_t n_vec = n - n % kVec;
+  const Vec v_g(g_v), v_lse(lse_y);
+  for (int64_t i = 0; i < n_vec; i += kVec) {
+    (v_g * vexp<acc_t>(combine(Vec::loadu(q + i), Vec::loadu(l + i)) - v_lse)).store(out + i);
+  }
+  for (int64_t i = n_vec; i < n; ++i) out[i] = g_v * std::exp(combine(q[i], l[i]) - lse_y);
+}
+
+}  // namespace qadapter

@@ -53,4 +53,18 @@ TORCH_LIBRARY(qadapter, m) {
       "Tensor adapter_hidden, Tensor base_hidden, Tensor weight, Tensor? bias, Tensor actions, "
       "Tensor lse_y, Tensor expected, float alpha_tilde, float alpha_0, int tile_rows, int tile_vocab, "
       "bool[3] output_mask) -> (Tensor grad_adapter_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // Decoding (DESIGN.md §2): the combined policy's logits (Q + alpha_0 * log_softmax(L)) / alpha_tilde.
+  m.def("combined_logits(Tensor q_logits, Tensor base_logits, float alpha_tilde, float alpha_0) -> Tensor");
+  // One token per row from the combined policy after temperature -> top_k -> top_p -> min_p
+  // (Hugging Face's order; temperature 0 is greedy). Per-row parameters are [B] tensors
+  // (top_k int64, the rest fp32); uniforms [B] in [0, 1) drive the inverse-CDF draw, so the op
+  // is a pure function of its inputs. A row with no finite maximum gives -1.
+  m.def(
+      "combined_sample(Tensor q_logits, Tensor base_logits, Tensor uniforms, Tensor temperature, "
+      "Tensor top_k, Tensor top_p, Tensor min_p, float alpha_tilde, float alpha_0) -> Tensor");
+  // The same from final hidden states: one matmul per W tile serves both streams.
+  m.def(
+      "combined_sample_from_hidden(Tensor adapter_hidden, Tensor base_hidden, Tensor weight, Tensor? bias, "
+      "Tensor uniforms, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, float alpha_tilde, "
+      "float alpha_0, int tile_vocab) -> Tensor");
 }

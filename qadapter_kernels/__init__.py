@@ -9,9 +9,13 @@ from .fused_linear import fused_linear_qadapter_loss
 from .outputs import QAdapterLossOutput
 from .qadapter_loss import qadapter_loss
 from .residual_q_values import residual_q_values
+from .sampling import combined_logits, combined_sample, combined_sample_from_hidden
 
 __all__ = [
     "QAdapterLossOutput",
+    "combined_logits",
+    "combined_sample",
+    "combined_sample_from_hidden",
     "fused_linear_qadapter_loss",
     "qadapter_loss",
     "reference",

@@ -142,3 +142,67 @@ def authors_qadapter_loss(
     pref = F.cross_entropy(pair_logits, target)
     reg = beta * (r**2).sum() / mask.sum()
     return pref + reg
+
+
+def combined_logits(
+    q_logits: torch.Tensor, base_logits: torch.Tensor, alpha_tilde: float = 1.0, alpha_0: float = 0.01
+) -> torch.Tensor:
+    """The customised policy's logits ``(Q + alpha_0 * log_softmax(L)) / alpha_tilde`` in fp32."""
+    return (_acc(q_logits) + alpha_0 * torch.log_softmax(_acc(base_logits), -1)) / alpha_tilde
+
+
+def _per_row(value, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=dtype, device=device).expand(rows).clone()
+
+
+def filtered_logits(
+    logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
+) -> torch.Tensor:
+    """Hugging Face's warpers in their order (temperature -> top_k -> top_p -> min_p), per row.
+
+    Sort-based, like transformers' TopK/TopP/MinPLogitsWarper with min_tokens_to_keep=1; each
+    parameter a scalar or a [B] tensor. Removed entries become -inf. Rows with temperature 0
+    are returned unscaled and unfiltered (they are decoded greedily).
+    """
+    rows, vocab = logits.shape
+    device = logits.device
+    t = _per_row(temperature, rows, logits.dtype, device)
+    k = _per_row(top_k, rows, torch.long, device)
+    p = _per_row(top_p, rows, logits.dtype, device)
+    mp = _per_row(min_p, rows, logits.dtype, device)
+    sampled = t > 0
+    z = torch.where(sampled[:, None], logits / torch.where(sampled, t, 1)[:, None], logits)
+    neg_inf = torch.tensor(-float("inf"), dtype=z.dtype, device=device)
+    # top-k keeps every entry tied with the k-th largest.
+    k_eff = torch.where((k > 0) & (k < vocab), k, vocab)
+    kth = z.sort(-1, descending=True).values.gather(-1, (k_eff - 1)[:, None])
+    z = torch.where(sampled[:, None] & (z < kth), neg_inf, z)
+    # top-p drops the ascending prefix whose cumulative probability is <= 1 - top_p.
+    sorted_z, order = z.sort(-1)
+    cumulative = sorted_z.softmax(-1).cumsum(-1)
+    drop_sorted = cumulative <= (1 - p)[:, None]
+    drop_sorted[:, -1] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    z = torch.where(sampled[:, None] & (p < 1)[:, None] & drop, neg_inf, z)
+    # min-p drops probabilities below min_p times the largest one.
+    probs = z.softmax(-1)
+    z = torch.where(sampled[:, None] & (probs < mp[:, None] * probs.max(-1, keepdim=True).values), neg_inf, z)
+    return z
+
+
+def combined_sample(
+    q_logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    alpha_tilde: float = 1.0,
+    alpha_0: float = 0.01,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Combine, filter with the sort-based warpers, then torch.multinomial (greedy where temperature is 0)."""
+    z = filtered_logits(combined_logits(q_logits, base_logits, alpha_tilde, alpha_0), temperature, top_k, top_p, min_p)
+    greedy = _per_row(temperature, z.shape[0], z.dtype, z.device) == 0
+    drawn = torch.multinomial(z.softmax(-1), 1, generator=generator).squeeze(-1)
+    return torch.where(greedy, z.argmax(-1), drawn)

@@ -1,0 +1,268 @@
+// CPU kernels of qadapter::combined_logits, combined_sample and combined_sample_from_hidden.
+//
+// Sampling never sorts the vocabulary. Per row, in thread-local scratch that stays in cache:
+// y = (Q + alpha_0 * L) / alpha_tilde (log_softmax(L) only shifts a row by a constant, which no
+// filter and no draw can see), w = exp((y - max) / temperature), then top-k and top-p
+// thresholds by weighted quickselect (expected O(V)), min-p as w >= min_p, and one
+// inverse-CDF walk in vocabulary order with the row's uniform draw.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "vocab_tile.h"
+
+namespace qadapter {
+namespace {
+
+struct RowParams {
+  float temperature, top_p, min_p, uniform;
+  int64_t top_k;
+};
+
+// The threshold t over values[0, n) such that mass(values > t) < target <= mass(values >= t),
+// where mass counts 1 per element (top-k) or the element's value (top-p). Permutes values.
+template <bool kByCount>
+float select_threshold(float* values, int64_t n, double target) {
+  double above = 0;  // mass of the elements known to lie above the current range
+  int64_t lo = 0, hi = n;
+  float last_pivot = values[0];
+  while (hi > lo) {
+    // Median of three keeps arbitrary token orders from degrading to quadratic time.
+    float a = values[lo], b = values[lo + (hi - lo) / 2], c = values[hi - 1];
+    const float pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));
+    last_pivot = pivot;
+    // Three-way partition: [lo, gt) > pivot, [gt, lt) == pivot, [lt, hi) < pivot.
+    int64_t gt = lo, i = lo, lt = hi;
+    double mass_gt = 0, mass_eq = 0;
+    while (i < lt) {
+      const float v = values[i];
+      if (v > pivot) {
+        mass_gt += kByCount ? 1.0 : double(v);
+        std::swap(values[gt++], values[i++]);
+      } else if (v < pivot) {
+        std::swap(values[i], values[--lt]);
+      } else {
+        mass_eq += kByCount ? 1.0 : double(v);
+        ++i;
+      }
+    }
+    if (above + mass_gt >= target) {
+      hi = gt;
+    } else if (above + mass_gt + mass_eq >= target) {
+      return pivot;
+    } else {
+      above += mass_gt + mass_eq;
+      lo = lt;
+    }
+  }
+  // Rounding left the target just out of reach: keep everything down to the last pivot's side.
+  return kByCount ? last_pivot : (lo < n ? values[lo] : last_pivot);
+}
+
+// Draws one token from the filtered softmax of `y` (a combined row, before temperature).
+// Overwrites y with the unnormalised weights; returns -1 when the row has no finite maximum.
+int64_t sample_row(float* y, int64_t vocab, const RowParams& p, std::vector<float>& work) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t kVec = Vec::size();
+  float max_y = -std::numeric_limits<float>::infinity();
+  int64_t argmax = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    if (std::isnan(y[v])) return -1;
+    if (y[v] > max_y) {  // strict: ties go to the lowest index, as torch.argmax
+      max_y = y[v];
+      argmax = v;
+    }
+  }
+  if (!std::isfinite(max_y)) return -1;
+  if (p.temperature == 0.f) return argmax;
+
+  const int64_t n_vec = vocab - vocab % kVec;
+  const Vec v_max(max_y), v_inv_t(1.f / p.temperature);
+  for (int64_t v = 0; v < n_vec; v += kVec) vexp<float>((Vec::loadu(y + v) - v_max) * v_inv_t).store(y + v);
+  for (int64_t v = n_vec; v < vocab; ++v) y[v] = std::exp((y[v] - max_y) / p.temperature);
+
+  float threshold = p.min_p;  // w_max = 1, so min-p keeps w >= min_p * w_max
+  float top_k_threshold = 0.f;
+  if (p.top_k > 0 && p.top_k < vocab) {
+    work.assign(y, y + vocab);
+    top_k_threshold = select_threshold<true>(work.data(), vocab, double(p.top_k));
+    threshold = std::max(threshold, top_k_threshold);
+  }
+  if (p.top_p < 1.f) {
+    // top-p renormalises over what top-k kept.
+    work.clear();
+    double kept_mass = 0;
+    for (int64_t v = 0; v < vocab; ++v) {
+      if (y[v] >= top_k_threshold) {
+        work.push_back(y[v]);
+        kept_mass += y[v];
+      }
+    }
+    threshold = std::max(threshold, select_threshold<false>(work.data(), int64_t(work.size()), p.top_p * kept_mass));
+  }
+  double total = 0;
+  int64_t last_kept = argmax;
+  for (int64_t v = 0; v < vocab; ++v) {
+    if (y[v] >= threshold && y[v] > 0.f) {
+      total += y[v];
+      last_kept = v;
+    }
+  }
+  const double target = double(p.uniform) * total;
+  double cumulative = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    if (y[v] >= threshold && y[v] > 0.f) {
+      cumulative += y[v];
+      if (cumulative > target) return v;
+    }
+  }
+  return last_kept;
+}
+
+struct SamplingArgs {
+  at::Tensor uniforms, temperature, top_k, top_p, min_p;
+
+  RowParams row(int64_t r) const {
+    return {temperature.const_data_ptr<float>()[r], top_p.const_data_ptr<float>()[r],
+            min_p.const_data_ptr<float>()[r], uniforms.const_data_ptr<float>()[r],
+            top_k.const_data_ptr<int64_t>()[r]};
+  }
+};
+
+SamplingArgs check_sampling_args(int64_t rows, const at::Tensor& uniforms, const at::Tensor& temperature,
+                                 const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
+  auto per_row = [&](const at::Tensor& t, const char* name, at::ScalarType dtype) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == rows, name, " must be [B] with B = ", rows, ", got ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+    return t.contiguous();
+  };
+  return {per_row(uniforms, "uniforms", at::kFloat), per_row(temperature, "temperature", at::kFloat),
+          per_row(top_k, "top_k", at::kLong), per_row(top_p, "top_p", at::kFloat), per_row(min_p, "min_p", at::kFloat)};
+}
+
+void check_logits_rows(const at::Tensor& q, const at::Tensor& l) {
+  TORCH_CHECK_VALUE(q.dim() == 2 && q.size(1) > 0, "q_logits must be [B, V] with V >= 1, got ", q.sizes());
+  TORCH_CHECK_VALUE(l.sizes() == q.sizes(), "base_logits must match q_logits ", q.sizes(), ", got ", l.sizes());
+  TORCH_CHECK_TYPE(l.scalar_type() == q.scalar_type(), "base_logits dtype differs from q_logits dtype");
+}
+
+// Writes y = (Q + alpha_0 * L) / alpha_tilde of one row into out (fp32); with kLseL, returns
+// LSE(L) from the same sweep (else 0).
+template <typename scalar_t, bool kLseL>
+float combine_row(const scalar_t* q, const scalar_t* l, int64_t vocab, const Combine<float>& combine, float* out) {
+  constexpr int64_t kTile = 1024;
+  float q_buf[kTile], l_buf[kTile];
+  using Vec = Vectorized<float>;
+  OnlineLse<float> lse_y, lse_l;
+  for (int64_t start = 0; start < vocab; start += kTile) {
+    const int64_t n = std::min(kTile, vocab - start), n_vec = n - n % Vec::size();
+    const float* qt = tile_as_acc<scalar_t, float>(q + start, n, q_buf);
+    const float* lt = tile_as_acc<scalar_t, float>(l + start, n, l_buf);
+    if constexpr (kLseL) fold_tile<float>(qt, lt, n, combine, lse_y, lse_l);
+    for (int64_t i = 0; i < n_vec; i += Vec::size()) combine(Vec::loadu(qt + i), Vec::loadu(lt + i)).store(out + start + i);
+    for (int64_t i = n_vec; i < n; ++i) out[start + i] = combine(qt[i], lt[i]);
+  }
+  return kLseL ? lse_l.value() : 0.f;
+}
+
+at::Tensor combined_logits_cpu(const at::Tensor& q_logits, const at::Tensor& base_logits, double alpha_tilde,
+                               double alpha_0) {
+  check_logits_rows(q_logits, base_logits);
+  const at::Tensor q = q_logits.contiguous(), l = base_logits.contiguous();
+  const int64_t rows = q.size(0), vocab = q.size(1);
+  at::Tensor out = at::empty({rows, vocab}, q.options().dtype(at::kFloat));
+  const Combine<float> combine(alpha_tilde, alpha_0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "combined_logits_cpu", [&] {
+    const scalar_t* q_data = q.const_data_ptr<scalar_t>();
+    const scalar_t* l_data = l.const_data_ptr<scalar_t>();
+    float* out_data = out.mutable_data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        float* row = out_data + r * vocab;
+        const float lse_l = combine_row<scalar_t, true>(q_data + r * vocab, l_data + r * vocab, vocab, combine, row);
+        // (Q + alpha_0 * log_softmax(L)) / alpha_tilde = y - alpha_0 * LSE(L) / alpha_tilde
+        const float shift = float(alpha_0 / alpha_tilde) * lse_l;
+        for (int64_t v = 0; v < vocab; ++v) row[v] -= shift;
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor combined_sample_cpu(const at::Tensor& q_logits, const at::Tensor& base_logits, const at::Tensor& uniforms,
+                               const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+                               const at::Tensor& min_p, double alpha_tilde, double alpha_0) {
+  check_logits_rows(q_logits, base_logits);
+  const at::Tensor q = q_logits.contiguous(), l = base_logits.contiguous();
+  const int64_t rows = q.size(0), vocab = q.size(1);
+  const SamplingArgs args = check_sampling_args(rows, uniforms, temperature, top_k, top_p, min_p);
+  at::Tensor tokens = at::empty({rows}, q.options().dtype(at::kLong));
+  int64_t* out = tokens.mutable_data_ptr<int64_t>();
+  const Combine<float> combine(alpha_tilde, alpha_0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "combined_sample_cpu", [&] {
+    const scalar_t* q_data = q.const_data_ptr<scalar_t>();
+    const scalar_t* l_data = l.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> y(vocab), work;
+      work.reserve(vocab);
+      for (int64_t r = begin; r < end; ++r) {
+        combine_row<scalar_t, false>(q_data + r * vocab, l_data + r * vocab, vocab, combine, y.data());
+        out[r] = sample_row(y.data(), vocab, args.row(r), work);
+      }
+    });
+  });
+  return tokens;
+}
+
+at::Tensor combined_sample_from_hidden_cpu(const at::Tensor& adapter_hidden, const at::Tensor& base_hidden,
+                                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                           const at::Tensor& uniforms, const at::Tensor& temperature,
+                                           const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
+                                           double alpha_tilde, double alpha_0, int64_t tile_vocab) {
+  TORCH_CHECK_VALUE(adapter_hidden.dim() == 2, "adapter_hidden must be [B, H], got ", adapter_hidden.sizes());
+  TORCH_CHECK_VALUE(base_hidden.sizes() == adapter_hidden.sizes(), "base_hidden must match adapter_hidden");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == adapter_hidden.size(1) && weight.size(0) > 0,
+                    "lm_head_weight must be [V, H] with H = ", adapter_hidden.size(1), ", got ", weight.sizes());
+  TORCH_CHECK_VALUE(tile_vocab > 0, "tile_vocab must be positive");
+  const int64_t rows = adapter_hidden.size(0), vocab = weight.size(0);
+  const SamplingArgs args = check_sampling_args(rows, uniforms, temperature, top_k, top_p, min_p);
+  // Both streams in one matmul per W tile: W is read once for the adapter and the base rows.
+  const at::Tensor hidden = at::cat({adapter_hidden, base_hidden}).to(at::kFloat);
+  at::Tensor combined = at::empty({rows, vocab}, hidden.options());
+  at::Tensor tile = at::empty({2 * rows, std::min(tile_vocab, vocab)}, hidden.options());
+  const float inv_at = float(1.0 / alpha_tilde), scale = float(alpha_0 / alpha_tilde);
+  for (int64_t v0 = 0; v0 < vocab; v0 += tile_vocab) {
+    const int64_t cols = std::min(tile_vocab, vocab - v0);
+    at::Tensor logits = tile.narrow(1, 0, cols);
+    const at::Tensor w_tile = weight.narrow(0, v0, cols).to(at::kFloat);
+    if (bias) {
+      logits.copy_(at::addmm(bias->narrow(0, v0, cols).to(at::kFloat), hidden, w_tile.t()));
+    } else {
+      at::mm_out(logits, hidden, w_tile.t());
+    }
+    combined.narrow(1, v0, cols).copy_(logits.narrow(0, 0, rows) * inv_at + logits.narrow(0, rows, rows) * scale);
+  }
+  at::Tensor tokens = at::empty({rows}, hidden.options().dtype(at::kLong));
+  int64_t* out = tokens.mutable_data_ptr<int64_t>();
+  float* y = combined.mutable_data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> work;
+    work.reserve(vocab);
+    for (int64_t r = begin; r < end; ++r) out[r] = sample_row(y + r * vocab, vocab, args.row(r), work);
+  });
+  return tokens;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qadapter, CPU, m) {
+  m.impl("combined_logits", &combined_logits_cpu);
+  m.impl("combined_sample", &combined_sample_cpu);
+  m.impl("combined_sample_from_hidden", &combined_sample_from_hidden_cpu);
+}
+
+}  // namespace qadapter

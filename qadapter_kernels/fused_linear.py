@@ -20,6 +20,7 @@ import triton.language as tl
 from . import _C  # noqa: F401  (loads the op schemas and CPU kernels)
 from . import reference
 from ._backend import TRITON_INTERPRETED, resolve_backend, through_dispatcher
+from ._registration import online_lse_update, register_differentiable_op
 from ._checks import (
     acc_dtype,
     check_float_tensor,
@@ -88,14 +89,8 @@ def _fused_linear_fwd_kernel(
         q_a += tl.sum(tl.where(cols[None, :] == a[:, None], q, 0.0), 1)
         y = tl.where(col_ok[None, :], (q + alpha_0 * l) / alpha_tilde, -float("inf"))
         l = tl.where(col_ok[None, :], l, -float("inf"))
-        new_m_y = tl.maximum(m_y, tl.max(y, 1))
-        new_m_l = tl.maximum(m_l, tl.max(l, 1))
-        shift_y = tl.where(new_m_y == -float("inf"), 0.0, new_m_y)
-        shift_l = tl.where(new_m_l == -float("inf"), 0.0, new_m_l)
-        s_y = s_y * tl.exp(m_y - shift_y) + tl.sum(tl.exp(y - shift_y[:, None]), 1)
-        s_l = s_l * tl.exp(m_l - shift_l) + tl.sum(tl.exp(l - shift_l[:, None]), 1)
-        m_y = new_m_y
-        m_l = new_m_l
+        m_y, s_y = online_lse_update(m_y, s_y, y, 1)
+        m_l, s_l = online_lse_update(m_l, s_l, l, 1)
     lse_y = m_y + tl.log(s_y)
     tl.store(values_ptr + rows, alpha_tilde * lse_y - alpha_0 * (m_l + tl.log(s_l)), mask=row_ok)
     tl.store(q_taken_ptr + rows, q_a, mask=row_ok)
@@ -197,11 +192,6 @@ def _triton_bwd(grad_values, grad_q_taken, ha, hb, w, bias, actions, lse_y, expe
     return grad_hidden, grad_weight, grad_bias
 
 
-_lib = torch.library.Library("qadapter", "IMPL")
-_lib.impl("fused_linear_residual_q_values", _triton_fwd, "CUDA")
-_lib.impl("fused_linear_residual_q_values_backward", _triton_bwd, "CUDA")
-
-
 @torch.library.register_fake("qadapter::fused_linear_residual_q_values")
 def _fused_linear_fake(ha, hb, w, bias, actions, alpha_tilde, alpha_0, tile_rows, tile_vocab, with_expected):
     n, hidden = ha.shape
@@ -254,19 +244,9 @@ def _make_backward(backward_kernel):
     return backward
 
 
-torch.library.register_autograd(
-    "qadapter::fused_linear_residual_q_values",
-    _make_backward(torch.ops.qadapter.fused_linear_residual_q_values_backward),
-    setup_context=_setup_context,
+_InterpretedFusedLinear = register_differentiable_op(
+    "fused_linear_residual_q_values", _triton_fwd, _triton_bwd, _setup_context, _make_backward
 )
-
-
-class _InterpretedFusedLinear(torch.autograd.Function):
-    """Triton kernels on CPU tensors through the interpreter (tests only)."""
-
-    forward = staticmethod(_triton_fwd)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_make_backward(_triton_bwd))
 
 
 def plan_tiles(n: int, hidden: int, vocab: int, dtype: torch.dtype, streamed_on_cpu: bool,

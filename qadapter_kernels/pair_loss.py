@@ -15,6 +15,7 @@ import triton.language as tl
 
 from . import _C  # noqa: F401  (loads the op schemas and CPU kernels)
 from ._checks import acc_dtype
+from ._registration import register_differentiable_op
 
 VARIANTS = ("bellman", "official")
 
@@ -178,11 +179,6 @@ def _triton_pair_loss_backward(
     return grad_values, grad_q_taken
 
 
-_lib = torch.library.Library("qadapter", "IMPL")
-_lib.impl("pair_loss", _triton_pair_loss, "CUDA")
-_lib.impl("pair_loss_backward", _triton_pair_loss_backward, "CUDA")
-
-
 @torch.library.register_fake("qadapter::pair_loss")
 def _pair_loss_fake(values, q_taken, loss_mask, gamma, beta, variant, length_norm):
     rows, T = values.shape
@@ -222,17 +218,9 @@ def _make_backward(backward_kernel):
     return backward
 
 
-torch.library.register_autograd(
-    "qadapter::pair_loss", _make_backward(torch.ops.qadapter.pair_loss_backward), setup_context=_setup_context
+_InterpretedPairLoss = register_differentiable_op(
+    "pair_loss", _triton_pair_loss, _triton_pair_loss_backward, _setup_context, _make_backward
 )
-
-
-class _InterpretedPairLoss(torch.autograd.Function):
-    """Triton kernels on CPU tensors through the interpreter (tests only)."""
-
-    forward = staticmethod(_triton_pair_loss)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_make_backward(_triton_pair_loss_backward))
 
 
 def pair_loss_rows(values, q_taken, loss_mask, gamma, beta, variant, length_norm, via_dispatcher: bool):

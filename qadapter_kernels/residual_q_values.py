@@ -15,6 +15,7 @@ import triton.language as tl
 from . import _C  # noqa: F401  (loads the op schemas and CPU kernels)
 from . import reference
 from ._backend import resolve_backend, through_dispatcher
+from ._registration import online_lse_update, register_differentiable_op
 from ._checks import (
     acc_dtype,
     check_float_tensor,
@@ -51,15 +52,8 @@ def _residual_q_values_fwd_kernel(
         l = tl.load(l_row + offs, mask=in_v, other=0.0).to(tl.float32)
         y = tl.where(in_v, (q + alpha_0 * l) * inv_at, -float("inf"))
         l = tl.where(in_v, l, -float("inf"))
-        new_m_y = tl.maximum(m_y, tl.max(y, 0))
-        new_m_l = tl.maximum(m_l, tl.max(l, 0))
-        # While everything so far is -inf the shift is 0, so exp(-inf - shift) = 0, not NaN.
-        shift_y = tl.where(new_m_y == -float("inf"), 0.0, new_m_y)
-        shift_l = tl.where(new_m_l == -float("inf"), 0.0, new_m_l)
-        s_y = s_y * tl.exp(m_y - shift_y) + tl.sum(tl.exp(y - shift_y), 0)
-        s_l = s_l * tl.exp(m_l - shift_l) + tl.sum(tl.exp(l - shift_l), 0)
-        m_y = new_m_y
-        m_l = new_m_l
+        m_y, s_y = online_lse_update(m_y, s_y, y, 0)
+        m_l, s_l = online_lse_update(m_l, s_l, l, 0)
     lse_y = m_y + tl.log(s_y)
     lse_l = m_l + tl.log(s_l)
     a = tl.load(actions_ptr + row)
@@ -127,11 +121,6 @@ def _triton_bwd(grad_values, grad_q_taken, q_logits, base_logits, actions, lse_y
     return grad_q
 
 
-_lib = torch.library.Library("qadapter", "IMPL")
-_lib.impl("residual_q_values", _triton_fwd, "CUDA")
-_lib.impl("residual_q_values_backward", _triton_bwd, "CUDA")
-
-
 @torch.library.register_fake("qadapter::residual_q_values")
 def _residual_q_values_fake(q_logits, base_logits, actions, alpha_tilde, alpha_0):
     n = q_logits.shape[0]
@@ -171,19 +160,9 @@ def _make_backward(backward_kernel):
     return backward
 
 
-torch.library.register_autograd(
-    "qadapter::residual_q_values",
-    _make_backward(torch.ops.qadapter.residual_q_values_backward),
-    setup_context=_setup_context,
+_InterpretedResidualQValues = register_differentiable_op(
+    "residual_q_values", _triton_fwd, _triton_bwd, _setup_context, _make_backward
 )
-
-
-class _InterpretedResidualQValues(torch.autograd.Function):
-    """Triton kernels on CPU tensors through the interpreter (tests only)."""
-
-    forward = staticmethod(_triton_fwd)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_make_backward(_triton_bwd))
 
 
 def residual_q_values_rows(

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from . import _C  # noqa: F401  (loads the op schemas and CPU kernels)
 from ._backend import resolve_backend, through_dispatcher
+from ._registration import online_lse_update, register_cuda
 from ._checks import check_float_tensor, check_same_device, check_scalar, check_shape, value_checks_enabled
 from .fused_linear import DEFAULT_TILE_BUDGET_MB, _logits_tiles, _kernel_options
 from .residual_q_values import check_logits_pair
@@ -51,6 +52,22 @@ def _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
         count += keep.to(tl.float32)
         mass += tl.where(keep, tl.exp(s), 0.0)
     return tl.sum(count, 0), tl.sum(mass, 0)
+
+
+@triton.jit
+def _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, lowest, target,
+                      BY_COUNT: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK_V: tl.constexpr,
+                      STEPS: tl.constexpr):
+    """Largest threshold keeping count (BY_COUNT) or mass >= target; `lo` stays feasible, `hi` not."""
+    lo = lowest
+    hi = 1.0
+    for _ in range(STEPS):
+        mid = 0.5 * (lo + hi)
+        count, mass = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, mid, HAS_BASE, BLOCK_V)
+        feasible = (count if BY_COUNT else mass) >= target
+        lo = tl.where(feasible, mid, lo)
+        hi = tl.where(feasible, hi, mid)
+    return lo
 
 
 @triton.jit
@@ -89,30 +106,13 @@ def _combined_sample_kernel(
         # Keep s >= threshold; each bisection keeps `lo` feasible and `hi` infeasible.
         threshold = lowest
         if (top_k > 0) & (top_k < V):
-            lo = lowest
-            hi = 1.0
-            for _ in range(BISECT_STEPS):
-                mid = 0.5 * (lo + hi)
-                count, _m = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, mid,
-                                        HAS_BASE, BLOCK_V)
-                feasible = count >= top_k
-                lo = tl.where(feasible, mid, lo)
-                hi = tl.where(feasible, hi, mid)
-            threshold = lo
+            threshold = _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, lowest,
+                                          top_k.to(tl.float32), True, HAS_BASE, BLOCK_V, BISECT_STEPS)
         if top_p < 1.0:
             _c, kept_mass = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
                                         HAS_BASE, BLOCK_V)
-            target = top_p * kept_mass
-            lo = threshold
-            hi = 1.0
-            for _ in range(BISECT_STEPS):
-                mid = 0.5 * (lo + hi)
-                _c2, mass = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, mid,
-                                        HAS_BASE, BLOCK_V)
-                feasible = mass >= target
-                lo = tl.where(feasible, mid, lo)
-                hi = tl.where(feasible, hi, mid)
-            threshold = lo
+            threshold = _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
+                                          top_p * kept_mass, False, HAS_BASE, BLOCK_V, BISECT_STEPS)
         threshold = tl.where(min_p > 0, tl.maximum(threshold, tl.log(min_p)), threshold)
         _c3, total = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
                                  HAS_BASE, BLOCK_V)
@@ -144,10 +144,7 @@ def _combined_logits_kernel(q_ptr, l_ptr, out_ptr, V, q_stride, l_stride, alpha_
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         l = tl.load(l_ptr + row * l_stride + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
-        new_m = tl.maximum(m, tl.max(l, 0))
-        shift = tl.where(new_m == -float("inf"), 0.0, new_m)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(l - shift), 0)
-        m = new_m
+        m, s = online_lse_update(m, s, l, 0)
     lse_l = m + tl.log(s)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
@@ -218,10 +215,9 @@ def _triton_combined_sample_from_hidden(ha, hb, w, bias, uniforms, temperature, 
     return _launch_sample(combined, combined, uniforms, temperature, top_k, top_p, min_p, 1.0, 0.0, has_base=False)
 
 
-_lib = torch.library.Library("qadapter", "IMPL")
-_lib.impl("combined_logits", _triton_combined_logits, "CUDA")
-_lib.impl("combined_sample", _triton_combined_sample, "CUDA")
-_lib.impl("combined_sample_from_hidden", _triton_combined_sample_from_hidden, "CUDA")
+register_cuda("combined_logits", _triton_combined_logits)
+register_cuda("combined_sample", _triton_combined_sample)
+register_cuda("combined_sample_from_hidden", _triton_combined_sample_from_hidden)
 
 
 @torch.library.register_fake("qadapter::combined_logits")

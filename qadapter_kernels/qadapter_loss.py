@@ -52,25 +52,22 @@ def check_loss_arguments(
 def pair_outputs(values, q_taken, loss_mask, gamma, beta, variant, length_norm, backend, check_values,
                  source: str = "q_logits or base_logits") -> QAdapterLossOutput:
     """Pair pass on [2B, T] values and picked Q, with the eager value checks, as the public output."""
-    device = values.device
-    if backend == "torch":
-        if check_values:
-            raise_on_flags(finite_values_flag(values, source))
-        return reference.pair_loss(values, q_taken, loss_mask, gamma, beta, variant, length_norm)
     if check_values:
-        # The C++ kernel raises on an empty mask itself; this check serves every device, once.
         raise_on_flags({
             **finite_values_flag(values, source),
             "loss_mask scores no token in the whole batch": ~reference.scored_positions(loss_mask, variant).any(),
         })
-    loss, pref, reg, scores, accuracy, _, _ = pair_loss_rows(
-        values, q_taken, loss_mask, gamma, beta, variant, length_norm, through_dispatcher(backend, device)
-    )
-    B = values.shape[0] // 2
-    out = QAdapterLossOutput(loss, pref, reg, scores[:B], scores[B:], accuracy.detach())
+    if backend == "torch":
+        out = reference.pair_loss(values, q_taken, loss_mask, gamma, beta, variant, length_norm)
+    else:
+        loss, pref, reg, scores, accuracy, _, _ = pair_loss_rows(
+            values, q_taken, loss_mask, gamma, beta, variant, length_norm, through_dispatcher(backend, values.device)
+        )
+        B = values.shape[0] // 2
+        out = QAdapterLossOutput(loss, pref, reg, scores[:B], scores[B:], accuracy.detach())
     if check_values:
         raise_on_flags({"the loss is not finite: an action at a scored position has a -inf q_logit":
-                        ~torch.isfinite(loss)})
+                        ~torch.isfinite(out.loss)})
     return out
 
 

@@ -1,0 +1,371 @@
+"""qk.qadapter_loss against reference.qadapter_loss, and the reference against DESIGN.md itself.
+
+Every output (loss, pref_loss, reg_loss, chosen/rejected scores, accuracy) and the q_logits
+gradient of a random linear combination of all differentiable outputs are compared, for both
+reward variants, both length_norm values, several hyper-parameters, fp32 and bf16.
+"""
+import math
+
+import pytest
+import torch
+
+import qadapter_kernels as qk
+from qadapter_kernels import reference
+
+from helpers import (
+    ALL_BACKENDS,
+    DIFF_FIELDS,
+    FUSED,
+    GRAD_TOL,
+    LOSS_FIELDS,
+    VALUE_TOL,
+    assert_close,
+    interpreted,
+    leaf,
+    make_pair_batch,
+    run_loss,
+)
+
+VARIANTS = ["bellman", "official"]
+HYPER = {  # alpha_tilde, alpha_0, gamma, beta
+    "defaults": dict(alpha_tilde=1.0, alpha_0=0.01, gamma=1.0, beta=0.1),
+    "mixed": dict(alpha_tilde=0.5, alpha_0=0.3, gamma=0.9, beta=0.5),
+    "edges": dict(alpha_tilde=2.0, alpha_0=0.0, gamma=0.0, beta=0.0),
+    "strong-base": dict(alpha_tilde=1.3, alpha_0=1.0, gamma=0.97, beta=2.0),
+}
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def check_loss(batch, backend, device, *, dtype=torch.float32, value_tol=VALUE_TOL, grad_tol=None,
+               seed=0, **kwargs):
+    """Fused vs reference on the same ``dtype`` inputs (the reference upcasts them to fp32)."""
+    low = batch.to(dtype=dtype)
+    out, grad = run_loss(low.to(device), qk.qadapter_loss, backend=backend, grad_seed=seed, **kwargs)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ref, ref_grad = run_loss(low, reference.qadapter_loss, q_dtype=acc, grad_seed=seed, **kwargs)
+
+    assert isinstance(out, qk.QAdapterLossOutput)
+    for name in LOSS_FIELDS:
+        got, expected = getattr(out, name), getattr(ref, name)
+        assert got.dtype == acc, f"{name} dtype {got.dtype}"
+        assert got.device.type == torch.device(device).type
+        if name == "accuracy":  # a fraction of pairs: exact (random scores are far from ties)
+            assert_close(got, expected, rtol=0, atol=0, what=name)
+            assert torch.equal(got, (out.chosen_scores > out.rejected_scores).to(acc).mean())
+        else:
+            assert_close(got, expected, **value_tol, what=name)
+    assert out.chosen_scores.shape == (batch.B,) and out.rejected_scores.shape == (batch.B,)
+    assert out.loss.shape == () and not out.accuracy.requires_grad
+    assert_close(out.loss, out.pref_loss + out.reg_loss, rtol=1e-6, atol=1e-6, what="loss = pref + reg")
+
+    assert grad.dtype == dtype and grad.shape == batch.q_logits.shape
+    assert_close(grad, ref_grad, **(grad_tol or scaled_grad_tol(dtype, ref_grad)), what="dQ")
+    # Positions that feed no scored reward get exactly zero (the kernels skip them).
+    dead = (ref_grad == 0).all(dim=-1)
+    assert torch.equal(grad.cpu()[dead], torch.zeros_like(grad.cpu()[dead]))
+    return out, ref
+
+
+def scaled_grad_tol(dtype, ref_grad: torch.Tensor) -> dict:
+    """At the taken action dQ = g_q + g_V * pi~[a], two terms that can nearly cancel (the
+    official reward is Q[a] - gamma V(s) of the same state): there the error is relative to the
+    terms, not the sum. The absolute tolerance is therefore a small fraction of the largest
+    gradient entry (1e-6 of it: a few fp32 exp() roundings; bf16 inputs are reduced in fp32 too
+    and only the result is rounded, which the relative tolerance covers), on top of the relative one."""
+    tol = dict(GRAD_TOL[dtype])
+    tol["atol"] = max(tol["atol"], 1e-6 * ref_grad.abs().max().item())
+    return tol
+
+
+def small_shape(backend, device):
+    """(B, T, V): medium for compiled kernels, small for the interpreter."""
+    return (2, 9, 130) if interpreted(backend, device) else (3, 17, 1031)
+
+
+@pytest.mark.parametrize("hyper", list(HYPER))
+@pytest.mark.parametrize("length_norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_matches_reference(backend, device, dtype, variant, length_norm, hyper, seed):
+    batch = make_pair_batch(*small_shape(backend, device), seed=seed)
+    check_loss(batch, backend, device, dtype=dtype, seed=seed, variant=variant, length_norm=length_norm,
+               **HYPER[hyper])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, device", [p for p in FUSED if p.id != "triton-interp"])
+def test_realistic_shape(backend, device, dtype, variant, seed):
+    """[2B, T, V] = [4, 128, 32000]: a Llama-sized vocabulary."""
+    batch = make_pair_batch(2, 128, 32000, seed=seed)
+    check_loss(batch, backend, device, dtype=dtype, seed=seed, variant=variant)
+
+
+def odd_batch(case: str, backend: str, device: str, seed: int):
+    B, T, V = small_shape(backend, device)
+    if case == "T=2":  # one action per row; rows 1 and 3 start their response at column 0
+        return make_pair_batch(2, 2, V, seed=seed, prompt_lens=[1, 0, 1, 0], response_lens=[1, 2, 0, 1])
+    if case == "B=1":
+        return make_pair_batch(1, T, V, seed=seed)
+    if case == "empty-rows":  # row 1 (chosen) has no response; so has pair 2 on both sides
+        p = [2, 3, 1] * 2
+        r = [T - 2, 0, 0, 4, 5, 0]
+        return make_pair_batch(3, T, V, seed=seed, prompt_lens=p, response_lens=r)
+    if case == "full-rows":  # no padding at all: every response runs to the last column
+        p = [1, 3, 2] * 2
+        return make_pair_batch(3, T, V, seed=seed, prompt_lens=p, response_lens=[T - x for x in p])
+    if case == "ragged":  # every row a different length, one single-token response
+        return make_pair_batch(2, T, V, seed=seed, prompt_lens=[2, 1, 2, 1], response_lens=[1, T - 1, T - 3, 3])
+    if case == "banned-tokens":
+        return make_pair_batch(B, T, V, seed=seed, neg_inf="both")
+    raise AssertionError(case)
+
+
+ODD_CASES = ["T=2", "B=1", "empty-rows", "full-rows", "ragged", "banned-tokens"]
+
+
+@pytest.mark.parametrize("case", ODD_CASES)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_odd_batches(backend, device, variant, case, seed):
+    batch = odd_batch(case, backend, device, seed)
+    check_loss(batch, backend, device, seed=seed, variant=variant, alpha_0=0.2, gamma=0.95)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_large_magnitudes(backend, device, dtype, variant, seed):
+    """+-1e4 offsets on every position's logits (random sign per position): rewards ~1e4, the
+    regulariser ~1e7, sigmoids saturated. At 1e4 one fp32 ulp is ~1e-3, so values and rewards
+    carry ~1e-3 absolute rounding that depends on the order of operations."""
+    offset = 1e4
+    batch = make_pair_batch(*small_shape(backend, device), seed=seed, offset=offset)
+    eps = torch.finfo(torch.float32).eps
+    grad_tol = dict(GRAD_TOL[dtype])
+    grad_tol["atol"] = 1e-5  # dQ at the taken actions carries 2 beta / n times the reward's rounding
+    check_loss(batch, backend, device, dtype=dtype, seed=seed, variant=variant,
+               value_tol=dict(rtol=1e-5, atol=16 * eps * offset), grad_tol=grad_tol)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_fp16(backend, device, variant, seed):
+    batch = make_pair_batch(*small_shape(backend, device), seed=seed)
+    check_loss(batch, backend, device, dtype=torch.float16, seed=seed, variant=variant, alpha_0=0.1)
+
+
+@pytest.mark.parametrize("layout", ["vocab-slice", "time-stride"])
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_non_contiguous_logits(backend, device, layout, seed):
+    """Logits that are views: a slice of a wider vocabulary (rows keep a stride != V through
+    the reshape to [2B*T, V]) and every other time step (the reshape must copy)."""
+    B, T, V = small_shape(backend, device)
+    wide = make_pair_batch(B, 2 * T if layout == "time-stride" else T, V + 7, seed=seed).to(device)
+    if layout == "vocab-slice":
+        q, base, ids, mask = wide.q_logits[..., :V], wide.base_logits[..., :V], wide.input_ids % V, wide.loss_mask
+    else:
+        q, base = wide.q_logits[:, ::2], wide.base_logits[:, ::2]
+        ids, mask = wide.input_ids[:, ::2], wide.loss_mask[:, ::2]
+    assert not q.is_contiguous()
+    out = qk.qadapter_loss(leaf(q), base, ids, mask, backend=backend, variant="official")
+    # the same values, contiguous, through the reference
+    expected = reference.qadapter_loss(q.contiguous(), base.contiguous(), ids, mask, variant="official")
+    assert q.data_ptr() == wide.q_logits.data_ptr()  # still a view of the wider buffer
+    for name in LOSS_FIELDS:
+        assert_close(getattr(out, name), getattr(expected, name), **VALUE_TOL, what=name)
+    q_k, q_r = leaf(q), leaf(q.contiguous())
+    qk.qadapter_loss(q_k, base, ids, mask, backend=backend).loss.backward()
+    reference.qadapter_loss(q_r, base.contiguous(), ids, mask).loss.backward()
+    assert_close(q_k.grad, q_r.grad, **scaled_grad_tol(torch.float32, q_r.grad), what="dQ")
+
+
+@pytest.mark.parametrize("case", ["T=1100", "B=1030"])
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_past_one_triton_block(backend, device, case, seed):
+    """T and B past the Triton pair kernels' 1024-wide blocks (they loop over blocks). B = 1030
+    is 2060 pair-pass programs, ~15 s in the interpreter: it runs on the C++ path and CUDA."""
+    if case == "B=1030" and interpreted(backend, device):
+        pytest.skip("too slow in the Triton interpreter; covered on CUDA")
+    B, T, V = (1, 1100, 2) if case == "T=1100" else (1030, 3, 5)
+    if case == "T=1100" and not interpreted(backend, device):
+        V = 64
+    batch = make_pair_batch(B, T, V, seed=seed)
+    for variant in VARIANTS:
+        check_loss(batch, backend, device, seed=seed, variant=variant, gamma=0.9)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no-grad-input"])
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_without_autograd(backend, device, mode, seed):
+    """Evaluation: under no_grad / inference_mode, or on logits that do not require grad."""
+    batch = make_pair_batch(*small_shape(backend, device), seed=seed).to(device)
+    args = (batch.base_logits, batch.input_ids, batch.loss_mask)
+    expected = qk.qadapter_loss(leaf(batch.q_logits), *args, backend=backend)
+    if mode == "no-grad-input":
+        out = qk.qadapter_loss(batch.q_logits.detach(), *args, backend=backend)
+    else:
+        with getattr(torch, mode)():
+            out = qk.qadapter_loss(leaf(batch.q_logits), *args, backend=backend)
+    assert not out.loss.requires_grad
+    for name in LOSS_FIELDS:
+        assert torch.equal(getattr(out, name), getattr(expected, name).detach()), name
+
+
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_integer_mask_and_int32_ids(backend, device, seed):
+    """loss_mask as 0/1 integers and int32 input_ids give exactly the bool / int64 result."""
+    batch = make_pair_batch(*small_shape(backend, device), seed=seed)
+    q, base = batch.q_logits.to(device), batch.base_logits.to(device)
+    ids, mask = batch.input_ids.to(device), batch.loss_mask.to(device)
+    expected = qk.qadapter_loss(q, base, ids, mask, backend=backend)
+    got = qk.qadapter_loss(q, base, ids.int(), mask.to(torch.uint8), backend=backend)
+    got_long_mask = qk.qadapter_loss(q, base, ids, mask.long(), backend=backend)
+    for name in LOSS_FIELDS:
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+        assert torch.equal(getattr(got_long_mask, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_base_logits_get_no_gradient(backend, device, seed):
+    batch = make_pair_batch(*small_shape(backend, device), seed=seed).to(device)
+    q, base = leaf(batch.q_logits), leaf(batch.base_logits)
+    qk.qadapter_loss(q, base, batch.input_ids, batch.loss_mask, backend=backend).loss.backward()
+    assert base.grad is None and q.grad is not None
+
+
+# --------------------------------------------------------------------------- the reference itself
+
+
+@pytest.mark.parametrize("hyper", ["defaults", "mixed", "strong-base"])
+@pytest.mark.parametrize("shape", [(1, 5, 11), (3, 17, 257), (2, 64, 4000)], ids=str)
+def test_official_variant_is_the_authors_formula(shape, hyper, seed):
+    """reference.authors_qadapter_loss (their code, log_softmax + cross-entropy) equals the
+    "official" variant with length normalisation, and so do its gradients and the C++ kernel."""
+    batch = make_pair_batch(*shape, seed=seed)
+    h = HYPER[hyper]
+    q_a, q_o, q_k = leaf(batch.q_logits.clone()), leaf(batch.q_logits.clone()), leaf(batch.q_logits.clone())
+    authors = reference.authors_qadapter_loss(q_a, batch.base_logits, batch.input_ids, batch.loss_mask, **h)
+    official = reference.qadapter_loss(q_o, batch.base_logits, batch.input_ids, batch.loss_mask, **h,
+                                       variant="official", length_norm=True)
+    fused = qk.qadapter_loss(q_k, batch.base_logits, batch.input_ids, batch.loss_mask, **h,
+                             variant="official", length_norm=True, backend="cpu")
+    bellman = reference.qadapter_loss(batch.q_logits, batch.base_logits, batch.input_ids, batch.loss_mask, **h)
+    assert_close(official.loss, authors, rtol=1e-5, atol=1e-6, what="official vs authors")
+    assert_close(fused.loss, authors, rtol=1e-5, atol=1e-6, what="fused official vs authors")
+    # The variants differ: a test that cannot tell them apart would prove nothing.
+    assert not torch.allclose(bellman.loss, authors, rtol=1e-3)
+    for q in (q_a, q_o, q_k):
+        q.grad = None
+    authors.backward()
+    official.loss.backward()
+    fused.loss.backward()
+    tol = scaled_grad_tol(torch.float32, q_a.grad)
+    assert_close(q_o.grad, q_a.grad, **tol, what="dQ official vs authors")
+    assert_close(q_k.grad, q_a.grad, **tol, what="dQ fused official vs authors")
+
+
+# A tiny example worked out by hand from DESIGN.md §2 (not from the reference's code).
+# B = 1 pair, T = 4, V = 3.
+HAND_Q = [
+    [[0.5, -1.0, 2.0], [1.5, 0.0, -0.5], [-2.0, 1.0, 0.25], [0.0, 3.0, -1.0]],  # chosen
+    [[1.0, 0.5, -0.5], [-1.5, 2.5, 0.75], [0.3, -0.7, 1.1], [2.0, -2.0, 0.0]],  # rejected
+]
+HAND_L = [
+    [[1.0, 0.0, -1.0], [0.2, 0.4, 0.6], [-3.0, 0.0, 3.0], [0.5, 0.5, 0.5]],
+    [[0.0, 2.0, 1.0], [1.0, -1.0, 0.0], [0.25, 0.5, -0.25], [-1.0, 1.0, 2.0]],
+]
+HAND_IDS = [[2, 0, 1, 1], [2, 1, 0, 0]]  # the rejected row ends in a pad token (0)
+HAND_MASK = [[False, True, True, True], [False, True, True, False]]  # prompt = 1 token
+HAND_HYPER = dict(alpha_tilde=0.7, alpha_0=0.3, gamma=0.9, beta=0.25)
+
+
+def _lse(xs):
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def hand_expected(variant: str, length_norm: bool) -> dict[str, float]:
+    at, a0, g, beta = (HAND_HYPER[k] for k in ("alpha_tilde", "alpha_0", "gamma", "beta"))
+    # V(s_t) = alpha_tilde * LSE((Q + alpha_0 L) / alpha_tilde) - alpha_0 * LSE(L), per row c/r, position t
+    V = [[at * _lse([(q + a0 * l) / at for q, l in zip(HAND_Q[b][t], HAND_L[b][t])]) - a0 * _lse(HAND_L[b][t])
+          for t in range(4)] for b in range(2)]
+    Qc, Qr, Vc, Vr = HAND_Q[0], HAND_Q[1], V[0], V[1]
+    if variant == "bellman":
+        # chosen, mask F T T T, ids 2 0 1 1: actions t=0,1,2 scored (mask[t+1]); V(s_{t+1}) counts
+        # while mask[t+2]; r_2 bootstraps past the last column: 0.
+        r_c = [Qc[0][0] - g * Vc[1], Qc[1][1] - g * Vc[2], Qc[2][1]]
+        # rejected, mask F T T F, ids 2 1 0 0: t=0,1 scored; r_1's next state is padding: 0.
+        r_r = [Qr[0][1] - g * Vr[1], Qr[1][0]]
+    else:
+        # official: action t scored iff mask[t] (t < T-1), r_t = Q[a_t] - gamma V(s_t) (same state).
+        # chosen: t=1 (a=x2=1), t=2 (a=x3=1); the first response token (t=0 action) never scored.
+        r_c = [Qc[1][1] - g * Vc[1], Qc[2][1] - g * Vc[2]]
+        # rejected: t=1 (a=x2=0), t=2 (a=x3=0, the pad token: scored, as in the authors' code).
+        r_r = [Qr[1][0] - g * Vr[1], Qr[2][0] - g * Vr[2]]
+    norm = 3 if length_norm else 1  # T - 1
+    s_c, s_r = sum(r_c) / norm, sum(r_r) / norm
+    pref = math.log1p(math.exp(s_r - s_c))  # softplus(S_rejected - S_chosen), mean over B = 1
+    rs = r_c + r_r
+    reg = beta * sum(r * r for r in rs) / len(rs)
+    return dict(loss=pref + reg, pref_loss=pref, reg_loss=reg, chosen_scores=s_c, rejected_scores=s_r,
+                accuracy=float(s_c > s_r))
+
+
+@pytest.mark.parametrize("length_norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_hand_computed_example(backend, device, dtype, variant, length_norm):
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("the Triton kernels accumulate in fp32: fp64 is checked on the C++ path and the reference")
+    q = torch.tensor(HAND_Q, dtype=dtype, device=device)
+    base = torch.tensor(HAND_L, dtype=dtype, device=device)
+    ids = torch.tensor(HAND_IDS, device=device)
+    mask = torch.tensor(HAND_MASK, device=device)
+    out = qk.qadapter_loss(q, base, ids, mask, **HAND_HYPER, variant=variant, length_norm=length_norm,
+                           backend=backend)
+    expected = hand_expected(variant, length_norm)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    for name, value in expected.items():
+        got = getattr(out, name)
+        assert_close(got.reshape(()), torch.tensor(value, dtype=torch.float64), **tol, what=name)
+    # The two variants give different numbers here: the example does tell them apart.
+    other = hand_expected("official" if variant == "bellman" else "bellman", length_norm)
+    assert abs(other["loss"] - expected["loss"]) > 1e-2
+
+
+# --------------------------------------------------------------------------- gradcheck (C++ path, fp64)
+
+
+def _gradcheck_batch(seed):
+    # B = 2, T = 6, V = 5; row 1 has an empty mask, row 3 a single response token.
+    return make_pair_batch(2, 6, 5, seed=seed, dtype=torch.float64, prompt_lens=[1, 2, 1, 2],
+                           response_lens=[5, 0, 2, 1])
+
+
+@pytest.mark.parametrize("output", DIFF_FIELDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradcheck_each_output(variant, output):
+    batch = _gradcheck_batch(3)
+
+    def f(q):
+        out = qk.qadapter_loss(q, batch.base_logits, batch.input_ids, batch.loss_mask, alpha_tilde=0.8,
+                               alpha_0=0.4, gamma=0.9, beta=0.3, variant=variant, backend="cpu")
+        return getattr(out, output)
+
+    assert torch.autograd.gradcheck(f, (leaf(batch.q_logits),), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length_norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradcheck_all_outputs(variant, length_norm):
+    batch = _gradcheck_batch(4)
+
+    def f(q):
+        out = qk.qadapter_loss(q, batch.base_logits, batch.input_ids, batch.loss_mask, variant=variant,
+                               length_norm=length_norm, backend="cpu")
+        return tuple(getattr(out, name) for name in DIFF_FIELDS)
+
+    assert torch.autograd.gradcheck(f, (leaf(batch.q_logits),), eps=1e-6, atol=1e-7, rtol=1e-5)

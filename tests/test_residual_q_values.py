@@ -1,0 +1,234 @@
+"""qk.residual_q_values (the vocabulary pass) against reference.residual_q_values.
+
+Every fused backend (C++ on CPU, Triton in the interpreter, Triton on CUDA) is checked on fresh
+random inputs: values, q_taken, and the q_logits gradient of a random linear combination of both
+outputs (with some rows' upstream gradient exactly zero, which the kernels short-cut).
+"""
+import pytest
+import torch
+
+import qadapter_kernels as qk
+from qadapter_kernels import reference
+
+from helpers import (
+    FUSED,
+    GRAD_TOL,
+    VALUE_TOL,
+    assert_close,
+    interpreted,
+    leaf,
+    make_rows,
+    random_weights,
+)
+
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
+
+# case -> ((leading dims, V) for C++ / CUDA, (leading dims, V) for the interpreter)
+CASES = {
+    "realistic": (((64,), 32000), ((6,), 300)),
+    "V=1": (((5,), 1), ((5,), 1)),
+    "V=4097": (((9,), 4097), ((2,), 4097)),  # one past the Triton block (4096); C++ tiles 1024
+    "V=1000": (((17,), 1000), ((3,), 1000)),
+    "V=7": (((13,), 7), ((13,), 7)),
+    "N=1": (((1,), 32000), ((1,), 300)),
+    "no-lead-dims": (((), 50), ((), 50)),  # q_logits is 1-D [V]: values are 0-dim
+    "lead=[2,3]": (((2, 3), 2053), ((2, 3), 129)),
+    "N=0": (((0,), 33), ((0,), 33)),
+}
+
+
+def shape_for(case: str, backend: str, device: str):
+    fast, interp = CASES[case]
+    return interp if interpreted(backend, device) else fast
+
+
+def compare_with_reference(q, base, actions, backend, device, *, alpha_tilde=1.0, alpha_0=0.01,
+                           value_tol=VALUE_TOL, grad_tol=None, seed=0):
+    """Runs both, checks values, q_taken and dQ of sum(w1 * values + w2 * q_taken); returns dQ."""
+    dtype = q.dtype
+    q_k = leaf(q.to(device))  # a no-op for views already on the device: their strides stay
+    base_k, actions_k = base.to(device), actions.to(device)
+    q, base, actions = q.cpu(), base.cpu(), actions.cpu()
+    values, q_taken = qk.residual_q_values(q_k, base_k, actions_k, alpha_tilde, alpha_0, backend=backend)
+
+    # Reference on the very same (low-precision) inputs, upcast: the fp32 ground truth.
+    q_r = leaf(q, torch.float64 if dtype == torch.float64 else torch.float32)
+    ref_values, ref_q_taken = reference.residual_q_values(q_r, base, actions, alpha_tilde, alpha_0)
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert values.dtype == acc and q_taken.dtype == acc
+    assert values.shape == actions.shape and q_taken.shape == actions.shape
+    assert values.device == q_k.device
+    assert_close(values, ref_values, **value_tol, what="values")
+    # q_taken is a gather: exact.
+    assert_close(q_taken, ref_q_taken, rtol=0, atol=0, what="q_taken")
+
+    w_v = random_weights(actions.shape, seed, zero_frac=0.3)
+    w_q = random_weights(actions.shape, seed + 1, zero_frac=0.3)
+    ((values * w_v.to(device, acc)).sum() + (q_taken * w_q.to(device, acc)).sum()).backward()
+    ((ref_values * w_v.to(acc)).sum() + (ref_q_taken * w_q.to(acc)).sum()).backward()
+    assert q_k.grad.dtype == dtype and q_k.grad.shape == q.shape
+    if grad_tol is None:
+        # softmax(y) inherits the absolute rounding of y = (Q + alpha_0 L) / alpha_tilde, which
+        # is ~eps * |y| in fp32 however it is computed: scale the relative tolerance with |y|.
+        y = (q_r.detach() + alpha_0 * base.to(q_r.dtype)) / alpha_tilde
+        y_max = y[torch.isfinite(y)].abs().max().item() if y.numel() else 0.0
+        grad_tol = dict(GRAD_TOL[dtype])
+        grad_tol["rtol"] = max(grad_tol["rtol"], 8 * torch.finfo(acc).eps * y_max)
+    assert_close(q_k.grad, q_r.grad, **grad_tol, what="dQ")
+    return q_k.grad
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_matches_reference(backend, device, dtype, case, seed):
+    lead, vocab = shape_for(case, backend, device)
+    q, base, actions = make_rows(0, vocab, lead=lead, seed=seed, dtype=dtype)
+    compare_with_reference(q, base, actions, backend, device, seed=seed)
+
+
+@pytest.mark.parametrize("alpha_tilde, alpha_0", [(0.7, 0.5), (2.0, 0.0), (1.0, 3.0), (0.05, 0.01)])
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_hyperparameters(backend, device, alpha_tilde, alpha_0, seed):
+    n, vocab = (4, 700) if interpreted(backend, device) else (24, 5003)
+    q, base, actions = make_rows(n, vocab, seed=seed)
+    compare_with_reference(q, base, actions, backend, device, alpha_tilde=alpha_tilde, alpha_0=alpha_0, seed=seed)
+
+
+@pytest.mark.parametrize("where", ["q", "base", "both", "base-any"])
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_banned_tokens(backend, device, dtype, where, seed):
+    """-inf logits (banned tokens; in q never the taken one): finite values, zero softmax
+    gradient there (the taken action still gets its g_q)."""
+    n, vocab = (5, 1100) if interpreted(backend, device) else (32, 32000)
+    q, base, actions = make_rows(n, vocab, seed=seed, dtype=dtype, neg_inf=where)
+    grad = compare_with_reference(q, base, actions, backend, device, seed=seed)
+    banned = torch.isinf(q) | torch.isinf(base)
+    banned.scatter_(-1, actions.unsqueeze(-1), False)
+    assert banned.any()
+    assert (grad.cpu()[banned] == 0).all()
+    if where == "base-any":
+        assert torch.isinf(base.gather(-1, actions.unsqueeze(-1))).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_large_magnitudes(backend, device, dtype, seed):
+    """+-1e4 offsets per row: the online logsumexp must rescale, not overflow.
+
+    At 1e4 one fp32 ulp is ~1e-3, so y = (Q + alpha_0 L) / alpha_tilde itself carries ~1e-3 of
+    rounding that depends on the order of operations: softmax entries then agree to ~1e-3
+    relative (compare_with_reference scales the gradient tolerance with |y|), values to ~1e-3
+    absolute (1e-7 relative)."""
+    offset = 1e4
+    n, vocab = (4, 600) if interpreted(backend, device) else (16, 32000)
+    q, base, actions = make_rows(n, vocab, seed=seed, dtype=dtype, offset=offset)
+    eps = torch.finfo(torch.float32).eps
+    compare_with_reference(q, base, actions, backend, device, seed=seed,
+                           value_tol=dict(rtol=1e-6, atol=16 * eps * offset))
+
+
+def _strided(kind: str, n: int, vocab: int, seed: int, device: str):
+    """Views with unusual strides, built on the target device (a copy there would be contiguous)."""
+    wide = [t.to(device) for t in make_rows(n, vocab + 11, seed=seed)]
+    q, base, actions = wide[0][:, :vocab], wide[1][:, :vocab], wide[2] % vocab
+    if kind == "row-stride":  # a slice of a wider buffer: stride(0) = V + 11 != V
+        assert q.stride() == (vocab + 11, 1)
+    elif kind == "lead-slice":  # [2, n/2, V] view of that slice: reshape(-1, V) keeps the stride
+        q, base, actions = q.unflatten(0, (2, n // 2)), base.unflatten(0, (2, n // 2)), actions.view(2, n // 2)
+        assert q.stride() == (n // 2 * (vocab + 11), vocab + 11, 1)
+    elif kind == "transposed":  # the vocabulary is not the unit-stride dimension
+        q, base = q.t().contiguous().t(), base.t().contiguous().t()
+        assert q.stride() == (1, n)
+    return q, base, actions
+
+
+@pytest.mark.parametrize("kind", ["row-stride", "lead-slice", "transposed"])
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_non_contiguous(backend, device, kind, seed):
+    n, vocab = (4, 300) if interpreted(backend, device) else (32, 4099)
+    q, base, actions = _strided(kind, n, vocab, seed, device)
+    compare_with_reference(q, base, actions, backend, device, seed=seed)
+
+
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_base_logits_get_no_gradient(backend, device, seed):
+    n, vocab = (3, 200) if interpreted(backend, device) else (8, 3000)
+    q, base, actions = make_rows(n, vocab, seed=seed)
+    q_k, base_k = leaf(q.to(device)), leaf(base.to(device))
+    values, q_taken = qk.residual_q_values(q_k, base_k, actions.to(device), backend=backend)
+    (values.sum() + q_taken.sum()).backward()
+    assert base_k.grad is None
+    assert q_k.grad is not None and q_k.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("output", ["values", "q_taken"])
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_gradient_of_one_output(backend, device, output, seed):
+    """Only one output feeds the loss: the other's gradient arrives as None."""
+    n, vocab = (3, 257) if interpreted(backend, device) else (8, 4097)
+    q, base, actions = make_rows(n, vocab, seed=seed)
+    q_k, q_r = leaf(q.to(device)), leaf(q)
+    out_k = dict(zip(("values", "q_taken"), qk.residual_q_values(q_k, base.to(device), actions.to(device),
+                                                                 0.8, 0.2, backend=backend)))
+    out_r = dict(zip(("values", "q_taken"), reference.residual_q_values(q_r, base, actions, 0.8, 0.2)))
+    w = random_weights(actions.shape, seed).float()
+    (out_k[output] * w.to(device)).sum().backward()
+    (out_r[output] * w).sum().backward()
+    assert_close(q_k.grad, q_r.grad, **GRAD_TOL[torch.float32], what=f"dQ from {output}")
+
+
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_zero_upstream_gradient_gives_exact_zeros(backend, device, seed):
+    """Rows whose values and q_taken both get zero gradient (prompt and pad positions) must get
+    exactly zero dQ (the kernels skip them), while the other rows get the full gradient."""
+    n, vocab = (6, 300) if interpreted(backend, device) else (16, 5000)
+    q, base, actions = make_rows(n, vocab, seed=seed)
+    q_k, q_r = leaf(q.to(device)), leaf(q)
+    values, q_taken = qk.residual_q_values(q_k, base.to(device), actions.to(device), backend=backend)
+    ref_values, ref_q_taken = reference.residual_q_values(q_r, base, actions)
+    live = torch.zeros(n, dtype=torch.bool)
+    live[::3] = True
+    w_v = torch.where(live, random_weights(n, seed).float(), 0.0)
+    w_q = torch.where(live, random_weights(n, seed + 1).float(), 0.0)
+    w_q[0] = 0.0  # a live row with only a value gradient
+    w_v[3] = 0.0  # and one with only a q_taken gradient
+    ((values * w_v.to(device)).sum() + (q_taken * w_q.to(device)).sum()).backward()
+    ((ref_values * w_v).sum() + (ref_q_taken * w_q).sum()).backward()
+    grad = q_k.grad.cpu()
+    assert torch.equal(grad[~live], torch.zeros_like(grad[~live]))
+    assert (grad[live] != 0).any(dim=-1).all()
+    assert_close(grad, q_r.grad, **GRAD_TOL[torch.float32], what="dQ")
+
+
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_integer_action_dtypes(backend, device, seed):
+    n, vocab = (4, 120) if interpreted(backend, device) else (12, 1000)
+    q, base, actions = make_rows(n, vocab, seed=seed)
+    expected = qk.residual_q_values(q.to(device), base.to(device), actions.to(device), backend=backend)
+    for dtype in (torch.int32, torch.int16):
+        got = qk.residual_q_values(q.to(device), base.to(device), actions.to(device, dtype), backend=backend)
+        for g, e in zip(got, expected):
+            assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize(
+    "alpha_tilde, alpha_0, neg_inf", [(1.0, 0.01, None), (0.6, 0.7, None), (1.0, 0.01, "both")]
+)
+@pytest.mark.parametrize("lead, vocab", [((3,), 5), ((2, 2), 1), ((), 9), ((1,), 1030)])
+def test_gradcheck_cpu_float64(lead, vocab, alpha_tilde, alpha_0, neg_inf):
+    """Finite differences through the public function on the C++ path (fp64 runs the same code)."""
+    q, base, actions = make_rows(0, vocab, lead=lead, seed=7, dtype=torch.float64,
+                                 neg_inf=neg_inf if vocab > 1 else None)
+    q = leaf(q)
+
+    def f(q_logits):
+        return qk.residual_q_values(q_logits, base, actions, alpha_tilde, alpha_0, backend="cpu")
+
+    assert torch.autograd.gradcheck(f, (q,), eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -245,8 +245,9 @@ def _row_parameter(name, value, rows, dtype, device, low, high, low_open=False, 
         if integer and (value.is_floating_point() or value.is_complex()):
             raise TypeError(f"{name} must hold integers, got {value.dtype}")
         if value_checks_enabled(device):
-            below = (value <= low) if low_open else (value < low)
-            bad = below | (value > high) | (value != value)
+            wide = value.double()  # an fp32 comparison would round bounds like 1 - 1e-12 to 1
+            below = (wide <= low) if low_open else (wide < low)
+            bad = below | (wide > high) | ~torch.isfinite(wide)
             if bool(bad.any()):
                 bracket = "(" if low_open else "["
                 raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value[bad][0].item()}")
@@ -261,13 +262,17 @@ def _row_parameter(name, value, rows, dtype, device, low, high, low_open=False, 
     return torch.full((rows,), value, dtype=dtype, device=device)
 
 
-def _draw_uniforms(rows: int, device: torch.device, generator) -> torch.Tensor:
+def _as_generator(generator, device: torch.device) -> torch.Generator | None:
     if generator is None or isinstance(generator, torch.Generator):
-        gen_device = generator.device if generator is not None else device
-        return torch.rand(rows, generator=generator, device=gen_device).to(device)
+        return generator
     if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
-        return torch.rand(rows, generator=torch.Generator(device).manual_seed(int(generator)), device=device)
+        return torch.Generator(device).manual_seed(int(generator))
     raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+
+
+def _draw_uniforms(rows: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(rows, generator=generator, device=gen_device).to(device)
 
 
 def _sampling_arguments(rows, device, temperature, top_k, top_p, min_p, generator):
@@ -342,10 +347,16 @@ def combined_sample(
     alpha_tilde, alpha_0 = _check_rows(q_logits, base_logits, alpha_tilde, alpha_0)
     backend = resolve_backend(backend, q_logits.device)
     rows = q_logits.shape[0]
+    generator = _as_generator(generator, q_logits.device)
     params = _sampling_arguments(rows, q_logits.device, temperature, top_k, top_p, min_p, generator)
     if backend == "torch":
-        gen = generator if isinstance(generator, torch.Generator) else None
-        return reference.combined_sample(q_logits, base_logits, alpha_tilde, alpha_0, *params[1:], generator=gen)
+        if value_checks_enabled(q_logits.device):
+            y = q_logits.float() + alpha_0 * base_logits.float()  # the row shift of log_softmax changes nothing
+            bad = (~torch.isfinite(y.amax(-1)) | torch.isnan(y).any(-1)).nonzero()
+            if bad.numel():
+                raise ValueError(f"q_logits or base_logits: row {bad[0, 0].item()} is all -inf or holds NaN or +inf")
+        return reference.combined_sample(q_logits, base_logits, alpha_tilde, alpha_0, *params[1:],
+                                         generator=generator)
     if through_dispatcher(backend, q_logits.device):
         tokens = torch.ops.qadapter.combined_sample(q_logits, base_logits, *params, alpha_tilde, alpha_0)
     else:
@@ -399,7 +410,7 @@ def combined_sample_from_hidden(
         logits = lambda h: torch.nn.functional.linear(h, lm_head_weight, lm_head_bias)  # noqa: E731
         return combined_sample(logits(adapter_hidden), logits(base_hidden), alpha_tilde, alpha_0, temperature,
                                top_k, top_p, min_p, generator, backend="torch")
-    params = _sampling_arguments(rows, device, temperature, top_k, top_p, min_p, generator)
+    params = _sampling_arguments(rows, device, temperature, top_k, top_p, min_p, _as_generator(generator, device))
     budget = (DEFAULT_TILE_BUDGET_MB if tile_budget_mb is None else tile_budget_mb) * 2**20
     tile_vocab = max(64, min(vocab, int(budget // max(1, 8 * rows + 4 * hidden))))
     args = (adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, *params, alpha_tilde, alpha_0, tile_vocab)

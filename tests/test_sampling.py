@@ -1,0 +1,682 @@
+"""Decoding from the customised policy: combined_logits, combined_sample, combined_sample_from_hidden.
+
+Two kinds of evidence (DESIGN.md §2 "Decoding", in the style of FlashInfer's sampling tests):
+
+* statistical: 200k draws of one row replicated as a batch; the empirical distribution must match
+  the distribution that Hugging Face's own warpers (temperature -> top_k -> top_p -> min_p) give,
+  with not a single draw outside their support;
+* exact: the raw op is a pure function of its uniforms (inverse CDF in vocabulary order over the
+  filtered distribution), so with fixed uniforms every kernel must return exactly the token of an
+  fp64 oracle built on ``reference.filtered_logits`` (itself checked against Hugging Face). Rows
+  whose answer hangs on rounding (a filter boundary or a uniform within 1e-5 of a tie) are left
+  out, and must be rare.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import qadapter_kernels as qk
+from qadapter_kernels import reference
+from qadapter_kernels import sampling as qk_sampling
+
+from helpers import ALL_BACKENDS, FUSED, assert_close, generator, interpreted, make_rows, no_interpreter_with_cuda
+
+NEG_INF = float("-inf")
+OP = torch.ops.qadapter
+
+# --------------------------------------------------------------------------- oracles
+
+
+def hf_filtered(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+    """Hugging Face's warpers in generate's order, each only when active (as generate builds them)."""
+    z = logits
+    ids = torch.zeros(z.shape[0], 1, dtype=torch.long)
+    if temperature != 1.0:
+        z = TemperatureLogitsWarper(float(temperature))(ids, z)
+    if top_k:
+        z = TopKLogitsWarper(int(top_k))(ids, z)
+    if top_p < 1.0:
+        z = TopPLogitsWarper(float(top_p))(ids, z)
+    if min_p > 0.0:
+        z = MinPLogitsWarper(float(min_p))(ids, z)
+    return z
+
+
+def as_rows(value, rows: int, dtype) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=dtype).expand(rows).clone()
+
+
+def oracle_tokens(q, base, uniforms, temperature, top_k, top_p, min_p, alpha_tilde, alpha_0):
+    """fp64 inverse CDF over reference.filtered_logits; greedy rows take the first argmax.
+
+    Returns (tokens, ambiguous): ``ambiguous`` marks rows where fp32 rounding may legitimately
+    decide (a top-k gap, a top-p cumulative, a min-p ratio or a CDF step within 1e-5 of the cut)."""
+    rows, vocab = q.shape
+    t = as_rows(temperature, rows, torch.float64)
+    k = as_rows(top_k, rows, torch.long)
+    p = as_rows(top_p, rows, torch.float64)
+    mp = as_rows(min_p, rows, torch.float64)
+    u = as_rows(uniforms, rows, torch.float64)
+    y = reference.combined_logits(q.double(), base.double(), alpha_tilde, alpha_0)
+    assert y.dtype == torch.float64
+    z = reference.filtered_logits(y, t, k, p, mp)
+    probs = z.softmax(-1)
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    drawn = (cdf <= u[:, None] * total).sum(-1).clamp(max=vocab - 1)
+    greedy = t == 0
+    tokens = torch.where(greedy, y.argmax(-1), drawn)
+
+    ambiguous = torch.zeros(rows, dtype=torch.bool)
+    tol = 1e-5
+    for r in range(rows):
+        ys = y[r]
+        if greedy[r]:
+            top2 = ys.topk(min(2, vocab)).values
+            ambiguous[r] = vocab > 1 and bool(top2[0] - top2[1] < tol) and bool(top2[0] != top2[1])
+            continue
+        s = ys / t[r]
+        kr = int(k[r])
+        if 0 < kr < vocab:
+            srt = s.sort(descending=True).values
+            a, b = srt[kr - 1], srt[kr]
+            if math.isfinite(a) and a != b and a - b < 1e-4:
+                ambiguous[r] = True
+        if p[r] < 1:
+            z1 = reference.filtered_logits(ys[None], t[r], kr, 1.0, 0.0)[0]
+            c = z1.softmax(-1).sort().values.cumsum(-1)[:-1]  # the top entry is always kept
+            if bool(((c - (1 - p[r])).abs() < tol).any()):
+                ambiguous[r] = True
+        if mp[r] > 0:
+            z2 = reference.filtered_logits(ys[None], t[r], kr, p[r], 0.0)[0]
+            pr = z2.softmax(-1)
+            ratio = pr[pr > 0] / pr.max()
+            if bool(((ratio - mp[r]).abs() < tol * mp[r] + 1e-7).any()):
+                ambiguous[r] = True
+        kept = probs[r] > 0
+        steps = (cdf[r] / total[r])[kept][:-1]  # every CDF step but the last (which is 1)
+        if bool(((steps - u[r]).abs() < tol).any()):
+            ambiguous[r] = True
+    return tokens, ambiguous
+
+
+def assert_tokens_match(actual, expected, ambiguous, what, min_clear=0.8):
+    assert actual.dtype == torch.long and actual.shape == expected.shape, (what, actual.dtype, actual.shape)
+    clear = ~ambiguous
+    assert clear.float().mean() >= min_clear, f"{what}: too many rounding-ambiguous rows ({int(ambiguous.sum())})"
+    bad = (actual.cpu() != expected) & clear
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()[:10]
+        raise AssertionError(f"{what}: {int(bad.sum())} rows differ from the oracle, e.g. rows {rows}: "
+                             f"got {actual.cpu()[rows].tolist()}, expected {expected[rows].tolist()}")
+
+
+def params(rows, temperature, top_k, top_p, min_p):
+    """The raw op's per-row parameter tensors."""
+    return (as_rows(temperature, rows, torch.float32), as_rows(top_k, rows, torch.long),
+            as_rows(top_p, rows, torch.float32), as_rows(min_p, rows, torch.float32))
+
+
+def run_raw(backend, q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0):
+    """The fused kernel with given uniforms: the C++ op, or the Triton kernel (the interpreter on CPU)."""
+    if backend == "cpu":
+        return OP.combined_sample(q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0)
+    if q.device.type == "cuda":
+        return OP.combined_sample(q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0)
+    return qk_sampling._triton_combined_sample(q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0)
+
+
+def random_rows(rows, vocab, seed, dtype=torch.float32, neg_inf=None, scale=3.0):
+    """q, base [rows, V] (fp32 N(0, scale^2)); neg_inf in (None, "q", "base", "both") bans ~20% of
+    the entries (never index 0, so a row keeps a finite entry)."""
+    gen = generator(seed)
+    q = scale * torch.randn(rows, vocab, generator=gen)
+    base = scale * torch.randn(rows, vocab, generator=gen)
+    for name, t in (("q", q), ("base", base)):
+        if neg_inf in (name, "both"):
+            ban = torch.rand(rows, vocab, generator=gen) < 0.2
+            ban[:, 0] = False
+            t.masked_fill_(ban, NEG_INF)
+    return q.to(dtype), base.to(dtype)
+
+
+# --------------------------------------------------------------------------- 1. statistics
+
+# (id, V, alpha_tilde, alpha_0, temperature, top_k, top_p, min_p, neg_inf)
+STAT_CASES = [
+    ("plain", 32, 1.0, 0.01, 1.0, 0, 1.0, 0.0, None),
+    ("temperature", 48, 1.0, 0.5, 0.7, 0, 1.0, 0.0, None),
+    ("top_k", 20, 0.8, 0.3, 1.0, 5, 1.0, 0.0, None),
+    ("top_p", 64, 1.0, 1.0, 1.0, 0, 0.8, 0.0, None),
+    ("min_p", 40, 1.5, 0.01, 1.0, 0, 1.0, 0.1, None),
+    ("combined", 64, 1.0, 0.5, 1.3, 10, 0.9, 0.05, None),
+    ("neg-inf-q", 40, 1.0, 0.5, 1.0, 0, 0.9, 0.0, "q"),
+    ("neg-inf-base-combined", 40, 0.7, 1.0, 1.3, 10, 0.9, 0.05, "base"),
+]
+N_DRAWS = 200_000
+
+
+# The reference sampler (sort + multinomial) is slower: two cases suffice for it.
+STAT_PARAMS = [pytest.param(c, "cpu", id=f"{c[0]}-cpu") for c in STAT_CASES] + [
+    pytest.param(c, "torch", id=f"{c[0]}-torch") for c in STAT_CASES if c[0] in ("plain", "neg-inf-base-combined")]
+
+
+@pytest.mark.parametrize("case, backend", STAT_PARAMS)
+def test_empirical_distribution_matches_hf_warpers(case, backend, seed):
+    name, vocab, at, a0, temp, top_k, top_p, min_p, neg_inf = case
+    q, base = random_rows(1, vocab, seed, neg_inf=neg_inf, scale=1.5)
+    # Guard the oracle: no filter boundary within rounding of this row.
+    _, ambiguous = oracle_tokens(q, base, torch.tensor([0.5]), temp, top_k, top_p, min_p, at, a0)
+    assert not ambiguous.any(), "pick another seed: the row sits on a filter boundary"
+
+    combined = qk.combined_logits(q, base, at, a0, backend="torch")
+    z = hf_filtered(combined, temp, top_k, top_p, min_p)
+    expected = z.double().softmax(-1)[0]
+    support = expected > 0
+    assert 1 < int(support.sum()) < vocab or (top_k, top_p, min_p, neg_inf) == (0, 1.0, 0.0, None)
+
+    tokens = qk.combined_sample(q.expand(N_DRAWS, vocab), base.expand(N_DRAWS, vocab), at, a0, temperature=temp,
+                                top_k=top_k, top_p=top_p, min_p=min_p,
+                                generator=torch.Generator().manual_seed(seed), backend=backend)
+    assert tokens.shape == (N_DRAWS,) and tokens.dtype == torch.long
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < vocab
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    outside = int(counts[~support].sum())
+    stray = (~support & (counts > 0)).nonzero().flatten().tolist()
+    assert outside == 0, f"{outside} draws outside the support, at tokens {stray}"
+    empirical = counts / N_DRAWS
+    tv = 0.5 * (empirical - expected).abs().sum().item()
+    assert tv < 0.01, f"total variation {tv:.4f}"
+    # Per token, within 5 standard deviations of the binomial count.
+    sigma = (expected * (1 - expected) / N_DRAWS).sqrt()
+    worst = ((empirical - expected).abs() / (sigma + 1e-12))[support].max().item()
+    assert worst < 5, f"a token's frequency is {worst:.1f} sigma off"
+
+
+PARAM_GRID = [
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+    dict(temperature=0.7, top_k=0, top_p=1.0, min_p=0.0),
+    dict(temperature=1.0, top_k=5, top_p=1.0, min_p=0.0),
+    dict(temperature=1.0, top_k=0, top_p=0.8, min_p=0.0),
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.1),
+    dict(temperature=1.3, top_k=10, top_p=0.9, min_p=0.05),
+    dict(temperature=0.5, top_k=3, top_p=0.5, min_p=0.2),
+    dict(temperature=2.0, top_k=1, top_p=1.0, min_p=0.0),
+    dict(temperature=1.0, top_k=0, top_p=1e-6, min_p=0.0),
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.999),
+    dict(temperature=0.3, top_k=40, top_p=0.95, min_p=0.0),
+]
+
+
+@pytest.mark.parametrize("neg_inf", [None, "q", "base"])
+@pytest.mark.parametrize("kw", PARAM_GRID, ids=lambda kw: "T{temperature}-k{top_k}-p{top_p}-m{min_p}".format(**kw))
+def test_reference_filter_equals_hf_warpers(kw, neg_inf, seed):
+    """Validates the oracle: reference.filtered_logits is Hugging Face's warpers, bit for bit."""
+    q, base = random_rows(24, 64, seed, neg_inf=neg_inf)
+    logits = qk.combined_logits(q, base, 1.0, 0.5, backend="torch")
+    ours = reference.filtered_logits(logits, **kw)
+    hf = hf_filtered(logits, **kw)
+    assert torch.equal(torch.isneginf(ours), torch.isneginf(hf)), "different tokens removed"
+    assert torch.equal(ours, hf)
+    # The same with the parameters given as per-row tensors, each row its own set.
+    grid = [PARAM_GRID[i % len(PARAM_GRID)] for i in range(24)]
+    per_row = {key: torch.tensor([g[key] for g in grid]) for key in kw}
+    ours = reference.filtered_logits(logits, **per_row)
+    for r, g in enumerate(grid):
+        assert torch.equal(ours[r:r + 1], hf_filtered(logits[r:r + 1], **g)), f"row {r} with {g}"
+
+
+# --------------------------------------------------------------------------- 2. exactness with fixed uniforms
+
+
+def edge_uniforms(rows, seed):
+    u = torch.rand(rows, generator=generator(seed + 1))
+    u[0] = 0.0
+    u[1] = 1.0 - 2.0 ** -24  # the largest fp32 below 1: the last kept token (unless rounding decides)
+    return u
+
+
+@pytest.mark.parametrize("neg_inf", [None, "q", "base"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("kw", PARAM_GRID, ids=lambda kw: "T{temperature}-k{top_k}-p{top_p}-m{min_p}".format(**kw))
+def test_cpu_op_equals_inverse_cdf_oracle(kw, dtype, neg_inf, seed):
+    rows, vocab = 64, 97
+    q, base = random_rows(rows, vocab, seed, dtype=dtype, neg_inf=neg_inf)
+    at, a0 = 0.9, 0.5
+    u = edge_uniforms(rows, seed)
+    expected, ambiguous = oracle_tokens(q, base, u, **kw, alpha_tilde=at, alpha_0=a0)
+    got = run_raw("cpu", q, base, u, *params(rows, **kw), at, a0)
+    assert_tokens_match(got, expected, ambiguous, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cpu_op_random_per_row_parameters_and_strided_rows(dtype, seed):
+    rows, vocab = 256, 300
+    gen = generator(seed)
+    q, base = random_rows(rows, 2 * vocab, seed, dtype=dtype, neg_inf="both")
+    q, base = q[:, ::2], base[:, 1::2]  # strided rows: the op must read them as given
+    temperature = torch.rand(rows, generator=gen) * 2
+    temperature[::7] = 0.0
+    top_k = torch.randint(0, vocab + 10, (rows,), generator=gen)
+    top_k[::3] = 0
+    top_p = torch.rand(rows, generator=gen).clamp(min=0.05)
+    top_p[::4] = 1.0
+    min_p = torch.rand(rows, generator=gen) * 0.3
+    min_p[::2] = 0.0
+    u = torch.rand(rows, generator=gen)
+    expected, ambiguous = oracle_tokens(q, base, u, temperature, top_k, top_p, min_p, 1.2, 0.3)
+    got = run_raw("cpu", q, base, u, temperature, top_k, top_p, min_p, 1.2, 0.3)
+    assert_tokens_match(got, expected, ambiguous, "cpu per-row")
+
+
+# Each row of the Triton batch gets its own parameter set (the interpreter is slow: 8 rows a call).
+TRITON_ROWS = [PARAM_GRID[i] for i in (0, 2, 3, 4, 5, 6, 9, 10)]
+
+
+@no_interpreter_with_cuda
+@pytest.mark.parametrize("neg_inf", [None, "both"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_kernel_equals_inverse_cdf_oracle(dtype, neg_inf, seed):
+    rows, vocab = len(TRITON_ROWS), 97
+    q, base = random_rows(rows, vocab, seed, dtype=dtype, neg_inf=neg_inf)
+    u = edge_uniforms(rows, seed)
+    per_row = {key: torch.tensor([g[key] for g in TRITON_ROWS]) for key in TRITON_ROWS[0]}
+    expected, ambiguous = oracle_tokens(q, base, u, **per_row, alpha_tilde=0.9, alpha_0=0.5)
+    got = run_raw("triton", q, base, u, *params(rows, **per_row), 0.9, 0.5)
+    assert_tokens_match(got, expected, ambiguous, "triton", min_clear=0.75)
+
+
+@no_interpreter_with_cuda
+def test_triton_kernel_multi_tile_rows(seed):
+    """V > the kernel's 2048-wide block: thresholds and the draw must carry across tiles."""
+    rows, vocab = 3, 2048 + 300
+    q, base = random_rows(rows, vocab, seed, neg_inf="q")
+    u = torch.tensor([0.0, 0.5, 0.999])
+    t, k, p, mp = torch.tensor([1.0, 0.8, 1.2]), torch.tensor([0, 2100, 50]), torch.tensor([0.9, 1.0, 0.95]), \
+        torch.tensor([0.0, 0.01, 0.0])
+    expected, ambiguous = oracle_tokens(q, base, u, t, k, p, mp, 1.0, 0.01)
+    got = run_raw("triton", q, base, u, t, k, p, mp, 1.0, 0.01)
+    assert_tokens_match(got, expected, ambiguous, "triton multi-tile", min_clear=1.0)
+
+
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_last_uniform_takes_the_last_kept_token(backend, device):
+    """u just below 1 must land on the last kept token in vocabulary order (here it holds 20% of the
+    mass, so no rounding can move the draw), never on a fallback such as the argmax."""
+    vocab = 64
+    q = torch.full((1, vocab), -30.0)
+    q[0, 5] = 2.0      # the argmax
+    q[0, 40] = 0.6137  # the last kept token: ~20% of the mass
+    q[0, 10:30] = torch.linspace(-1.0, -0.5, 20)
+    q[0, 41:] = NEG_INF  # banned: 40 is the last kept token
+    base = torch.zeros(1, vocab)
+    u = torch.tensor([1.0 - 2.0 ** -24])
+    for kw in (dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+               dict(temperature=1.0, top_k=0, top_p=0.99, min_p=0.0)):
+        expected, ambiguous = oracle_tokens(q, base, u, **kw, alpha_tilde=1.0, alpha_0=0.01)
+        assert int(expected) == 40 and not ambiguous.any()
+        got = run_raw(backend, q.to(device), base.to(device), u.to(device),
+                      *[x.to(device) for x in params(1, **kw)], 1.0, 0.01)
+        assert int(got) == 40, f"{kw}: got {int(got)}"
+
+
+# --------------------------------------------------------------------------- 3. greedy
+
+
+def tie_rows(vocab, dtype):
+    """Rows whose combined logits tie exactly at the maximum; expected first index of each."""
+    gen = generator(7)
+    q = torch.randn(5, vocab, generator=gen)
+    base = torch.randn(5, vocab, generator=gen)
+    expected = []
+    for r, idx in enumerate(([3, 7, 40], [0, vocab - 1], [vocab - 2, vocab - 1])):
+        q[r, idx] = 6.0
+        base[r, idx] = 0.25
+        expected.append(idx[0])
+    q[3], base[3] = 0.0, 0.0  # flat row: everything ties
+    expected.append(0)
+    q[4], base[4] = NEG_INF, 0.0  # all banned but two tied entries
+    q[4, [9, 11]] = 1.5
+    expected.append(9)
+    return q.to(dtype), base.to(dtype), torch.tensor(expected)
+
+
+@pytest.mark.parametrize("filters", [False, True], ids=["plain", "with-filters"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_greedy_is_first_argmax(backend, device, dtype, filters, seed):
+    vocab = 64
+    q, base = random_rows(8, vocab, seed, dtype=dtype, neg_inf="q")
+    tq, tb, tie_expected = tie_rows(vocab, dtype)
+    q, base = torch.cat([q, tq]), torch.cat([base, tb])
+    kw = dict(top_k=3, top_p=0.5, min_p=0.2) if filters else {}
+    got = qk.combined_sample(q.to(device), base.to(device), 1.0, 0.5, temperature=0.0, generator=0, backend=backend,
+                             **kw)
+    expected = qk.combined_logits(q, base, 1.0, 0.5, backend="torch").argmax(-1)
+    assert torch.equal(expected[8:], tie_expected)  # the tie rows really tie in the reference
+    assert got.dtype == torch.long
+    assert torch.equal(got.cpu(), expected), f"got {got.tolist()}, expected {expected.tolist()}"
+
+
+# --------------------------------------------------------------------------- 4. seeds
+
+
+def flat_rows(backend, device):
+    rows, vocab = (8, 16) if interpreted(backend, device) else (64, 50)
+    return torch.zeros(rows, vocab, device=device), torch.zeros(rows, vocab, device=device)
+
+
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_same_seed_same_tokens_different_seed_different_tokens(backend, device):
+    q, base = flat_rows(backend, device)
+    draw = lambda g: qk.combined_sample(q, base, generator=g, backend=backend)  # noqa: E731
+    a, b = draw(1234), draw(1234)
+    assert torch.equal(a, b), "the same int seed gave different tokens"
+    gen_device = device if device != "cpu" else "cpu"
+    a, b = draw(torch.Generator(gen_device).manual_seed(99)), draw(torch.Generator(gen_device).manual_seed(99))
+    assert torch.equal(a, b), "generators with the same seed gave different tokens"
+    assert not torch.equal(draw(1), draw(2)), "different int seeds gave the same tokens"
+    g = torch.Generator(gen_device).manual_seed(5)
+    assert not torch.equal(draw(g), draw(g)), "one generator gave the same tokens twice: it did not advance"
+    assert not torch.equal(draw(torch.Generator(gen_device).manual_seed(1)),
+                           draw(torch.Generator(gen_device).manual_seed(2))), "different generator seeds, same tokens"
+
+
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_empty_batch(backend, device):
+    q = torch.zeros(0, 11, device=device)
+    tokens = qk.combined_sample(q, q, top_k=3, top_p=0.5, generator=0, backend=backend)
+    assert tokens.shape == (0,) and tokens.dtype == torch.long
+    assert qk.combined_logits(q, q, backend=backend).shape == (0, 11)
+
+
+# --------------------------------------------------------------------------- 5. per-row parameters
+
+MIXED = [
+    dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0),
+    dict(temperature=1.0, top_k=5, top_p=1.0, min_p=0.0),
+    dict(temperature=0.0, top_k=3, top_p=0.5, min_p=0.3),
+    dict(temperature=1.3, top_k=0, top_p=0.8, min_p=0.0),
+    dict(temperature=0.7, top_k=0, top_p=1.0, min_p=0.1),
+    dict(temperature=1.0, top_k=1, top_p=1.0, min_p=0.0),
+    dict(temperature=2.0, top_k=8, top_p=0.9, min_p=0.05),
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+]
+
+
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_per_row_parameters_equal_rows_alone(backend, device, seed):
+    rows, vocab = len(MIXED), 40
+    q, base = random_rows(rows, vocab, seed)
+    q, base = q.to(device), base.to(device)
+    u = torch.rand(rows, generator=generator(seed)).to(device)
+    per_row = [torch.tensor([m[key] for m in MIXED]).to(device) for key in ("temperature", "top_k", "top_p", "min_p")]
+    batch = run_raw(backend, q, base, u, *per_row, 1.0, 0.5)
+    alone = torch.cat([run_raw(backend, q[r:r + 1], base[r:r + 1], u[r:r + 1],
+                               *[x.to(device) for x in params(1, **MIXED[r])], 1.0, 0.5) for r in range(rows)])
+    assert torch.equal(batch, alone), f"batch {batch.tolist()} vs rows alone {alone.tolist()}"
+    expected, ambiguous = oracle_tokens(q.cpu(), base.cpu(), u.cpu(), *[x.cpu() for x in per_row], 1.0, 0.5)
+    assert_tokens_match(batch, expected, ambiguous, backend, min_clear=1.0)
+
+
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_public_per_row_parameters(backend, device, seed):
+    """Through qk.combined_sample: greedy and top_k=1 rows give the argmax, every row stays inside
+    its own filtered support, for many seeds."""
+    rows, vocab = len(MIXED), 40
+    q, base = random_rows(rows, vocab, seed)
+    per_row = {key: torch.tensor([m[key] for m in MIXED]) for key in MIXED[0]}
+    support = reference.filtered_logits(reference.combined_logits(q.double(), base.double(), 1.0, 0.5),
+                                        **{k: v.double() if k != "top_k" else v for k, v in per_row.items()}) > NEG_INF
+    argmax = qk.combined_logits(q, base, 1.0, 0.5, backend="torch").argmax(-1)
+    deterministic = (per_row["temperature"] == 0) | (per_row["top_k"] == 1)
+    for s in range(2 if interpreted(backend, device) else 20):
+        got = qk.combined_sample(q.to(device), base.to(device), 1.0, 0.5,
+                                 **{k: v.to(device) for k, v in per_row.items()}, generator=s, backend=backend).cpu()
+        assert torch.equal(got[deterministic], argmax[deterministic])
+        inside = support.gather(1, got[:, None]).squeeze(1)
+        assert inside.all(), f"seed {s}: rows {(~inside).nonzero().flatten().tolist()} drew a filtered-out token"
+
+
+# --------------------------------------------------------------------------- 6. combined_logits
+
+
+@pytest.mark.parametrize("neg_inf", [None, "q", "base"])
+@pytest.mark.parametrize("vocab", [1, 7, 4097])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_combined_logits_equals_reference(backend, device, dtype, vocab, neg_inf, seed):
+    if vocab == 1 and neg_inf == "base":
+        pytest.skip("a single banned base entry leaves no finite row")
+    q, base = random_rows(3, vocab, seed, dtype=dtype, neg_inf=neg_inf)
+    for at, a0 in ((1.0, 0.01), (0.7, 1.3)):
+        got = qk.combined_logits(q.to(device), base.to(device), at, a0, backend=backend)
+        assert got.dtype == torch.float32 and got.shape == (3, vocab)
+        expected = reference.combined_logits(q.double(), base.double(), at, a0)
+        assert torch.equal(torch.isneginf(got.cpu()), torch.isneginf(expected)), "different -inf pattern"
+        assert_close(got, expected, rtol=1e-5, atol=1e-5, what=f"combined_logits at={at} a0={a0}")
+    # The defaults are alpha_tilde = 1, alpha_0 = 0.01.
+    assert_close(qk.combined_logits(q.to(device), base.to(device), backend=backend),
+                 reference.combined_logits(q.double(), base.double(), 1.0, 0.01), rtol=1e-5, atol=1e-5, what="defaults")
+
+
+def test_combined_logits_strided_input(seed):
+    q, base = random_rows(4, 200, seed)
+    got = qk.combined_logits(q[:, ::2], base.t().contiguous().t()[:, 1::2], 1.1, 0.4, backend="cpu")
+    assert_close(got, reference.combined_logits(q[:, ::2].double(), base[:, 1::2].double(), 1.1, 0.4),
+                 rtol=1e-5, atol=1e-5, what="strided")
+
+
+# --------------------------------------------------------------------------- 7. from hidden states
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("backend, device, dtype, budget", [
+    pytest.param("cpu", "cpu", torch.float32, None, id="cpu-fp32"),
+    pytest.param("cpu", "cpu", torch.float32, 0.001, id="cpu-fp32-tiles"),
+    pytest.param("cpu", "cpu", torch.bfloat16, 0.001, id="cpu-bf16-tiles"),
+    pytest.param("torch", "cpu", torch.float32, None, id="torch-fp32"),
+    pytest.param("triton", "cpu", torch.float32, None, id="triton-interp-fp32", marks=no_interpreter_with_cuda),
+])
+def test_from_hidden_equals_materialised_logits(backend, device, dtype, budget, bias, seed):
+    rows, hidden, vocab = (4, 16, 40) if interpreted(backend, device) else (16, 32, 300)
+    gen = generator(seed)
+    ha = torch.randn(rows, hidden, generator=gen).to(dtype)
+    hb = torch.randn(rows, hidden, generator=gen).to(dtype)
+    w = (torch.randn(vocab, hidden, generator=gen) / 2).to(dtype)
+    b = torch.randn(vocab, generator=gen).to(dtype) if bias else None
+    kw = dict(alpha_tilde=0.8, alpha_0=0.5, temperature=torch.tensor([0.0, 1.0, 1.3, 0.7] * (rows // 4)),
+              top_k=10, top_p=0.9, min_p=0.02)
+    got = qk.combined_sample_from_hidden(ha, hb, w, b, **kw, generator=321, backend=backend, tile_budget_mb=budget)
+    # The logits the fused path never stores, in fp32 (it reads low-precision inputs and accumulates in fp32).
+    logits = lambda h: F.linear(h.float(), w.float(), None if b is None else b.float())  # noqa: E731
+    expected = qk.combined_sample(logits(ha), logits(hb), **kw, generator=321,
+                                  backend="cpu" if backend == "torch" else backend)
+    if backend == "torch":  # a different sampler: compare in distribution only, via greedy rows and support
+        greedy = kw["temperature"] == 0
+        assert torch.equal(got[greedy], expected[greedy])
+        z = reference.filtered_logits(reference.combined_logits(logits(ha), logits(hb), 0.8, 0.5),
+                                      kw["temperature"], 10, 0.9, 0.02)
+        assert bool((z.gather(1, got[:, None]) > NEG_INF).all())
+        return
+    assert got.dtype == torch.long
+    assert torch.equal(got, expected), f"got {got.tolist()}, expected {expected.tolist()}"
+
+
+# --------------------------------------------------------------------------- 8. bad input
+
+
+def sample_args(device):
+    q, base, _ = make_rows(3, 13, seed=21)
+    return dict(q_logits=q.to(device), base_logits=base.to(device))
+
+
+def _set(**changes):
+    return lambda a: a.update(changes)
+
+
+def _poke(name, index, value):
+    def mutate(a):
+        t = a[name].clone()
+        t[index] = value
+        a[name] = t
+    return mutate
+
+
+BAD_ROW = r"q_logits or base_logits.*row 1"
+BAD_CASES = {
+    "top_p = 0": (_set(top_p=0.0), ValueError, r"top_p"),
+    "top_p = 1.5": (_set(top_p=1.5), ValueError, r"top_p"),
+    "top_p = nan": (_set(top_p=float("nan")), ValueError, r"top_p"),
+    "top_p tensor with 0": (_set(top_p=torch.tensor([0.5, 0.0, 1.0])), ValueError, r"top_p"),
+    "top_k = -1": (_set(top_k=-1), ValueError, r"top_k"),
+    "top_k = 2.5": (_set(top_k=2.5), TypeError, r"top_k"),
+    "top_k = 2.0": (_set(top_k=2.0), TypeError, r"top_k"),
+    "top_k float tensor": (_set(top_k=torch.tensor([1.0, 2.0, 3.0])), TypeError, r"top_k"),
+    "top_k tensor with -1": (_set(top_k=torch.tensor([1, -1, 3])), ValueError, r"top_k"),
+    "temperature = -0.1": (_set(temperature=-0.1), ValueError, r"temperature"),
+    "temperature = inf": (_set(temperature=float("inf")), ValueError, r"temperature"),
+    "temperature tensor negative": (_set(temperature=torch.tensor([1.0, -0.1, 0.0])), ValueError, r"temperature"),
+    "temperature tensor with inf": (_set(temperature=torch.tensor([1.0, float("inf"), 1.0])), ValueError,
+                                    r"temperature"),  # as the scalar inf is
+    "temperature a string": (_set(temperature="1.0"), TypeError, r"temperature"),
+    "min_p = 1.0": (_set(min_p=1.0), ValueError, r"min_p"),
+    "min_p = -0.1": (_set(min_p=-0.1), ValueError, r"min_p"),
+    "min_p tensor with 1.0": (_set(min_p=torch.tensor([0.0, 0.1, 1.0])), ValueError, r"min_p"),
+    "top_p tensor wrong length": (_set(top_p=torch.tensor([0.5, 0.9])), ValueError, r"top_p"),
+    "top_k tensor wrong length": (_set(top_k=torch.tensor([1, 2, 3, 4])), ValueError, r"top_k"),
+    "temperature tensor [B, 1]": (_set(temperature=torch.ones(3, 1)), ValueError, r"temperature"),
+    "min_p tensor on another device": (_set(min_p=torch.zeros(3, device="meta")), ValueError, r"min_p is on meta"),
+    "row all -inf in q_logits": (_poke("q_logits", 1, NEG_INF), ValueError, BAD_ROW),
+    "row all -inf in base_logits": (_poke("base_logits", 1, NEG_INF), ValueError, BAD_ROW),
+    "NaN in q_logits": (_poke("q_logits", (1, 4), float("nan")), ValueError, BAD_ROW),
+    "NaN in base_logits": (_poke("base_logits", (1, 0), float("nan")), ValueError, BAD_ROW),
+    "NaN in a greedy row": (lambda a: (_poke("q_logits", (1, 4), float("nan"))(a), a.update(temperature=0.0)),
+                            ValueError, BAD_ROW),
+    "+inf in q_logits": (_poke("q_logits", (1, 12), float("inf")), ValueError, BAD_ROW),
+    "+inf in base_logits": (_poke("base_logits", (1, 2), float("inf")), ValueError, BAD_ROW),
+    "shape mismatch": (lambda a: a.update(base_logits=a["base_logits"][:, :-1]), ValueError, r"base_logits"),
+    "dtype mismatch": (lambda a: a.update(base_logits=a["base_logits"].double()), TypeError, r"base_logits"),
+    "3-D logits": (lambda a: a.update(q_logits=a["q_logits"][None], base_logits=a["base_logits"][None]),
+                   ValueError, r"q_logits"),
+    "1-D logits": (lambda a: a.update(q_logits=a["q_logits"][0], base_logits=a["base_logits"][0]),
+                   ValueError, r"q_logits"),
+    "V = 0": (lambda a: a.update(q_logits=a["q_logits"][:, :0], base_logits=a["base_logits"][:, :0]),
+              ValueError, r"q_logits"),
+    "integer q_logits": (lambda a: a.update(q_logits=a["q_logits"].long()), TypeError, r"q_logits"),
+    "generator a string": (_set(generator="42"), TypeError, r"generator"),
+    "generator a float": (_set(generator=1.5), TypeError, r"generator"),
+    "generator a bool": (_set(generator=True), TypeError, r"generator"),
+    "alpha_tilde = 0": (_set(alpha_tilde=0.0), ValueError, r"alpha_tilde"),
+    "alpha_0 < 0": (_set(alpha_0=-1.0), ValueError, r"alpha_0"),
+    "bad backend": (_set(backend="cuda"), ValueError, r"backend"),
+}
+
+
+def _call(fn, args, backend):
+    args = dict(args)
+    backend = args.pop("backend", backend)
+    return fn(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_sample_valid_call(backend, device):
+    tokens = _call(qk.combined_sample, sample_args(device), backend)
+    assert tokens.shape == (3,) and tokens.dtype == torch.long and bool(((tokens >= 0) & (tokens < 13)).all())
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_sample_rejects(backend, device, case):
+    mutate, exc, pattern = BAD_CASES[case]
+    args = sample_args(device)
+    mutate(args)
+    with pytest.raises(exc, match=pattern):
+        _call(qk.combined_sample, args, backend)
+
+
+@pytest.mark.parametrize("case", ["3-D logits", "shape mismatch", "dtype mismatch", "bad backend", "alpha_tilde = 0"])
+def test_combined_logits_rejects(case):
+    mutate, exc, pattern = BAD_CASES[case]
+    args = sample_args("cpu")
+    mutate(args)
+    with pytest.raises(exc, match=pattern):
+        _call(qk.combined_logits, args, "cpu")
+
+
+def hidden_args():
+    gen = generator(5)
+    return dict(adapter_hidden=torch.randn(3, 8, generator=gen), base_hidden=torch.randn(3, 8, generator=gen),
+                lm_head_weight=torch.randn(13, 8, generator=gen), lm_head_bias=torch.randn(13, generator=gen))
+
+
+HIDDEN_CASES = {
+    "weight H mismatch": (lambda a: a.update(lm_head_weight=a["lm_head_weight"][:, :-1]), ValueError,
+                          r"lm_head_weight"),
+    "bias shape": (lambda a: a.update(lm_head_bias=a["lm_head_bias"][:-1]), ValueError, r"lm_head_bias"),
+    "base_hidden shape": (lambda a: a.update(base_hidden=a["base_hidden"][:2]), ValueError, r"base_hidden"),
+    "weight dtype": (lambda a: a.update(lm_head_weight=a["lm_head_weight"].double()), TypeError, r"lm_head_weight"),
+    "3-D hidden": (lambda a: a.update(adapter_hidden=a["adapter_hidden"][None], base_hidden=a["base_hidden"][None]),
+                   ValueError, r"adapter_hidden"),
+    "top_p = 0": (_set(top_p=0.0), ValueError, r"top_p"),
+    "top_k = 2.5": (_set(top_k=2.5), TypeError, r"top_k"),
+    "min_p tensor wrong length": (_set(min_p=torch.zeros(2)), ValueError, r"min_p"),
+    "generator a string": (_set(generator="42"), TypeError, r"generator"),
+    "bad backend": (_set(backend="gpu"), ValueError, r"backend"),
+}
+
+
+@pytest.mark.parametrize("case", list(HIDDEN_CASES))
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_from_hidden_rejects(backend, device, case):
+    mutate, exc, pattern = HIDDEN_CASES[case]
+    args = hidden_args()
+    assert _call(qk.combined_sample_from_hidden, args, "cpu").shape == (3,)
+    mutate(args)
+    with pytest.raises(exc, match=pattern):
+        _call(qk.combined_sample_from_hidden, args, backend)
+
+
+# --------------------------------------------------------------------------- 9. opcheck and torch.compile
+
+
+def raw_sample_args(seed, rows=4, vocab=33):
+    q, base = random_rows(rows, vocab, seed, neg_inf="q")
+    return (q, base, torch.rand(rows, generator=generator(seed)), torch.tensor([0.0, 1.0, 0.7, 1.3][:rows]),
+            torch.tensor([0, 5, 0, 10][:rows]), torch.tensor([1.0, 0.9, 0.8, 0.95][:rows]),
+            torch.tensor([0.0, 0.0, 0.1, 0.05][:rows]))
+
+
+def test_opcheck(seed):
+    q, base = random_rows(4, 33, seed, neg_inf="base")
+    torch.library.opcheck(OP.combined_logits.default, (q, base, 0.9, 0.3))
+    args = raw_sample_args(seed)
+    torch.library.opcheck(OP.combined_sample.default, (*args, 1.0, 0.01))
+    gen = generator(seed)
+    ha, hb = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    w, b = torch.randn(33, 8, generator=gen), torch.randn(33, generator=gen)
+    for bias in (None, b):
+        torch.library.opcheck(OP.combined_sample_from_hidden.default, (ha, hb, w, bias, *args[2:], 1.0, 0.01, 16))
+
+
+def test_compiled_raw_op_matches_eager(seed):
+    torch._dynamo.reset()
+
+    def sample(q, base, u, t, k, p, mp):
+        return OP.combined_sample(q, base, u, t, k, p, mp, 0.9, 0.5)
+
+    args = raw_sample_args(seed)
+    compiled = torch.compile(sample, fullgraph=True)
+    eager = sample(*args)
+    assert torch.equal(compiled(*args), eager)
+    # The uniforms are data, not baked into the graph: new uniforms, new (still equal) tokens.
+    args2 = (*args[:2], torch.rand(4, generator=generator(seed + 1)), *args[3:])
+    assert torch.equal(compiled(*args2), sample(*args2))

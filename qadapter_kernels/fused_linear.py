@@ -348,7 +348,7 @@ def fused_linear_qadapter_loss(
     ha, hb = adapter_hidden.reshape(rows * T, hidden), base_hidden.detach().reshape(rows * T, hidden)
     if backend == "torch":
         logits = lambda h: torch.nn.functional.linear(h, lm_head_weight, lm_head_bias)  # noqa: E731
-        values, q_taken = reference.residual_q_values(logits(ha), logits(hb), actions, alpha_tilde, alpha_0)
+        values, q_taken = reference.residual_q_values(logits(ha), logits(hb).detach(), actions, alpha_tilde, alpha_0)
     else:
         tile_rows, tile_vocab = plan_tiles(rows * T, hidden, vocab, lm_head_weight.dtype,
                                            backend == "cpu", budget)

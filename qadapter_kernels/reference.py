@@ -80,7 +80,9 @@ def pair_loss(
     r = rewards(values, q_taken, loss_mask, gamma, variant)
     scores = r.sum(-1) / ((T - 1) if length_norm else 1)
     chosen, rejected = scores[:B], scores[B:]
-    pref = F.softplus(rejected - chosen).mean()
+    # softplus(x) = log(1 + e^x), exact for every x (F.softplus switches to x above 20).
+    margin = rejected - chosen
+    pref = torch.logaddexp(torch.zeros_like(margin), margin).mean()
     reg = beta * (r * r).sum() / scored.sum()
     return QAdapterLossOutput(
         loss=pref + reg,

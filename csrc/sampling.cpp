@@ -63,24 +63,72 @@ float select_threshold(float* values, int64_t n, double target) {
   return kByCount ? last_pivot : (lo < n ? values[lo] : last_pivot);
 }
 
+using Vec = Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+
+// The entries of w kept by a threshold (w >= threshold and w > 0) as a vector mask's weights.
+inline Vec kept_weights(const Vec& w, const Vec& threshold) {
+  return Vec::blendv(Vec(0.f), w, (w >= threshold) & (w > Vec(0.f)));
+}
+
+// (mass, count) of the kept entries of w[0, n).
+std::pair<double, int64_t> kept_mass(const float* w, int64_t n, float threshold) {
+  const int64_t n_vec = n - n % kVec;
+  const Vec v_thr(threshold), one(1.f), zero(0.f);
+  Vec mass(0.f), count(0.f);
+  for (int64_t i = 0; i < n_vec; i += kVec) {
+    const Vec wv = Vec::loadu(w + i), kept = kept_weights(wv, v_thr);
+    mass += kept;
+    count += Vec::blendv(zero, one, kept > zero);
+  }
+  const auto vsum = [](Vec& a, Vec& b) { return a + b; };
+  double total = at::vec::vec_reduce_all<float>(vsum, mass);
+  int64_t kept = int64_t(at::vec::vec_reduce_all<float>(vsum, count));
+  for (int64_t i = n_vec; i < n; ++i) {
+    if (w[i] >= threshold && w[i] > 0.f) {
+      total += w[i];
+      ++kept;
+    }
+  }
+  return {total, kept};
+}
+
+// The first index where the running kept mass exceeds target: sums a vector at a time and
+// scans inside the vector that crosses it.
+int64_t inverse_cdf(const float* w, int64_t n, float threshold, double target) {
+  const int64_t n_vec = n - n % kVec;
+  const Vec v_thr(threshold);
+  const auto vsum = [](Vec& a, Vec& b) { return a + b; };
+  double cumulative = 0;
+  int64_t start = 0;
+  for (; start < n_vec; start += kVec) {
+    const double block = at::vec::vec_reduce_all<float>(vsum, kept_weights(Vec::loadu(w + start), v_thr));
+    if (cumulative + block > target) break;
+    cumulative += block;
+  }
+  for (int64_t v = start; v < n; ++v) {
+    if (w[v] >= threshold && w[v] > 0.f) {
+      cumulative += w[v];
+      if (cumulative > target) return v;
+    }
+  }
+  for (int64_t v = n - 1; v >= 0; --v) {  // rounding ran past the end: the last kept entry
+    if (w[v] >= threshold && w[v] > 0.f) return v;
+  }
+  return -1;
+}
+
 // Draws one token from the filtered softmax of `y` (a combined row, before temperature).
 // Overwrites y with the unnormalised weights; returns -1 when the row has no finite maximum.
 int64_t sample_row(float* y, int64_t vocab, const RowParams& p, std::vector<float>& work) {
-  using Vec = Vectorized<float>;
-  constexpr int64_t kVec = Vec::size();
-  float max_y = -std::numeric_limits<float>::infinity();
-  int64_t argmax = 0;
-  for (int64_t v = 0; v < vocab; ++v) {
-    if (std::isnan(y[v])) return -1;
-    if (y[v] > max_y) {  // strict: ties go to the lowest index, as torch.argmax
-      max_y = y[v];
-      argmax = v;
-    }
-  }
-  if (!std::isfinite(max_y)) return -1;
-  if (p.temperature == 0.f) return argmax;
-
   const int64_t n_vec = vocab - vocab % kVec;
+  Vec vmax(-std::numeric_limits<float>::infinity());
+  for (int64_t v = 0; v < n_vec; v += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(y + v));  // NaN propagates
+  float max_y = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  for (int64_t v = n_vec; v < vocab; ++v) max_y = max_nan(max_y, y[v]);
+  if (!std::isfinite(max_y)) return -1;  // NaN, +inf, or nothing finite
+  if (p.temperature == 0.f) return std::find(y, y + vocab, max_y) - y;  // ties: the lowest index
+
   const Vec v_max(max_y), v_inv_t(1.f / p.temperature);
   for (int64_t v = 0; v < n_vec; v += kVec) vexp<float>((Vec::loadu(y + v) - v_max) * v_inv_t).store(y + v);
   for (int64_t v = n_vec; v < vocab; ++v) y[v] = std::exp((y[v] - max_y) / p.temperature);
@@ -93,34 +141,21 @@ int64_t sample_row(float* y, int64_t vocab, const RowParams& p, std::vector<floa
     threshold = std::max(threshold, top_k_threshold);
   }
   if (p.top_p < 1.f) {
-    // top-p renormalises over what top-k kept.
+    // top-p renormalises over what top-k kept. Entries below (1 - top_p) * mass / count are
+    // dropped by top-p whatever the rest looks like (together they weigh less than 1 - top_p
+    // and lie below everything else), so only the others are candidates.
+    const auto [mass, count] = kept_mass(y, vocab, top_k_threshold);
+    const float floor = std::max(top_k_threshold, float((1.0 - p.top_p) * mass / double(std::max<int64_t>(count, 1))));
     work.clear();
-    double kept_mass = 0;
     for (int64_t v = 0; v < vocab; ++v) {
-      if (y[v] >= top_k_threshold) {
-        work.push_back(y[v]);
-        kept_mass += y[v];
-      }
+      if (y[v] >= floor) work.push_back(y[v]);
     }
-    threshold = std::max(threshold, select_threshold<false>(work.data(), int64_t(work.size()), p.top_p * kept_mass));
-  }
-  double total = 0;
-  int64_t last_kept = argmax;
-  for (int64_t v = 0; v < vocab; ++v) {
-    if (y[v] >= threshold && y[v] > 0.f) {
-      total += y[v];
-      last_kept = v;
+    if (!work.empty()) {
+      threshold = std::max(threshold, select_threshold<false>(work.data(), int64_t(work.size()), p.top_p * mass));
     }
   }
-  const double target = double(p.uniform) * total;
-  double cumulative = 0;
-  for (int64_t v = 0; v < vocab; ++v) {
-    if (y[v] >= threshold && y[v] > 0.f) {
-      cumulative += y[v];
-      if (cumulative > target) return v;
-    }
-  }
-  return last_kept;
+  const double total = kept_mass(y, vocab, threshold).first;
+  return inverse_cdf(y, vocab, threshold, double(p.uniform) * total);
 }
 
 struct SamplingArgs {

@@ -3,17 +3,36 @@
 # build the extension against the torch installed there, run the whole test suite natively on
 # CUDA (Triton kernels compiled, not interpreted), then the GPU benchmarks. Results go to $OUT
 # (the device tool brings them back) or benchmarks/results/gpu-local/.
+#
+# The device tool brings back at most 8 files, so $OUT gets exactly these 8:
+#   gpu_check.log                       device, pytest output, every benchmark's stdout
+#   qadapter_loss.{json,md,png}         bench_qadapter_loss.py
+#   fused_linear.{json,md}              bench_fused_linear.py --no-plot
+#   sampling.{json,md}                  bench_sampling.py --no-plot
+# (plus build.log, only when the build fails, which stops the run there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-local}"
 mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+export PYTHONUNBUFFERED=1
 status=0
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-if ! python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; exit 1
+section() { printf '\n===== %s =====\n' "$1" | tee -a "$LOG"; }
+: > "$LOG"
+section device
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$LOG"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$LOG"
+build_log="$(mktemp)"
+if ! python3 -m pip install -q --no-build-isolation --no-deps -e . > "$build_log" 2>&1; then
+  cp "$build_log" "$OUT/build.log"; tail -40 "$build_log" | tee -a "$LOG"; exit 1
 fi
-python3 -m pytest -q -rfE tests > "$OUT/pytest.txt" 2>&1 || status=1
-tail -30 "$OUT/pytest.txt"
-python3 benchmarks/bench_qadapter_loss.py --out "$OUT" 2>&1 | tee "$OUT/bench_qadapter_loss.txt" || status=1
+section pytest
+python3 -m pytest -q -rfE tests >> "$LOG" 2>&1 || status=1
+# Everything since the pytest header, to stdout: its summary is at the end.
+sed -n '/===== pytest =====/,$p' "$LOG" | tail -30
+for bench in "bench_qadapter_loss.py" "bench_fused_linear.py --no-plot" "bench_sampling.py --no-plot"; do
+  section "$bench"
+  # shellcheck disable=SC2086  (the flags split on purpose)
+  python3 benchmarks/$bench --out "$OUT" 2>&1 | grep --line-buffered -v '^USDT:' | tee -a "$LOG" || status=1
+done
 exit $status

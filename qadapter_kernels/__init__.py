@@ -3,6 +3,8 @@
 Set ``TRITON_INTERPRET=1`` before importing this package to run the Triton kernels on CPU
 tensors with ``backend="triton"`` (tests only).
 """
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
 from . import _C  # noqa: F401  (registers the qadapter:: op schemas and CPU kernels)
 from . import reference
 from .fused_linear import fused_linear_qadapter_loss

@@ -10,7 +10,12 @@
 #   fused_linear.{json,md}              bench_fused_linear.py --no-plot
 #   sampling.{json,md}                  bench_sampling.py --no-plot
 # (plus build.log, only when the build fails, which stops the run there).
+#
+# One device call may run 600 s: `gpu_check.sh tests` and `gpu_check.sh bench` split the work
+# into two calls (both build first; the build is cached on a warm machine). Default: all.
 set -uo pipefail
+stage="${1:-all}"
+case "$stage" in all|tests|bench) ;; *) echo "usage: $0 [all|tests|bench]" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-local}"
 mkdir -p "$OUT"
@@ -26,10 +31,13 @@ build_log="$(mktemp)"
 if ! python3 -m pip install -q --no-build-isolation --no-deps -e . > "$build_log" 2>&1; then
   cp "$build_log" "$OUT/build.log"; tail -40 "$build_log" | tee -a "$LOG"; exit 1
 fi
-section pytest
-python3 -m pytest -q -rfE tests >> "$LOG" 2>&1 || status=1
-# Everything since the pytest header, to stdout: its summary is at the end.
-sed -n '/===== pytest =====/,$p' "$LOG" | tail -30
+if [ "$stage" != bench ]; then
+  section pytest
+  python3 -m pytest -q -rfE tests >> "$LOG" 2>&1 || status=1
+  # Everything since the pytest header, to stdout: its summary is at the end.
+  sed -n '/===== pytest =====/,$p' "$LOG" | tail -30
+fi
+[ "$stage" = tests ] && exit $status
 for bench in "bench_qadapter_loss.py" "bench_fused_linear.py --no-plot" "bench_sampling.py --no-plot"; do
   section "$bench"
   # shellcheck disable=SC2086  (the flags split on purpose)

@@ -23,7 +23,7 @@ fwd+bwd of one provider takes ~35 s and the run ~15 min; 2x512 stays the GPU def
 be asked for with ``--shapes``). The fused op's scratch is a fixed tile budget (64 MiB by
 default) whatever N is, so its peak is <= 10% of the eager one only once the eager path's
 [N, V] tensors are large (about N*V >= 1e8): true at 2x512 for SmolLM2, not at 2x64 for Llama,
-where the memory target is reported as failing for that reason. Heavy shapes (> 100 GFLOP of
+where the memory figure is reported as INFO (the targets are stated at 2x512). Heavy shapes (> 100 GFLOP of
 GEMMs per call) get 3 timed reps and no extra warm-up on CPU: the agreement check already ran
 each provider once. CUDA defaults to bfloat16 (``--dtypes float32,bfloat16`` for both). The
 whole CPU default run takes ~3 min. Run from the repo root::
@@ -190,6 +190,9 @@ def bench_config(shape: Shape, dtype_name: str, device: str, warmup: int | None,
     return results
 
 
+TARGET_ROWS = "2x512"  # the N = 2B x T at which the issue states the targets
+
+
 def target_lines(results: list[BenchResult], device: str) -> list[str]:
     """PASS/FAIL per target and config of this device type (reported, not asserted)."""
     lines = []
@@ -199,12 +202,13 @@ def target_lines(results: list[BenchResult], device: str) -> list[str]:
                 continue
             cfg = f"{r.config['shape']} H={r.config['H']} V={r.config['V']} {r.dtype}"
             value = r.extra[column]
-            line = (f"{'PASS' if value <= bound else 'FAIL'} target: {provider} {column} <= {bound:g} "
-                    f"at {cfg} (got {value:.3g})")
+            # The issue sets the targets at N = 2x512; elsewhere the figure is informative only.
+            verdict = ("PASS" if value <= bound else "FAIL") if r.config["shape"] == TARGET_ROWS else "INFO"
+            line = f"{verdict} target: {provider} {column} <= {bound:g} at {cfg} (got {value:.3g})"
             eager_peak = r.peak_bytes / value if column == "peak/eager peak" and value else None
             if value > bound and eager_peak is not None and eager_peak < 10 * DEFAULT_TILE_BUDGET_MB * 2**20:
-                line += (f" [expected at this size: the fused scratch is up to a {DEFAULT_TILE_BUDGET_MB:g} MiB tile "
-                         f"budget whatever N is, and the eager peak is only {eager_peak / 2**20:.0f} MiB]")
+                line += (f" [the fused scratch is up to a {DEFAULT_TILE_BUDGET_MB:g} MiB tile budget whatever N is, "
+                         f"and the eager peak is only {eager_peak / 2**20:.0f} MiB]")
             lines.append(line)
     return lines
 

@@ -56,6 +56,7 @@ setup(
     version="0.1.0",
     description="Fused CPU (C++) and GPU (Triton) kernels for Q-Adapter training and decoding",
     packages=find_packages(include=["qadapter_kernels", "qadapter_kernels.*"]),
+    package_data={"qadapter_kernels": ["data/*/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "triton>=3.1", "numpy"],
     ext_modules=[_extension()],

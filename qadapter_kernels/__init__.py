@@ -24,3 +24,14 @@ __all__ = [
     "residual_q_values",
 ]
 __version__ = "0.1.0"
+
+# The training layer needs transformers and peft: loaded on first use, so the kernels import without them.
+_TRAINING_NAMES = ("QAdapterConfig", "QAdapterModel", "QAdapterTrainer")
+
+
+def __getattr__(name: str):
+    if name in _TRAINING_NAMES:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'qadapter_kernels' has no attribute {name!r}")

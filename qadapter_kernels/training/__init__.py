@@ -1,0 +1,13 @@
+"""Training layer for Q-Adapter: preference data, model and trainer (issue 5)."""
+from .data import (
+    PreferenceCollator,
+    PreferenceDataError,
+    PreferenceDataset,
+    PreferenceExample,
+    TokenizedPair,
+    load_preferences,
+    shipped_data_path,
+    tokenize_preference,
+)
+from .model import QAdapterConfig, QAdapterModel, load_base_model
+from .trainer import QAdapterTrainer

@@ -1,0 +1,119 @@
+"""``transformers.Trainer`` for Q-Adapter: the loss, its metrics, and adapter-only checkpoints.
+
+Progress bars, logging, gradient accumulation, mixed precision, resume and multi-process
+training (DDP, FSDP, DeepSpeed through accelerate) are the Trainer's own.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import transformers
+
+from .model import QAdapterModel
+
+# Logged per window, in this order; evaluation metrics get the Trainer's "eval_" prefix.
+METRIC_NAMES = ("pref_loss", "reg_loss", "accuracy", "chosen_score", "rejected_score", "margin")
+
+
+class QAdapterTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` whose model is a ``QAdapterModel``.
+
+    Batches are dicts with ``input_ids``, ``attention_mask`` and ``loss_mask`` of 2B rows,
+    chosen first (DESIGN.md §2). Besides ``loss`` it logs ``pref_loss``, ``reg_loss``,
+    ``accuracy``, ``chosen_score``, ``rejected_score`` and ``margin``, averaged over each
+    logging window (and over processes). Checkpoints hold the adapter folder of
+    ``QAdapterModel.save_pretrained`` plus the Trainer's optimizer, scheduler and RNG states.
+    ``evaluate()`` reports the same metrics with the ``eval_`` prefix; ``predict()`` returns the
+    [B, 2] (chosen, rejected) scores as predictions.
+    """
+
+    # The loss is a per-batch mean: the Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model: QAdapterModel | None = None, *args: Any, **kwargs: Any):
+        if not isinstance(model, QAdapterModel):
+            raise TypeError(f"QAdapterTrainer needs a QAdapterModel, got {type(model).__name__}")
+        # Running sums of METRIC_NAMES per split ("train", "eval") since the last log, and batch counts.
+        self._metric_sums: dict[str, torch.Tensor] = {}
+        self._metric_counts: dict[str, int] = {}
+        super().__init__(model, *args, **kwargs)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        # model(...) and not model.compute_loss(...): a DDP/FSDP wrapper must see the forward.
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    loss_mask=inputs["loss_mask"])
+        self._accumulate_metrics(out, "train" if model.training else "eval")
+        if return_outputs:
+            return out.loss, {"chosen_scores": out.chosen_scores, "rejected_scores": out.rejected_scores}
+        return out.loss
+
+    def _accumulate_metrics(self, out, split: str) -> None:
+        chosen, rejected = out.chosen_scores.detach(), out.rejected_scores.detach()
+        values = torch.stack([out.pref_loss.detach(), out.reg_loss.detach(), out.accuracy.detach().float(),
+                              chosen.mean(), rejected.mean(), (chosen - rejected).mean()]).float()
+        # Summed on the device without a host sync; read once per logging window.
+        self._metric_sums[split] = self._metric_sums.get(split, 0) + values
+        self._metric_counts[split] = self._metric_counts.get(split, 0) + 1
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, scores = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), torch.stack([scores["chosen_scores"], scores["rejected_scores"]], dim=-1), None
+
+    def _pop_averages(self, split: str) -> dict[str, float]:
+        """The window's averages of METRIC_NAMES over batches and processes; resets the window."""
+        sums = self._metric_sums.pop(split, None)
+        count = self._metric_counts.pop(split, 0)
+        if sums is None:
+            return {}
+        # Every process gets here (log() and evaluation_loop() run on all): a collective is safe.
+        totals = self.accelerator.reduce(torch.cat([sums, sums.new_tensor([count])]), reduction="sum")
+        return dict(zip(METRIC_NAMES, (totals[:-1] / totals[-1]).tolist()))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training-window log: the Trainer averaged "loss" over the same batches
+            logs.update(self._pop_averages("train"))
+        elif "train_loss" in logs:  # the end-of-training summary: drop the unlogged tail of the last window
+            self._metric_sums.pop("train", None)
+            self._metric_counts.pop("train", None)
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
+        self._metric_sums.pop("eval", None)
+        self._metric_counts.pop("eval", None)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._pop_averages("eval").items()})
+        return output
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Saves the adapter folder, not the whole model (Trainer's default for a non-PreTrainedModel)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        model.save_pretrained(output_dir, state_dict=state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        # JSON rather than the Trainer's pickled training_args.bin, which resume does not need.
+        with open(os.path.join(output_dir, "training_args.json"), "w") as f:
+            f.write(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # their sharded states load their own way
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.accelerator.unwrap_model(model if model is not None else self.model).load_adapter_weights(
+            resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        self.accelerator.unwrap_model(self.model).load_adapter_weights(self.state.best_model_checkpoint)

@@ -1,0 +1,136 @@
+"""The ``qadapter`` command line on a tiny random Llama saved to disk (fast, CPU)."""
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qadapter_kernels.cli import main, resolve_data_path
+from qadapter_kernels.training.data import shipped_data_path
+from qadapter_kernels.training.model import QAdapterConfig
+
+from training_helpers import tiny_tokenizer
+
+PAIRS = [
+    ("What is the capital of France?", "the capital of france is paris.", "The capital of France is Paris."),
+    ("What is two plus two?", "two plus two is four.", "Two plus two is four."),
+    ("Name a fast animal.", "the quick brown fox.", "The quick brown fox."),
+    ("Describe the dog.", "the lazy dog sleeps.", "The lazy dog sleeps."),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A 2-layer random Llama plus the locally trained tokenizer, saved with save_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         tie_word_embeddings=True, initializer_range=0.1, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    lines = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+              "rejected": [{"role": "assistant", "content": r}]} for p, c, r in PAIRS]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def run_error(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_train_then_eval(tmp_path, model_dir, data_file, capsys):
+    out_dir = tmp_path / "adapter"
+    assert main(["train", "--data", str(data_file), "--output-dir", str(out_dir), "--model", str(model_dir),
+                 "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--beta", "0.01", "--lora-r", "4",
+                 "--logging-steps", "1", "--save-steps", "100", "--max-length", "64"]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    assert (out_dir / "adapter_model.safetensors").is_file()
+    assert (out_dir / "tokenizer_config.json").is_file()
+    saved = QAdapterConfig.from_json((out_dir / "qadapter_config.json").read_text())
+    assert saved.beta == 0.01 and saved.lora_r == 4 and saved.base_model == str(model_dir)
+
+    # No --model: the base recorded in the adapter folder is loaded.
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--adapter", str(out_dir), "--data", str(data_file), "--batch-size", "3",
+                 "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "mean_margin" in printed
+    metrics = json.loads(report.read_text())
+    assert metrics["pairs"] == len(PAIRS)
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["mean_loss"] > 0 and abs(metrics["mean_margin"]) < 1e6
+
+
+def test_eval_of_a_fresh_adapter(tmp_path, model_dir, data_file, capsys):
+    report = tmp_path / "fresh.json"
+    assert main(["eval", "--model", str(model_dir), "--data", str(data_file), "--json", str(report)]) == 0
+    assert "fresh" in capsys.readouterr().out
+    metrics = json.loads(report.read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["pairs"] == len(PAIRS)
+
+
+def test_shipped_data_names():
+    assert resolve_data_path("shipped") == shipped_data_path("train")
+    assert resolve_data_path("shipped:heldout") == shipped_data_path("heldout")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/nonexistent/pairs.jsonl"], "data file not found"),
+    (["--data", "shipped:nope"], "no shipped split"),
+    (["--gamma", "2"], "gamma"),
+    (["--variant", "nope"], "variant must be one of"),
+    (["--lora-dropout", "1"], "lora_dropout"),
+    (["--target-modules", ","], "target_modules"),
+    (["--lr", "0"], "must be > 0"),
+    (["--batch-size", "x"], "expected an integer"),
+    (["--model", "/nonexistent/model"], "model not found"),
+    (["--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--lr-scheduler", "nope"], "unknown --lr-scheduler"),
+])
+def test_train_user_errors_exit_2(tmp_path, data_file, capsys, argv, message):
+    base = ["train", "--data", str(data_file), "--output-dir", str(tmp_path / "out")]
+    err = run_error(capsys, base + argv)
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_line_exits_2(tmp_path, model_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "a"}\n')
+    err = run_error(capsys, ["train", "--data", str(bad), "--output-dir", str(tmp_path / "out"),
+                             "--model", str(model_dir)])
+    assert f"{bad}:1: missing key(s) 'rejected'" in err
+
+
+def test_eval_user_errors_exit_2(tmp_path, data_file, capsys):
+    err = run_error(capsys, ["eval", "--adapter", str(tmp_path), "--data", str(data_file)])
+    assert "qadapter_config.json not found" in err
+    err = run_error(capsys, ["eval", "--data", str(data_file), "--beta", "-1"])
+    assert "beta" in err
+    run_error(capsys, ["eval"])  # --data is required (argparse)
+
+
+def test_resume_from_checkpoint(tmp_path, model_dir, data_file, capsys):
+    out_dir = tmp_path / "run"
+    common = ["train", "--data", str(data_file), "--output-dir", str(out_dir), "--model", str(model_dir),
+              "--batch-size", "2", "--save-steps", "2", "--max-length", "64"]
+    err = run_error(capsys, common + ["--max-steps", "2", "--resume-from-checkpoint"])  # nothing to resume yet
+    assert "checkpoint" in err
+    assert main(common + ["--max-steps", "2"]) == 0
+    assert (out_dir / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert main(common + ["--max-steps", "3", "--resume-from-checkpoint"]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out

@@ -1,0 +1,126 @@
+"""A few QAdapterTrainer steps on a tiny random Llama; launched by tests/test_training_distributed.py.
+
+Run as one process (``python tests/distributed_train_script.py OUT --batch 2``) or under a
+launcher (``torchrun --nproc_per_node 2 tests/distributed_train_script.py OUT --batch 1``,
+``accelerate launch ...``): the Trainer picks the distributed setup (gloo on CPU) up from the
+launcher's environment. The main process writes ``OUT/result.json`` (per-step logged losses,
+world size) and ``OUT/lora.safetensors`` (the final LoRA weights; ``lora_initial.safetensors``: before training).
+
+Everything that could make the 1-process and 2-process runs differ is pinned: the model is
+built from a fixed seed (and DDP broadcasts rank 0's parameters anyway), LoRA dropout is 0,
+the data order is sequential (``train_sampling_strategy="sequential"``; the Trainer's default
+"random" reshuffles every epoch), and the dataset is fixed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+from qadapter_kernels.training.trainer import QAdapterTrainer
+
+VOCAB, T, PAD = 128, 16, 0
+PAIRS = 2
+# Both pairs have the same prompt and response lengths (different tokens): every row has the
+# same number of scored tokens, and all rows are pre-padded to the same T. That is what makes
+# "1 process x 2 pairs" and "2 processes x 1 pair" the same objective, not just close:
+#   - the regulariser is beta * sum(scored r^2) / sum(scored) over the whole batch, so with
+#     equal counts per pair the mean of the two per-pair regularisers equals the batch one;
+#   - length normalisation divides by T - 1 of the batch, so T must not depend on the batch.
+# The preference term is a mean over pairs, so the DDP-averaged gradient of two one-pair
+# losses equals the gradient of the two-pair loss.
+PROMPT_LEN, RESPONSE_LEN = 5, 6
+
+
+def tiny_model() -> QAdapterModel:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                         tie_word_embeddings=True, initializer_range=0.1, pad_token_id=PAD)
+    model = QAdapterModel(LlamaForCausalLM(config), QAdapterConfig(lora_dropout=0.0, beta=0.05))
+    gen = torch.Generator().manual_seed(1)  # peft starts LoRA B at zero: make the adapter matter
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """PAIRS fixed pairs; each item is one pair as [2, T] rows (chosen, rejected), right-padded."""
+
+    def __init__(self):
+        gen = torch.Generator().manual_seed(2)
+        self.items = []
+        for _ in range(PAIRS):
+            prompt = torch.randint(3, VOCAB, (PROMPT_LEN,), generator=gen)
+            rows = [torch.cat([prompt, torch.randint(3, VOCAB, (RESPONSE_LEN,), generator=gen)]) for _ in range(2)]
+            ids = torch.full((2, T), PAD)
+            ids[:, : PROMPT_LEN + RESPONSE_LEN] = torch.stack(rows)
+            attention = (torch.arange(T) < PROMPT_LEN + RESPONSE_LEN).long().expand(2, T).clone()
+            loss_mask = ((torch.arange(T) >= PROMPT_LEN) & (attention[0] == 1)).expand(2, T).clone()
+            self.items.append({"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def collate_pairs(features: list[dict]) -> dict:
+    """All chosen rows, then all rejected rows (DESIGN.md §2)."""
+    return {k: torch.cat([f[k][:1] for f in features] + [f[k][1:] for f in features]) for k in features[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--batch", type=int, required=True, help="pairs per process and step")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+
+    model = tiny_model()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    training_args = transformers.TrainingArguments(
+        output_dir=str(args.out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+        train_sampling_strategy="sequential", use_cpu=True, report_to=[], seed=0, dataloader_num_workers=0,
+        disable_tqdm=True, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )
+    trainer = QAdapterTrainer(model=model, args=training_args, train_dataset=PairDataset(), data_collator=collate_pairs)
+    trainer.train()
+
+    world_size = trainer.accelerator.num_processes
+    # pairs per optimizer step must be the same in every configuration compared
+    assert world_size * args.batch == PAIRS, (world_size, args.batch)
+    if trainer.accelerator.is_main_process:
+        args.out.mkdir(parents=True, exist_ok=True)
+        # The Trainer's logged "loss" is gathered and averaged over processes (and our extra
+        # metrics are reduced the same way), so it is comparable to the 1-process batch loss.
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        lora = {n: p.detach().contiguous() for n, p in trainer.accelerator.unwrap_model(trainer.model)
+                .named_parameters() if "lora_" in n}
+        safetensors.torch.save_file(lora, str(args.out / "lora.safetensors"))
+        safetensors.torch.save_file(initial, str(args.out / "lora_initial.safetensors"))
+        (args.out / "result.json").write_text(json.dumps({
+            "world_size": world_size, "distributed_type": str(trainer.accelerator.distributed_type),
+            "steps": [e["step"] for e in logs], "loss": [e["loss"] for e in logs],
+            "pref_loss": [e["pref_loss"] for e in logs], "reg_loss": [e["reg_loss"] for e in logs],
+        }, indent=2))
+    # Leave together and tear the gloo group down explicitly: a process exiting with the group
+    # alive while its peer still talks to it can abort (SIGABRT) in gloo's destructors.
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -62,6 +62,12 @@ def check_scalar(name: str, value: object, low: float, high: float, low_open: bo
     return value
 
 
+def check_alphas(alpha_tilde: object, alpha_0: object) -> tuple[float, float]:
+    """The customised policy's temperature (> 0) and base weight (>= 0), as floats."""
+    return (check_scalar("alpha_tilde", alpha_tilde, 0.0, float("inf"), low_open=True),
+            check_scalar("alpha_0", alpha_0, 0.0, float("inf")))
+
+
 def value_checks_enabled(device: torch.device) -> bool:
     if torch.compiler.is_compiling():
         return False

@@ -4,6 +4,7 @@ import torch
 from . import reference
 from ._backend import resolve_backend, through_dispatcher
 from ._checks import (
+    check_alphas,
     check_index_tensor,
     check_mask_tensor,
     check_same_device,
@@ -42,8 +43,7 @@ def check_loss_arguments(
     if not isinstance(length_norm, bool):
         raise TypeError(f"length_norm must be a bool, got {type(length_norm).__name__}")
     return (
-        check_scalar("alpha_tilde", alpha_tilde, 0.0, float("inf"), low_open=True),
-        check_scalar("alpha_0", alpha_0, 0.0, float("inf")),
+        *check_alphas(alpha_tilde, alpha_0),
         check_scalar("gamma", gamma, 0.0, 1.0),
         check_scalar("beta", beta, 0.0, float("inf")),
     )
@@ -51,23 +51,24 @@ def check_loss_arguments(
 
 def pair_outputs(values, q_taken, loss_mask, gamma, beta, variant, length_norm, backend, check_values,
                  source: str = "q_logits or base_logits") -> QAdapterLossOutput:
-    """Pair pass on [2B, T] values and picked Q, with the eager value checks, as the public output."""
-    if check_values:
-        raise_on_flags({
-            **finite_values_flag(values, source),
-            "loss_mask scores no token in the whole batch": ~reference.scored_positions(loss_mask, variant).any(),
-        })
+    """Pair pass on [2B, T] values and picked Q, then the eager value checks in one host sync."""
     if backend == "torch":
         out = reference.pair_loss(values, q_taken, loss_mask, gamma, beta, variant, length_norm)
+        nothing_scored = None  # the reference raises on an empty mask itself
     else:
-        loss, pref, reg, scores, accuracy, _, _ = pair_loss_rows(
+        loss, pref, reg, scores, accuracy, _, num_scored = pair_loss_rows(
             values, q_taken, loss_mask, gamma, beta, variant, length_norm, through_dispatcher(backend, values.device)
         )
         B = values.shape[0] // 2
         out = QAdapterLossOutput(loss, pref, reg, scores[:B], scores[B:], accuracy.detach())
+        nothing_scored = num_scored == 0
     if check_values:
-        raise_on_flags({"the loss is not finite: an action at a scored position has a -inf q_logit":
-                        ~torch.isfinite(out.loss)})
+        # Ordered by cause: non-finite logits or an empty mask also make the loss non-finite.
+        flags = finite_values_flag(values, source)
+        if nothing_scored is not None:
+            flags["loss_mask scores no token in the whole batch"] = nothing_scored
+        flags["the loss is not finite: an action at a scored position has a -inf q_logit"] = ~torch.isfinite(out.loss)
+        raise_on_flags(flags)
     return out
 
 

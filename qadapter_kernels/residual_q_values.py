@@ -18,10 +18,10 @@ from ._backend import resolve_backend, through_dispatcher
 from ._registration import online_lse_update, register_differentiable_op
 from ._checks import (
     acc_dtype,
+    check_alphas,
     check_float_tensor,
     check_index_tensor,
     check_same_device,
-    check_scalar,
     check_shape,
     raise_on_flags,
     value_checks_enabled,
@@ -233,8 +233,7 @@ def residual_q_values(
     check_index_tensor("actions", actions)
     check_same_device("q_logits", q_logits.device, actions=actions)
     check_shape("actions", actions, tuple(q_logits.shape[:-1]), "q_logits without its last dimension")
-    alpha_tilde = check_scalar("alpha_tilde", alpha_tilde, 0.0, float("inf"), low_open=True)
-    alpha_0 = check_scalar("alpha_0", alpha_0, 0.0, float("inf"))
+    alpha_tilde, alpha_0 = check_alphas(alpha_tilde, alpha_0)
     backend = resolve_backend(backend, q_logits.device)
     vocab = q_logits.shape[-1]
     check_values = value_checks_enabled(q_logits.device)

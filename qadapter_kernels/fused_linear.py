@@ -267,31 +267,43 @@ def plan_tiles(n: int, hidden: int, vocab: int, dtype: torch.dtype, streamed_on_
     return max(1, min(n, int(budget // (vocab * elem)))), vocab
 
 
-def _check_hidden(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, rows, T):
-    check_float_tensor("adapter_hidden", adapter_hidden)
-    check_float_tensor("base_hidden", base_hidden)
-    check_float_tensor("lm_head_weight", lm_head_weight)
+def check_hidden_and_head(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, layouts=None) -> None:
+    """Float hidden states of one shape, an LM head [V, H] (+ bias [V]) matching them, one dtype and device.
+
+    layouts(H) -> (allowed shapes of adapter_hidden, their description): the caller's layout,
+    checked before H is compared with the head's, so a wrong H is reported against it.
+    """
+    for name, t in (("adapter_hidden", adapter_hidden), ("base_hidden", base_hidden),
+                    ("lm_head_weight", lm_head_weight)):
+        check_float_tensor(name, t)
     device = adapter_hidden.device
     check_same_device("adapter_hidden", device, base_hidden=base_hidden, lm_head_weight=lm_head_weight)
     if lm_head_weight.dim() != 2 or lm_head_weight.shape[0] == 0:
         raise ValueError(f"lm_head_weight must be [V, H] with V >= 1, got {list(lm_head_weight.shape)}")
-    vocab, hidden = lm_head_weight.shape
-    if tuple(adapter_hidden.shape) not in ((rows, T, hidden), (rows * T, hidden)):
-        raise ValueError(
-            f"adapter_hidden must be [2B, T, H] = {[rows, T, hidden]} or [2B*T, H] = {[rows * T, hidden]} "
-            f"(H from lm_head_weight, 2B and T from input_ids), got {list(adapter_hidden.shape)}"
-        )
+    hidden = lm_head_weight.shape[1]
+    if layouts is not None:
+        shapes, description = layouts(hidden)
+        if tuple(adapter_hidden.shape) not in shapes:
+            raise ValueError(f"adapter_hidden must be {description}, got {list(adapter_hidden.shape)}")
+    if adapter_hidden.shape[-1] != hidden:
+        raise ValueError(f"lm_head_weight must be [V, H] with H = {adapter_hidden.shape[-1]} (the last dimension "
+                         f"of adapter_hidden), got {list(lm_head_weight.shape)}")
     check_shape("base_hidden", base_hidden, tuple(adapter_hidden.shape), "the shape of adapter_hidden")
-    for name, t in (("base_hidden", base_hidden), ("lm_head_weight", lm_head_weight)):
-        if t.dtype != adapter_hidden.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} differs from adapter_hidden dtype {adapter_hidden.dtype}")
     if lm_head_bias is not None:
         check_float_tensor("lm_head_bias", lm_head_bias)
         check_same_device("adapter_hidden", device, lm_head_bias=lm_head_bias)
-        check_shape("lm_head_bias", lm_head_bias, (vocab,), "[V] of lm_head_weight")
-        if lm_head_bias.dtype != adapter_hidden.dtype:
-            raise TypeError(f"lm_head_bias dtype {lm_head_bias.dtype} differs from adapter_hidden dtype "
-                            f"{adapter_hidden.dtype}")
+        check_shape("lm_head_bias", lm_head_bias, (lm_head_weight.shape[0],), "[V] of lm_head_weight")
+    for name, t in (("base_hidden", base_hidden), ("lm_head_weight", lm_head_weight), ("lm_head_bias", lm_head_bias)):
+        if t is not None and t.dtype != adapter_hidden.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from adapter_hidden dtype {adapter_hidden.dtype}")
+
+
+def tile_budget(tile_budget_mb: object) -> float:
+    """The scratch budget in MiB: the argument, else QADAPTER_TILE_BUDGET_MB, else 64."""
+    budget = DEFAULT_TILE_BUDGET_MB if tile_budget_mb is None else tile_budget_mb
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise ValueError(f"tile_budget_mb must be a positive number, got {tile_budget_mb!r}")
+    return float(budget)
 
 
 def fused_linear_qadapter_loss(
@@ -331,16 +343,19 @@ def fused_linear_qadapter_loss(
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [2B, T], got {list(input_ids.shape)}")
     rows, T = input_ids.shape
-    _check_hidden(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, rows, T)
+    check_hidden_and_head(
+        adapter_hidden, base_hidden, lm_head_weight, lm_head_bias,
+        layouts=lambda h: ([(rows, T, h), (rows * T, h)],
+                           f"[2B, T, H] = {[rows, T, h]} or [2B*T, H] = {[rows * T, h]} (H from lm_head_weight, "
+                           f"2B and T from input_ids)"),
+    )
+    vocab, hidden = lm_head_weight.shape
     alpha_tilde, alpha_0, gamma, beta = check_loss_arguments(
         input_ids, loss_mask, alpha_tilde, alpha_0, gamma, beta, variant, length_norm, "input_ids", rows, T,
         adapter_hidden.device,
     )
-    budget = DEFAULT_TILE_BUDGET_MB if tile_budget_mb is None else tile_budget_mb
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-        raise ValueError(f"tile_budget_mb must be a positive number, got {tile_budget_mb!r}")
+    budget = tile_budget(tile_budget_mb)
     backend = resolve_backend(backend, adapter_hidden.device)
-    vocab, hidden = lm_head_weight.shape
     check_values = value_checks_enabled(adapter_hidden.device)
     if check_values:
         raise_on_flags(actions_in_range_flag("input_ids", input_ids, vocab))

@@ -19,8 +19,8 @@ import triton.language as tl
 from . import _C  # noqa: F401  (loads the op schemas and CPU kernels)
 from ._backend import resolve_backend, through_dispatcher
 from ._registration import online_lse_update, register_cuda
-from ._checks import check_float_tensor, check_same_device, check_scalar, check_shape, value_checks_enabled
-from .fused_linear import DEFAULT_TILE_BUDGET_MB, _logits_tiles, _kernel_options
+from ._checks import check_alphas, check_float_tensor, check_same_device, check_scalar, value_checks_enabled
+from .fused_linear import _kernel_options, _logits_tiles, check_hidden_and_head, plan_tiles, tile_budget
 from .residual_q_values import check_logits_pair
 from . import reference
 
@@ -297,8 +297,7 @@ def _check_rows(q_logits, base_logits, alpha_tilde, alpha_0):
     check_logits_pair(q_logits, base_logits)
     if q_logits.dim() != 2:
         raise ValueError(f"q_logits must be [B, V], got {list(q_logits.shape)}")
-    return (check_scalar("alpha_tilde", alpha_tilde, 0.0, float("inf"), low_open=True),
-            check_scalar("alpha_0", alpha_0, 0.0, float("inf")))
+    return check_alphas(alpha_tilde, alpha_0)
 
 
 def combined_logits(
@@ -384,25 +383,13 @@ def combined_sample_from_hidden(
     Each W tile is read once for both streams and the two logits rows are never stored (only
     the combined row, fp32).
     """
-    for name, t in (("adapter_hidden", adapter_hidden), ("base_hidden", base_hidden), ("lm_head_weight", lm_head_weight)):
-        check_float_tensor(name, t)
-    device = adapter_hidden.device
-    check_same_device("adapter_hidden", device, base_hidden=base_hidden, lm_head_weight=lm_head_weight)
+    check_float_tensor("adapter_hidden", adapter_hidden)
     if adapter_hidden.dim() != 2:
         raise ValueError(f"adapter_hidden must be [B, H], got {list(adapter_hidden.shape)}")
-    check_shape("base_hidden", base_hidden, tuple(adapter_hidden.shape), "the shape of adapter_hidden")
-    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != adapter_hidden.shape[1] or lm_head_weight.shape[0] == 0:
-        raise ValueError(f"lm_head_weight must be [V, H] with H = {adapter_hidden.shape[1]}, got "
-                         f"{list(lm_head_weight.shape)}")
-    if lm_head_bias is not None:
-        check_float_tensor("lm_head_bias", lm_head_bias)
-        check_same_device("adapter_hidden", device, lm_head_bias=lm_head_bias)
-        check_shape("lm_head_bias", lm_head_bias, (lm_head_weight.shape[0],), "[V] of lm_head_weight")
-    for name, t in (("base_hidden", base_hidden), ("lm_head_weight", lm_head_weight), ("lm_head_bias", lm_head_bias)):
-        if t is not None and t.dtype != adapter_hidden.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} differs from adapter_hidden dtype {adapter_hidden.dtype}")
-    alpha_tilde = check_scalar("alpha_tilde", alpha_tilde, 0.0, float("inf"), low_open=True)
-    alpha_0 = check_scalar("alpha_0", alpha_0, 0.0, float("inf"))
+    check_hidden_and_head(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias)
+    alpha_tilde, alpha_0 = check_alphas(alpha_tilde, alpha_0)
+    budget = tile_budget(tile_budget_mb)
+    device = adapter_hidden.device
     backend = resolve_backend(backend, device)
     rows, hidden = adapter_hidden.shape
     vocab = lm_head_weight.shape[0]
@@ -411,8 +398,7 @@ def combined_sample_from_hidden(
         return combined_sample(logits(adapter_hidden), logits(base_hidden), alpha_tilde, alpha_0, temperature,
                                top_k, top_p, min_p, generator, backend="torch")
     params = _sampling_arguments(rows, device, temperature, top_k, top_p, min_p, _as_generator(generator, device))
-    budget = (DEFAULT_TILE_BUDGET_MB if tile_budget_mb is None else tile_budget_mb) * 2**20
-    tile_vocab = max(64, min(vocab, int(budget // max(1, 8 * rows + 4 * hidden))))
+    _, tile_vocab = plan_tiles(rows, hidden, vocab, lm_head_weight.dtype, True, budget)
     args = (adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, *params, alpha_tilde, alpha_0, tile_vocab)
     if through_dispatcher(backend, device):
         tokens = torch.ops.qadapter.combined_sample_from_hidden(*args)

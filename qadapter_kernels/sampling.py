@@ -236,21 +236,24 @@ def _combined_sample_from_hidden_fake(ha, hb, w, bias, uniforms, temperature, to
     return ha.new_empty(ha.shape[0], dtype=torch.long)
 
 
-def _row_parameter(name, value, rows, dtype, device, low, high, low_open=False, integer=False) -> torch.Tensor:
-    """A scalar or a [B] tensor of per-row values, checked and returned as a [B] tensor."""
+def _row_parameter(name, value, rows, dtype, device, low, high, low_open=False, integer=False, flags=None):
+    """A scalar or a [B] tensor of per-row values as a [B] tensor.
+
+    A tensor's range is not synced here: its flag goes into `flags` (message -> 0-dim bool),
+    checked with the rest of the call's value checks in one host sync.
+    """
     if isinstance(value, torch.Tensor):
         check_same_device("q_logits", device, **{name: value})
         if value.dim() != 1 or value.shape[0] != rows:
             raise ValueError(f"{name} must be a scalar or a [B] tensor with B = {rows}, got {list(value.shape)}")
         if integer and (value.is_floating_point() or value.is_complex()):
             raise TypeError(f"{name} must hold integers, got {value.dtype}")
-        if value_checks_enabled(device):
+        if flags is not None:
             wide = value.double()  # an fp32 comparison would round bounds like 1 - 1e-12 to 1
             below = (wide <= low) if low_open else (wide < low)
-            bad = below | (wide > high) | ~torch.isfinite(wide)
-            if bool(bad.any()):
-                bracket = "(" if low_open else "["
-                raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value[bad][0].item()}")
+            bracket = "(" if low_open else "["
+            flags[f"{name} must lie in {bracket}{low}, {high}] in every row"] = (
+                below | (wide > high) | ~torch.isfinite(wide)).any()
         return value.to(dtype).contiguous()
     if integer:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -276,21 +279,31 @@ def _draw_uniforms(rows: int, device: torch.device, generator: torch.Generator |
 
 
 def _sampling_arguments(rows, device, temperature, top_k, top_p, min_p, generator):
-    return (
-        _draw_uniforms(rows, device, generator),
-        _row_parameter("temperature", temperature, rows, torch.float32, device, 0.0, float("inf")),
-        _row_parameter("top_k", top_k, rows, torch.long, device, 0, 2**62, integer=True),
-        _row_parameter("top_p", top_p, rows, torch.float32, device, 0.0, 1.0, low_open=True),
-        _row_parameter("min_p", min_p, rows, torch.float32, device, 0.0, 1.0 - 1e-12),
+    """(uniforms, temperature, top_k, top_p, min_p) as [B] tensors, and the range flags of tensor arguments."""
+    flags = {} if value_checks_enabled(device) else None
+    per_row = (
+        _row_parameter("temperature", temperature, rows, torch.float32, device, 0.0, float("inf"), flags=flags),
+        _row_parameter("top_k", top_k, rows, torch.long, device, 0, 2**62, integer=True, flags=flags),
+        _row_parameter("top_p", top_p, rows, torch.float32, device, 0.0, 1.0, low_open=True, flags=flags),
+        _row_parameter("min_p", min_p, rows, torch.float32, device, 0.0, 1.0 - 1e-12, flags=flags),
     )
+    return (_draw_uniforms(rows, device, generator), *per_row), flags
 
 
-def _check_tokens(tokens: torch.Tensor, source: str) -> torch.Tensor:
-    if value_checks_enabled(tokens.device):
-        bad = (tokens < 0).nonzero()
-        if bad.numel():
-            raise ValueError(f"{source}: row {bad[0, 0].item()} is all -inf or holds NaN or +inf")
-    return tokens
+def _check_sampling(flags: dict | None, tokens: torch.Tensor | None, source: str) -> None:
+    """The argument flags and the rows without a finite maximum (token -1) in one host sync."""
+    if flags is None:  # compiling or capturing a CUDA graph
+        return
+    checks = [f.reshape(()).long() for f in flags.values()]
+    if tokens is not None and tokens.numel():
+        bad = tokens < 0
+        checks.append(torch.where(bad.any(), bad.long().argmax(), -1))  # the first bad row, or -1
+    values = torch.stack(checks).tolist() if checks else []
+    for message, failed in zip(flags, values):
+        if failed:
+            raise ValueError(message)
+    if len(values) > len(flags) and values[-1] >= 0:
+        raise ValueError(f"{source}: row {values[-1]} is all -inf or holds NaN or +inf")
 
 
 def _check_rows(q_logits, base_logits, alpha_tilde, alpha_0):
@@ -347,20 +360,20 @@ def combined_sample(
     backend = resolve_backend(backend, q_logits.device)
     rows = q_logits.shape[0]
     generator = _as_generator(generator, q_logits.device)
-    params = _sampling_arguments(rows, q_logits.device, temperature, top_k, top_p, min_p, generator)
+    params, flags = _sampling_arguments(rows, q_logits.device, temperature, top_k, top_p, min_p, generator)
     if backend == "torch":
-        if value_checks_enabled(q_logits.device):
-            y = q_logits.float() + alpha_0 * base_logits.float()  # the row shift of log_softmax changes nothing
-            bad = (~torch.isfinite(y.amax(-1)) | torch.isnan(y).any(-1)).nonzero()
-            if bad.numel():
-                raise ValueError(f"q_logits or base_logits: row {bad[0, 0].item()} is all -inf or holds NaN or +inf")
+        # Checked before torch.multinomial can fail on them; -1 marks a row as the kernels do.
+        y = q_logits.float() + alpha_0 * base_logits.float()  # the row shift of log_softmax changes nothing
+        no_finite_max = ~torch.isfinite(y.amax(-1)) | torch.isnan(y).any(-1)
+        _check_sampling(flags, torch.where(no_finite_max, -1, 0), "q_logits or base_logits")
         return reference.combined_sample(q_logits, base_logits, alpha_tilde, alpha_0, *params[1:],
                                          generator=generator)
     if through_dispatcher(backend, q_logits.device):
         tokens = torch.ops.qadapter.combined_sample(q_logits, base_logits, *params, alpha_tilde, alpha_0)
     else:
         tokens = _triton_combined_sample(q_logits, base_logits, *params, alpha_tilde, alpha_0)
-    return _check_tokens(tokens, "q_logits or base_logits")
+    _check_sampling(flags, tokens, "q_logits or base_logits")
+    return tokens
 
 
 def combined_sample_from_hidden(
@@ -397,11 +410,13 @@ def combined_sample_from_hidden(
         logits = lambda h: torch.nn.functional.linear(h, lm_head_weight, lm_head_bias)  # noqa: E731
         return combined_sample(logits(adapter_hidden), logits(base_hidden), alpha_tilde, alpha_0, temperature,
                                top_k, top_p, min_p, generator, backend="torch")
-    params = _sampling_arguments(rows, device, temperature, top_k, top_p, min_p, _as_generator(generator, device))
+    params, flags = _sampling_arguments(rows, device, temperature, top_k, top_p, min_p,
+                                        _as_generator(generator, device))
     _, tile_vocab = plan_tiles(rows, hidden, vocab, lm_head_weight.dtype, True, budget)
     args = (adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, *params, alpha_tilde, alpha_0, tile_vocab)
     if through_dispatcher(backend, device):
         tokens = torch.ops.qadapter.combined_sample_from_hidden(*args)
     else:
         tokens = _triton_combined_sample_from_hidden(*args)
-    return _check_tokens(tokens, "adapter_hidden, base_hidden or lm_head_weight")
+    _check_sampling(flags, tokens, "adapter_hidden, base_hidden or lm_head_weight")
+    return tokens

@@ -16,6 +16,7 @@
 #include <optional>
 #include <vector>
 
+#include "acc_type.h"
 #include "vocab_tile.h"
 
 namespace qadapter {
@@ -169,8 +170,6 @@ Tiling check_tiling(int64_t tile_rows, int64_t tile_vocab) {
   return {tile_rows, tile_vocab};
 }
 
-at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_residual_q_values_cpu(
     const at::Tensor& adapter_hidden, const at::Tensor& base_hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& actions, double alpha_tilde, double alpha_0,
@@ -179,16 +178,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_residual
   check_hidden(adapter_hidden, base_hidden, weight, bias, a);
   Tiling tiling = check_tiling(tile_rows, tile_vocab);
   const int64_t n = adapter_hidden.size(0), h = adapter_hidden.size(1);
-  auto opts = adapter_hidden.options().dtype(acc_type(adapter_hidden));
+  const auto acc = acc_type(adapter_hidden.scalar_type());
+  auto opts = adapter_hidden.options().dtype(acc);
   at::Tensor values = at::empty({n}, opts), q_taken = at::empty({n}, opts), lse_y = at::empty({n}, opts);
   at::Tensor expected = at::zeros({with_expected ? n : 0, h}, opts);
-  if (acc_type(adapter_hidden) == at::kDouble) {
-    fused_forward<double>(adapter_hidden, base_hidden, weight, bias, a, alpha_tilde, alpha_0, tiling, with_expected,
-                          values, q_taken, lse_y, expected);
-  } else {
-    fused_forward<float>(adapter_hidden, base_hidden, weight, bias, a, alpha_tilde, alpha_0, tiling, with_expected,
-                         values, q_taken, lse_y, expected);
-  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "fused_linear_residual_q_values_cpu", [&] {
+    fused_forward<scalar_t>(adapter_hidden, base_hidden, weight, bias, a, alpha_tilde, alpha_0, tiling,
+                            with_expected, values, q_taken, lse_y, expected);
+  });
   return {values, q_taken, lse_y, expected};
 }
 
@@ -200,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_residual_q_values_ba
   const at::Tensor a = actions.contiguous();
   check_hidden(adapter_hidden, base_hidden, weight, bias, a);
   Tiling tiling = check_tiling(tile_rows, tile_vocab);
-  const auto acc = acc_type(adapter_hidden);
+  const auto acc = acc_type(adapter_hidden.scalar_type());
   const at::Tensor gv = grad_values.to(acc).contiguous(), gq = grad_q_taken.to(acc).contiguous();
   const at::Tensor lse = lse_y.to(acc).contiguous();
   at::Tensor grad_hidden = at::empty({0}, adapter_hidden.options());
@@ -214,13 +211,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_residual_q_values_ba
   if (output_mask[1] || output_mask[2]) {
     at::Tensor gw = at::zeros(weight.sizes(), weight.options().dtype(acc));
     at::Tensor gb = at::zeros({weight.size(0)}, weight.options().dtype(acc));
-    if (acc == at::kDouble) {
-      fused_backward_weight<double>(gv, gq, adapter_hidden, base_hidden, weight, bias, a, lse, alpha_tilde, alpha_0,
-                                    tiling, gw, output_mask[2] ? &gb : nullptr);
-    } else {
-      fused_backward_weight<float>(gv, gq, adapter_hidden, base_hidden, weight, bias, a, lse, alpha_tilde, alpha_0,
-                                   tiling, gw, output_mask[2] ? &gb : nullptr);
-    }
+    AT_DISPATCH_FLOATING_TYPES(acc, "fused_linear_residual_q_values_backward_cpu", [&] {
+      fused_backward_weight<scalar_t>(gv, gq, adapter_hidden, base_hidden, weight, bias, a, lse, alpha_tilde,
+                                      alpha_0, tiling, gw, output_mask[2] ? &gb : nullptr);
+    });
     if (output_mask[1]) grad_weight = gw.to(weight.scalar_type());
     if (output_mask[2]) grad_bias = gb.to(weight.scalar_type());
   }

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "acc_type.h"
+
 #include <algorithm>
 #include <cmath>
 #include <string_view>
@@ -156,11 +158,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double beta, c10::string_view variant, bool length_norm) {
   check_pair_inputs(values, q_taken, loss_mask);
   const Variant v = parse_variant(variant);
-  const auto acc = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(values.scalar_type());
   const at::Tensor vals = values.to(acc).contiguous(), qt = q_taken.to(acc).contiguous();
   const at::Tensor mask = loss_mask.contiguous();
-  if (acc == at::kDouble) return pair_loss_impl<double>(vals, qt, mask, gamma, beta, v, length_norm);
-  return pair_loss_impl<float>(vals, qt, mask, gamma, beta, v, length_norm);
+  return AT_DISPATCH_FLOATING_TYPES(acc, "pair_loss_cpu", [&] {
+    return pair_loss_impl<scalar_t>(vals, qt, mask, gamma, beta, v, length_norm);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
@@ -175,14 +178,11 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
   auto as_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
   const double g_loss = grad_loss.item<double>(), g_pref = grad_pref_loss.item<double>(),
                g_reg = grad_reg_loss.item<double>(), n = num_scored.item<double>();
-  if (acc == at::kDouble) {
-    return pair_loss_backward_impl<double>(g_loss, g_pref, g_reg, as_acc(grad_scores), as_acc(grad_rewards),
-                                           as_acc(scores), as_acc(rewards), n, loss_mask.contiguous(), gamma,
-                                           beta, v, length_norm);
-  }
-  return pair_loss_backward_impl<float>(g_loss, g_pref, g_reg, as_acc(grad_scores), as_acc(grad_rewards),
-                                        as_acc(scores), as_acc(rewards), n, loss_mask.contiguous(), gamma,
-                                        beta, v, length_norm);
+  return AT_DISPATCH_FLOATING_TYPES(acc, "pair_loss_backward_cpu", [&] {
+    return pair_loss_backward_impl<scalar_t>(g_loss, g_pref, g_reg, as_acc(grad_scores), as_acc(grad_rewards),
+                                             as_acc(scores), as_acc(rewards), n, loss_mask.contiguous(), gamma,
+                                             beta, v, length_norm);
+  });
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <array>
 
+#include "acc_type.h"
 #include "vocab_tile.h"
 
 namespace qadapter {
@@ -129,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_q_values_cpu(
   const at::Tensor q = row_contiguous(q_logits), l = row_contiguous(base_logits);
   const at::Tensor a = actions.contiguous();
   check_actions_in_range(a, q.size(1));
-  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_type(q.scalar_type());
   auto opts = q.options().dtype(acc_dtype);
   at::Tensor values = at::empty({q.size(0)}, opts), q_taken = at::empty({q.size(0)}, opts),
              lse_y = at::empty({q.size(0)}, opts);
@@ -144,7 +145,7 @@ at::Tensor residual_q_values_backward_cpu(
     const at::Tensor& base_logits, const at::Tensor& actions, const at::Tensor& lse_y,
     double alpha_tilde, double alpha_0) {
   check_logits(q_logits, base_logits, actions);
-  const auto acc_dtype = q_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_type(q_logits.scalar_type());
   for (const at::Tensor* t : {&grad_values, &grad_q_taken, &lse_y}) {
     TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == q_logits.size(0),
                       "per-row tensors must be [N], got ", t->sizes());

@@ -41,7 +41,15 @@ import torch
 import qadapter_kernels as qk
 from qadapter_kernels import reference
 from qadapter_kernels.fused_linear import DEFAULT_TILE_BUDGET_MB
-from runner import BenchResult, default_out_dir, machine_info, measure_peak_memory, measure_time, save_results
+from runner import (
+    BenchResult,
+    add_common_arguments,
+    default_out_dir,
+    machine_info,
+    measure_peak_memory,
+    measure_time,
+    save_results,
+)
 
 Shape = tuple[int, int, int, int]  # (2B, T, H, V)
 Inputs = tuple[torch.Tensor, ...]  # adapter_hidden, base_hidden, W, input_ids, loss_mask
@@ -223,15 +231,11 @@ def parse_shapes(text: str) -> list[Shape]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one tiny shape (a smoke run, seconds)")
+    add_common_arguments(parser, "one tiny shape (a smoke run, seconds)", "CPU: timed calls (default 10, 3 for heavy shapes); CUDA: do_bench ms budget (default 100)")
     parser.add_argument("--shapes", type=parse_shapes, help="comma-separated 2BxTxHxV")
     parser.add_argument("--dtypes", help="comma-separated, from " + ",".join(DTYPES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--weight-grad", action="store_true", help="W requires grad too (default: frozen head)")
-    parser.add_argument("--reps", type=int, help="CPU: timed calls (default 10, 3 for heavy shapes); CUDA: do_bench ms budget (default 100)")
     parser.add_argument("--warmup", type=int, help="CPU: untimed calls after the agreement check (default 1, 0 for heavy shapes)")
-    parser.add_argument("--out", help="output folder (default benchmarks/results/<device-tag>/)")
-    parser.add_argument("--no-plot", action="store_true", help="write only the JSON and markdown, no PNG")
     args = parser.parse_args()
 
     cuda = torch.device(args.device).type == "cuda"

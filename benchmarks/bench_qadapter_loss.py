@@ -21,6 +21,7 @@ import qadapter_kernels as qk
 from qadapter_kernels import reference
 from runner import (
     BenchResult,
+    add_common_arguments,
     achieved_gbps,
     copy_bandwidth_gbps,
     default_out_dir,
@@ -172,12 +173,9 @@ def parse_shapes(text: str) -> list[Shape]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one tiny shape (the CI profiling pass)")
+    add_common_arguments(parser, "one tiny shape (the CI profiling pass)", "CPU: timed calls (default 10); CUDA: do_bench ms budget (default 100)")
     parser.add_argument("--shapes", type=parse_shapes, help="comma-separated 2BxTxV")
     parser.add_argument("--dtypes", help="comma-separated, from " + ",".join(DTYPES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, help="CPU: timed calls (default 10); CUDA: do_bench ms budget (default 100)")
-    parser.add_argument("--out", help="output folder (default benchmarks/results/<device-tag>/)")
     args = parser.parse_args()
 
     cuda = torch.device(args.device).type == "cuda"
@@ -201,7 +199,8 @@ def main() -> None:
         info["copy_bandwidth_gbps"] = copy_gbps
         notes.insert(0, f"Measured copy bandwidth: {copy_gbps:.0f} GB/s")
     name = "qadapter_loss_quick" if args.quick else "qadapter_loss"
-    save_results(results, name, args.out or default_out_dir(args.device), info, "Q-Adapter loss fwd+bwd", notes)
+    save_results(results, name, args.out or default_out_dir(args.device), info, "Q-Adapter loss fwd+bwd", notes,
+                 plot=not args.no_plot)
 
 
 if __name__ == "__main__":

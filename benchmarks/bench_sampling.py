@@ -53,6 +53,7 @@ import qadapter_kernels as qk
 from qadapter_kernels import reference
 from runner import (
     BenchResult,
+    add_common_arguments,
     achieved_gbps,
     default_out_dir,
     machine_info,
@@ -291,7 +292,7 @@ def int_list(text: str) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small grid (B in {1,16}, V=4096, H=64), seconds")
+    add_common_arguments(parser, "small grid (B in {1,16}, V=4096, H=64), seconds", "CPU: timed calls (default 20); CUDA: do_bench ms budget (default 100)")
     parser.add_argument("--batches", type=int_list, help="comma-separated B (default 1,16,64)")
     parser.add_argument("--vocabs", type=int_list, help="comma-separated V (default 32000,128256)")
     parser.add_argument("--hidden", type=int, help="H of the hidden-state providers (default 576 on CPU, 4096 on CUDA)")
@@ -300,10 +301,6 @@ def main() -> None:
                         help=f"a sampling parameter set, e.g. top_k=50,top_p=0.95,min_p=0.05,temperature=0.7 "
                              f"(repeatable; default {DEFAULT_PARAMS})")
     parser.add_argument("--dtypes", help="comma-separated logits/hidden dtypes, from " + ",".join(DTYPES) + " (default float32)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, help="CPU: timed calls (default 20); CUDA: do_bench ms budget (default 100)")
-    parser.add_argument("--out", help="output folder (default benchmarks/results/<device-tag>/)")
-    parser.add_argument("--no-plot", action="store_true", help="write only the JSON and markdown, no PNG")
     args = parser.parse_args()
 
     cuda = torch.device(args.device).type == "cuda"

@@ -46,7 +46,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qadapter_kernels import fused_linear_qadapter_loss, reference
 from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel, load_base_model
-from runner import BenchResult, default_out_dir, machine_info, measure_peak_memory, measure_time, save_results
+from runner import (
+    BenchResult,
+    add_common_arguments,
+    default_out_dir,
+    machine_info,
+    measure_peak_memory,
+    measure_time,
+    save_results,
+)
 
 FUSED, AUTHORS = "qadapter_kernels", "authors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -255,11 +263,7 @@ def target_lines(results: list[BenchResult], configs: list[Config]) -> list[str]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a tiny random Llama (seconds)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, help="CPU: timed steps (default 3); CUDA: do_bench ms budget (default 200)")
-    parser.add_argument("--out", help="output folder (default benchmarks/results/<device-tag>/)")
-    parser.add_argument("--no-plot", action="store_true", help="write only the JSON and markdown, no PNG")
+    add_common_arguments(parser, "a tiny random Llama (seconds)", "CPU: timed steps (default 3); CUDA: do_bench ms budget (default 200)")
     args = parser.parse_args()
 
     cuda = torch.device(args.device).type == "cuda"

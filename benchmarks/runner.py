@@ -298,6 +298,15 @@ def plot_results(
     plt.close(fig)
 
 
+def add_common_arguments(parser, quick_help: str, reps_help: str) -> None:
+    """The flags every benchmark script takes: --quick, --device, --reps, --out, --no-plot."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, help=reps_help)
+    parser.add_argument("--out", help="output folder (default benchmarks/results/<device-tag>/)")
+    parser.add_argument("--no-plot", action="store_true", help="write only the JSON and markdown, no PNG")
+
+
 def save_results(
     results: Sequence[BenchResult],
     name: str,

@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
 from qadapter_kernels.training.trainer import QAdapterTrainer
+from training_helpers import collate_pairs  # this script's folder is on sys.path
 
 VOCAB, T, PAD = 128, 16, 0
 PAIRS = 2
@@ -73,11 +74,6 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.items[i]
-
-
-def collate_pairs(features: list[dict]) -> dict:
-    """All chosen rows, then all rejected rows (DESIGN.md §2)."""
-    return {k: torch.cat([f[k][:1] for f in features] + [f[k][1:] for f in features]) for k in features[0]}
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from qadapter_kernels import qadapter_loss
 from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
 from qadapter_kernels.training.trainer import METRIC_NAMES, QAdapterTrainer
+from training_helpers import collate_pairs
 
 GOOD, BAD, PAD = 7, 9, 0  # the synthetic preference: chosen responses end in GOOD, rejected ones in BAD
 
@@ -266,11 +267,6 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.items[i]
-
-
-def collate_pairs(features: list[dict]) -> dict:
-    """All chosen rows, then all rejected rows (DESIGN.md §2)."""
-    return {k: torch.cat([f[k][:1] for f in features] + [f[k][1:] for f in features]) for k in features[0]}
 
 
 def make_trainer(output_dir, max_steps: int) -> QAdapterTrainer:

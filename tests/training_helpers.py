@@ -2,6 +2,7 @@
 import importlib.util
 
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -58,3 +59,8 @@ def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+
+
+def collate_pairs(features: list[dict]) -> dict:
+    """All chosen rows, then all rejected rows (DESIGN.md §2)."""
+    return {k: torch.cat([f[k][:1] for f in features] + [f[k][1:] for f in features]) for k in features[0]}

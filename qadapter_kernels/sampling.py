@@ -225,6 +225,19 @@ def _combined_logits_fake(q_logits, base_logits, alpha_tilde, alpha_0):
     return q_logits.new_empty(q_logits.shape, dtype=torch.float32)
 
 
+def _combined_logits_setup_context(ctx, inputs, output):
+    ctx.alpha_tilde, ctx.q_dtype = inputs[2], inputs[0].dtype
+
+
+def _combined_logits_backward(ctx, grad):
+    # d combined / dQ = 1 / alpha_tilde; the base model is frozen, so base_logits gets none.
+    return (grad / ctx.alpha_tilde).to(ctx.q_dtype), None, None, None
+
+
+torch.library.register_autograd("qadapter::combined_logits", _combined_logits_backward,
+                                setup_context=_combined_logits_setup_context)
+
+
 @torch.library.register_fake("qadapter::combined_sample")
 def _combined_sample_fake(q_logits, base_logits, uniforms, temperature, top_k, top_p, min_p, alpha_tilde, alpha_0):
     return q_logits.new_empty(q_logits.shape[0], dtype=torch.long)

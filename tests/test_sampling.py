@@ -680,3 +680,21 @@ def test_compiled_raw_op_matches_eager(seed):
     # The uniforms are data, not baked into the graph: new uniforms, new (still equal) tokens.
     args2 = (*args[:2], torch.rand(4, generator=generator(seed + 1)), *args[3:])
     assert torch.equal(compiled(*args2), sample(*args2))
+
+
+def test_combined_logits_gradient_reaches_q_only():
+    """d combined / dQ = 1 / alpha_tilde, as the reference's autograd says; the frozen base gets none.
+
+    (No float64 gradcheck: combined_logits returns fp32 whatever the input dtype.)
+    """
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 11, generator=gen, requires_grad=True)
+    base = torch.randn(3, 11, generator=gen, requires_grad=True)
+    upstream = torch.randn(3, 11, generator=gen)
+    (qk.combined_logits(q, base, 0.7, 0.3, backend="cpu") * upstream).sum().backward()
+    q_ref = q.detach().clone().requires_grad_()
+    (reference.combined_logits(q_ref, base.detach(), 0.7, 0.3) * upstream).sum().backward()
+    torch.testing.assert_close(q.grad, q_ref.grad)
+    assert base.grad is None
+    torch.library.opcheck(torch.ops.qadapter.combined_logits.default,
+                          (q.detach().float().requires_grad_(), base.detach().float(), 0.7, 0.3))

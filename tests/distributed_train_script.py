@@ -14,8 +14,10 @@ the data order is sequential (``train_sampling_strategy="sequential"``; the Trai
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import weakref
 from pathlib import Path
 
 import safetensors.torch
@@ -76,13 +78,8 @@ class PairDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--batch", type=int, required=True, help="pairs per process and step")
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-
+def train(args: argparse.Namespace) -> weakref.ref:
+    """Trains and writes the results; returns a weak reference to the (DDP-wrapped) model trained."""
     model = tiny_model()
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     training_args = transformers.TrainingArguments(
@@ -111,10 +108,28 @@ def main() -> None:
             "steps": [e["step"] for e in logs], "loss": [e["loss"] for e in logs],
             "pref_loss": [e["pref_loss"] for e in logs], "reg_loss": [e["reg_loss"] for e in logs],
         }, indent=2))
-    # Leave together and tear the gloo group down explicitly: a process exiting with the group
-    # alive while its peer still talks to it can abort (SIGABRT) in gloo's destructors.
-    trainer.accelerator.wait_for_everyone()
+    wrapped = weakref.ref(trainer.model_wrapped)
+    trainer.accelerator.free_memory()  # drops the accelerator's references to the model and optimizer
+    return wrapped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--batch", type=int, required=True, help="pairs per process and step")
+    parser.add_argument("--steps", type=int, default=3)
+    wrapped = train(parser.parse_args())
+    # Teardown order matters. DDP's Reducer holds a reference to the gloo group, and Python frees
+    # the Reducer with the GIL held. Were it the group's last holder (after destroy_process_group),
+    # ~ProcessGroupGloo would join the group's worker threads while holding the GIL, and a worker
+    # still releasing a finished collective's Python-owned tensors waits for that GIL: a deadlock
+    # at exit. So the DDP model is freed first, while the group is still registered; then the
+    # group goes through destroy_process_group, whose binding releases the GIL when it frees it.
+    gc.collect()
+    if wrapped() is not None and torch.distributed.is_initialized():
+        raise RuntimeError("the DDP-wrapped model outlived its trainer: the gloo teardown could deadlock")
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # leave together: a peer exiting early can abort (SIGABRT) in gloo
         torch.distributed.destroy_process_group()
 
 

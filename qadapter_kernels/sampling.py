@@ -278,7 +278,7 @@ def _row_parameter(name, value, rows, dtype, device, low, high, low_open=False, 
     return torch.full((rows,), value, dtype=dtype, device=device)
 
 
-def _as_generator(generator, device: torch.device) -> torch.Generator | None:
+def as_generator(generator, device: torch.device) -> torch.Generator | None:
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
@@ -291,8 +291,8 @@ def _draw_uniforms(rows: int, device: torch.device, generator: torch.Generator |
     return torch.rand(rows, generator=generator, device=gen_device).to(device)
 
 
-def _sampling_arguments(rows, device, temperature, top_k, top_p, min_p, generator):
-    """(uniforms, temperature, top_k, top_p, min_p) as [B] tensors, and the range flags of tensor arguments."""
+def _row_parameters(rows, device, temperature, top_k, top_p, min_p):
+    """(temperature, top_k, top_p, min_p) as [B] tensors, and the range flags of tensor arguments."""
     flags = {} if value_checks_enabled(device) else None
     per_row = (
         _row_parameter("temperature", temperature, rows, torch.float32, device, 0.0, float("inf"), flags=flags),
@@ -300,7 +300,21 @@ def _sampling_arguments(rows, device, temperature, top_k, top_p, min_p, generato
         _row_parameter("top_p", top_p, rows, torch.float32, device, 0.0, 1.0, low_open=True, flags=flags),
         _row_parameter("min_p", min_p, rows, torch.float32, device, 0.0, 1.0 - 1e-12, flags=flags),
     )
+    return per_row, flags
+
+
+def _sampling_arguments(rows, device, temperature, top_k, top_p, min_p, generator):
+    """(uniforms, temperature, top_k, top_p, min_p) as [B] tensors, and the range flags of tensor arguments."""
+    per_row, flags = _row_parameters(rows, device, temperature, top_k, top_p, min_p)
     return (_draw_uniforms(rows, device, generator), *per_row), flags
+
+
+def check_sampling_parameters(rows: int, device: torch.device, temperature: float | torch.Tensor = 1.0,
+                              top_k: int | torch.Tensor = 0, top_p: float | torch.Tensor = 1.0,
+                              min_p: float | torch.Tensor = 0.0) -> None:
+    """Raises the error the samplers would raise for these parameters, without sampling (for
+    callers that want bad arguments reported before a slow step, such as a prefill)."""
+    _check_sampling(_row_parameters(rows, device, temperature, top_k, top_p, min_p)[1], None, "")
 
 
 def _check_sampling(flags: dict | None, tokens: torch.Tensor | None, source: str) -> None:
@@ -372,7 +386,7 @@ def combined_sample(
     alpha_tilde, alpha_0 = _check_rows(q_logits, base_logits, alpha_tilde, alpha_0)
     backend = resolve_backend(backend, q_logits.device)
     rows = q_logits.shape[0]
-    generator = _as_generator(generator, q_logits.device)
+    generator = as_generator(generator, q_logits.device)
     params, flags = _sampling_arguments(rows, q_logits.device, temperature, top_k, top_p, min_p, generator)
     if backend == "torch":
         # Checked before torch.multinomial can fail on them; -1 marks a row as the kernels do.
@@ -424,7 +438,7 @@ def combined_sample_from_hidden(
         return combined_sample(logits(adapter_hidden), logits(base_hidden), alpha_tilde, alpha_0, temperature,
                                top_k, top_p, min_p, generator, backend="torch")
     params, flags = _sampling_arguments(rows, device, temperature, top_k, top_p, min_p,
-                                        _as_generator(generator, device))
+                                        as_generator(generator, device))
     _, tile_vocab = plan_tiles(rows, hidden, vocab, lm_head_weight.dtype, True, budget)
     args = (adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, *params, alpha_tilde, alpha_0, tile_vocab)
     if through_dispatcher(backend, device):

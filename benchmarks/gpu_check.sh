@@ -4,11 +4,9 @@
 # CUDA (Triton kernels compiled, not interpreted), then the GPU benchmarks. Results go to $OUT
 # (the device tool brings them back) or benchmarks/results/gpu-local/.
 #
-# The device tool brings back at most 8 files, so $OUT gets exactly these 8:
-#   gpu_check.log                       device, pytest output, every benchmark's stdout
-#   qadapter_loss.{json,md,png}         bench_qadapter_loss.py
-#   fused_linear.{json,md}              bench_fused_linear.py --no-plot
-#   sampling.{json,md}                  bench_sampling.py --no-plot
+# The device tool brings back at most 8 files, so $OUT gets two:
+#   gpu_check.log     device, pytest output, every benchmark's stdout (tables and PASS/FAIL lines)
+#   results.tgz       every benchmark's {json,md,png}, under results/ (tar xzf results.tgz)
 # (plus build.log, only when the build fails, which stops the run there).
 #
 # One device call may run 600 s: `gpu_check.sh tests` and `gpu_check.sh bench` split the work
@@ -38,9 +36,10 @@ if [ "$stage" != bench ]; then
   sed -n '/===== pytest =====/,$p' "$LOG" | tail -30
 fi
 [ "$stage" = tests ] && exit $status
-for bench in "bench_qadapter_loss.py" "bench_fused_linear.py --no-plot" "bench_sampling.py --no-plot"; do
+results="$(mktemp -d)/results"
+for bench in bench_qadapter_loss bench_fused_linear bench_sampling bench_generation bench_training_step; do
   section "$bench"
-  # shellcheck disable=SC2086  (the flags split on purpose)
-  python3 benchmarks/$bench --out "$OUT" 2>&1 | grep --line-buffered -v '^USDT:' | tee -a "$LOG" || status=1
+  python3 "benchmarks/$bench.py" --out "$results" 2>&1 | grep --line-buffered -v '^USDT:' | tee -a "$LOG" || status=1
 done
+tar czf "$OUT/results.tgz" -C "$(dirname "$results")" results
 exit $status

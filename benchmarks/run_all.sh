@@ -3,7 +3,7 @@
 # table; fails if any script fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for script in bench_qadapter_loss bench_fused_linear bench_sampling bench_training_step; do
+for script in bench_qadapter_loss bench_fused_linear bench_sampling bench_training_step bench_generation; do
   echo "== ${script} =="
   python3 "benchmarks/${script}.py" "$@"
 done

@@ -44,16 +44,19 @@ def measure_time(
     reps: int = 10,
     device: torch.device | str = "cpu",
     grad_to_none: Sequence[torch.Tensor] | None = None,
+    whole_calls: bool = False,
 ) -> Timing:
     """Time ``fn()`` after warm-up.
 
     CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls); there
     ``warmup`` and ``reps`` are time budgets in ms, as do_bench takes them (the call count
-    follows from a runtime estimate). CPU: ``warmup`` untimed calls, then ``reps`` calls
-    each timed with ``time.perf_counter``. ``grad_to_none`` tensors get ``.grad = None``
-    before every call, outside the timed region on CUDA.
+    follows from a runtime estimate). CPU, or CUDA with ``whole_calls`` (for calls of seconds
+    that sync the host themselves, such as generation): ``warmup`` untimed calls, then ``reps``
+    calls each timed on its own (``time.perf_counter``; CUDA events on a GPU).
+    ``grad_to_none`` tensors get ``.grad = None`` before every call, outside the timed region.
     """
-    if torch.device(device).type == "cuda":
+    cuda = torch.device(device).type == "cuda"
+    if cuda and not whole_calls:
         import triton.testing
 
         times = triton.testing.do_bench(
@@ -70,12 +73,24 @@ def measure_time(
         try:
             for _ in range(reps):
                 _reset_grads(grad_to_none)
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
+                times.append(_time_one_call(fn, cuda))
         finally:
             gc.enable()
     return Timing(statistics.median(times), min(times), max(times))
+
+
+def _time_one_call(fn: Callable[[], Any], cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start_s) * 1e3
 
 
 def _reset_grads(tensors: Sequence[torch.Tensor] | None) -> None:

@@ -25,8 +25,10 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# The training layer needs transformers and peft: loaded on first use, so the kernels import without them.
+# The training and decode layers need transformers and peft: loaded on first use, so the
+# kernels import without them.
 _TRAINING_NAMES = ("QAdapterConfig", "QAdapterModel", "QAdapterTrainer")
+_DECODING_NAMES = ("QAdapterLogitsProcessor",)
 
 
 def __getattr__(name: str):
@@ -34,4 +36,8 @@ def __getattr__(name: str):
         from . import training
 
         return getattr(training, name)
+    if name in _DECODING_NAMES:
+        from . import decoding
+
+        return getattr(decoding, name)
     raise AttributeError(f"module 'qadapter_kernels' has no attribute {name!r}")

@@ -1,7 +1,9 @@
-"""The ``qadapter`` command: train a Q-Adapter on preference pairs, and evaluate one.
+"""The ``qadapter`` command: train a Q-Adapter on preference pairs, evaluate it, decode with it.
 
-    qadapter train --data FILE.jsonl --output-dir DIR [--model PATH] [options]
-    qadapter eval  --data FILE.jsonl [--adapter DIR] [--model PATH] [options]
+    qadapter train    --data FILE.jsonl --output-dir DIR [--model PATH] [options]
+    qadapter eval     --data FILE.jsonl [--adapter DIR] [--model PATH] [options]
+    qadapter generate --adapter DIR --prompt TEXT [--prompt TEXT ...] [--compare] [sampling options]
+    qadapter demo     [--output-dir DIR] [--max-steps N]     (the README's main job, see demo.py)
 
 ``--data`` takes a JSON Lines preference file (``prompt``/``chosen``/``rejected``, see
 ``qadapter_kernels.training.data``) or ``shipped[:SPLIT]`` for the data shipped with the package
@@ -21,9 +23,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import itertools
 import json
 import math
+import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -197,14 +202,19 @@ def run_train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- eval
 
 
-def evaluate_pairs(model, dataset, collator, batch_size: int) -> dict[str, float]:
-    """Pair accuracy (chosen score > rejected score), mean margin and mean loss over ``dataset``."""
+def evaluate_pairs(model, dataset, collator, batch_size: int, progress: str | None = None) -> dict[str, float]:
+    """Pair accuracy (chosen score > rejected score), mean margin and mean loss over ``dataset``.
+
+    ``progress``: the label of a progress bar over the batches (None: no bar).
+    """
     import torch
+    from tqdm.auto import tqdm
 
     model.eval()
     correct, margins, loss_sum = 0, [], 0.0
+    starts = range(0, len(dataset), batch_size)
     with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
+        for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None):
             pairs = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             out = model.compute_loss(**collator(pairs))
             margin = (out.chosen_scores - out.rejected_scores).float()
@@ -215,40 +225,63 @@ def evaluate_pairs(model, dataset, collator, batch_size: int) -> dict[str, float
     return {"pairs": n, "accuracy": correct / n, "mean_margin": sum(margins) / n, "mean_loss": loss_sum / n}
 
 
+def saved_adapter_config(adapter: str):
+    """The ``QAdapterConfig`` saved in an adapter folder; ``UserError`` when there is none or it is bad."""
+    from .training.model import QADAPTER_CONFIG_NAME, QAdapterConfig
+
+    config_file = Path(adapter) / QADAPTER_CONFIG_NAME
+    if not config_file.is_file():
+        raise UserError(f"{config_file} not found: --adapter must be a folder written by 'qadapter train'")
+    try:
+        return QAdapterConfig.from_json(config_file.read_text())
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{config_file}: {e}") from None
+
+
+def adapter_model_path(adapter: str, model: str | None, saved) -> Path:
+    """``--model``, else the base model recorded in the adapter folder."""
+    model_arg = model if model is not None else saved.base_model
+    if model_arg is None:
+        raise UserError(f"{adapter} records no base model: pass --model")
+    return resolve_model_path(model_arg)
+
+
+def adapter_tokenizer(adapter: str | None, model_path: Path):
+    """The tokenizer saved with the adapter (``qadapter train`` saves it), else the model's."""
+    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+        return load_tokenizer(Path(adapter))
+    return load_tokenizer(model_path)
+
+
+def load_adapter(adapter: str, base):
+    from .training.model import QAdapterModel
+
+    try:
+        return QAdapterModel.from_pretrained(adapter, base_model=base)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the adapter at {adapter}: {e}") from None
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .training.data import PreferenceCollator
-    from .training.model import QADAPTER_CONFIG_NAME, QAdapterConfig, QAdapterModel
+    from .training.model import QAdapterModel
 
     if args.adapter is not None:
-        config_file = Path(args.adapter) / QADAPTER_CONFIG_NAME
-        if not config_file.is_file():
-            raise UserError(f"{config_file} not found: --adapter must be a folder written by 'qadapter train'")
-        try:
-            saved = QAdapterConfig.from_json(config_file.read_text())
-        except (ValueError, TypeError) as e:
-            raise UserError(f"{config_file}: {e}") from None
+        saved = saved_adapter_config(args.adapter)
         config = config_from_args(args, saved)
-        model_arg = args.model if args.model is not None else saved.base_model
-        if model_arg is None:
-            raise UserError(f"{config_file} records no base model: pass --model")
+        model_path = adapter_model_path(args.adapter, args.model, saved)
     else:
         config = config_from_args(args)
-        model_arg = args.model
-    model_path = resolve_model_path(model_arg)
+        model_path = resolve_model_path(args.model)
     resolve_data_path(args.data)
     torch.manual_seed(args.seed)
-    tokenizer_source = Path(args.adapter) if args.adapter and (Path(args.adapter) / "tokenizer_config.json").is_file() \
-        else model_path
-    tokenizer = load_tokenizer(tokenizer_source)
+    tokenizer = adapter_tokenizer(args.adapter, model_path)
     dataset = build_dataset(args.data, tokenizer, args.max_length, args.max_prompt_length)
     base = _load_base(model_path)
     if args.adapter is not None:
-        try:
-            model = QAdapterModel.from_pretrained(args.adapter, base_model=base)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load the adapter at {args.adapter}: {e}") from None
+        model = load_adapter(args.adapter, base)
         model.qadapter_config = dataclasses.replace(config, base_model=str(model_path))
     else:
         model = QAdapterModel(base, dataclasses.replace(config, base_model=str(model_path)))
@@ -262,6 +295,56 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json is not None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def side_by_side(left_title: str, left: str, right_title: str, right: str, width: int | None = None) -> str:
+    """Two texts in two wrapped columns under their titles."""
+    width = width or min(shutil.get_terminal_size((100, 24)).columns, 120)
+    col = max((width - 3) // 2, 20)
+    wrap = lambda text: textwrap.wrap(text, col, replace_whitespace=True) or [""]  # noqa: E731
+    lines = [f"{left_title:<{col}} | {right_title}", f"{'-' * col}-+-{'-' * col}"]
+    lines += [f"{a:<{col}} | {b}" for a, b in itertools.zip_longest(wrap(left), wrap(right), fillvalue="")]
+    return "\n".join(lines)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """``QAdapterModel.generate`` keywords from the command line, checked before the model loads."""
+    import torch
+
+    from .sampling import check_sampling_parameters
+
+    try:
+        check_sampling_parameters(1, torch.device("cpu"), args.temperature, args.top_k, args.top_p, args.min_p)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, generator=args.seed, stop_strings=args.stop or None)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    kwargs = sampling_kwargs(args)
+    saved = saved_adapter_config(args.adapter)
+    model_path = adapter_model_path(args.adapter, args.model, saved)
+    tokenizer = adapter_tokenizer(args.adapter, model_path)
+    model = load_adapter(args.adapter, _load_base(model_path))
+    if args.compare:
+        base = model.generate_text(tokenizer, args.prompt, adapter=False, **kwargs)
+        adapted = model.generate_text(tokenizer, args.prompt, two_pass=args.two_pass, **kwargs)
+        for prompt, left, right in zip(args.prompt, base, adapted):
+            print(f"\n>>> {prompt}\n" + side_by_side("base model", left, "Q-Adapter", right))
+    elif len(args.prompt) == 1 and not args.no_stream:
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        model.generate_text(tokenizer, args.prompt[0], two_pass=args.two_pass, streamer=streamer, **kwargs)
+    else:
+        answers = model.generate_text(tokenizer, args.prompt, two_pass=args.two_pass, **kwargs)
+        for prompt, answer in zip(args.prompt, answers):
+            print(f"\n>>> {prompt}\n{answer}")
     return 0
 
 
@@ -318,7 +401,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qadapter", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,demo}")
 
     train = sub.add_parser("train", help="train a Q-Adapter on preference pairs",
                            description="Train a Q-Adapter; the adapter folder is written to --output-dir.")
@@ -348,7 +431,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", help="folder written by 'qadapter train' (default: a fresh adapter)")
     ev.add_argument("--json", help="also write the results to this JSON file")
     ev.set_defaults(handler=run_eval)
+
+    gen = sub.add_parser("generate", help="answer prompts with a Q-Adapter (one batched pass per token)",
+                         description="Sample answers from the Q-Adapter policy (Q + alpha_0 log_softmax(L)) / "
+                                     "alpha_tilde; --compare shows the base model's answers beside them.")
+    gen.add_argument("--adapter", required=True, help="folder written by 'qadapter train'")
+    gen.add_argument("--model", help="base model (default: the one recorded in the adapter folder)")
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="a user message (repeat for a batch; chat template applied when the model has one)")
+    add_sampling_arguments(gen)
+    gen.add_argument("--stop", action="append", help="stop a row when its text contains this (repeatable)")
+    gen.add_argument("--compare", action="store_true", help="print the base model's answers side by side")
+    gen.add_argument("--two-pass", action="store_true",
+                     help="the authors' decoding (two forwards and two caches per token) instead of one mixed batch")
+    gen.add_argument("--no-stream", action="store_true", help="do not print a single answer token by token")
+    gen.set_defaults(handler=run_generate)
+
+    from .demo import add_demo_arguments
+
+    demo = sub.add_parser("demo", help="the end-to-end demo (README's main job)")
+    add_demo_arguments(demo)
     return parser
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float = 1.0) -> None:
+    g = p.add_argument_group("sampling (Hugging Face order: temperature, top-k, top-p, min-p)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--temperature", type=_finite_float, default=temperature, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0: off")
+    g.add_argument("--top-p", type=_finite_float, default=1.0, help="1: off")
+    g.add_argument("--min-p", type=_finite_float, default=0.0, help="0: off")
+    g.add_argument("--seed", type=int, default=0, help="same seed, same answers")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

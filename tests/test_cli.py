@@ -134,3 +134,62 @@ def test_resume_from_checkpoint(tmp_path, model_dir, data_file, capsys):
     assert (out_dir / "checkpoint-2" / "adapter_model.safetensors").is_file()
     assert main(common + ["--max-steps", "3", "--resume-from-checkpoint"]) == 0
     assert "trained 3 steps" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, model_dir, data_file):
+    out = tmp_path_factory.mktemp("trained") / "adapter"
+    assert main(["train", "--data", str(data_file), "--output-dir", str(out), "--model", str(model_dir),
+                 "--max-steps", "1", "--batch-size", "2", "--lora-r", "4", "--save-steps", "100",
+                 "--max-length", "64"]) == 0
+    return out
+
+
+def test_generate_side_by_side(adapter_dir, capsys):
+    capsys.readouterr()
+    prompts = ["What is the capital of France?", "Describe the dog."]
+    assert main(["generate", "--adapter", str(adapter_dir), "--prompt", prompts[0], "--prompt", prompts[1],
+                 "--max-new-tokens", "6", "--temperature", "0", "--compare"]) == 0
+    out = capsys.readouterr().out
+    for prompt in prompts:
+        assert f">>> {prompt}" in out
+    assert out.count("base model") == 2 and out.count("Q-Adapter") == 2
+
+
+def test_generate_streams_one_prompt_reproducibly(adapter_dir, capsys):
+    argv = ["generate", "--adapter", str(adapter_dir), "--prompt", "Name a fast animal.", "--max-new-tokens", "8",
+            "--top-p", "0.9", "--seed", "5"]
+    capsys.readouterr()
+    outputs = []
+    for two_pass in (False, False, True):
+        assert main(argv + (["--two-pass"] if two_pass else [])) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2]  # same seed; both decoding schemes sample alike
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--top-p", "1.5"], "top_p"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-k", "-3"], "top_k"),
+])
+def test_generate_user_errors_exit_2(adapter_dir, capsys, extra, message):
+    err = run_error(capsys, ["generate", "--adapter", str(adapter_dir), "--prompt", "hi", *extra])
+    assert message in err
+
+
+def test_generate_needs_an_adapter_folder(tmp_path, capsys):
+    err = run_error(capsys, ["generate", "--adapter", str(tmp_path), "--prompt", "hi"])
+    assert "qadapter_config.json" in err
+
+
+def test_demo_runs_end_to_end(tmp_path, model_dir, capsys):
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--model", str(model_dir), "--output-dir", str(out_dir), "--max-steps", "2",
+                 "--batch-size", "2", "--prompts", "2", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    for phase in ("base model: answers to 2 held-out prompts", "held-out pair accuracy before training",
+                  "training the Q-Adapter: 2 steps", "held-out pair accuracy after training",
+                  "Q-Adapter: answers to the same prompts", "summary", "total"):
+        assert phase in out, phase
+    assert out.count(">>> ") == 2
+    assert (out_dir / "adapter_model.safetensors").is_file() and (out_dir / "qadapter_config.json").is_file()

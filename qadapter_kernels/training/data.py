@@ -26,6 +26,7 @@ __all__ = [
     "PreferenceDataset",
     "PreferenceExample",
     "TokenizedPair",
+    "encode_prompt",
     "load_preferences",
     "shipped_data_path",
     "tokenize_preference",
@@ -174,13 +175,28 @@ def _render(tokenizer, messages: list[Message], add_generation_prompt: bool) -> 
     return _with_one_bos(tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer)
 
 
+def encode_prompt(prompt: Turns, tokenizer) -> list[int]:
+    """The token ids of a prompt exactly as training sees it before a response.
+
+    With a chat template: the conversation (a plain string becomes one user turn) rendered with
+    ``add_generation_prompt=True``, one BOS. Without: the text with one BOS when the tokenizer
+    uses one. Generation feeds these ids, so the adapter decodes from the states it was trained on.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return _render(tokenizer, messages, add_generation_prompt=True)
+    if not isinstance(prompt, str):
+        raise ValueError("conversational prompts need a tokenizer with a chat template")
+    return _with_one_bos(tokenizer(prompt, add_special_tokens=False)["input_ids"], tokenizer)
+
+
 def _chat_tokens(example: PreferenceExample, tokenizer) -> tuple[list[int], list[int], list[int]]:
     if example.conversational:
         prompt, responses = example.prompt, (example.chosen, example.rejected)
     else:  # plain strings become one user turn and one assistant turn
         prompt = [{"role": "user", "content": example.prompt}]
         responses = ([{"role": "assistant", "content": r}] for r in (example.chosen, example.rejected))
-    prompt_ids = _render(tokenizer, prompt, add_generation_prompt=True)
+    prompt_ids = encode_prompt(prompt, tokenizer)
     out = [prompt_ids]
     for response in responses:
         full = _render(tokenizer, [*prompt, *response], add_generation_prompt=False)
@@ -201,7 +217,7 @@ def _plain_tokens(example: PreferenceExample, tokenizer) -> tuple[list[int], lis
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    prompt_ids = _with_one_bos(encode(example.prompt), tokenizer)
+    prompt_ids = encode_prompt(example.prompt, tokenizer)
     # Responses end with EOS so that the model learns where an answer stops.
     return prompt_ids, encode(example.chosen) + eos, encode(example.rejected) + eos
 

@@ -218,6 +218,56 @@ class QAdapterModel(torch.nn.Module):
         which batch columns to keep (``loss_mask`` included)."""
         return self.compute_loss(input_ids, attention_mask, loss_mask)
 
+    # ------------------------------------------------------------------ decoding
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 64, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
+                 top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
+                 generator: torch.Generator | int | None = None, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, stop_strings: str | list[str] | None = None, tokenizer=None,
+                 two_pass: bool = False, adapter: bool = True, streamer=None) -> torch.Tensor:
+        """Samples from the customised policy ``(Q + alpha_0 * log_softmax(L)) / alpha_tilde``.
+
+        Returns ``[B, T + n]`` token ids like transformers' ``generate``: the prompt (with its
+        padding) then the n <= ``max_new_tokens`` new tokens; a row that ended (EOS or a stop
+        string) is filled with ``pad_token_id`` while the others go on. Each token costs ONE
+        forward over a mixed batch of 2B rows (adapter rows and peft ``"__base__"`` rows, one KV
+        cache), then ``combined_sample_from_hidden`` on the last hidden states, so neither logits
+        row is ever stored.
+
+        Args:
+            input_ids, attention_mask: ``[B, T]`` prompts, left-padded (mask 0 on the padding).
+            temperature, top_k, top_p, min_p: as ``qk.combined_sample`` (applied in Hugging Face's
+                order; temperature 0 is greedy); Python scalars or per-row ``[B]`` tensors.
+            generator: a ``torch.Generator`` or an int seed: the same seed gives the same tokens.
+            eos_token_id, pad_token_id: default to the model's generation config (else its config,
+                else ``tokenizer``'s); a row stops after any EOS id.
+            stop_strings: a row also stops once its generated text contains one of these (needs
+                ``tokenizer``); the tokens that completed it are kept, as in transformers.
+            two_pass: the authors' scheme instead (a forward with the adapter and one without per
+                token, two KV caches); same distribution, for comparison.
+            adapter: False samples from the base model alone (adapter off), for side-by-side comparisons.
+            streamer: an object with ``put(ids)`` and ``end()`` (e.g. ``transformers.TextStreamer``)
+                that receives the prompt, then each step's new tokens ``[B]``.
+        """
+        from ..decoding import generate
+
+        return generate(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, min_p, generator,
+                        eos_token_id, pad_token_id, stop_strings, tokenizer, two_pass, adapter, streamer)
+
+    def generate_text(self, tokenizer, prompts: str | list, **kwargs) -> str | list[str]:
+        """``generate`` with strings: prompt(s) in, the new text(s) out.
+
+        ``prompts``: a string, a conversation (list of ``{"role", "content"}``), or a list of those.
+        Each is encoded as training encodes prompts (``training.data.encode_prompt``: the chat
+        template with the generation prompt when the tokenizer has one), left-padded into one batch.
+        The new tokens are decoded without special tokens and cut before the first stop string.
+        ``kwargs``: those of ``generate``.
+        """
+        from ..decoding import generate_text
+
+        return generate_text(self, tokenizer, prompts, **kwargs)
+
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Called by ``transformers.Trainer`` for ``gradient_checkpointing=True``."""
         self.base_causal_lm.activation_checkpointing_enable(**kwargs)

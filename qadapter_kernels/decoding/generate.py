@@ -1,0 +1,197 @@
+"""Q-Adapter generation: one batched forward per token and the fused combined-logit sampler.
+
+The customised policy samples from ``(Q + alpha_0 * log_softmax(L)) / alpha_tilde`` (DESIGN.md
+§2): Q from the model with the adapter on, L with it off. By default each token costs one
+forward over a mixed batch (adapter rows and base rows, one KV cache; ``streams.py``), then
+``combined_sample_from_hidden`` reads the LM head once for both streams; no logits row is stored.
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from ..sampling import as_generator, check_sampling_parameters, combined_sample_from_hidden
+from .cpu_linear import few_row_linears
+from .streams import BaseOnlyStreams, MixedBatchStreams, TwoPassStreams
+
+__all__ = ["generate", "generate_text"]
+
+
+def _check_prompt(input_ids, attention_mask, vocab: int) -> torch.Tensor:
+    """Validates the prompt batch; returns the attention mask (all ones when None)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a LongTensor [B, T], got {type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [B, T] with B, T >= 1, got {list(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must match input_ids {list(input_ids.shape)}, got {shape}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
+    mask = attention_mask.long()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    # Left padding: zeros, then ones, at least one. A right-padded row would be decoded from a pad.
+    if not bool((mask[:, -1] == 1).all() and (mask.diff(dim=1) >= 0).all()):
+        raise ValueError("attention_mask must be left-padded (0s before 1s, every row ending in a real token); "
+                         "tokenize batched prompts with padding_side='left'")
+    real = input_ids[mask.bool()]
+    if bool(((real < 0) | (real >= vocab)).any()):
+        raise ValueError(f"input_ids must lie in [0, {vocab}) where attention_mask is 1")
+    return mask
+
+
+def _token_ids(name: str, value) -> list[int]:
+    values = [value] if isinstance(value, numbers.Integral) else list(value)
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise TypeError(f"{name} must be a token id >= 0 or a list of them, got {value!r}")
+    return [int(v) for v in values]
+
+
+def _special_ids(model, tokenizer, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
+    """EOS ids and the pad id: given, else the model's generation config, else its config, else the tokenizer's."""
+    sources = [getattr(model.base_causal_lm, "generation_config", None), model.base_causal_lm.config, tokenizer]
+
+    def first(field):
+        return next((getattr(s, field) for s in sources if getattr(s, field, None) is not None), None)
+
+    eos = _token_ids("eos_token_id", eos_token_id if eos_token_id is not None else (first("eos_token_id") or []))
+    pad = pad_token_id if pad_token_id is not None else first("pad_token_id")
+    if pad is None and eos:
+        pad = eos[0]
+    if pad is not None:
+        pad = _token_ids("pad_token_id", pad)[0]
+    return eos, pad
+
+
+class _StopStrings:
+    """Finds rows whose generated text contains a stop string (looking at its last tokens only).
+
+    The text is the visible one (special tokens skipped), the text ``generate_text`` returns:
+    special tokens end a row through ``eos_token_id``.
+    """
+
+    def __init__(self, stop_strings, tokenizer):
+        strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+        if not strings or not all(isinstance(s, str) and s for s in strings):
+            raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stop_strings!r}")
+        if tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer= to turn tokens into text")
+        self.strings, self._tokenizer = strings, tokenizer
+        # A token decodes to at least one character or to bytes completed by the next one or two.
+        self._window = max(map(len, strings)) + 4
+
+    def hits(self, generated: torch.Tensor, rows: list[int]) -> list[int]:
+        tails = generated[rows, -self._window:].tolist()
+        texts = self._tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return [row for row, text in zip(rows, texts) if any(s in text for s in self.strings)]
+
+    def cut(self, text: str) -> str:
+        """``text`` up to its first stop string (excluded)."""
+        ends = [i for i in (text.find(s) for s in self.strings) if i >= 0]
+        return text[: min(ends)] if ends else text
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 64,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    min_p: float | torch.Tensor = 0.0,
+    generator: torch.Generator | int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: str | Sequence[str] | None = None,
+    tokenizer=None,
+    two_pass: bool = False,
+    adapter: bool = True,
+    streamer=None,
+) -> torch.Tensor:
+    """Samples continuations from a ``QAdapterModel``'s customised policy; see ``QAdapterModel.generate``."""
+    head = model.lm_head
+    weight, bias = head.weight, getattr(head, "bias", None)
+    mask = _check_prompt(input_ids, attention_mask, weight.shape[0])
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    rows, device = input_ids.shape[0], input_ids.device
+    check_sampling_parameters(rows, device, temperature, top_k, top_p, min_p)
+    generator = as_generator(generator, device)  # one generator for all steps: a seed is drawn from once
+    stops = _StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
+    eos, pad = _special_ids(model, tokenizer, eos_token_id, pad_token_id)
+    if pad is None and stops is not None:
+        raise ValueError("pad_token_id is needed to fill rows that stop early, and the model defines none")
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise TypeError("streamer must have put(token_ids) and end() methods (transformers' BaseStreamer)")
+    for name, flag in (("two_pass", two_pass), ("adapter", adapter)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    streams_cls = (TwoPassStreams if two_pass else MixedBatchStreams) if adapter else BaseOnlyStreams
+    # Without the adapter the "combined" policy is the base policy: Q = L, alpha_0 = 0, alpha_tilde = 1.
+    alphas = (model.qadapter_config.alpha_tilde, model.qadapter_config.alpha_0) if adapter else (1.0, 0.0)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+
+    was_training = model.training
+    model.eval()  # peft refuses mixed-adapter batches in training mode; dropout off
+    try:
+        with few_row_linears(model.base_causal_lm), streams_cls(model, rows) as streams:
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = streams.step(input_ids, mask, positions)
+            unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+            new_tokens = []
+            for step in range(max_new_tokens):
+                tokens = combined_sample_from_hidden(
+                    *(h.to(weight.dtype) for h in hidden), weight, bias, *alphas, temperature, top_k, top_p, min_p,
+                    generator)
+                if pad is not None:
+                    tokens = torch.where(unfinished, tokens, pad)
+                new_tokens.append(tokens)
+                if streamer is not None:
+                    streamer.put(tokens.cpu())
+                unfinished &= ~torch.isin(tokens, eos_ids)
+                if stops is not None:
+                    live = unfinished.nonzero().flatten().tolist()
+                    unfinished[stops.hits(torch.stack(new_tokens, 1), live)] = False
+                if step + 1 == max_new_tokens or not bool(unfinished.any()):
+                    break
+                mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
+                positions = positions[:, -1:] + 1
+                hidden = streams.step(tokens[:, None], mask, positions)
+    finally:
+        model.train(was_training)
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([input_ids, torch.stack(new_tokens, 1)], 1)
+
+
+def generate_text(model, tokenizer, prompts: str | Sequence, *, stop_strings: str | Sequence[str] | None = None,
+                  skip_special_tokens: bool = True, **kwargs) -> str | list[str]:
+    """Strings in, strings out; see ``QAdapterModel.generate_text``."""
+    from ..training.data import encode_prompt
+
+    single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+    batch = [prompts] if single else list(prompts)
+    if not batch:
+        raise ValueError("prompts must not be empty")
+    encoded = [encode_prompt(p, tokenizer) for p in batch]
+    _, pad = _special_ids(model, tokenizer, kwargs.get("eos_token_id"), kwargs.get("pad_token_id"))
+    width = max(map(len, encoded))
+    device = model.lm_head.weight.device
+    input_ids = torch.tensor([[pad or 0] * (width - len(e)) + e for e in encoded], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+    out = generate(model, input_ids, attention_mask, stop_strings=stop_strings, tokenizer=tokenizer, **kwargs)
+    texts = tokenizer.batch_decode(out[:, width:].tolist(), skip_special_tokens=skip_special_tokens)
+    if stop_strings is not None:
+        texts = [_StopStrings(stop_strings, tokenizer).cut(t) for t in texts]
+    return texts[0] if single else texts

@@ -1,0 +1,84 @@
+"""Q-Adapter decoding inside plain ``transformers`` ``generate``, as a logits processor."""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, LogitsProcessor
+
+from .._checks import check_alphas
+from ..sampling import combined_logits
+from .streams import cache_keyword
+
+__all__ = ["QAdapterLogitsProcessor"]
+
+
+class QAdapterLogitsProcessor(LogitsProcessor):
+    """Turns the adapter's logits Q into the customised policy's logits during ``generate``.
+
+    Run transformers' ``generate`` on the model with the adapter ON (``qmodel.peft_model``): the
+    ``scores`` it hands to processors are then Q. The processor runs the base model over the
+    tokens that are new since its last call, with its own KV cache, and returns
+    ``combined_logits(Q, L) = (Q + alpha_0 * log_softmax(L)) / alpha_tilde``. Processors given
+    to ``generate`` run before its temperature / top-k / top-p / min-p warpers, so those then
+    filter the combined policy in Hugging Face's order (DESIGN.md §2)::
+
+        processor = QAdapterLogitsProcessor(qmodel, attention_mask=batch["attention_mask"])
+        qmodel.peft_model.generate(**batch, logits_processor=[processor], do_sample=True, top_p=0.9)
+
+    ``base``: a ``QAdapterModel`` (its base pass is its own model with the adapter switched off;
+    alphas default to its config) or any causal LM to use as pi_1 (alphas default to 1.0, 0.01).
+    ``attention_mask``: the prompt's mask, needed for left-padded batches (None: no padding).
+
+    Limits: one processor per ``generate`` call (it holds that call's cache); greedy or
+    multinomial sampling only (no beam search, assisted or contrastive decoding,
+    ``num_return_sequences`` > 1); processors that transformers puts before custom ones
+    (repetition penalty, bad words...) act on Q, not on the combined logits. Each token costs
+    two forward passes and two full logits rows: ``QAdapterModel.generate`` does it in one.
+    """
+
+    def __init__(self, base, alpha_tilde: float | None = None, alpha_0: float | None = None,
+                 attention_mask: torch.Tensor | None = None):
+        config = getattr(base, "qadapter_config", None)
+        self._qadapter = base if config is not None else None
+        self._causal_lm = base.base_causal_lm if config is not None else base
+        if not callable(getattr(self._causal_lm, "get_output_embeddings", None)):
+            raise TypeError(f"base must be a QAdapterModel or a causal LM, got {type(base).__name__}")
+        self.alpha_tilde, self.alpha_0 = check_alphas(
+            alpha_tilde if alpha_tilde is not None else (config.alpha_tilde if config else 1.0),
+            alpha_0 if alpha_0 is not None else (config.alpha_0 if config else 0.01))
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
+            raise ValueError("attention_mask must be the prompt's [B, T] mask or None")
+        self._prompt_mask = attention_mask
+        self._keyword = cache_keyword(self._causal_lm)
+        self._cache = None
+        self._mask = None
+        self._seen = 0
+
+    def _base_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows, length = input_ids.shape
+        if self._cache is None:
+            mask = self._prompt_mask if self._prompt_mask is not None else torch.ones_like(input_ids)
+            if mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {list(mask.shape)} does not match the prompt {list(input_ids.shape)}")
+            self._cache = DynamicCache(config=self._causal_lm.config)
+            self._mask = mask.to(input_ids.device).long()
+            positions = (self._mask.cumsum(-1) - 1).clamp(min=0)
+        else:
+            if rows != self._mask.shape[0] or length <= self._seen:
+                raise ValueError("a QAdapterLogitsProcessor serves one generate call with a fixed batch (no beam "
+                                 "search or num_return_sequences > 1): create a new one per call")
+            last = self._mask.sum(-1, keepdim=True) - 1
+            self._mask = torch.cat([self._mask, self._mask.new_ones(rows, length - self._seen)], 1)
+            positions = last + torch.arange(1, length - self._seen + 1, device=input_ids.device)
+        new = input_ids[:, self._seen:]
+        self._seen = length
+        kwargs = dict(attention_mask=self._mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                      **{self._keyword: self._cache})
+        if self._qadapter is None:
+            return self._causal_lm(new, **kwargs).logits[:, -1]
+        with self._qadapter.peft_model.disable_adapter():
+            return self._causal_lm(new, **kwargs).logits[:, -1]
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        base_logits = self._base_logits(input_ids)
+        return combined_logits(scores, base_logits.to(scores.dtype), self.alpha_tilde, self.alpha_0)

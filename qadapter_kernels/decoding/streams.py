@@ -1,0 +1,85 @@
+"""How a decoding step gets the last hidden states of the two streams (adapter on, adapter off).
+
+Each class holds the KV cache(s) of one ``generate`` call and is used as a context manager
+around the whole loop. ``step`` takes the tokens new since the last step ([B, n]: the prompt
+at the first step, one token after that), the attention mask over everything so far and the
+positions of the new tokens, and returns ``(adapter_hidden, base_hidden)``, each [B, H]: the
+decoder's final (normalised) hidden states at the last position, which the LM head reads.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+def cache_keyword(decoder: torch.nn.Module) -> str:
+    # transformers renamed the decoders' ``past_key_values`` argument to ``cache``.
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+class _Streams(contextlib.ExitStack):
+    def __init__(self, model, caches: int):
+        super().__init__()
+        self._decoder = model.decoder
+        self._keyword = cache_keyword(self._decoder)
+        self._caches = [DynamicCache(config=model.base_causal_lm.config) for _ in range(caches)]
+        self._peft_model = model.peft_model
+
+    def _last_hidden(self, cache: int, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        out = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=True, **{self._keyword: self._caches[cache]})
+        return out[0][:, -1]
+
+    def _base_hidden(self, cache: int, *inputs) -> torch.Tensor:
+        with self._peft_model.disable_adapter():
+            return self._last_hidden(cache, *inputs)
+
+
+class MixedBatchStreams(_Streams):
+    """Both streams in ONE forward over 2B rows and one KV cache.
+
+    Rows 0..B-1 run with the adapter, rows B..2B-1 as peft's ``"__base__"``: the two passes share
+    every weight but the LoRA deltas, so each weight is read once per token instead of twice.
+    """
+
+    def __init__(self, model, rows: int):
+        super().__init__(model, caches=1)
+        self._rows = rows
+        self._names = [model.peft_model.active_adapter] * rows + [BASE_ADAPTER_NAME] * rows
+
+    def __enter__(self):
+        super().__enter__()
+        # The hooks that route each row through its adapter are registered once for the whole loop.
+        self.enter_context(self._peft_model._enable_peft_forward_hooks(adapter_names=self._names))
+        return self
+
+    def step(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        both = (torch.cat([t, t]) for t in (input_ids, attention_mask, position_ids))
+        hidden = self._last_hidden(0, *both)
+        return hidden[: self._rows], hidden[self._rows:]
+
+
+class TwoPassStreams(_Streams):
+    """The authors' scheme: a forward with the adapter and one without, each with its own cache."""
+
+    def __init__(self, model, rows: int):
+        super().__init__(model, caches=2)
+
+    def step(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._last_hidden(0, *inputs), self._base_hidden(1, *inputs)
+
+
+class BaseOnlyStreams(_Streams):
+    """The base model alone (adapter off); both "streams" are its hidden states."""
+
+    def __init__(self, model, rows: int):
+        super().__init__(model, caches=1)
+
+    def step(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self._base_hidden(0, *inputs)
+        return hidden, hidden

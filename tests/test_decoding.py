@@ -226,6 +226,7 @@ def test_generate_restores_the_training_mode(model):
     (dict(input_ids=torch.tensor([1, 2])), ValueError, "input_ids"),
     (dict(input_ids=torch.tensor([[1, 96]])), ValueError, "input_ids"),
     (dict(input_ids=torch.tensor([[1, -1]])), ValueError, "input_ids"),
+    (dict(input_ids=torch.zeros(1, 3, dtype=torch.long, device="meta")), ValueError, "input_ids"),
     (dict(attention_mask=torch.tensor([[1, 1, 0]])), ValueError, "left-padded"),
     (dict(attention_mask=torch.tensor([[1, 1]])), ValueError, "attention_mask"),
     (dict(attention_mask=torch.tensor([[0, 2, 1]])), ValueError, "attention_mask"),

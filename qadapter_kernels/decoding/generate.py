@@ -19,14 +19,17 @@ from .streams import BaseOnlyStreams, MixedBatchStreams, TwoPassStreams
 __all__ = ["generate", "generate_text"]
 
 
-def _check_prompt(input_ids, attention_mask, vocab: int) -> torch.Tensor:
-    """Validates the prompt batch; returns the attention mask (all ones when None)."""
+def _check_prompt(input_ids, attention_mask, weight: torch.Tensor) -> torch.Tensor:
+    """Validates the prompt batch against the LM head ``weight``; returns the attention mask (all ones when None)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a LongTensor [B, T], got {type(input_ids).__name__}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [B, T] with B, T >= 1, got {list(input_ids.shape)}")
+    if input_ids.device != weight.device:
+        raise ValueError(f"input_ids is on {input_ids.device}, the model on {weight.device}")
+    vocab = weight.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
@@ -120,7 +123,7 @@ def generate(
     """Samples continuations from a ``QAdapterModel``'s customised policy; see ``QAdapterModel.generate``."""
     head = model.lm_head
     weight, bias = head.weight, getattr(head, "bias", None)
-    mask = _check_prompt(input_ids, attention_mask, weight.shape[0])
+    mask = _check_prompt(input_ids, attention_mask, weight)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     rows, device = input_ids.shape[0], input_ids.device

@@ -33,7 +33,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("--model", help="local transformers folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--output-dir", help="where the trained adapter is saved (default: a temporary folder)")
-    p.add_argument("--prompts", type=_positive_int, default=4, help="held-out prompts answered (default 4)")
+    p.add_argument("--prompts", type=_positive_int, default=6, help="held-out prompts answered (default 6)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=40)
     # The authors' lr, beta and alphas, without their length normalisation: dividing the scores
     # by T - 1 shrinks the preference term so much that 40 steps barely move it.

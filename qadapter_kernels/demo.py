@@ -87,6 +87,7 @@ class _TokenBar:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import torch
     import transformers
 
     from .training.data import PreferenceCollator
@@ -127,7 +128,7 @@ def run_demo(args: argparse.Namespace) -> int:
         output_dir=output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, seed=args.seed,
         logging_steps=max(args.max_steps // 4, 1), save_strategy="no", report_to=[], remove_unused_columns=False,
-        dataloader_num_workers=0)
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
     trainer = QAdapterTrainer(model=model, args=training_args, train_dataset=train_set, data_collator=collator)
     phases.run(f"training the Q-Adapter: {args.max_steps} steps x {args.batch_size} pairs", trainer.train)
     model.save_pretrained(output_dir)

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qadapter_kernels import QAdapterLogitsProcessor, reference
 from qadapter_kernels.decoding.cpu_linear import few_row_linears
+from qadapter_kernels.decoding.generate import _special_ids
 from qadapter_kernels.training.data import encode_prompt
 from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
 from training_helpers import tiny_tokenizer
@@ -129,6 +130,16 @@ def test_eos_stops_each_row_on_its_own(model):
     assert len(new[0]) == max(map(len, expected))  # the batch ends when every row has ended
     for row, want in enumerate(expected):
         assert new[row] == want + [PAD] * (len(new[row]) - len(want)), row
+
+
+def test_eos_id_zero_from_the_generation_config_is_kept(model):
+    config = model.base_causal_lm.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = 0  # a valid id, though falsy
+    try:
+        assert _special_ids(model, None, None, None) == ([0], PAD)
+    finally:
+        config.eos_token_id = saved
 
 
 def test_stop_strings_end_a_row_and_are_cut_from_the_text():

@@ -64,7 +64,9 @@ def _special_ids(model, tokenizer, eos_token_id, pad_token_id) -> tuple[list[int
     def first(field):
         return next((getattr(s, field) for s in sources if getattr(s, field, None) is not None), None)
 
-    eos = _token_ids("eos_token_id", eos_token_id if eos_token_id is not None else (first("eos_token_id") or []))
+    if eos_token_id is None:
+        eos_token_id = first("eos_token_id")
+    eos = _token_ids("eos_token_id", eos_token_id) if eos_token_id is not None else []
     pad = pad_token_id if pad_token_id is not None else first("pad_token_id")
     if pad is None and eos:
         pad = eos[0]

@@ -14,7 +14,7 @@ import torch
 
 from ..sampling import as_generator, check_sampling_parameters, combined_sample_from_hidden
 from .cpu_linear import few_row_linears
-from .streams import BaseOnlyStreams, MixedBatchStreams, TwoPassStreams
+from .streams import BaseOnlyStreams, MixedBatchStreams, TwoPassStreams, prompt_positions
 
 __all__ = ["generate", "generate_text"]
 
@@ -92,8 +92,9 @@ class _StopStrings:
         # A token decodes to at least one character or to bytes completed by the next one or two.
         self._window = max(map(len, strings)) + 4
 
-    def hits(self, generated: torch.Tensor, rows: list[int]) -> list[int]:
-        tails = generated[rows, -self._window:].tolist()
+    def hits(self, new_tokens: list[torch.Tensor], rows: list[int]) -> list[int]:
+        """The rows among ``rows`` whose last tokens (``new_tokens``: one [B] tensor per step) hold a stop string."""
+        tails = torch.stack(new_tokens[-self._window:], 1)[rows].tolist()
         texts = self._tokenizer.batch_decode(tails, skip_special_tokens=True)
         return [row for row, text in zip(rows, texts) if any(s in text for s in self.strings)]
 
@@ -151,7 +152,7 @@ def generate(
         with few_row_linears(model.base_causal_lm), streams_cls(model, rows) as streams:
             if streamer is not None:
                 streamer.put(input_ids.cpu())
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            positions = prompt_positions(mask)
             hidden = streams.step(input_ids, mask, positions)
             unfinished = torch.ones(rows, dtype=torch.bool, device=device)
             new_tokens = []
@@ -167,7 +168,7 @@ def generate(
                 unfinished &= ~torch.isin(tokens, eos_ids)
                 if stops is not None:
                     live = unfinished.nonzero().flatten().tolist()
-                    unfinished[stops.hits(torch.stack(new_tokens, 1), live)] = False
+                    unfinished[stops.hits(new_tokens, live)] = False
                 if step + 1 == max_new_tokens or not bool(unfinished.any()):
                     break
                 mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
@@ -190,13 +191,14 @@ def generate_text(model, tokenizer, prompts: str | Sequence, *, stop_strings: st
     if not batch:
         raise ValueError("prompts must not be empty")
     encoded = [encode_prompt(p, tokenizer) for p in batch]
-    _, pad = _special_ids(model, tokenizer, kwargs.get("eos_token_id"), kwargs.get("pad_token_id"))
     width = max(map(len, encoded))
     device = model.lm_head.weight.device
-    input_ids = torch.tensor([[pad or 0] * (width - len(e)) + e for e in encoded], device=device)
+    # The left padding is masked out, so its id does not matter.
+    input_ids = torch.tensor([[0] * (width - len(e)) + e for e in encoded], device=device)
     attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
     out = generate(model, input_ids, attention_mask, stop_strings=stop_strings, tokenizer=tokenizer, **kwargs)
     texts = tokenizer.batch_decode(out[:, width:].tolist(), skip_special_tokens=skip_special_tokens)
     if stop_strings is not None:
-        texts = [_StopStrings(stop_strings, tokenizer).cut(t) for t in texts]
+        stops = _StopStrings(stop_strings, tokenizer)
+        texts = [stops.cut(t) for t in texts]
     return texts[0] if single else texts

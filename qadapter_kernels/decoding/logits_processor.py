@@ -6,7 +6,7 @@ from transformers import DynamicCache, LogitsProcessor
 
 from .._checks import check_alphas
 from ..sampling import combined_logits
-from .streams import cache_keyword
+from .streams import cache_keyword, prompt_positions
 
 __all__ = ["QAdapterLogitsProcessor"]
 
@@ -61,7 +61,7 @@ class QAdapterLogitsProcessor(LogitsProcessor):
                 raise ValueError(f"attention_mask {list(mask.shape)} does not match the prompt {list(input_ids.shape)}")
             self._cache = DynamicCache(config=self._causal_lm.config)
             self._mask = mask.to(input_ids.device).long()
-            positions = (self._mask.cumsum(-1) - 1).clamp(min=0)
+            positions = prompt_positions(self._mask)
         else:
             if rows != self._mask.shape[0] or length <= self._seen:
                 raise ValueError("a QAdapterLogitsProcessor serves one generate call with a fixed batch (no beam "

@@ -17,6 +17,11 @@ from transformers import DynamicCache
 BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded prompt: 0 at each row's first real token (padding gets 0 too)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def cache_keyword(decoder: torch.nn.Module) -> str:
     # transformers renamed the decoders' ``past_key_values`` argument to ``cache``.
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"

@@ -252,8 +252,10 @@ class QAdapterModel(torch.nn.Module):
         """
         from ..decoding import generate
 
-        return generate(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, min_p, generator,
-                        eos_token_id, pad_token_id, stop_strings, tokenizer, two_pass, adapter, streamer)
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, min_p=min_p, generator=generator, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
+                        two_pass=two_pass, adapter=adapter, streamer=streamer)
 
     def generate_text(self, tokenizer, prompts: str | list, **kwargs) -> str | list[str]:
         """``generate`` with strings: prompt(s) in, the new text(s) out.

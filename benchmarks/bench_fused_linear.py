@@ -42,6 +42,7 @@ import qadapter_kernels as qk
 from qadapter_kernels import reference
 from qadapter_kernels.fused_linear import DEFAULT_TILE_BUDGET_MB
 from runner import (
+    DTYPES,
     BenchResult,
     add_common_arguments,
     default_out_dir,
@@ -49,6 +50,7 @@ from runner import (
     measure_peak_memory,
     measure_time,
     save_results,
+    shapes_argument,
 )
 
 Shape = tuple[int, int, int, int]  # (2B, T, H, V)
@@ -57,7 +59,6 @@ Inputs = tuple[torch.Tensor, ...]  # adapter_hidden, base_hidden, W, input_ids, 
 CPU_SHAPES: list[Shape] = [(2, 512, 576, 49152), (2, 64, 4096, 128256)]
 GPU_SHAPES: list[Shape] = [(2, 512, 576, 49152), (2, 512, 4096, 128256), (8, 1024, 4096, 128256)]
 QUICK_SHAPES: list[Shape] = [(2, 64, 64, 4096)]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EAGER, COMPILE, MATMUL, FUSED = "authors_eager", "authors_compile", "matmul_only", "qadapter_kernels"
 HEAVY_FLOP = 1e11  # GEMM FLOPs of one fwd+bwd above which CPU runs use few reps
 
@@ -221,18 +222,10 @@ def target_lines(results: list[BenchResult], device: str) -> list[str]:
     return lines
 
 
-def parse_shapes(text: str) -> list[Shape]:
-    """``2x512x576x49152,2x512x4096x128256`` -> list of (2B, T, H, V)."""
-    shapes = [tuple(int(n) for n in s.split("x")) for s in text.split(",") if s]
-    if any(len(s) != 4 for s in shapes):
-        raise argparse.ArgumentTypeError(f"shapes are 2BxTxHxV, got {text!r}")
-    return shapes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, "one tiny shape (a smoke run, seconds)", "CPU: timed calls (default 10, 3 for heavy shapes); CUDA: do_bench ms budget (default 100)")
-    parser.add_argument("--shapes", type=parse_shapes, help="comma-separated 2BxTxHxV")
+    parser.add_argument("--shapes", type=shapes_argument("2BxTxHxV"), help="comma-separated 2BxTxHxV")
     parser.add_argument("--dtypes", help="comma-separated, from " + ",".join(DTYPES))
     parser.add_argument("--weight-grad", action="store_true", help="W requires grad too (default: frozen head)")
     parser.add_argument("--warmup", type=int, help="CPU: untimed calls after the agreement check (default 1, 0 for heavy shapes)")

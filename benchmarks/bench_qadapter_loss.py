@@ -20,6 +20,7 @@ import torch
 import qadapter_kernels as qk
 from qadapter_kernels import reference
 from runner import (
+    DTYPES,
     BenchResult,
     add_common_arguments,
     achieved_gbps,
@@ -29,6 +30,7 @@ from runner import (
     measure_peak_memory,
     measure_time,
     save_results,
+    shapes_argument,
 )
 
 Shape = tuple[int, int, int]
@@ -37,7 +39,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torc
 CPU_SHAPES: list[Shape] = [(2, 512, 32000), (2, 512, 128256)]
 GPU_SHAPES: list[Shape] = [*CPU_SHAPES, (8, 1024, 128256)]
 QUICK_SHAPES: list[Shape] = [(2, 64, 4096)]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FUSED = "qadapter_kernels"
 
 # The issue's targets: (device type, shape, dtype, provider, column, bound, at most?).
@@ -163,18 +164,10 @@ def target_lines(results: list[BenchResult], device: str) -> list[str]:
     return lines
 
 
-def parse_shapes(text: str) -> list[Shape]:
-    """``2x512x32000,8x1024x128256`` -> list of (2B, T, V)."""
-    shapes = [tuple(int(n) for n in s.split("x")) for s in text.split(",") if s]
-    if any(len(s) != 3 for s in shapes):
-        raise argparse.ArgumentTypeError(f"shapes are 2BxTxV, got {text!r}")
-    return shapes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, "one tiny shape (the CI profiling pass)", "CPU: timed calls (default 10); CUDA: do_bench ms budget (default 100)")
-    parser.add_argument("--shapes", type=parse_shapes, help="comma-separated 2BxTxV")
+    parser.add_argument("--shapes", type=shapes_argument("2BxTxV"), help="comma-separated 2BxTxV")
     parser.add_argument("--dtypes", help="comma-separated, from " + ",".join(DTYPES))
     args = parser.parse_args()
 

@@ -52,6 +52,7 @@ from transformers.generation.logits_process import (
 import qadapter_kernels as qk
 from qadapter_kernels import reference
 from runner import (
+    DTYPES,
     BenchResult,
     add_common_arguments,
     achieved_gbps,
@@ -62,7 +63,6 @@ from runner import (
     save_results,
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HF, SORT, FUSED, FLASHINFER = "hf", "torch_sort", "qadapter_kernels", "flashinfer"
 HF_HIDDEN, FROM_HIDDEN = "hf_from_hidden", "from_hidden"
 DEFAULT_PARAMS = "top_p=0.9"

@@ -46,6 +46,7 @@ from qadapter_kernels import fused_linear_qadapter_loss, reference
 from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
 from models import build_model, random_llama_kwargs, smollm2_folder
 from runner import (
+    DTYPES,
     BenchResult,
     add_common_arguments,
     default_out_dir,
@@ -56,7 +57,6 @@ from runner import (
 )
 
 FUSED, AUTHORS = "qadapter_kernels", "authors"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEAD_RATIO, STEP_RATIO = "authors/ours head peak", "x authors step"
 TARGET_HEAD_RATIO, TARGET_STEP_RATIO = 5.0, 1.0
 

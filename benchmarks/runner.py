@@ -7,6 +7,7 @@ and prints the markdown table.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -22,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
 _MEMORY_EVENT = "[memory]"  # the profiler's name for one allocation (+bytes) or free (-bytes)
 
@@ -311,6 +313,23 @@ def plot_results(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def shapes_argument(dims: str):
+    """An argparse type for comma-separated shapes such as ``2x512x32000`` whose dimensions are
+    named by ``dims`` (e.g. ``"2BxTxV"``); it returns a list of int tuples."""
+    count = len(dims.split("x"))
+
+    def parse(text: str) -> list[tuple[int, ...]]:
+        try:
+            shapes = [tuple(int(n) for n in s.split("x")) for s in text.split(",") if s]
+        except ValueError:
+            shapes = [()]
+        if not shapes or any(len(s) != count for s in shapes):
+            raise argparse.ArgumentTypeError(f"shapes are {dims}, got {text!r}")
+        return shapes
+
+    return parse
 
 
 def add_common_arguments(parser, quick_help: str, reps_help: str) -> None:

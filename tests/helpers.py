@@ -243,3 +243,19 @@ def run_loss(batch: PairBatch, fn, *, q_dtype=None, grad_seed: int | None = 0, *
     target = out.loss if grad_seed is None else weighted_outputs(out, grad_seed)
     target.backward()
     return out, q.grad
+
+
+def set_arg(name: str, make):
+    """A bad-input case: replaces argument ``name`` of an args dict by ``make(args)``."""
+    def mutate(args):
+        args[name] = make(args)
+    return mutate
+
+
+def poke_arg(name: str, index, value):
+    """A bad-input case: writes ``value`` into (a copy of) argument ``name`` at ``index``."""
+    def mutate(args):
+        t = args[name].clone()
+        t[index] = value
+        args[name] = t
+    return mutate

@@ -8,7 +8,8 @@ import torch
 import qadapter_kernels as qk
 from qadapter_kernels import _backend, reference
 
-from helpers import ALL_BACKENDS, FUSED, assert_close, make_pair_batch, make_rows, requires_cuda
+from helpers import (ALL_BACKENDS, FUSED, assert_close, make_pair_batch, make_rows, poke_arg, requires_cuda,
+                     set_arg)
 
 B, T, V = 2, 6, 13
 # The message names both logits (which one is bad is not known without another pass).
@@ -26,52 +27,38 @@ def rqv_args(device) -> dict:
     return dict(q_logits=q.to(device), base_logits=base.to(device), actions=actions.to(device))
 
 
-def _set(name, make):
-    """A case that replaces argument ``name`` by ``make(args)``."""
-    def mutate(args):
-        args[name] = make(args)
-    return mutate
-
-
-def _poke(name, index, value):
-    """A case that writes ``value`` into argument ``name`` at ``index`` (a copy)."""
-    def mutate(args):
-        t = args[name].clone()
-        t[index] = value
-        args[name] = t
-    return mutate
 
 
 def _meta(name):
-    return _set(name, lambda a: torch.empty_like(a[name], device="meta"))
+    return set_arg(name, lambda a: torch.empty_like(a[name], device="meta"))
 
 
 # name -> (mutation, exception, regex the message must contain)
 COMMON_CASES = {
-    "q_logits not a tensor": (_set("q_logits", lambda a: a["q_logits"].tolist()), TypeError,
+    "q_logits not a tensor": (set_arg("q_logits", lambda a: a["q_logits"].tolist()), TypeError,
                               r"q_logits must be a torch\.Tensor"),
-    "integer q_logits": (_set("q_logits", lambda a: a["q_logits"].long()), TypeError, r"q_logits must be float"),
-    "integer base_logits": (_set("base_logits", lambda a: a["base_logits"].int()), TypeError,
+    "integer q_logits": (set_arg("q_logits", lambda a: a["q_logits"].long()), TypeError, r"q_logits must be float"),
+    "integer base_logits": (set_arg("base_logits", lambda a: a["base_logits"].int()), TypeError,
                             r"base_logits must be float"),
-    "mixed dtypes": (_set("base_logits", lambda a: a["base_logits"].double()), TypeError,
+    "mixed dtypes": (set_arg("base_logits", lambda a: a["base_logits"].double()), TypeError,
                      r"base_logits dtype .* differs from q_logits"),
-    "base_logits shape": (_set("base_logits", lambda a: a["base_logits"][..., :-1]), ValueError,
+    "base_logits shape": (set_arg("base_logits", lambda a: a["base_logits"][..., :-1]), ValueError,
                           r"base_logits must have shape"),
     "base_logits on another device": (_meta("base_logits"), ValueError, r"base_logits is on meta but q_logits is on"),
-    "NaN in q_logits": (_poke("q_logits", (1, 2, 3), float("nan")), ValueError, NONFINITE),
-    "NaN in base_logits": (_poke("base_logits", (0, 0, 0), float("nan")), ValueError, NONFINITE),
-    "+inf in q_logits": (_poke("q_logits", (2, 1, 5), float("inf")), ValueError, NONFINITE),
-    "+inf in base_logits": (_poke("base_logits", (1, 3, 0), float("inf")), ValueError, NONFINITE),
-    "row of -inf in q_logits": (_poke("q_logits", (1, 1), float("-inf")), ValueError, NONFINITE),
-    "row of -inf in base_logits": (_poke("base_logits", (2, 0), float("-inf")), ValueError, NONFINITE),
-    "alpha_tilde = 0": (_set("alpha_tilde", lambda a: 0.0), ValueError, r"alpha_tilde must be in \(0"),
-    "alpha_tilde < 0": (_set("alpha_tilde", lambda a: -1.0), ValueError, r"alpha_tilde must be in \(0"),
-    "alpha_tilde = inf": (_set("alpha_tilde", lambda a: float("inf")), ValueError, r"alpha_tilde must be in"),
-    "alpha_tilde = nan": (_set("alpha_tilde", lambda a: float("nan")), ValueError, r"alpha_tilde must be in"),
-    "alpha_tilde a string": (_set("alpha_tilde", lambda a: "1.0"), TypeError, r"alpha_tilde must be a real number"),
-    "alpha_tilde a bool": (_set("alpha_tilde", lambda a: True), TypeError, r"alpha_tilde must be a real number"),
-    "alpha_0 < 0": (_set("alpha_0", lambda a: -0.01), ValueError, r"alpha_0 must be in \[0"),
-    "bad backend": (_set("backend", lambda a: "cuda"), ValueError, r"backend must be one of"),
+    "NaN in q_logits": (poke_arg("q_logits", (1, 2, 3), float("nan")), ValueError, NONFINITE),
+    "NaN in base_logits": (poke_arg("base_logits", (0, 0, 0), float("nan")), ValueError, NONFINITE),
+    "+inf in q_logits": (poke_arg("q_logits", (2, 1, 5), float("inf")), ValueError, NONFINITE),
+    "+inf in base_logits": (poke_arg("base_logits", (1, 3, 0), float("inf")), ValueError, NONFINITE),
+    "row of -inf in q_logits": (poke_arg("q_logits", (1, 1), float("-inf")), ValueError, NONFINITE),
+    "row of -inf in base_logits": (poke_arg("base_logits", (2, 0), float("-inf")), ValueError, NONFINITE),
+    "alpha_tilde = 0": (set_arg("alpha_tilde", lambda a: 0.0), ValueError, r"alpha_tilde must be in \(0"),
+    "alpha_tilde < 0": (set_arg("alpha_tilde", lambda a: -1.0), ValueError, r"alpha_tilde must be in \(0"),
+    "alpha_tilde = inf": (set_arg("alpha_tilde", lambda a: float("inf")), ValueError, r"alpha_tilde must be in"),
+    "alpha_tilde = nan": (set_arg("alpha_tilde", lambda a: float("nan")), ValueError, r"alpha_tilde must be in"),
+    "alpha_tilde a string": (set_arg("alpha_tilde", lambda a: "1.0"), TypeError, r"alpha_tilde must be a real number"),
+    "alpha_tilde a bool": (set_arg("alpha_tilde", lambda a: True), TypeError, r"alpha_tilde must be a real number"),
+    "alpha_0 < 0": (set_arg("alpha_0", lambda a: -0.01), ValueError, r"alpha_0 must be in \[0"),
+    "bad backend": (set_arg("backend", lambda a: "cuda"), ValueError, r"backend must be one of"),
 }
 
 LOSS_CASES = {
@@ -89,26 +76,26 @@ LOSS_CASES = {
         ValueError, r"T >= 2"),
     "V = 0": (lambda a: a.update({k: a[k][..., :0] for k in ("q_logits", "base_logits")}),
               ValueError, r"q_logits must be \[\.\.\., V\] with V >= 1"),
-    "input_ids shape": (_set("input_ids", lambda a: a["input_ids"][:, 1:]), ValueError, r"input_ids must have shape"),
-    "loss_mask shape": (_set("loss_mask", lambda a: a["loss_mask"][:-2]), ValueError, r"loss_mask must have shape"),
-    "input_ids float": (_set("input_ids", lambda a: a["input_ids"].float()), TypeError,
+    "input_ids shape": (set_arg("input_ids", lambda a: a["input_ids"][:, 1:]), ValueError, r"input_ids must have shape"),
+    "loss_mask shape": (set_arg("loss_mask", lambda a: a["loss_mask"][:-2]), ValueError, r"loss_mask must have shape"),
+    "input_ids float": (set_arg("input_ids", lambda a: a["input_ids"].float()), TypeError,
                         r"input_ids must be an integer"),
-    "loss_mask float": (_set("loss_mask", lambda a: a["loss_mask"].float()), TypeError, r"loss_mask must be a bool"),
-    "input_ids negative": (_poke("input_ids", (3, 4), -100), ValueError, r"input_ids must be token ids in \[0, 13\)"),
-    "input_ids = V": (_poke("input_ids", (0, 2), V), ValueError, r"input_ids must be token ids in \[0, 13\)"),
+    "loss_mask float": (set_arg("loss_mask", lambda a: a["loss_mask"].float()), TypeError, r"loss_mask must be a bool"),
+    "input_ids negative": (poke_arg("input_ids", (3, 4), -100), ValueError, r"input_ids must be token ids in \[0, 13\)"),
+    "input_ids = V": (poke_arg("input_ids", (0, 2), V), ValueError, r"input_ids must be token ids in \[0, 13\)"),
     "input_ids on another device": (_meta("input_ids"), ValueError, r"input_ids is on meta"),
     "loss_mask on another device": (_meta("loss_mask"), ValueError, r"loss_mask is on meta"),
-    "bad variant": (_set("variant", lambda a: "Bellman"), ValueError, r"variant must be one of"),
-    "gamma < 0": (_set("gamma", lambda a: -0.1), ValueError, r"gamma must be in \[0\.0, 1\.0\]"),
-    "gamma > 1": (_set("gamma", lambda a: 1.01), ValueError, r"gamma must be in \[0\.0, 1\.0\]"),
-    "beta < 0": (_set("beta", lambda a: -1e-3), ValueError, r"beta must be in \[0"),
-    "beta = nan": (_set("beta", lambda a: float("nan")), ValueError, r"beta must be in"),
-    "length_norm not a bool": (_set("length_norm", lambda a: 1), TypeError, r"length_norm must be a bool"),
-    "empty mask": (_set("loss_mask", lambda a: torch.zeros_like(a["loss_mask"])), ValueError,
+    "bad variant": (set_arg("variant", lambda a: "Bellman"), ValueError, r"variant must be one of"),
+    "gamma < 0": (set_arg("gamma", lambda a: -0.1), ValueError, r"gamma must be in \[0\.0, 1\.0\]"),
+    "gamma > 1": (set_arg("gamma", lambda a: 1.01), ValueError, r"gamma must be in \[0\.0, 1\.0\]"),
+    "beta < 0": (set_arg("beta", lambda a: -1e-3), ValueError, r"beta must be in \[0"),
+    "beta = nan": (set_arg("beta", lambda a: float("nan")), ValueError, r"beta must be in"),
+    "length_norm not a bool": (set_arg("length_norm", lambda a: 1), TypeError, r"length_norm must be a bool"),
+    "empty mask": (set_arg("loss_mask", lambda a: torch.zeros_like(a["loss_mask"])), ValueError,
                    r"loss_mask scores no token"),
     "-inf Q at a scored action": (
         # bellman scores the action at t = 1 of row 0 (its prompt is shorter than T - 2): x[0, 2]
-        lambda a: _poke("q_logits", (0, 1, int(a["input_ids"][0, 2])), float("-inf"))(a),
+        lambda a: poke_arg("q_logits", (0, 1, int(a["input_ids"][0, 2])), float("-inf"))(a),
         ValueError, r"the loss is not finite: an action at a scored position has a -inf q_logit"),
 }
 
@@ -116,11 +103,11 @@ RQV_CASES = {
     **COMMON_CASES,
     "V = 0": (lambda a: a.update({k: a[k][..., :0] for k in ("q_logits", "base_logits")}),
               ValueError, r"q_logits must be \[\.\.\., V\] with V >= 1"),
-    "actions shape": (_set("actions", lambda a: a["actions"][:, :-1]), ValueError, r"actions must have shape"),
-    "actions float": (_set("actions", lambda a: a["actions"].float()), TypeError, r"actions must be an integer"),
-    "actions negative": (_poke("actions", (1, 2), -1), ValueError, r"actions must be token ids in \[0, 13\)"),
-    "actions = V": (_poke("actions", (2, 3), V), ValueError, r"actions must be token ids in \[0, 13\)"),
-    "actions huge": (_poke("actions", (0, 0), 2**40), ValueError, r"actions must be token ids in \[0, 13\)"),
+    "actions shape": (set_arg("actions", lambda a: a["actions"][:, :-1]), ValueError, r"actions must have shape"),
+    "actions float": (set_arg("actions", lambda a: a["actions"].float()), TypeError, r"actions must be an integer"),
+    "actions negative": (poke_arg("actions", (1, 2), -1), ValueError, r"actions must be token ids in \[0, 13\)"),
+    "actions = V": (poke_arg("actions", (2, 3), V), ValueError, r"actions must be token ids in \[0, 13\)"),
+    "actions huge": (poke_arg("actions", (0, 0), 2**40), ValueError, r"actions must be token ids in \[0, 13\)"),
     "actions on another device": (_meta("actions"), ValueError, r"actions is on meta"),
 }
 

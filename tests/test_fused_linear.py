@@ -29,7 +29,9 @@ from helpers import (
     interpreted,
     make_pair_batch,
     no_interpreter_with_cuda,
+    poke_arg,
     random_weights,
+    set_arg,
     weighted_outputs,
 )
 
@@ -604,20 +606,6 @@ def _valid_args(device="cpu") -> dict:
                 loss_mask=p.loss_mask.to(device), lm_head_bias=p.bias.to(device))
 
 
-def _set(name, make):
-    def mutate(args):
-        args[name] = make(args)
-    return mutate
-
-
-def _poke(name, index, value):
-    def mutate(args):
-        t = args[name].clone()
-        t[index] = value
-        args[name] = t
-    return mutate
-
-
 def _rows(n_rows):
     """input_ids, loss_mask and both hidden states with n_rows rows (consistently)."""
     def mutate(args):
@@ -628,70 +616,70 @@ def _rows(n_rows):
 
 
 def _meta(name):
-    return _set(name, lambda a: torch.empty_like(a[name], device="meta"))
+    return set_arg(name, lambda a: torch.empty_like(a[name], device="meta"))
 
 
 NONFINITE = r"adapter_hidden, base_hidden or lm_head_weight.*NaN"
 BAD_CASES = {  # name -> (mutation, exception, regex the message must contain)
-    "H mismatch": (_set("adapter_hidden", lambda a: torch.randn(2 * BAD_B, BAD_T, BAD_H + 1)), ValueError,
+    "H mismatch": (set_arg("adapter_hidden", lambda a: torch.randn(2 * BAD_B, BAD_T, BAD_H + 1)), ValueError,
                    r"adapter_hidden must be \[2B, T, H\]"),
-    "H mismatch in weight": (_set("lm_head_weight", lambda a: torch.randn(BAD_V, BAD_H + 1)), ValueError,
+    "H mismatch in weight": (set_arg("lm_head_weight", lambda a: torch.randn(BAD_V, BAD_H + 1)), ValueError,
                              r"adapter_hidden must be \[2B, T, H\]"),
-    "base_hidden shape": (_set("base_hidden", lambda a: a["base_hidden"][:, :-1]), ValueError,
+    "base_hidden shape": (set_arg("base_hidden", lambda a: a["base_hidden"][:, :-1]), ValueError,
                           r"base_hidden must have shape"),
     "base_hidden flat while adapter_hidden is not": (
-        _set("base_hidden", lambda a: a["base_hidden"].reshape(-1, BAD_H)), ValueError, r"base_hidden must have shape"),
-    "weight 3-D": (_set("lm_head_weight", lambda a: a["lm_head_weight"][None]), ValueError,
+        set_arg("base_hidden", lambda a: a["base_hidden"].reshape(-1, BAD_H)), ValueError, r"base_hidden must have shape"),
+    "weight 3-D": (set_arg("lm_head_weight", lambda a: a["lm_head_weight"][None]), ValueError,
                    r"lm_head_weight must be \[V, H\]"),
-    "weight 1-D": (_set("lm_head_weight", lambda a: a["lm_head_weight"][:, 0]), ValueError,
+    "weight 1-D": (set_arg("lm_head_weight", lambda a: a["lm_head_weight"][:, 0]), ValueError,
                    r"lm_head_weight must be \[V, H\]"),
-    "weight empty vocabulary": (_set("lm_head_weight", lambda a: a["lm_head_weight"][:0]), ValueError,
+    "weight empty vocabulary": (set_arg("lm_head_weight", lambda a: a["lm_head_weight"][:0]), ValueError,
                                 r"lm_head_weight must be \[V, H\] with V >= 1"),
-    "bias wrong length": (_set("lm_head_bias", lambda a: a["lm_head_bias"][:-1]), ValueError,
+    "bias wrong length": (set_arg("lm_head_bias", lambda a: a["lm_head_bias"][:-1]), ValueError,
                           r"lm_head_bias must have shape"),
-    "bias 2-D": (_set("lm_head_bias", lambda a: a["lm_head_bias"][None]), ValueError, r"lm_head_bias must have shape"),
+    "bias 2-D": (set_arg("lm_head_bias", lambda a: a["lm_head_bias"][None]), ValueError, r"lm_head_bias must have shape"),
     "odd rows": (_rows(2 * BAD_B - 1), ValueError, r"input_ids must hold 2B rows"),
     "hidden rows != input_ids rows": (
-        _set("adapter_hidden", lambda a: torch.cat([a["adapter_hidden"]] * 2)), ValueError,
+        set_arg("adapter_hidden", lambda a: torch.cat([a["adapter_hidden"]] * 2)), ValueError,
         r"adapter_hidden must be \[2B, T, H\]"),
     "flat hidden rows != 2B*T": (
-        _set("adapter_hidden", lambda a: a["adapter_hidden"].reshape(-1, BAD_H)[:-1]), ValueError,
+        set_arg("adapter_hidden", lambda a: a["adapter_hidden"].reshape(-1, BAD_H)[:-1]), ValueError,
         r"adapter_hidden must be \[2B, T, H\]"),
-    "loss_mask shape": (_set("loss_mask", lambda a: a["loss_mask"][:, :-1]), ValueError, r"loss_mask must have shape"),
-    "input_ids >= V": (_poke("input_ids", (1, 3), BAD_V), ValueError, r"input_ids must be token ids in \[0, 13\)"),
-    "input_ids < 0": (_poke("input_ids", (0, 0), -1), ValueError, r"input_ids must be token ids in \[0, 13\)"),
-    "float input_ids": (_set("input_ids", lambda a: a["input_ids"].float()), TypeError, r"input_ids must be an integer"),
-    "integer adapter_hidden": (_set("adapter_hidden", lambda a: a["adapter_hidden"].long()), TypeError,
+    "loss_mask shape": (set_arg("loss_mask", lambda a: a["loss_mask"][:, :-1]), ValueError, r"loss_mask must have shape"),
+    "input_ids >= V": (poke_arg("input_ids", (1, 3), BAD_V), ValueError, r"input_ids must be token ids in \[0, 13\)"),
+    "input_ids < 0": (poke_arg("input_ids", (0, 0), -1), ValueError, r"input_ids must be token ids in \[0, 13\)"),
+    "float input_ids": (set_arg("input_ids", lambda a: a["input_ids"].float()), TypeError, r"input_ids must be an integer"),
+    "integer adapter_hidden": (set_arg("adapter_hidden", lambda a: a["adapter_hidden"].long()), TypeError,
                                r"adapter_hidden must be float"),
-    "integer base_hidden": (_set("base_hidden", lambda a: a["base_hidden"].int()), TypeError,
+    "integer base_hidden": (set_arg("base_hidden", lambda a: a["base_hidden"].int()), TypeError,
                             r"base_hidden must be float"),
-    "integer weight": (_set("lm_head_weight", lambda a: a["lm_head_weight"].long()), TypeError,
+    "integer weight": (set_arg("lm_head_weight", lambda a: a["lm_head_weight"].long()), TypeError,
                        r"lm_head_weight must be float"),
-    "integer bias": (_set("lm_head_bias", lambda a: a["lm_head_bias"].long()), TypeError, r"lm_head_bias must be float"),
-    "hidden not a tensor": (_set("adapter_hidden", lambda a: a["adapter_hidden"].tolist()), TypeError,
+    "integer bias": (set_arg("lm_head_bias", lambda a: a["lm_head_bias"].long()), TypeError, r"lm_head_bias must be float"),
+    "hidden not a tensor": (set_arg("adapter_hidden", lambda a: a["adapter_hidden"].tolist()), TypeError,
                             r"adapter_hidden must be a torch\.Tensor"),
-    "weight dtype": (_set("lm_head_weight", lambda a: a["lm_head_weight"].double()), TypeError,
+    "weight dtype": (set_arg("lm_head_weight", lambda a: a["lm_head_weight"].double()), TypeError,
                      r"lm_head_weight dtype .* differs from adapter_hidden"),
-    "base_hidden dtype": (_set("base_hidden", lambda a: a["base_hidden"].bfloat16()), TypeError,
+    "base_hidden dtype": (set_arg("base_hidden", lambda a: a["base_hidden"].bfloat16()), TypeError,
                           r"base_hidden dtype .* differs from adapter_hidden"),
-    "bias dtype": (_set("lm_head_bias", lambda a: a["lm_head_bias"].double()), TypeError,
+    "bias dtype": (set_arg("lm_head_bias", lambda a: a["lm_head_bias"].double()), TypeError,
                    r"lm_head_bias dtype .* differs from adapter_hidden"),
-    "NaN in adapter_hidden": (_poke("adapter_hidden", (1, 2, 0), float("nan")), ValueError, NONFINITE),
-    "NaN in base_hidden": (_poke("base_hidden", (3, 4, 1), float("nan")), ValueError, NONFINITE),
-    "inf in weight": (_poke("lm_head_weight", (4, 2), float("inf")), ValueError, r"adapter_hidden, base_hidden or "
+    "NaN in adapter_hidden": (poke_arg("adapter_hidden", (1, 2, 0), float("nan")), ValueError, NONFINITE),
+    "NaN in base_hidden": (poke_arg("base_hidden", (3, 4, 1), float("nan")), ValueError, NONFINITE),
+    "inf in weight": (poke_arg("lm_head_weight", (4, 2), float("inf")), ValueError, r"adapter_hidden, base_hidden or "
                       r"lm_head_weight"),
-    "tile_budget_mb 0": (_set("tile_budget_mb", lambda a: 0), ValueError, r"tile_budget_mb must be a positive"),
-    "tile_budget_mb < 0": (_set("tile_budget_mb", lambda a: -1.0), ValueError, r"tile_budget_mb must be a positive"),
-    "tile_budget_mb NaN": (_set("tile_budget_mb", lambda a: float("nan")), ValueError,
+    "tile_budget_mb 0": (set_arg("tile_budget_mb", lambda a: 0), ValueError, r"tile_budget_mb must be a positive"),
+    "tile_budget_mb < 0": (set_arg("tile_budget_mb", lambda a: -1.0), ValueError, r"tile_budget_mb must be a positive"),
+    "tile_budget_mb NaN": (set_arg("tile_budget_mb", lambda a: float("nan")), ValueError,
                            r"tile_budget_mb must be a positive"),
-    "tile_budget_mb bool": (_set("tile_budget_mb", lambda a: True), ValueError, r"tile_budget_mb must be a positive"),
+    "tile_budget_mb bool": (set_arg("tile_budget_mb", lambda a: True), ValueError, r"tile_budget_mb must be a positive"),
     "base_hidden on meta": (_meta("base_hidden"), ValueError, r"base_hidden is on meta but adapter_hidden is on"),
     "weight on meta": (_meta("lm_head_weight"), ValueError, r"lm_head_weight is on meta but adapter_hidden is on"),
     "bias on meta": (_meta("lm_head_bias"), ValueError, r"lm_head_bias is on meta but adapter_hidden is on"),
     "input_ids on meta": (_meta("input_ids"), ValueError, r"input_ids is on meta but"),
-    "empty loss_mask": (_set("loss_mask", lambda a: torch.zeros_like(a["loss_mask"])), ValueError,
+    "empty loss_mask": (set_arg("loss_mask", lambda a: torch.zeros_like(a["loss_mask"])), ValueError,
                         r"loss_mask scores no token"),
-    "bad variant": (_set("variant", lambda a: "dpo"), ValueError, r"variant must be one of"),
+    "bad variant": (set_arg("variant", lambda a: "dpo"), ValueError, r"variant must be one of"),
 }
 
 

@@ -1,0 +1,193 @@
+"""The hyper-parameters of the method and of sampling: one home for their names, defaults and ranges.
+
+Every layer takes them from here: the public ops (as keywords whose signature is generated from
+these fields), the reference, the training config, the command line and ``generate``. A new
+field, or a new default chosen from evidence, is one edit in this file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+
+class RewardVariant(str, enum.Enum):
+    """Which action a position scores and which value bootstraps its reward (docs/DESIGN.md §Reward variants).
+
+    A ``str`` enum: ``RewardVariant("bellman") is RewardVariant.BELLMAN`` and it compares equal to
+    its value, so configs and command lines keep plain strings.
+    """
+
+    BELLMAN = "bellman"
+    OFFICIAL = "official"
+
+    @classmethod
+    def parse(cls, value: object) -> "RewardVariant":
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"variant must be one of {[v.value for v in cls]}, got {value!r}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def check_scalar(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
+    """A finite real in [low, high] (or (low, high] with low_open); returns it as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or too_low or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+    return value
+
+
+def check_int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    """The customised policy ``pi~ ∝ exp((Q + alpha_0 log pi_1) / alpha_tilde)``: what decoding needs."""
+
+    alpha_tilde: float = 1.0
+    alpha_0: float = 0.01
+
+    def validated(self):
+        """A copy with every field checked (ValueError/TypeError naming the field) and normalised."""
+        return dataclasses.replace(self, **_validate_fields(self))
+
+
+@dataclass(frozen=True)
+class QAdapterParams(PolicyParams):
+    """The policy plus what the loss adds: the Bellman discount, the regulariser, the reward variant."""
+
+    gamma: float = 1.0
+    beta: float = 0.1
+    variant: RewardVariant = RewardVariant.BELLMAN
+    length_norm: bool = True
+
+    @property
+    def policy(self) -> PolicyParams:
+        return PolicyParams(self.alpha_tilde, self.alpha_0)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Hugging Face's order: temperature -> top_k -> top_p -> min_p -> sample. Each field is a Python
+    scalar or a per-row ``[B]`` tensor (a serving batch mixes requests); tensors are range-checked by
+    the op that reads them, in the same host sync as its other value checks."""
+
+    temperature: Any = 1.0
+    top_k: Any = 0
+    top_p: Any = 1.0
+    min_p: Any = 0.0
+
+    def validated(self):
+        return dataclasses.replace(self, **_validate_fields(self))
+
+
+# (low, high, low_open) of each real field; int, bool and enum fields have their own checks. The
+# samplers read these too, to range-check per-row tensors.
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "alpha_tilde": (0.0, INF, True),
+    "alpha_0": (0.0, INF, False),
+    "gamma": (0.0, 1.0, False),
+    "beta": (0.0, INF, False),
+    "temperature": (0.0, INF, False),
+    "top_p": (0.0, 1.0, True),
+    "min_p": (0.0, 1.0 - 1e-12, False),
+}
+INT_RANGES: dict[str, tuple[int, int]] = {"top_k": (0, 2**62)}
+
+
+def _validate_fields(params) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if _is_tensor(value):
+            out[f.name] = value  # checked where it is read, with the op's other value checks
+        elif f.name in RANGES:
+            out[f.name] = check_scalar(f.name, value, *RANGES[f.name])
+        elif f.name in INT_RANGES:
+            out[f.name] = check_int(f.name, value, *INT_RANGES[f.name])
+        elif f.name == "variant":
+            out[f.name] = RewardVariant.parse(value)
+        elif f.name == "length_norm":
+            out[f.name] = check_bool(f.name, value)
+        else:  # pragma: no cover - a new field must say how it is checked
+            raise AssertionError(f"no check for parameter {f.name}")
+    return out
+
+
+def _is_tensor(value: object) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "dim")
+
+
+P = TypeVar("P")
+
+
+def resolve(cls: type[P], params: P | None, overrides: dict[str, Any]) -> P:
+    """``params`` (or the defaults) with keyword overrides on top, validated.
+
+    Unknown keywords are a TypeError naming them, as Python reports them for a normal signature.
+    """
+    if params is not None and not isinstance(params, cls):
+        raise TypeError(f"params must be a {cls.__name__} or None, got {type(params).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; {cls.__name__} has {sorted(names)}")
+    base = params if params is not None else cls()
+    return dataclasses.replace(base, **overrides).validated()
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_param_keywords(*classes: type) -> Callable[[F], F]:
+    """Advertises the fields of ``classes`` as keyword-only arguments in ``fn``'s signature.
+
+    ``fn`` takes them through ``**kwargs``; this only makes ``help()``, ``inspect.signature`` and
+    IDEs show each name with its default, generated from the dataclasses (never spelled out twice).
+    """
+
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        seen = {p.name for p in params}
+        extra = []
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                if f.name not in seen:
+                    seen.add(f.name)
+                    extra.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                                   annotation=f.type))
+        # Keyword-only parameters may follow positional ones in any order; keep the function's own last.
+        head = [p for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        tail = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        fn.__signature__ = sig.replace(parameters=[*head, *extra, *tail])
+        return fn
+
+    return decorate

@@ -40,7 +40,7 @@ import torch
 
 import qadapter_kernels as qk
 from qadapter_kernels import reference
-from qadapter_kernels.fused_linear import DEFAULT_TILE_BUDGET_MB
+from qadapter_kernels.api.checks import DEFAULT_TILE_BUDGET_MB
 from runner import (
     DTYPES,
     BenchResult,

@@ -315,7 +315,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     """``QAdapterModel.generate`` keywords from the command line, checked before the model loads."""
     import torch
 
-    from .sampling import check_sampling_parameters
+    from .api.sampling import check_sampling_parameters
 
     try:
         check_sampling_parameters(1, torch.device("cpu"), args.temperature, args.top_k, args.top_p, args.min_p)

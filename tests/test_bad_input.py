@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import qadapter_kernels as qk
-from qadapter_kernels import _backend, reference
+from qadapter_kernels import reference
+from qadapter_kernels.ops import backend as _backend
 
 from helpers import (ALL_BACKENDS, FUSED, assert_close, make_pair_batch, make_rows, poke_arg, requires_cuda,
                      set_arg)

@@ -25,7 +25,7 @@ from transformers.generation.logits_process import (
 
 import qadapter_kernels as qk
 from qadapter_kernels import reference
-from qadapter_kernels import sampling as qk_sampling
+from qadapter_kernels.ops import sampling as qk_sampling
 
 from helpers import ALL_BACKENDS, FUSED, assert_close, generator, interpreted, make_rows, no_interpreter_with_cuda
 
@@ -127,11 +127,8 @@ def params(rows, temperature, top_k, top_p, min_p):
 
 def run_raw(backend, q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0):
     """The fused kernel with given uniforms: the C++ op, or the Triton kernel (the interpreter on CPU)."""
-    if backend == "cpu":
-        return OP.combined_sample(q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0)
-    if q.device.type == "cuda":
-        return OP.combined_sample(q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0)
-    return qk_sampling._triton_combined_sample(q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0)
+    via_dispatcher = backend == "cpu" or q.device.type == "cuda"
+    return qk_sampling.sample_rows(q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0, via_dispatcher)
 
 
 def random_rows(rows, vocab, seed, dtype=torch.float32, neg_inf=None, scale=3.0):

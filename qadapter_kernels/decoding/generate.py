@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..sampling import as_generator, check_sampling_parameters, combined_sample_from_hidden
+from ..api.sampling import as_generator, check_sampling_parameters, combined_sample_from_hidden
 from .cpu_linear import few_row_linears
 from .streams import BaseOnlyStreams, MixedBatchStreams, TwoPassStreams, prompt_positions
 

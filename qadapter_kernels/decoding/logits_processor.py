@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
-from .._checks import check_alphas
-from ..sampling import combined_logits
+from ..api import combined_logits
+from ..api.checks import check_alphas
 from .streams import cache_keyword, prompt_positions
 
 __all__ = ["QAdapterLogitsProcessor"]

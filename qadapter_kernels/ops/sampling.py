@@ -9,20 +9,22 @@ sorts the vocabulary: the C++ kernel (csrc/sampling.cpp) selects thresholds by w
 quickselect; the Triton kernel below bisects them in log space over passes of the row (L2-hot),
 then draws by inverse CDF with the row's uniform. The uniforms are an input, drawn from the
 caller's generator, so the ops are pure and CUDA-graph safe (no host sync).
-"""
-import numbers
 
+Reads top-down: Triton kernels -> launchers -> CUDA registration, fake kernels, autograd ->
+the unchecked entry points.
+"""
 import torch
 import triton
 import triton.language as tl
 
-from . import _C  # noqa: F401  (loads the op schemas and CPU kernels)
-from ._backend import resolve_backend, through_dispatcher
-from ._registration import online_lse_update, register_cuda
-from ._checks import check_alphas, check_float_tensor, check_same_device, check_scalar, value_checks_enabled
-from .fused_linear import _kernel_options, _logits_tiles, check_hidden_and_head, plan_tiles, tile_budget
-from .residual_q_values import check_logits_pair
-from . import reference
+from .registration import FLOAT_TYPES, KernelVariant, pointers, register_cuda, register_triton_kernel, scalars
+from .triton_helpers import (
+    logits_tile_compile_options,
+    logits_tile_options,
+    logits_tiles,
+    online_lse_update,
+    row_contiguous,
+)
 
 _BLOCK_V = 2048
 _BISECT_STEPS = 40  # log-space bisection: thresholds within range * 2^-40 of exact
@@ -163,14 +165,10 @@ def _combined_from_hidden_kernel(ha_ptr, hb_ptr, w_ptr, b_ptr, out_ptr, N, H, V,
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     col_ok = cols < V
-    q, l = _logits_tiles(ha_ptr, hb_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H,
+    q, l = logits_tiles(ha_ptr, hb_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H,
                          HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * V + cols[None, :], (q + alpha_0 * l) / alpha_tilde,
              mask=row_ok[:, None] & col_ok[None, :])
-
-
-def _row_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _launch_sample(q, l, uniforms, temperature, top_k, top_p, min_p, alpha_tilde, alpha_0, has_base=True):
@@ -186,7 +184,7 @@ def _launch_sample(q, l, uniforms, temperature, top_k, top_p, min_p, alpha_tilde
 
 
 def _triton_combined_logits(q_logits, base_logits, alpha_tilde, alpha_0):
-    q, l = _row_contiguous(q_logits), _row_contiguous(base_logits)
+    q, l = row_contiguous(q_logits), row_contiguous(base_logits)
     rows, vocab = q.shape
     out = torch.empty((rows, vocab), dtype=torch.float32, device=q.device)
     if rows:
@@ -196,7 +194,7 @@ def _triton_combined_logits(q_logits, base_logits, alpha_tilde, alpha_0):
 
 
 def _triton_combined_sample(q_logits, base_logits, uniforms, temperature, top_k, top_p, min_p, alpha_tilde, alpha_0):
-    return _launch_sample(_row_contiguous(q_logits), _row_contiguous(base_logits), uniforms, temperature, top_k,
+    return _launch_sample(row_contiguous(q_logits), row_contiguous(base_logits), uniforms, temperature, top_k,
                           top_p, min_p, alpha_tilde, alpha_0)
 
 
@@ -208,7 +206,7 @@ def _triton_combined_sample_from_hidden(ha, hb, w, bias, uniforms, temperature, 
     vocab = w.shape[0]
     combined = torch.empty((rows, vocab), dtype=torch.float32, device=ha.device)
     if rows:
-        opts = _kernel_options(ha, bias)
+        opts = logits_tile_options(ha, bias)
         grid = (triton.cdiv(rows, opts["BLOCK_M"]), triton.cdiv(vocab, opts["BLOCK_N"]))
         _combined_from_hidden_kernel[grid](ha, hb, w, bias if bias is not None else w, combined, rows, hidden, vocab,
                                            alpha_tilde, alpha_0, **opts)
@@ -249,201 +247,52 @@ def _combined_sample_from_hidden_fake(ha, hb, w, bias, uniforms, temperature, to
     return ha.new_empty(ha.shape[0], dtype=torch.long)
 
 
-def _row_parameter(name, value, rows, dtype, device, low, high, low_open=False, integer=False, flags=None):
-    """A scalar or a [B] tensor of per-row values as a [B] tensor.
-
-    A tensor's range is not synced here: its flag goes into `flags` (message -> 0-dim bool),
-    checked with the rest of the call's value checks in one host sync.
-    """
-    if isinstance(value, torch.Tensor):
-        check_same_device("q_logits", device, **{name: value})
-        if value.dim() != 1 or value.shape[0] != rows:
-            raise ValueError(f"{name} must be a scalar or a [B] tensor with B = {rows}, got {list(value.shape)}")
-        if integer and (value.is_floating_point() or value.is_complex()):
-            raise TypeError(f"{name} must hold integers, got {value.dtype}")
-        if flags is not None:
-            wide = value.double()  # an fp32 comparison would round bounds like 1 - 1e-12 to 1
-            below = (wide <= low) if low_open else (wide < low)
-            bracket = "(" if low_open else "["
-            flags[f"{name} must lie in {bracket}{low}, {high}] in every row"] = (
-                below | (wide > high) | ~torch.isfinite(wide)).any()
-        return value.to(dtype).contiguous()
-    if integer:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int or a [B] tensor, got {type(value).__name__}")
-        if not low <= value <= high:
-            raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
-    else:
-        value = check_scalar(name, value, low, high, low_open)
-    return torch.full((rows,), value, dtype=dtype, device=device)
-
-
-def as_generator(generator, device: torch.device) -> torch.Generator | None:
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
-        return torch.Generator(device).manual_seed(int(generator))
-    raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
-
-
-def _draw_uniforms(rows: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(rows, generator=generator, device=gen_device).to(device)
-
-
-def _row_parameters(rows, device, temperature, top_k, top_p, min_p):
-    """(temperature, top_k, top_p, min_p) as [B] tensors, and the range flags of tensor arguments."""
-    flags = {} if value_checks_enabled(device) else None
-    per_row = (
-        _row_parameter("temperature", temperature, rows, torch.float32, device, 0.0, float("inf"), flags=flags),
-        _row_parameter("top_k", top_k, rows, torch.long, device, 0, 2**62, integer=True, flags=flags),
-        _row_parameter("top_p", top_p, rows, torch.float32, device, 0.0, 1.0, low_open=True, flags=flags),
-        _row_parameter("min_p", min_p, rows, torch.float32, device, 0.0, 1.0 - 1e-12, flags=flags),
-    )
-    return per_row, flags
-
-
-def _sampling_arguments(rows, device, temperature, top_k, top_p, min_p, generator):
-    """(uniforms, temperature, top_k, top_p, min_p) as [B] tensors, and the range flags of tensor arguments."""
-    per_row, flags = _row_parameters(rows, device, temperature, top_k, top_p, min_p)
-    return (_draw_uniforms(rows, device, generator), *per_row), flags
-
-
-def check_sampling_parameters(rows: int, device: torch.device, temperature: float | torch.Tensor = 1.0,
-                              top_k: int | torch.Tensor = 0, top_p: float | torch.Tensor = 1.0,
-                              min_p: float | torch.Tensor = 0.0) -> None:
-    """Raises the error the samplers would raise for these parameters, without sampling (for
-    callers that want bad arguments reported before a slow step, such as a prefill)."""
-    _check_sampling(_row_parameters(rows, device, temperature, top_k, top_p, min_p)[1], None, "")
-
-
-def _check_sampling(flags: dict | None, tokens: torch.Tensor | None, source: str) -> None:
-    """The argument flags and the rows without a finite maximum (token -1) in one host sync."""
-    if flags is None:  # compiling or capturing a CUDA graph
-        return
-    checks = [f.reshape(()).long() for f in flags.values()]
-    if tokens is not None and tokens.numel():
-        bad = tokens < 0
-        checks.append(torch.where(bad.any(), bad.long().argmax(), -1))  # the first bad row, or -1
-    values = torch.stack(checks).tolist() if checks else []
-    for message, failed in zip(flags, values):
-        if failed:
-            raise ValueError(message)
-    if len(values) > len(flags) and values[-1] >= 0:
-        raise ValueError(f"{source}: row {values[-1]} is all -inf or holds NaN or +inf")
-
-
-def _check_rows(q_logits, base_logits, alpha_tilde, alpha_0):
-    check_logits_pair(q_logits, base_logits)
-    if q_logits.dim() != 2:
-        raise ValueError(f"q_logits must be [B, V], got {list(q_logits.shape)}")
-    return check_alphas(alpha_tilde, alpha_0)
-
-
-def combined_logits(
-    q_logits: torch.Tensor,
-    base_logits: torch.Tensor,
-    alpha_tilde: float = 1.0,
-    alpha_0: float = 0.01,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """``(Q + alpha_0 * log_softmax(L)) / alpha_tilde`` as fp32 ``[B, V]``: the customised policy's logits."""
-    alpha_tilde, alpha_0 = _check_rows(q_logits, base_logits, alpha_tilde, alpha_0)
-    backend = resolve_backend(backend, q_logits.device)
-    if backend == "torch":
-        return reference.combined_logits(q_logits, base_logits, alpha_tilde, alpha_0).float()
-    if through_dispatcher(backend, q_logits.device):
+def combined_logits_rows(q_logits, base_logits, alpha_tilde: float, alpha_0: float,
+                         via_dispatcher: bool) -> torch.Tensor:
+    """fp32 [B, V] combined logits of [B, V] logits; no argument checks."""
+    if via_dispatcher:
         return torch.ops.qadapter.combined_logits(q_logits, base_logits, alpha_tilde, alpha_0)
     return _triton_combined_logits(q_logits, base_logits, alpha_tilde, alpha_0)
 
 
-def combined_sample(
-    q_logits: torch.Tensor,
-    base_logits: torch.Tensor,
-    alpha_tilde: float = 1.0,
-    alpha_0: float = 0.01,
-    temperature: float | torch.Tensor = 1.0,
-    top_k: int | torch.Tensor = 0,
-    top_p: float | torch.Tensor = 1.0,
-    min_p: float | torch.Tensor = 0.0,
-    generator: torch.Generator | int | None = None,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """One token per row from the customised policy, filtered as Hugging Face ``generate`` does.
-
-    Args:
-        q_logits, base_logits: ``[B, V]`` adapter and base logits of the last position.
-        temperature: >= 0; 0 decodes greedily (ties to the lowest index).
-        top_k: keep the k most likely (0: off); top_p: nucleus mass in (0, 1] (1: off);
-        min_p: drop tokens below min_p times the top probability, in [0, 1) (0: off).
-            Each a Python scalar or a per-row ``[B]`` tensor.
-        generator: a ``torch.Generator`` or an int seed for reproducible draws.
-        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "torch" (sort + multinomial).
-
-    Returns:
-        LongTensor ``[B]``.
-    """
-    alpha_tilde, alpha_0 = _check_rows(q_logits, base_logits, alpha_tilde, alpha_0)
-    backend = resolve_backend(backend, q_logits.device)
-    rows = q_logits.shape[0]
-    generator = as_generator(generator, q_logits.device)
-    params, flags = _sampling_arguments(rows, q_logits.device, temperature, top_k, top_p, min_p, generator)
-    if backend == "torch":
-        # Checked before torch.multinomial can fail on them; -1 marks a row as the kernels do.
-        y = q_logits.float() + alpha_0 * base_logits.float()  # the row shift of log_softmax changes nothing
-        no_finite_max = ~torch.isfinite(y.amax(-1)) | torch.isnan(y).any(-1)
-        _check_sampling(flags, torch.where(no_finite_max, -1, 0), "q_logits or base_logits")
-        return reference.combined_sample(q_logits, base_logits, alpha_tilde, alpha_0, *params[1:],
-                                         generator=generator)
-    if through_dispatcher(backend, q_logits.device):
-        tokens = torch.ops.qadapter.combined_sample(q_logits, base_logits, *params, alpha_tilde, alpha_0)
-    else:
-        tokens = _triton_combined_sample(q_logits, base_logits, *params, alpha_tilde, alpha_0)
-    _check_sampling(flags, tokens, "q_logits or base_logits")
-    return tokens
+def sample_rows(q_logits, base_logits, uniforms, temperature, top_k, top_p, min_p, alpha_tilde: float,
+                alpha_0: float, via_dispatcher: bool) -> torch.Tensor:
+    """One token per row (-1 for a row without a finite maximum); per-row [B] parameters; no checks."""
+    args = (q_logits, base_logits, uniforms, temperature, top_k, top_p, min_p, alpha_tilde, alpha_0)
+    if via_dispatcher:
+        return torch.ops.qadapter.combined_sample(*args)
+    return _triton_combined_sample(*args)
 
 
-def combined_sample_from_hidden(
-    adapter_hidden: torch.Tensor,
-    base_hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    lm_head_bias: torch.Tensor | None = None,
-    alpha_tilde: float = 1.0,
-    alpha_0: float = 0.01,
-    temperature: float | torch.Tensor = 1.0,
-    top_k: int | torch.Tensor = 0,
-    top_p: float | torch.Tensor = 1.0,
-    min_p: float | torch.Tensor = 0.0,
-    generator: torch.Generator | int | None = None,
-    backend: str | None = None,
-    tile_budget_mb: float | None = None,
-) -> torch.Tensor:
-    """``combined_sample`` from the last hidden states ``[B, H]`` and the shared LM head ``[V, H]``.
+def sample_from_hidden_rows(adapter_hidden, base_hidden, weight, bias, uniforms, temperature, top_k, top_p, min_p,
+                            alpha_tilde: float, alpha_0: float, tile_vocab: int, via_dispatcher: bool) -> torch.Tensor:
+    """``sample_rows`` from [B, H] hidden states and the LM head; no argument checks."""
+    args = (adapter_hidden, base_hidden, weight, bias, uniforms, temperature, top_k, top_p, min_p, alpha_tilde,
+            alpha_0, tile_vocab)
+    if via_dispatcher:
+        return torch.ops.qadapter.combined_sample_from_hidden(*args)
+    return _triton_combined_sample_from_hidden(*args)
 
-    Each W tile is read once for both streams and the two logits rows are never stored (only
-    the combined row, fp32).
-    """
-    check_float_tensor("adapter_hidden", adapter_hidden)
-    if adapter_hidden.dim() != 2:
-        raise ValueError(f"adapter_hidden must be [B, H], got {list(adapter_hidden.shape)}")
-    check_hidden_and_head(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias)
-    alpha_tilde, alpha_0 = check_alphas(alpha_tilde, alpha_0)
-    budget = tile_budget(tile_budget_mb)
-    device = adapter_hidden.device
-    backend = resolve_backend(backend, device)
-    rows, hidden = adapter_hidden.shape
-    vocab = lm_head_weight.shape[0]
-    if backend == "torch":
-        logits = lambda h: torch.nn.functional.linear(h, lm_head_weight, lm_head_bias)  # noqa: E731
-        return combined_sample(logits(adapter_hidden), logits(base_hidden), alpha_tilde, alpha_0, temperature,
-                               top_k, top_p, min_p, generator, backend="torch")
-    params, flags = _sampling_arguments(rows, device, temperature, top_k, top_p, min_p,
-                                        as_generator(generator, device))
-    _, tile_vocab = plan_tiles(rows, hidden, vocab, lm_head_weight.dtype, True, budget)
-    args = (adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, *params, alpha_tilde, alpha_0, tile_vocab)
-    if through_dispatcher(backend, device):
-        tokens = torch.ops.qadapter.combined_sample_from_hidden(*args)
-    else:
-        tokens = _triton_combined_sample_from_hidden(*args)
-    _check_sampling(flags, tokens, "adapter_hidden, base_hidden or lm_head_weight")
-    return tokens
+
+def _register_compile_variants() -> None:
+    from_hidden, sample, logits = [], [], []
+    for dt in FLOAT_TYPES:
+        for has_bias in (False, True):
+            opts = logits_tile_compile_options(dt, has_bias)
+            from_hidden.append(KernelVariant({**pointers(["ha_ptr", "hb_ptr", "w_ptr", "b_ptr"], dt), "out_ptr": "*fp32",
+                                              **scalars("i32", "N", "H", "V"), **scalars("fp32", "alpha_tilde", "alpha_0")},
+                                             opts))
+        rows = {**pointers(["q_ptr", "l_ptr"], dt), **scalars("i32", "V", "q_stride", "l_stride"),
+                **scalars("fp32", "alpha_tilde", "alpha_0")}
+        for has_base in (True, False):
+            sample.append(KernelVariant(
+                {**rows, **pointers(["uniforms_ptr", "temperature_ptr", "top_p_ptr", "min_p_ptr"], "fp32"),
+                 "top_k_ptr": "*i64", "tokens_ptr": "*i64"},
+                {"HAS_BASE": has_base, "BLOCK_V": _BLOCK_V, "BISECT_STEPS": _BISECT_STEPS}))
+        logits.append(KernelVariant({**rows, "out_ptr": "*fp32"}, {"BLOCK_V": _BLOCK_V}))
+    register_triton_kernel(_combined_from_hidden_kernel, from_hidden)
+    register_triton_kernel(_combined_sample_kernel, sample)
+    register_triton_kernel(_combined_logits_kernel, logits)
+
+
+_register_compile_variants()

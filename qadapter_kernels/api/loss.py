@@ -1,26 +1,29 @@
-"""The Q-Adapter loss from [2B, T, V] adapter and base logits: vocabulary pass, then pair pass."""
+"""The public Q-Adapter losses with their argument checks: from [2B, T, V] logits, or from hidden
+states and the LM head (the [N, V] logits never exist); a vocabulary pass, then the pair pass."""
 import torch
 
-from . import reference
-from ._backend import resolve_backend, through_dispatcher
-from ._checks import (
+from .. import reference
+from ..ops.backend import resolve_backend, through_dispatcher
+from ..ops.fused_linear import fused_linear_rows
+from ..ops.pair_loss import pair_loss_rows
+from ..ops.triton_helpers import plan_tiles
+from ..outputs import QAdapterLossOutput
+from ..params import RewardVariant, check_scalar
+from .checks import (
+    actions_in_range_flag,
     check_alphas,
+    check_hidden_and_head,
     check_index_tensor,
+    check_logits_pair,
     check_mask_tensor,
     check_same_device,
-    check_scalar,
     check_shape,
+    finite_values_flag,
     raise_on_flags,
+    tile_budget,
     value_checks_enabled,
 )
-from .outputs import QAdapterLossOutput
-from .pair_loss import VARIANTS, pair_loss_rows
-from .residual_q_values import (
-    actions_in_range_flag,
-    check_logits_pair,
-    finite_values_flag,
-    residual_q_values_rows,
-)
+from .q_values import q_values_rows
 
 
 def check_loss_arguments(
@@ -38,8 +41,7 @@ def check_loss_arguments(
         raise ValueError(f"sequences need T >= 2 tokens (a state and a next token), got T = {T}")
     check_shape("input_ids", input_ids, (rows, T), f"the [2B, T] of {rows_name}")
     check_shape("loss_mask", loss_mask, (rows, T), f"the [2B, T] of {rows_name}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    variant = RewardVariant.parse(variant).value
     if not isinstance(length_norm, bool):
         raise TypeError(f"length_norm must be a bool, got {type(length_norm).__name__}")
     return (
@@ -116,9 +118,78 @@ def qadapter_loss(
     loss_mask = loss_mask.bool()
     if check_values:
         raise_on_flags(actions_in_range_flag("input_ids", input_ids, vocab))
-    values, q_taken = residual_q_values_rows(
+    values, q_taken = q_values_rows(
         q_logits.reshape(rows * T, vocab), base_logits.detach().reshape(rows * T, vocab),
         actions.reshape(-1), alpha_tilde, alpha_0, backend,
     )
     return pair_outputs(values.view(rows, T), q_taken.view(rows, T), loss_mask, gamma, beta, variant,
                         length_norm, backend, check_values)
+
+
+def fused_linear_qadapter_loss(
+    adapter_hidden: torch.Tensor,
+    base_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    lm_head_bias: torch.Tensor | None = None,
+    alpha_tilde: float = 1.0,
+    alpha_0: float = 0.01,
+    gamma: float = 1.0,
+    beta: float = 0.1,
+    variant: str = "bellman",
+    length_norm: bool = True,
+    backend: str | None = None,
+    tile_budget_mb: float | None = None,
+) -> QAdapterLossOutput:
+    """Q-Adapter loss straight from final hidden states and the shared, usually frozen, LM head.
+
+    Same result as ``qadapter_loss(adapter_hidden @ W.T + b, base_hidden @ W.T + b, ...)``
+    without ever holding an [N, V] logits tensor, in the forward or the backward.
+
+    Args:
+        adapter_hidden: ``[2B, T, H]`` (or ``[2B*T, H]``, rows in input_ids' order) final hidden
+            states with the adapter on; receives a gradient.
+        base_hidden: same shape, adapter off; never receives a gradient.
+        lm_head_weight: ``[V, H]`` shared LM head, same dtype; gets a gradient only if it requires one.
+        input_ids, loss_mask: ``[2B, T]``, chosen rows first (DESIGN.md §2).
+        lm_head_bias: optional ``[V]`` bias.
+        alpha_tilde, alpha_0, gamma, beta, variant, length_norm, backend: as in ``qadapter_loss``.
+        tile_budget_mb: scratch memory the logits tiles may take (default 64 MiB, or the
+            ``QADAPTER_TILE_BUDGET_MB`` environment variable). Larger tiles run bigger, faster
+            matmuls; the budget bounds the extra memory, whatever V and N are.
+    """
+    check_index_tensor("input_ids", input_ids)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [2B, T], got {list(input_ids.shape)}")
+    rows, T = input_ids.shape
+    check_hidden_and_head(
+        adapter_hidden, base_hidden, lm_head_weight, lm_head_bias,
+        layouts=lambda h: ([(rows, T, h), (rows * T, h)],
+                           f"[2B, T, H] = {[rows, T, h]} or [2B*T, H] = {[rows * T, h]} (H from lm_head_weight, "
+                           f"2B and T from input_ids)"),
+    )
+    vocab, hidden = lm_head_weight.shape
+    alpha_tilde, alpha_0, gamma, beta = check_loss_arguments(
+        input_ids, loss_mask, alpha_tilde, alpha_0, gamma, beta, variant, length_norm, "input_ids", rows, T,
+        adapter_hidden.device,
+    )
+    budget = tile_budget(tile_budget_mb)
+    backend = resolve_backend(backend, adapter_hidden.device)
+    check_values = value_checks_enabled(adapter_hidden.device)
+    if check_values:
+        raise_on_flags(actions_in_range_flag("input_ids", input_ids, vocab))
+    actions = reference.next_token_actions(input_ids.long()).reshape(-1)
+    ha, hb = adapter_hidden.reshape(rows * T, hidden), base_hidden.detach().reshape(rows * T, hidden)
+    if backend == "torch":
+        logits = lambda h: torch.nn.functional.linear(h, lm_head_weight, lm_head_bias)  # noqa: E731
+        values, q_taken = reference.residual_q_values(logits(ha), logits(hb).detach(), actions, alpha_tilde, alpha_0)
+    else:
+        tile_rows, tile_vocab = plan_tiles(rows * T, hidden, vocab, lm_head_weight.dtype,
+                                           backend == "cpu", budget)
+        with_expected = torch.is_grad_enabled() and adapter_hidden.requires_grad
+        values, q_taken = fused_linear_rows(ha, hb, lm_head_weight, lm_head_bias, actions, alpha_tilde, alpha_0,
+                                            tile_rows, tile_vocab, with_expected,
+                                            through_dispatcher(backend, adapter_hidden.device))
+    return pair_outputs(values.view(rows, T), q_taken.view(rows, T), loss_mask.bool(), gamma, beta, variant,
+                        length_norm, backend, check_values, "adapter_hidden, base_hidden or lm_head_weight")

@@ -6,18 +6,16 @@ is x[t+1]; which actions are scored and which value bootstraps the reward depend
     bellman:  scored iff loss_mask[t+1];  r_t = Q[a_t] - gamma * V[t+1] * loss_mask[t+2]
     official: scored iff loss_mask[t];    r_t = Q[a_t] - gamma * V[t]
 
-Reads top-down: Triton kernels -> launchers -> CUDA registration, fake kernels, autograd.
+Reads top-down: Triton kernels -> launchers -> CUDA registration, fake kernels, autograd ->
+the unchecked entry point.
 The CPU kernels are C++ (csrc/pair_loss.cpp).
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import _C  # noqa: F401  (loads the op schemas and CPU kernels)
-from ._checks import acc_dtype
-from ._registration import register_differentiable_op
-
-VARIANTS = ("bellman", "official")
+from .backend import acc_dtype
+from .registration import KernelVariant, pointers, register_differentiable_op, register_triton_kernel, scalars
 
 
 @triton.jit
@@ -228,3 +226,26 @@ def pair_loss_rows(values, q_taken, loss_mask, gamma, beta, variant, length_norm
     if via_dispatcher:
         return torch.ops.qadapter.pair_loss(values, q_taken, loss_mask, gamma, beta, variant, length_norm)
     return _InterpretedPairLoss.apply(values, q_taken, loss_mask, gamma, beta, variant, length_norm)
+
+
+def _register_compile_variants() -> None:
+    per_row = ["values_ptr", "q_taken_ptr", "rewards_ptr", "scores_ptr", "sum_sq_ptr", "count_ptr"]
+    grads = ["grad_loss_ptr", "grad_pref_ptr", "grad_reg_ptr", "grad_scores_ptr", "grad_rewards_ptr", "scores_ptr",
+             "rewards_ptr", "num_scored_ptr", "grad_values_ptr", "grad_q_taken_ptr"]
+    forward, backward = [], []
+    for bellman in (True, False):
+        forward.append(KernelVariant({**pointers(per_row, "fp32"), "mask_ptr": "*u8", "T": "i32",
+                                      **scalars("fp32", "gamma", "inv_norm")},
+                                     {"BELLMAN": bellman, "BLOCK_T": 1024}))
+        backward.append(KernelVariant({**pointers(grads, "fp32"), "mask_ptr": "*u8", **scalars("i32", "B", "T"),
+                                       **scalars("fp32", "gamma", "beta", "inv_norm")},
+                                      {"BELLMAN": bellman, "BLOCK_T": 1024}))
+    register_triton_kernel(_pair_rows_fwd_kernel, forward)
+    register_triton_kernel(_pair_bwd_kernel, backward)
+    reduced = ["scores_ptr", "sum_sq_ptr", "count_ptr", "loss_ptr", "pref_ptr", "reg_ptr", "accuracy_ptr",
+               "num_scored_ptr"]
+    register_triton_kernel(_pair_reduce_kernel, [KernelVariant({**pointers(reduced, "fp32"), "B": "i32", "beta": "fp32"},
+                                                               {"BLOCK": 1024})])
+
+
+_register_compile_variants()

@@ -14,6 +14,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+import torch
+
 
 class RewardVariant(str, enum.Enum):
     """Which action a position scores and which value bootstraps its reward (docs/DESIGN.md §Reward variants).
@@ -36,6 +38,45 @@ class RewardVariant(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    @property
+    def code(self) -> int:
+        """The integer the kernels receive (a Triton constexpr): a new variant is a new code, not a new signature."""
+        return list(type(self)).index(self)
+
+
+class LengthNorm(str, enum.Enum):
+    """What a sequence's summed reward is divided by to give its score (docs/DESIGN.md §Length normalisation).
+
+    ``RESPONSE``: its own number of scored actions (1 when it has none), so a score is a property
+    of the sequence, never of how wide the batch it was padded into is. ``PADDED``: ``T - 1``,
+    the padded batch width minus one (the authors' rule; ``True`` means this). ``NONE``: the sum
+    (``False`` means this).
+    """
+
+    RESPONSE = "response"
+    PADDED = "padded"
+    NONE = "none"
+
+    @classmethod
+    def parse(cls, value: object) -> "LengthNorm":
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, bool):  # the former bool flag: True was the authors' rule
+            return cls.PADDED if value else cls.NONE
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"length_norm must be one of {[v.value for v in cls]} (or True = 'padded', "
+                             f"False = 'none'), got {value!r}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def code(self) -> int:
+        """The integer the Triton kernels receive as a constexpr."""
+        return list(type(self)).index(self)
 
 
 def check_scalar(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
@@ -86,7 +127,7 @@ class QAdapterParams(PolicyParams):
     gamma: float = 1.0
     beta: float = 0.1
     variant: RewardVariant = RewardVariant.BELLMAN
-    length_norm: bool = True
+    length_norm: LengthNorm = LengthNorm.RESPONSE
 
     @property
     def policy(self) -> PolicyParams:
@@ -135,14 +176,14 @@ def _validate_fields(params) -> dict[str, Any]:
         elif f.name == "variant":
             out[f.name] = RewardVariant.parse(value)
         elif f.name == "length_norm":
-            out[f.name] = check_bool(f.name, value)
+            out[f.name] = LengthNorm.parse(value)
         else:  # pragma: no cover - a new field must say how it is checked
             raise AssertionError(f"no check for parameter {f.name}")
     return out
 
 
 def _is_tensor(value: object) -> bool:
-    return type(value).__module__.startswith("torch") and hasattr(value, "dim")
+    return isinstance(value, torch.Tensor)
 
 
 P = TypeVar("P")
@@ -155,7 +196,7 @@ def resolve(cls: type[P], params: P | None, overrides: dict[str, Any]) -> P:
     """
     if params is not None and not isinstance(params, cls):
         raise TypeError(f"params must be a {cls.__name__} or None, got {type(params).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = set(cls.__dataclass_fields__)  # not dataclasses.fields(cls): torch.compile traces this
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; {cls.__name__} has {sorted(names)}")

@@ -91,7 +91,8 @@ LOSS_CASES = {
     "gamma > 1": (set_arg("gamma", lambda a: 1.01), ValueError, r"gamma must be in \[0\.0, 1\.0\]"),
     "beta < 0": (set_arg("beta", lambda a: -1e-3), ValueError, r"beta must be in \[0"),
     "beta = nan": (set_arg("beta", lambda a: float("nan")), ValueError, r"beta must be in"),
-    "length_norm not a bool": (set_arg("length_norm", lambda a: 1), TypeError, r"length_norm must be a bool"),
+    "length_norm unknown": (set_arg("length_norm", lambda a: "tokens"), ValueError, r"length_norm must be one of"),
+    "length_norm an int": (set_arg("length_norm", lambda a: 1), ValueError, r"length_norm must be one of"),
     "empty mask": (set_arg("loss_mask", lambda a: torch.zeros_like(a["loss_mask"])), ValueError,
                    r"loss_mask scores no token"),
     "-inf Q at a scored action": (

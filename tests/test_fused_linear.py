@@ -530,7 +530,7 @@ def test_ops_outputs_at_any_tile_size(tile_rows, tile_vocab):
     ha_r, w_r, b_r = (t.clone().requires_grad_() for t in (ha, w, b))
     q = F.linear(ha_r, w_r, b_r)
     base = F.linear(hb, w, b)
-    ref_values, ref_q_taken = reference.residual_q_values(q, base, actions, at, a0)
+    ref_values, ref_q_taken = reference.residual_q_values(q, base, actions, alpha_tilde=at, alpha_0=a0)
     y = (q + a0 * base) / at
     tol = dict(rtol=1e-10, atol=1e-12)
     assert_close(values, ref_values, **tol, what="values")

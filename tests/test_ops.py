@@ -73,7 +73,7 @@ def test_opcheck_residual_q_values_backward(device, dtype, strided):
                           (grad_values, grad_q_taken, q, base, actions, lse_y, 0.9, 0.1))
 
 
-@pytest.mark.parametrize("length_norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("length_norm", ["response", "padded", "none"])
 @pytest.mark.parametrize("variant", ["bellman", "official"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -83,7 +83,7 @@ def test_opcheck_pair_loss(device, dtype, variant, length_norm):
     torch.library.opcheck(ops.pair_loss, (values, q_taken, mask, 1.0, 0.0, variant, length_norm))
 
 
-@pytest.mark.parametrize("length_norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("length_norm", ["response", "padded", "none"])
 @pytest.mark.parametrize("variant", ["bellman", "official"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,7 +106,7 @@ def test_residual_q_values_op_outputs(device):
     at, a0 = 0.8, 0.3
     q, base, actions = _rows(device, n=9, vocab=1030)
     values, q_taken, lse_y = ops.residual_q_values(q, base, actions, at, a0)
-    ref_values, ref_q_taken = reference.residual_q_values(q, base, actions, at, a0)
+    ref_values, ref_q_taken = reference.residual_q_values(q, base, actions, alpha_tilde=at, alpha_0=a0)
     y = (q + a0 * base) / at
     assert_close(values, ref_values, rtol=1e-5, atol=1e-5, what="values")
     assert_close(q_taken, ref_q_taken, rtol=0, atol=0, what="q_taken")
@@ -127,8 +127,8 @@ def test_pair_loss_op_outputs(device, variant):
     """The op's extra outputs: rewards (0 where unscored) and num_scored, as the reference defines them."""
     values, q_taken, mask = _pair(device, B=3, T=10, seed=5)
     loss, pref, reg, scores, accuracy, rewards, num_scored = ops.pair_loss(
-        values, q_taken, mask, 0.9, 0.2, variant, True)
-    ref = reference.pair_loss(values, q_taken, mask, 0.9, 0.2, variant, True)
+        values, q_taken, mask, 0.9, 0.2, variant, "padded")
+    ref = reference.pair_loss(values, q_taken, mask, gamma=0.9, beta=0.2, variant=variant, length_norm="padded")
     tol = dict(rtol=1e-5, atol=1e-6)
     assert_close(rewards, reference.rewards(values, q_taken, mask, 0.9, variant), **tol, what="rewards")
     assert num_scored.item() == reference.scored_positions(mask, variant).sum().item()
@@ -187,7 +187,7 @@ def test_compile_fullgraph_residual_q_values_cpu(seed):
     q, base, actions = make_rows(0, 1000, lead=(2, 5), seed=seed)
 
     def f(q_logits):
-        values, q_taken = qk.residual_q_values(q_logits, base, actions, 0.7, 0.05)
+        values, q_taken = qk.residual_q_values(q_logits, base, actions, alpha_tilde=0.7, alpha_0=0.05)
         return (values * 2 - q_taken).sum()
 
     q_c, q_e = leaf(q.clone()), leaf(q.clone())

@@ -2,7 +2,7 @@
 
 Every output (loss, pref_loss, reg_loss, chosen/rejected scores, accuracy) and the q_logits
 gradient of a random linear combination of all differentiable outputs are compared, for both
-reward variants, both length_norm values, several hyper-parameters, fp32 and bf16.
+reward variants, every length normalisation, several hyper-parameters, fp32 and bf16.
 """
 import math
 
@@ -11,6 +11,7 @@ import torch
 
 import qadapter_kernels as qk
 from qadapter_kernels import reference
+from qadapter_kernels.params import LengthNorm
 
 from helpers import (
     ALL_BACKENDS,
@@ -83,7 +84,7 @@ def small_shape(backend, device):
 
 
 @pytest.mark.parametrize("hyper", list(HYPER))
-@pytest.mark.parametrize("length_norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("length_norm", ["response", "padded", "none"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend, device", FUSED)
@@ -286,7 +287,7 @@ def _lse(xs):
     return m + math.log(sum(math.exp(x - m) for x in xs))
 
 
-def hand_expected(variant: str, length_norm: bool) -> dict[str, float]:
+def hand_expected(variant: str, length_norm) -> dict[str, float]:
     at, a0, g, beta = (HAND_HYPER[k] for k in ("alpha_tilde", "alpha_0", "gamma", "beta"))
     # V(s_t) = alpha_tilde * LSE((Q + alpha_0 L) / alpha_tilde) - alpha_0 * LSE(L), per row c/r, position t
     V = [[at * _lse([(q + a0 * l) / at for q, l in zip(HAND_Q[b][t], HAND_L[b][t])]) - a0 * _lse(HAND_L[b][t])
@@ -304,8 +305,10 @@ def hand_expected(variant: str, length_norm: bool) -> dict[str, float]:
         r_c = [Qc[1][1] - g * Vc[1], Qc[2][1] - g * Vc[2]]
         # rejected: t=1 (a=x2=0), t=2 (a=x3=0, the pad token: scored, as in the authors' code).
         r_r = [Qr[1][0] - g * Vr[1], Qr[2][0] - g * Vr[2]]
-    norm = 3 if length_norm else 1  # T - 1
-    s_c, s_r = sum(r_c) / norm, sum(r_r) / norm
+    # response: each row's own number of scored actions; padded: T - 1 = 3 (True); none: 1 (False).
+    norm_c, norm_r = {LengthNorm.RESPONSE: (len(r_c), len(r_r)), LengthNorm.PADDED: (3, 3),
+                      LengthNorm.NONE: (1, 1)}[LengthNorm.parse(length_norm)]
+    s_c, s_r = sum(r_c) / norm_c, sum(r_r) / norm_r
     pref = math.log1p(math.exp(s_r - s_c))  # softplus(S_rejected - S_chosen), mean over B = 1
     rs = r_c + r_r
     reg = beta * sum(r * r for r in rs) / len(rs)
@@ -313,7 +316,7 @@ def hand_expected(variant: str, length_norm: bool) -> dict[str, float]:
                 accuracy=float(s_c > s_r))
 
 
-@pytest.mark.parametrize("length_norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("length_norm", ["response", "padded", "none", True, False])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("backend, device", ALL_BACKENDS)
@@ -358,7 +361,7 @@ def test_gradcheck_each_output(variant, output):
     assert torch.autograd.gradcheck(f, (leaf(batch.q_logits),), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("length_norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("length_norm", ["response", "padded", "none"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gradcheck_all_outputs(variant, length_norm):
     batch = _gradcheck_batch(4)
@@ -369,3 +372,109 @@ def test_gradcheck_all_outputs(variant, length_norm):
         return tuple(getattr(out, name) for name in DIFF_FIELDS)
 
     assert torch.autograd.gradcheck(f, (leaf(batch.q_logits),), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- length normalisation (issue 14.5)
+
+
+def _ragged_pairs(n_pairs: int, prompt: int, max_response: int, vocab: int, seed: int):
+    """Per sequence (chosen ones, then rejected): logits [L, V] x2, ids [L], mask [L], of its own length L."""
+    gen = torch.Generator().manual_seed(seed)
+    sequences = []
+    for _ in range(2 * n_pairs):
+        length = prompt + int(torch.randint(1, max_response + 1, (1,), generator=gen))
+        q = torch.randn(length, vocab, generator=gen) * 2
+        base = torch.randn(length, vocab, generator=gen) * 2
+        ids = torch.randint(0, vocab, (length,), generator=gen)
+        mask = torch.arange(length) >= prompt
+        sequences.append((q, base, ids, mask))
+    return sequences
+
+
+def _scores_in_batches(sequences, n_pairs: int, batch_size: int, backend: str, device: str, **keywords):
+    """Chosen and rejected scores of every pair, evaluating ``batch_size`` pairs at a time, each batch
+    right-padded to its own longest sequence (as an evaluation loop pads)."""
+    chosen, rejected = [], []
+    for start in range(0, n_pairs, batch_size):
+        pairs = list(range(start, min(start + batch_size, n_pairs)))
+        rows = [sequences[i] for i in pairs] + [sequences[n_pairs + i] for i in pairs]
+        width = max(len(r[2]) for r in rows)
+        pad = lambda t, fill: torch.cat([t, t.new_full((width - t.shape[0], *t.shape[1:]), fill)])  # noqa: E731
+        q, base, ids, mask = (torch.stack([pad(r[k], fill) for r in rows]).to(device)
+                              for k, fill in ((0, 0.0), (1, 0.0), (2, 0), (3, False)))
+        out = qk.qadapter_loss(q, base, ids, mask, backend=backend, **keywords)
+        chosen.append(out.chosen_scores.cpu())
+        rejected.append(out.rejected_scores.cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+@pytest.mark.parametrize("variant", ["bellman"])
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_default_scores_do_not_depend_on_the_batch(backend, device, variant):
+    """Issue 14 item 5: with the default normalisation, the same pairs get the same scores whether
+    they are evaluated 1, 3 or 10 at a time (padded to different widths).
+
+    The "official" variant is left out by design: as in the authors' code it scores the action
+    taken at the last response position, which is the first pad token when a row is padded, so
+    its scores depend on padding whatever the normalisation (test_hand_computed_example pins that).
+    """
+    n_pairs = 10
+    sequences = _ragged_pairs(n_pairs, prompt=3, max_response=9, vocab=37, seed=14)
+    one_by_one = _scores_in_batches(sequences, n_pairs, 1, backend, device, variant=variant)
+    exact = backend == "cpu"  # the C++ pass sums each row in the same order whatever the width
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-6)
+    for batch_size in (3, 10):
+        got = _scores_in_batches(sequences, n_pairs, batch_size, backend, device, variant=variant)
+        for name, a, b in zip(("chosen_scores", "rejected_scores"), got, one_by_one):
+            assert_close(a, b, **tol, what=f"{name} at batch size {batch_size}")
+    # The authors' rule divides by the padded width: the same pairs score differently per batch
+    # size (what the default fixes, and what shows this test can fail).
+    padded_1 = _scores_in_batches(sequences, n_pairs, 1, backend, device, variant=variant, length_norm="padded")
+    padded_10 = _scores_in_batches(sequences, n_pairs, 10, backend, device, variant=variant, length_norm="padded")
+    assert (padded_1[0] - padded_10[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_padded_norm_is_the_authors_t_minus_1_rule(backend, device, variant, seed):
+    """length_norm="padded" (and True, its former spelling) divides each score by T - 1, bit for bit
+    as before on the C++ path: the sum of the op's rewards, in double, times 1 / (T - 1)."""
+    batch = make_pair_batch(3, 9, 41, seed=seed).to(device)
+    args = (batch.q_logits, batch.base_logits, batch.input_ids, batch.loss_mask)
+    padded = qk.qadapter_loss(*args, variant=variant, length_norm="padded", backend=backend)
+    as_bool = qk.qadapter_loss(*args, variant=variant, length_norm=True, backend=backend)
+    unnormalised = qk.qadapter_loss(*args, variant=variant, length_norm="none", backend=backend)
+    for name in LOSS_FIELDS:
+        assert torch.equal(getattr(padded, name), getattr(as_bool, name)), name
+    T = batch.input_ids.shape[1]
+    for got, total in ((padded.chosen_scores, unnormalised.chosen_scores),
+                       (padded.rejected_scores, unnormalised.rejected_scores)):
+        expected = (total.double() * (1.0 / (T - 1))).float()
+        if backend == "cpu":
+            assert torch.equal(got, expected)
+        else:
+            assert_close(got, expected, rtol=1e-6, atol=1e-7, what="score = sum / (T - 1)")
+    if variant == "official":  # the authors' own formula uses this rule
+        authors = reference.authors_qadapter_loss(*(t.cpu() for t in args))
+        assert_close(padded.loss.cpu(), authors, rtol=1e-5, atol=1e-6, what="the authors' loss")
+
+
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_params_object_and_keywords_agree(backend, device):
+    """A QAdapterParams, keyword overrides on top of it, and plain keywords are one call."""
+    batch = make_pair_batch(2, 7, 23, seed=3).to(device)
+    args = (batch.q_logits, batch.base_logits, batch.input_ids, batch.loss_mask)
+    params = qk.QAdapterParams(alpha_tilde=0.7, alpha_0=0.4, gamma=0.9, beta=0.3, variant="official",
+                               length_norm="none")
+    by_object = qk.qadapter_loss(*args, params, backend=backend)
+    by_keywords = qk.qadapter_loss(*args, alpha_tilde=0.7, alpha_0=0.4, gamma=0.9, beta=0.3, variant="official",
+                                   length_norm=False, backend=backend)
+    overridden = qk.qadapter_loss(*args, qk.QAdapterParams(alpha_0=9.0, length_norm="none"), alpha_tilde=0.7,
+                                  alpha_0=0.4, gamma=0.9, beta=0.3, variant="official", backend=backend)
+    for name in LOSS_FIELDS:
+        assert torch.equal(getattr(by_object, name), getattr(by_keywords, name)), name
+        assert torch.equal(getattr(by_object, name), getattr(overridden, name)), name
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['temperature'\]"):
+        qk.qadapter_loss(*args, temperature=0.5, backend=backend)
+    with pytest.raises(TypeError, match="params must be a QAdapterParams"):
+        qk.qadapter_loss(*args, qk.SamplingParams(), backend=backend)

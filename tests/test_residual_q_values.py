@@ -53,11 +53,11 @@ def compare_with_reference(q, base, actions, backend, device, *, alpha_tilde=1.0
     q_k = leaf(q.to(device))  # a no-op for views already on the device: their strides stay
     base_k, actions_k = base.to(device), actions.to(device)
     q, base, actions = q.cpu(), base.cpu(), actions.cpu()
-    values, q_taken = qk.residual_q_values(q_k, base_k, actions_k, alpha_tilde, alpha_0, backend=backend)
+    values, q_taken = qk.residual_q_values(q_k, base_k, actions_k, alpha_tilde=alpha_tilde, alpha_0=alpha_0, backend=backend)
 
     # Reference on the very same (low-precision) inputs, upcast: the fp32 ground truth.
     q_r = leaf(q, torch.float64 if dtype == torch.float64 else torch.float32)
-    ref_values, ref_q_taken = reference.residual_q_values(q_r, base, actions, alpha_tilde, alpha_0)
+    ref_values, ref_q_taken = reference.residual_q_values(q_r, base, actions, alpha_tilde=alpha_tilde, alpha_0=alpha_0)
 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert values.dtype == acc and q_taken.dtype == acc
@@ -176,8 +176,8 @@ def test_gradient_of_one_output(backend, device, output, seed):
     q, base, actions = make_rows(n, vocab, seed=seed)
     q_k, q_r = leaf(q.to(device)), leaf(q)
     out_k = dict(zip(("values", "q_taken"), qk.residual_q_values(q_k, base.to(device), actions.to(device),
-                                                                 0.8, 0.2, backend=backend)))
-    out_r = dict(zip(("values", "q_taken"), reference.residual_q_values(q_r, base, actions, 0.8, 0.2)))
+                                                                 alpha_tilde=0.8, alpha_0=0.2, backend=backend)))
+    out_r = dict(zip(("values", "q_taken"), reference.residual_q_values(q_r, base, actions, alpha_tilde=0.8, alpha_0=0.2)))
     w = random_weights(actions.shape, seed).float()
     (out_k[output] * w.to(device)).sum().backward()
     (out_r[output] * w).sum().backward()
@@ -229,6 +229,6 @@ def test_gradcheck_cpu_float64(lead, vocab, alpha_tilde, alpha_0, neg_inf):
     q = leaf(q)
 
     def f(q_logits):
-        return qk.residual_q_values(q_logits, base, actions, alpha_tilde, alpha_0, backend="cpu")
+        return qk.residual_q_values(q_logits, base, actions, alpha_tilde=alpha_tilde, alpha_0=alpha_0, backend="cpu")
 
     assert torch.autograd.gradcheck(f, (q,), eps=1e-6, atol=1e-7, rtol=1e-5)

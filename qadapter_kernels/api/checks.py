@@ -8,7 +8,6 @@ import os
 
 import torch
 
-from ..params import check_scalar
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -114,12 +113,6 @@ def tile_budget(tile_budget_mb: object) -> float:
     return budget
 
 
-def check_alphas(alpha_tilde: object, alpha_0: object) -> tuple[float, float]:
-    """The customised policy's temperature (> 0) and base weight (>= 0), as floats."""
-    return (check_scalar("alpha_tilde", alpha_tilde, 0.0, float("inf"), low_open=True),
-            check_scalar("alpha_0", alpha_0, 0.0, float("inf")))
-
-
 def value_checks_enabled(device: torch.device) -> bool:
     if torch.compiler.is_compiling():
         return False
@@ -130,8 +123,18 @@ def finite_values_flag(values: torch.Tensor, source: str = "q_logits or base_log
     return {f"{source}: the logits hold NaN or +inf, or a row with no finite entry": ~torch.isfinite(values).all()}
 
 
-def actions_in_range_flag(name: str, actions: torch.Tensor, vocab: int) -> dict[str, torch.Tensor]:
-    return {f"{name} must be token ids in [0, {vocab})": ((actions < 0) | (actions >= vocab)).any()}
+def guard_actions(name: str, actions: torch.Tensor, vocab: int,
+                  flags: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(actions with every id outside [0, vocab) replaced by 0, where they were outside).
+
+    The kernels never see an out-of-range id, so every backend (the reference's gather too)
+    behaves alike without a host sync: the caller sets q_taken to NaN where an id was bad, and
+    its gradient there is zero. The range check joins ``flags`` (None: value checks are off).
+    """
+    bad = (actions < 0) | (actions >= vocab)
+    if flags is not None:
+        flags[f"{name} must be token ids in [0, {vocab})"] = bad.any()
+    return torch.where(bad, 0, actions), bad
 
 
 def raise_on_flags(flags: dict[str, torch.Tensor]) -> None:

@@ -14,15 +14,21 @@ import torch
 import triton
 import triton.language as tl
 
+from ..params import LengthNorm, RewardVariant
 from .backend import acc_dtype
 from .registration import KernelVariant, pointers, register_differentiable_op, register_triton_kernel, scalars
 
 
+# The kernels take the variant and the length normalisation as integer constexprs (their .code).
+_BELLMAN = tl.constexpr(RewardVariant.BELLMAN.code)
+_BY_RESPONSE = tl.constexpr(LengthNorm.RESPONSE.code)
+
+
 @triton.jit
-def _reward_layout(mask_row, t, T, BELLMAN: tl.constexpr):
+def _reward_layout(mask_row, t, T, VARIANT: tl.constexpr):
     """At positions t: whether r_t is scored, where the value bootstrapping it sits, whether it counts."""
     has_action = (t >= 0) & (t < T - 1)
-    if BELLMAN:
+    if VARIANT == _BELLMAN:
         scored = tl.load(mask_row + t + 1, mask=has_action, other=0) != 0
         counted = tl.load(mask_row + t + 2, mask=has_action & (t + 2 < T), other=0) != 0
         value_pos = t + 1
@@ -37,8 +43,10 @@ def _reward_layout(mask_row, t, T, BELLMAN: tl.constexpr):
 def _pair_rows_fwd_kernel(
     values_ptr, q_taken_ptr, mask_ptr, rewards_ptr, scores_ptr, sum_sq_ptr, count_ptr,
     T, gamma, inv_norm,
-    BELLMAN: tl.constexpr, BLOCK_T: tl.constexpr,
+    VARIANT: tl.constexpr, LENGTH_NORM: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    """Rewards, score, sum of squared rewards and number of scored actions of one row. inv_norm:
+    1 / the score's divisor, unless LENGTH_NORM divides by the row's own number of scored actions."""
     row = tl.program_id(0).to(tl.int64)
     base = row * T
     acc_r = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -46,7 +54,7 @@ def _pair_rows_fwd_kernel(
     acc_n = tl.zeros([BLOCK_T], dtype=tl.int32)
     for start in range(0, T, BLOCK_T):
         t = start + tl.arange(0, BLOCK_T)
-        scored, value_pos, counted = _reward_layout(mask_ptr + base, t, T, BELLMAN)
+        scored, value_pos, counted = _reward_layout(mask_ptr + base, t, T, VARIANT)
         value = tl.load(values_ptr + base + value_pos, mask=scored & counted, other=0.0).to(tl.float32)
         q_a = tl.load(q_taken_ptr + base + t, mask=scored, other=0.0).to(tl.float32)
         r = tl.where(scored, q_a - gamma * value, 0.0)
@@ -54,9 +62,12 @@ def _pair_rows_fwd_kernel(
         acc_r += r
         acc_sq += r * r
         acc_n += scored.to(tl.int32)
+    n = tl.sum(acc_n, 0)
+    if LENGTH_NORM == _BY_RESPONSE:
+        inv_norm = 1.0 / tl.maximum(n, 1).to(tl.float32)
     tl.store(scores_ptr + row, tl.sum(acc_r, 0) * inv_norm)
     tl.store(sum_sq_ptr + row, tl.sum(acc_sq, 0))
-    tl.store(count_ptr + row, tl.sum(acc_n, 0).to(tl.float32))
+    tl.store(count_ptr + row, n.to(tl.float32))
 
 
 @triton.jit
@@ -92,9 +103,9 @@ def _pair_reduce_kernel(
 
 
 @triton.jit
-def _reward_grad(t, g_score_norm, g_sq, mask_row, rewards_row, grad_rewards_row, T, BELLMAN: tl.constexpr):
+def _reward_grad(t, g_score_norm, g_sq, mask_row, rewards_row, grad_rewards_row, T, VARIANT: tl.constexpr):
     """d(outputs)/d(r_t) at positions t (0 where not scored), and whether r_t's bootstrap value counts."""
-    scored, _, counted = _reward_layout(mask_row, t, T, BELLMAN)
+    scored, _, counted = _reward_layout(mask_row, t, T, VARIANT)
     r = tl.load(rewards_row + t, mask=scored, other=0.0).to(tl.float32)
     g_r = tl.load(grad_rewards_row + t, mask=scored, other=0.0).to(tl.float32)
     return tl.where(scored, g_score_norm + g_sq * r + g_r, 0.0), counted
@@ -105,7 +116,7 @@ def _pair_bwd_kernel(
     grad_loss_ptr, grad_pref_ptr, grad_reg_ptr, grad_scores_ptr, grad_rewards_ptr,
     scores_ptr, rewards_ptr, num_scored_ptr, mask_ptr, grad_values_ptr, grad_q_taken_ptr,
     B, T, gamma, beta, inv_norm,
-    BELLMAN: tl.constexpr, BLOCK_T: tl.constexpr,
+    VARIANT: tl.constexpr, LENGTH_NORM: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
@@ -118,17 +129,23 @@ def _pair_bwd_kernel(
     margin = tl.where(chosen, other - own, own - other)
     g_bt = (g_loss + tl.load(grad_pref_ptr).to(tl.float32)) / B
     g_score = tl.where(chosen, -g_bt, g_bt) * tl.sigmoid(margin) + tl.load(grad_scores_ptr + row).to(tl.float32)
+    if LENGTH_NORM == _BY_RESPONSE:
+        n = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for start in range(0, T, BLOCK_T):
+            scored, _, _ = _reward_layout(mask_ptr + base, start + tl.arange(0, BLOCK_T), T, VARIANT)
+            n += scored.to(tl.int32)
+        inv_norm = 1.0 / tl.maximum(tl.sum(n, 0), 1).to(tl.float32)
     g_score_norm = g_score * inv_norm
     g_sq = (g_loss + tl.load(grad_reg_ptr).to(tl.float32)) * 2.0 * beta / tl.load(num_scored_ptr).to(tl.float32)
     for start in range(0, T, BLOCK_T):
         t = start + tl.arange(0, BLOCK_T)
         g_r, _ = _reward_grad(t, g_score_norm, g_sq, mask_ptr + base, rewards_ptr + base,
-                              grad_rewards_ptr + base, T, BELLMAN)
+                              grad_rewards_ptr + base, T, VARIANT)
         tl.store(grad_q_taken_ptr + base + t, g_r, mask=t < T)
         # V[j] bootstraps r_{j-1} (bellman, while the response goes on) or r_j (official).
-        if BELLMAN:
+        if VARIANT == _BELLMAN:
             g_prev, counted = _reward_grad(t - 1, g_score_norm, g_sq, mask_ptr + base, rewards_ptr + base,
-                                           grad_rewards_ptr + base, T, BELLMAN)
+                                           grad_rewards_ptr + base, T, VARIANT)
             g_v = tl.where(counted, -gamma * g_prev, 0.0)
         else:
             g_v = -gamma * g_r
@@ -143,16 +160,24 @@ def _mask_bytes(loss_mask: torch.Tensor) -> torch.Tensor:
     return loss_mask.contiguous().view(torch.uint8)
 
 
+def _constexprs(variant: str, length_norm: str, T: int) -> dict:
+    return dict(VARIANT=RewardVariant(variant).code, LENGTH_NORM=LengthNorm(length_norm).code, BLOCK_T=_block_t(T))
+
+
+def _inverse_norm(length_norm: str, T: int) -> float:
+    """1 / the score divisor shared by every row (the kernels divide by each row's count for "response")."""
+    return 1.0 / (T - 1) if LengthNorm(length_norm) is LengthNorm.PADDED else 1.0
+
+
 def _triton_pair_loss(values, q_taken, loss_mask, gamma, beta, variant, length_norm):
     rows, T = values.shape
     values, q_taken = values.contiguous(), q_taken.contiguous()
     new = lambda *shape: values.new_empty(shape, dtype=acc_dtype(values.dtype))  # noqa: E731
     rewards, scores, sum_sq, count = new(rows, T), new(rows), new(rows), new(rows)
     loss, pref, reg, accuracy, num_scored = (new() for _ in range(5))
-    inv_norm = 1.0 / (T - 1) if length_norm else 1.0
     _pair_rows_fwd_kernel[(rows,)](
-        values, q_taken, _mask_bytes(loss_mask), rewards, scores, sum_sq, count, T, gamma, inv_norm,
-        BELLMAN=variant == "bellman", BLOCK_T=_block_t(T),
+        values, q_taken, _mask_bytes(loss_mask), rewards, scores, sum_sq, count, T, gamma,
+        _inverse_norm(length_norm, T), **_constexprs(variant, length_norm, T),
     )
     _pair_reduce_kernel[(1,)](
         scores, sum_sq, count, loss, pref, reg, accuracy, num_scored, rows // 2, beta,
@@ -171,8 +196,7 @@ def _triton_pair_loss_backward(
     _pair_bwd_kernel[(rows,)](
         c(grad_loss), c(grad_pref_loss), c(grad_reg_loss), c(grad_scores), c(grad_rewards),
         c(scores), c(rewards), c(num_scored), _mask_bytes(loss_mask), grad_values, grad_q_taken,
-        rows // 2, T, gamma, beta, 1.0 / (T - 1) if length_norm else 1.0,
-        BELLMAN=variant == "bellman", BLOCK_T=_block_t(T),
+        rows // 2, T, gamma, beta, _inverse_norm(length_norm, T), **_constexprs(variant, length_norm, T),
     )
     return grad_values, grad_q_taken
 
@@ -233,13 +257,13 @@ def _register_compile_variants() -> None:
     grads = ["grad_loss_ptr", "grad_pref_ptr", "grad_reg_ptr", "grad_scores_ptr", "grad_rewards_ptr", "scores_ptr",
              "rewards_ptr", "num_scored_ptr", "grad_values_ptr", "grad_q_taken_ptr"]
     forward, backward = [], []
-    for bellman in (True, False):
-        forward.append(KernelVariant({**pointers(per_row, "fp32"), "mask_ptr": "*u8", "T": "i32",
-                                      **scalars("fp32", "gamma", "inv_norm")},
-                                     {"BELLMAN": bellman, "BLOCK_T": 1024}))
-        backward.append(KernelVariant({**pointers(grads, "fp32"), "mask_ptr": "*u8", **scalars("i32", "B", "T"),
-                                       **scalars("fp32", "gamma", "beta", "inv_norm")},
-                                      {"BELLMAN": bellman, "BLOCK_T": 1024}))
+    for variant in RewardVariant:
+        for length_norm in LengthNorm:
+            constexprs = {"VARIANT": variant.code, "LENGTH_NORM": length_norm.code, "BLOCK_T": 1024}
+            forward.append(KernelVariant({**pointers(per_row, "fp32"), "mask_ptr": "*u8", "T": "i32",
+                                          **scalars("fp32", "gamma", "inv_norm")}, constexprs))
+            backward.append(KernelVariant({**pointers(grads, "fp32"), "mask_ptr": "*u8", **scalars("i32", "B", "T"),
+                                           **scalars("fp32", "gamma", "beta", "inv_norm")}, constexprs))
     register_triton_kernel(_pair_rows_fwd_kernel, forward)
     register_triton_kernel(_pair_bwd_kernel, backward)
     reduced = ["scores_ptr", "sum_sq_ptr", "count_ptr", "loss_ptr", "pref_ptr", "reg_ptr", "accuracy_ptr",

@@ -28,6 +28,11 @@ from .triton_helpers import (
 
 _BLOCK_V = 2048
 _BISECT_STEPS = 40  # log-space bisection: thresholds within range * 2^-40 of exact
+# The bisection's lower end, as a scaled log-weight s = (y - max) / T: exp(s) is exactly 0 in fp32
+# below about -104, so entries there can never be drawn and where a threshold falls among them
+# changes no draw. Without this floor a finite mask such as finfo(float32).min would stretch the
+# range to ~3e38 and leave the thresholds meaningless after the bisection's steps.
+_LOWEST_LOG_WEIGHT = tl.constexpr(-128.0)
 
 
 @triton.jit
@@ -104,7 +109,7 @@ def _combined_sample_kernel(
         top_k = tl.load(top_k_ptr + row)
         top_p = tl.load(top_p_ptr + row)
         min_p = tl.load(min_p_ptr + row)
-        lowest = (y_min - y_max) * inv_t
+        lowest = tl.maximum((y_min - y_max) * inv_t, _LOWEST_LOG_WEIGHT)
         # Keep s >= threshold; each bisection keeps `lo` feasible and `hi` infeasible.
         threshold = lowest
         if (top_k > 0) & (top_k < V):

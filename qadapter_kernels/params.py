@@ -17,35 +17,41 @@ from typing import Any, Callable, TypeVar
 import torch
 
 
-class RewardVariant(str, enum.Enum):
-    """Which action a position scores and which value bootstraps its reward (docs/DESIGN.md §Reward variants).
-
-    A ``str`` enum: ``RewardVariant("bellman") is RewardVariant.BELLMAN`` and it compares equal to
-    its value, so configs and command lines keep plain strings.
-    """
-
-    BELLMAN = "bellman"
-    OFFICIAL = "official"
+class _KernelChoice(str, enum.Enum):
+    """A ``str`` enum the kernels receive as an integer (``.code``, a Triton constexpr): a new member
+    is a new code, never a new kernel signature. ``Choice("x") is Choice.X`` and a member compares
+    equal to its value, so configs and command lines keep plain strings."""
 
     @classmethod
-    def parse(cls, value: object) -> "RewardVariant":
+    def parse(cls, value: object):
+        """The member for ``value`` (a member or its string), or a ValueError naming the field."""
         if isinstance(value, cls):
             return value
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"variant must be one of {[v.value for v in cls]}, got {value!r}") from None
+            raise ValueError(f"{cls.FIELD} must be one of {[v.value for v in cls]}{cls.ALIASES}, "
+                             f"got {value!r}") from None
 
     def __str__(self) -> str:
         return self.value
 
     @property
     def code(self) -> int:
-        """The integer the kernels receive (a Triton constexpr): a new variant is a new code, not a new signature."""
         return list(type(self)).index(self)
 
 
-class LengthNorm(str, enum.Enum):
+class RewardVariant(_KernelChoice):
+    """Which action a position scores and which value bootstraps its reward (docs/DESIGN.md §Reward variants)."""
+
+    BELLMAN = "bellman"
+    OFFICIAL = "official"
+
+
+RewardVariant.FIELD, RewardVariant.ALIASES = "variant", ""
+
+
+class LengthNorm(_KernelChoice):
     """What a sequence's summed reward is divided by to give its score (docs/DESIGN.md §Length normalisation).
 
     ``RESPONSE``: its own number of scored actions (1 when it has none), so a score is a property
@@ -60,23 +66,12 @@ class LengthNorm(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: object) -> "LengthNorm":
-        if isinstance(value, cls):
-            return value
         if isinstance(value, bool):  # the former bool flag: True was the authors' rule
             return cls.PADDED if value else cls.NONE
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"length_norm must be one of {[v.value for v in cls]} (or True = 'padded', "
-                             f"False = 'none'), got {value!r}") from None
+        return super().parse(value)
 
-    def __str__(self) -> str:
-        return self.value
 
-    @property
-    def code(self) -> int:
-        """The integer the Triton kernels receive as a constexpr."""
-        return list(type(self)).index(self)
+LengthNorm.FIELD, LengthNorm.ALIASES = "length_norm", " (or True = 'padded', False = 'none')"
 
 
 def check_scalar(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
@@ -202,6 +197,13 @@ def resolve(cls: type[P], params: P | None, overrides: dict[str, Any]) -> P:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; {cls.__name__} has {sorted(names)}")
     base = params if params is not None else cls()
     return dataclasses.replace(base, **overrides).validated()
+
+
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A sampler's keyword overrides: (the policy's, and any unknown name, for resolve to report; the sampling ones)."""
+    sampling_names = set(SamplingParams.__dataclass_fields__)
+    return ({k: v for k, v in overrides.items() if k not in sampling_names},
+            {k: v for k, v in overrides.items() if k in sampling_names})
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -27,7 +27,16 @@ import qadapter_kernels as qk
 from qadapter_kernels import reference
 from qadapter_kernels.ops import sampling as qk_sampling
 
-from helpers import ALL_BACKENDS, FUSED, assert_close, generator, interpreted, make_rows, no_interpreter_with_cuda
+from helpers import (
+    ALL_BACKENDS,
+    FUSED,
+    assert_close,
+    call_with_backend,
+    generator,
+    interpreted,
+    make_rows,
+    no_interpreter_with_cuda,
+)
 
 NEG_INF = float("-inf")
 OP = torch.ops.qadapter
@@ -602,15 +611,9 @@ BAD_CASES = {
 }
 
 
-def _call(fn, args, backend):
-    args = dict(args)
-    backend = args.pop("backend", backend)
-    return fn(**args, backend=backend)
-
-
 @pytest.mark.parametrize("backend, device", ALL_BACKENDS)
 def test_sample_valid_call(backend, device):
-    tokens = _call(qk.combined_sample, sample_args(device), backend)
+    tokens = call_with_backend(qk.combined_sample, sample_args(device), backend)
     assert tokens.shape == (3,) and tokens.dtype == torch.long and bool(((tokens >= 0) & (tokens < 13)).all())
 
 
@@ -621,7 +624,7 @@ def test_sample_rejects(backend, device, case):
     args = sample_args(device)
     mutate(args)
     with pytest.raises(exc, match=pattern):
-        _call(qk.combined_sample, args, backend)
+        call_with_backend(qk.combined_sample, args, backend)
 
 
 @pytest.mark.parametrize("case", ["3-D logits", "shape mismatch", "dtype mismatch", "bad backend", "alpha_tilde = 0"])
@@ -630,7 +633,7 @@ def test_combined_logits_rejects(case):
     args = sample_args("cpu")
     mutate(args)
     with pytest.raises(exc, match=pattern):
-        _call(qk.combined_logits, args, "cpu")
+        call_with_backend(qk.combined_logits, args, "cpu")
 
 
 def hidden_args():
@@ -676,10 +679,10 @@ HIDDEN_CASES = {
 def test_from_hidden_rejects(backend, device, case):
     mutate, exc, pattern = HIDDEN_CASES[case]
     args = hidden_args()
-    assert _call(qk.combined_sample_from_hidden, args, "cpu").shape == (3,)
+    assert call_with_backend(qk.combined_sample_from_hidden, args, "cpu").shape == (3,)
     mutate(args)
     with pytest.raises(exc, match=pattern):
-        _call(qk.combined_sample_from_hidden, args, backend)
+        call_with_backend(qk.combined_sample_from_hidden, args, backend)
 
 
 # --------------------------------------------------------------------------- 9. opcheck and torch.compile

@@ -14,8 +14,7 @@ from .. import reference
 from ..ops.backend import resolve_backend, through_dispatcher
 from ..ops.sampling import combined_logits_rows, sample_from_hidden_rows, sample_rows
 from ..ops.triton_helpers import plan_tiles
-from ..params import INT_RANGES, RANGES, PolicyParams, SamplingParams, resolve, with_param_keywords
-from ..reference import split_overrides
+from ..params import INT_RANGES, RANGES, PolicyParams, SamplingParams, resolve, split_overrides, with_param_keywords
 from .checks import (
     check_float_tensor,
     check_hidden_and_head,

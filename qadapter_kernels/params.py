@@ -188,15 +188,44 @@ def resolve(cls: type[P], params: P | None, overrides: dict[str, Any]) -> P:
     """``params`` (or the defaults) with keyword overrides on top, validated.
 
     Unknown keywords are a TypeError naming them, as Python reports them for a normal signature.
+    Results for plain values (numbers, strings, the enums; no tensors) are remembered: a training
+    loop or a decoder calls the ops with the same parameters every step, and validating them
+    again would cost more than a small kernel.
     """
     if params is not None and not isinstance(params, cls):
         raise TypeError(f"params must be a {cls.__name__} or None, got {type(params).__name__}")
+    key = None if torch.compiler.is_compiling() else _plain_key(cls, params, overrides)
+    if key is not None and key in _RESOLVED:
+        return _RESOLVED[key]
     names = set(cls.__dataclass_fields__)  # not dataclasses.fields(cls): torch.compile traces this
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; {cls.__name__} has {sorted(names)}")
     base = params if params is not None else cls()
-    return dataclasses.replace(base, **overrides).validated()
+    resolved = dataclasses.replace(base, **overrides).validated()
+    if key is not None:
+        if len(_RESOLVED) >= _RESOLVED_LIMIT:
+            _RESOLVED.clear()
+        _RESOLVED[key] = resolved
+    return resolved
+
+
+_PLAIN_TYPES = (bool, int, float, str, RewardVariant, LengthNorm)
+_RESOLVED: dict[tuple, Any] = {}
+_RESOLVED_LIMIT = 1024
+
+
+def _plain_key(cls: type, params: object, overrides: dict[str, Any]) -> tuple | None:
+    """A hashable key of a resolve call whose values are all plain, else None. Each value's type is
+    part of the key: True == 1 == 1.0 must not share a result (a bool is no number here)."""
+    given = list(overrides.items()) if params is None else [*params.__dict__.items(), None, *overrides.items()]
+    key = [cls, params is None]
+    for item in given:
+        if item is not None:
+            if type(item[1]) not in _PLAIN_TYPES:
+                return None
+            key += (item[0], type(item[1]), item[1])
+    return tuple(key)
 
 
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -43,9 +43,7 @@ def residual_q_values(
 
 def next_token_actions(input_ids: torch.Tensor) -> torch.Tensor:
     """actions[:, t] = input_ids[:, t + 1]; the last column has no action (0, never scored)."""
-    actions = torch.zeros_like(input_ids)
-    actions[:, :-1] = input_ids[:, 1:]
-    return actions
+    return F.pad(input_ids[:, 1:], (0, 1))
 
 
 def scored_positions(loss_mask: torch.Tensor, variant: RewardVariant | str) -> torch.Tensor:

@@ -123,18 +123,19 @@ def finite_values_flag(values: torch.Tensor, source: str = "q_logits or base_log
     return {f"{source}: the logits hold NaN or +inf, or a row with no finite entry": ~torch.isfinite(values).all()}
 
 
-def guard_actions(name: str, actions: torch.Tensor, vocab: int,
-                  flags: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(actions with every id outside [0, vocab) replaced by 0, where they were outside).
+def guard_actions(actions: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(actions with every id outside [0, vocab) replaced by an id inside, where they were outside).
 
     The kernels never see an out-of-range id, so every backend (the reference's gather too)
     behaves alike without a host sync: the caller sets q_taken to NaN where an id was bad, and
-    its gradient there is zero. The range check joins ``flags`` (None: value checks are off).
+    its gradient there is zero.
     """
-    bad = (actions < 0) | (actions >= vocab)
-    if flags is not None:
-        flags[f"{name} must be token ids in [0, {vocab})"] = bad.any()
-    return torch.where(bad, 0, actions), bad
+    safe = actions.clamp(0, vocab - 1)
+    return safe, safe != actions
+
+
+def ids_in_range_flag(name: str, ids: torch.Tensor, vocab: int) -> dict[str, torch.Tensor]:
+    return {f"{name} must be token ids in [0, {vocab})": ((ids < 0) | (ids >= vocab)).any()}
 
 
 def raise_on_flags(flags: dict[str, torch.Tensor]) -> None:

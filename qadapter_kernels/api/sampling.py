@@ -42,7 +42,7 @@ def _as_rows(name: str, value, rows: int, device: torch.device, flags: dict | No
     """A validated scalar, or a [B] tensor whose range check joins ``flags``, as a [B] tensor."""
     dtype = _ROW_DTYPES[name]
     if not isinstance(value, torch.Tensor):
-        return torch.full((rows,), value, dtype=dtype, device=device)
+        return _scalar_rows(name, value, rows, dtype, device)
     check_same_device("q_logits", device, **{name: value})
     if value.dim() != 1 or value.shape[0] != rows:
         raise ValueError(f"{name} must be a scalar or a [B] tensor with B = {rows}, got {list(value.shape)}")
@@ -57,6 +57,23 @@ def _as_rows(name: str, value, rows: int, device: torch.device, flags: dict | No
         flags[f"{name} must lie in {bracket}{low}, {high}] in every row"] = (
             below | (wide > high) | ~torch.isfinite(wide)).any()
     return value.detach().to(dtype).contiguous()
+
+
+_SCALAR_ROWS: dict[tuple, torch.Tensor] = {}
+_SCALAR_ROWS_LIMIT = 256
+
+
+def _scalar_rows(name: str, value, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [B] tensor filled with a validated scalar. The ops only read it, so one tensor serves every
+    call with the same value and batch size (a decoder asks for it at every token)."""
+    if torch.compiler.is_compiling():
+        return torch.full((rows,), value, dtype=dtype, device=device)
+    key = (name, value, rows, device)
+    if key not in _SCALAR_ROWS:
+        if len(_SCALAR_ROWS) >= _SCALAR_ROWS_LIMIT:
+            _SCALAR_ROWS.clear()
+        _SCALAR_ROWS[key] = torch.full((rows,), value, dtype=dtype, device=device)
+    return _SCALAR_ROWS[key]
 
 
 def row_sampling(rows: int, device: torch.device, sampling: SamplingParams,
@@ -112,10 +129,15 @@ def raise_on_sampling_flags(flags: dict | None) -> None:
             raise ValueError(message)
 
 
+def _untracked(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as sampling reads it: never part of an autograd graph (sampling has no gradient)."""
+    return t.detach() if t is not None and t.requires_grad else t
+
+
 def sample_logits_rows(q_logits, base_logits, policy: PolicyParams, per_row: RowSampling, generator,
                        backend: str) -> torch.Tensor:
     """One token per row of [B, V] logits on a resolved backend; -1 for a row without a finite maximum. No checks."""
-    q_logits, base_logits = q_logits.detach(), base_logits.detach()
+    q_logits, base_logits = _untracked(q_logits), _untracked(base_logits)
     if backend == "torch":
         y = q_logits.float() + policy.alpha_0 * base_logits.float()  # the row shift of log_softmax changes nothing
         no_finite_max = ~torch.isfinite(y.amax(-1)) | torch.isnan(y).any(-1)
@@ -132,8 +154,7 @@ def sample_logits_rows(q_logits, base_logits, policy: PolicyParams, per_row: Row
 def sample_hidden_rows(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, policy: PolicyParams,
                        per_row: RowSampling, generator, backend: str, budget_mb: float) -> torch.Tensor:
     """``sample_logits_rows`` from [B, H] hidden states and the LM head; no checks."""
-    detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    ha, hb, w, b = map(detach, (adapter_hidden, base_hidden, lm_head_weight, lm_head_bias))
+    ha, hb, w, b = map(_untracked, (adapter_hidden, base_hidden, lm_head_weight, lm_head_bias))
     if backend == "torch":
         logits = lambda h: torch.nn.functional.linear(h, w, b)  # noqa: E731
         return sample_logits_rows(logits(ha), logits(hb), policy, per_row, generator, backend)

@@ -119,8 +119,20 @@ def value_checks_enabled(device: torch.device) -> bool:
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-def finite_values_flag(values: torch.Tensor, source: str = "q_logits or base_logits") -> dict[str, torch.Tensor]:
-    return {f"{source}: the logits hold NaN or +inf, or a row with no finite entry": ~torch.isfinite(values).all()}
+# With alpha_0 = 0 a -inf base logit still enters y = (Q + alpha_0 L) / alpha_tilde as 0 * -inf = NaN.
+ZERO_ALPHA_0_NOTE = (" (alpha_0 = 0 with a -inf base logit also gives 0 * -inf = NaN: mask with a finite value "
+                     "such as torch.finfo(dtype).min instead)")
+
+
+def nonfinite_message(source: str, alpha_0: float) -> str:
+    """The message of the non-finite-logits check, naming the one cause the inputs do not show."""
+    return (f"{source}: the logits hold NaN or +inf, or a row with no finite entry"
+            f"{ZERO_ALPHA_0_NOTE if alpha_0 == 0 else ''}")
+
+
+def finite_values_flag(values: torch.Tensor, source: str, alpha_0: float) -> dict[str, torch.Tensor]:
+    """Flag: ``values`` (finite for finite logits with a finite entry per row) hold NaN or +-inf."""
+    return {nonfinite_message(source, alpha_0): ~torch.isfinite(values).all()}
 
 
 def guard_actions(actions: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,7 +71,7 @@ def checked_pair_outputs(values, q_taken, loss_mask, params: QAdapterParams, bac
     out, num_scored = pair_pass(values, q_taken, loss_mask, params, backend)
     if flags is not None:
         # Ordered by cause: bad ids, non-finite logits or an empty mask also make the loss non-finite.
-        flags.update(finite_values_flag(values, source))
+        flags.update(finite_values_flag(values, source, params.alpha_0))
         flags[EMPTY_MASK_MESSAGE] = num_scored == 0
         flags["the loss is not finite: an action at a scored position has a -inf q_logit"] = ~torch.isfinite(out.loss)
         raise_on_flags(flags)

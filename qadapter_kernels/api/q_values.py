@@ -67,6 +67,6 @@ def residual_q_values(
                                     p.alpha_tilde, p.alpha_0, backend)
     q_taken = torch.where(bad_actions, float("nan"), q_taken)
     if flags is not None:
-        flags.update(finite_values_flag(values))
+        flags.update(finite_values_flag(values, "q_logits or base_logits", p.alpha_0))
         raise_on_flags(flags)
     return values.view(actions.shape), q_taken.view(actions.shape)

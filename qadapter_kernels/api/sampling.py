@@ -16,10 +16,12 @@ from ..ops.sampling import combined_logits_rows, sample_from_hidden_rows, sample
 from ..ops.triton_helpers import plan_tiles
 from ..params import INT_RANGES, RANGES, PolicyParams, SamplingParams, resolve, split_overrides, with_param_keywords
 from .checks import (
+    ZERO_ALPHA_0_NOTE,
     check_float_tensor,
     check_hidden_and_head,
     check_logits_pair,
     check_same_device,
+    nonfinite_message,
     raise_on_flags,
     tile_budget,
     value_checks_enabled,
@@ -109,12 +111,13 @@ def draw_uniforms(rows: int, device: torch.device, generator: torch.Generator | 
     return torch.rand(rows, generator=generator, device=gen_device).to(device)
 
 
-def bad_row_flag(tokens: torch.Tensor, source: str, flags: dict) -> None:
+def bad_row_flag(tokens: torch.Tensor, source: str, alpha_0: float, flags: dict) -> None:
     """Adds the first row without a finite maximum (token -1) to ``flags``, as a row index (-1: none)."""
     if not tokens.numel():
         return
     bad = tokens < 0
-    flags[f"{source}: row {{}} is all -inf or holds NaN or +inf"] = torch.where(bad.any(), bad.long().argmax(), -1)
+    note = ZERO_ALPHA_0_NOTE if alpha_0 == 0 else ""
+    flags[f"{source}: row {{}} is all -inf or holds NaN or +inf{note}"] = torch.where(bad.any(), bad.long().argmax(), -1)
 
 
 def raise_on_sampling_flags(flags: dict | None) -> None:
@@ -183,15 +186,22 @@ def combined_logits(
     """``(Q + alpha_0 * log_softmax(L)) / alpha_tilde`` as fp32 ``[B, V]``: the customised policy's logits.
 
     ``params``: a :class:`PolicyParams` (None: the defaults); ``alpha_tilde``, ``alpha_0`` override it.
-    Differentiable in ``q_logits``.
+    Differentiable in ``q_logits``. NaN or +inf in either input, or a row with no finite entry, is a
+    ValueError (one host sync; skipped under torch.compile and CUDA-graph capture).
     """
     _check_rows(q_logits, base_logits)
     p = resolve(PolicyParams, params, overrides)
     backend = resolve_backend(backend, q_logits.device)
     if backend == "torch":
-        return reference.combined_logits(q_logits, base_logits, p).float()
-    return combined_logits_rows(q_logits, base_logits, p.alpha_tilde, p.alpha_0,
-                                through_dispatcher(backend, q_logits.device))
+        out = reference.combined_logits(q_logits, base_logits, p).float()
+    else:
+        out = combined_logits_rows(q_logits, base_logits, p.alpha_tilde, p.alpha_0,
+                                   through_dispatcher(backend, q_logits.device))
+    if value_checks_enabled(q_logits.device) and out.numel():
+        # NaN or +inf anywhere, or a row of -inf, leaves a row without a finite maximum.
+        raise_on_flags({nonfinite_message("q_logits or base_logits", p.alpha_0):
+                        ~torch.isfinite(out.detach().amax(-1)).all()})
+    return out
 
 
 @with_param_keywords(PolicyParams, SamplingParams)
@@ -230,7 +240,7 @@ def combined_sample(
     per_row = row_sampling(q_logits.shape[0], device, sampling, flags)
     tokens = sample_logits_rows(q_logits, base_logits, policy, per_row, as_generator(generator, device), backend)
     if flags is not None:
-        bad_row_flag(tokens, "q_logits or base_logits", flags)
+        bad_row_flag(tokens, "q_logits or base_logits", policy.alpha_0, flags)
     raise_on_sampling_flags(flags)
     return tokens
 
@@ -269,6 +279,6 @@ def combined_sample_from_hidden(
     tokens = sample_hidden_rows(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, policy, per_row,
                                 as_generator(generator, device), backend, budget)
     if flags is not None:
-        bad_row_flag(tokens, "adapter_hidden, base_hidden or lm_head_weight", flags)
+        bad_row_flag(tokens, "adapter_hidden, base_hidden or lm_head_weight", policy.alpha_0, flags)
     raise_on_sampling_flags(flags)
     return tokens

@@ -70,7 +70,7 @@ def authors_generate(model: QAdapterModel, ids: torch.Tensor, new: int, temperat
         q = causal_lm(step_ids, use_cache=True, **{keyword: caches[0]}).logits[:, -1]
         with model.peft_model.disable_adapter():
             base = causal_lm(step_ids, use_cache=True, **{keyword: caches[1]}).logits[:, -1]
-        scores = warpers(out, reference.combined_logits(q, base, cfg.alpha_tilde, cfg.alpha_0))
+        scores = warpers(out, reference.combined_logits(q, base, alpha_tilde=cfg.alpha_tilde, alpha_0=cfg.alpha_0))
         if temperature > 0:
             step_ids = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)
         else:

@@ -181,7 +181,7 @@ def check_support(fns: dict[str, Callable], inputs: tuple, allowed: torch.Tensor
 
 def nucleus_sizes(z: torch.Tensor, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(allowed mask, kept count per row) of the reference filter on combined logits z."""
-    allowed = reference.filtered_logits(z, params["temperature"], params["top_k"], params["top_p"], params["min_p"]) > -float("inf")
+    allowed = reference.filtered_logits(z, temperature=params["temperature"], top_k=params["top_k"], top_p=params["top_p"], min_p=params["min_p"]) > -float("inf")
     return allowed, allowed.sum(-1)
 
 

@@ -25,18 +25,19 @@ TORCH_LIBRARY(qadapter, m) {
       "residual_q_values_backward(Tensor grad_values, Tensor grad_q_taken, Tensor q_logits, "
       "Tensor base_logits, Tensor actions, Tensor lse_y, float alpha_tilde, float alpha_0) -> Tensor");
   // The pair pass over [2B, T]: rewards of the chosen variant, sequence scores,
-  // softplus Bradley-Terry, squared-reward regulariser. rewards (0 where unscored) and
+  // softplus Bradley-Terry, squared-reward regulariser. length_norm: "response" (divide a
+  // sequence's score by its number of scored actions), "padded" (by T - 1) or "none". rewards (0 where unscored) and
   // num_scored are kept for the backward.
   m.def(
       "pair_loss(Tensor values, Tensor q_taken, Tensor loss_mask, float gamma, float beta, "
-      "str variant, bool length_norm) -> (Tensor loss, Tensor pref_loss, Tensor reg_loss, "
+      "str variant, str length_norm) -> (Tensor loss, Tensor pref_loss, Tensor reg_loss, "
       "Tensor scores, Tensor accuracy, Tensor rewards, Tensor num_scored)");
   // Per-token coefficients: d(outputs)/d(values) and d(outputs)/d(q_taken), contracted with
   // the incoming gradients of loss, pref_loss, reg_loss, scores and rewards.
   m.def(
       "pair_loss_backward(Tensor grad_loss, Tensor grad_pref_loss, Tensor grad_reg_loss, "
       "Tensor grad_scores, Tensor grad_rewards, Tensor scores, Tensor rewards, Tensor num_scored, "
-      "Tensor loss_mask, float gamma, float beta, str variant, bool length_norm) -> "
+      "Tensor loss_mask, float gamma, float beta, str variant, str length_norm) -> "
       "(Tensor grad_values, Tensor grad_q_taken)");
   // The vocabulary pass with the LM head fused in: logits Q = adapter_hidden @ W.T (+ bias) and
   // L = base_hidden @ W.T (+ bias) exist one [tile_rows x tile_vocab] tile at a time. With

@@ -22,6 +22,27 @@ Variant parse_variant(std::string_view variant) {
   TORCH_CHECK_VALUE(false, "variant must be 'bellman' or 'official', got '", variant, "'");
 }
 
+// What a sequence's summed reward is divided by (params.LengthNorm): its own number of scored
+// actions (at least 1), the padded width T - 1 (the authors' rule), or nothing.
+enum class LengthNorm { kResponse, kPadded, kNone };
+
+LengthNorm parse_length_norm(std::string_view length_norm) {
+  if (length_norm == "response") return LengthNorm::kResponse;
+  if (length_norm == "padded") return LengthNorm::kPadded;
+  if (length_norm == "none") return LengthNorm::kNone;
+  TORCH_CHECK_VALUE(false, "length_norm must be 'response', 'padded' or 'none', got '", length_norm, "'");
+}
+
+// 1 / the divisor of a sequence's score, given its number of scored actions.
+double inverse_norm(LengthNorm rule, int64_t T, int64_t num_scored) {
+  switch (rule) {
+    case LengthNorm::kResponse: return 1.0 / double(std::max<int64_t>(num_scored, 1));
+    case LengthNorm::kPadded: return 1.0 / double(T - 1);
+    case LengthNorm::kNone: break;
+  }
+  return 1.0;
+}
+
 // Which action is scored and which value bootstraps its reward. The action at position t
 // is x[t+1], so the last column never holds one.
 struct RewardRule {
@@ -62,12 +83,11 @@ void check_pair_inputs(const at::Tensor& values, const at::Tensor& q_taken, cons
 template <typename acc_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_impl(
     const at::Tensor& values, const at::Tensor& q_taken, const at::Tensor& loss_mask, double gamma,
-    double beta, Variant variant, bool length_norm) {
+    double beta, Variant variant, LengthNorm length_norm) {
   const int64_t rows = values.size(0), T = values.size(1), B = rows / 2;
   const acc_t* v = values.const_data_ptr<acc_t>();
   const acc_t* q = q_taken.const_data_ptr<acc_t>();
   const RewardRule rule{variant, loss_mask.const_data_ptr<bool>(), T};
-  const double inv_norm = length_norm ? 1.0 / double(T - 1) : 1.0;
   auto opts = values.options();
   at::Tensor rewards = at::zeros({rows, T}, opts), scores = at::empty({rows}, opts);
   at::Tensor row_sq = at::empty({rows}, opts.dtype(at::kDouble)), row_count = at::empty({rows}, opts.dtype(at::kLong));
@@ -89,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         sum_sq += reward * reward;
         ++n;
       }
-      s[row] = acc_t(sum * inv_norm);
+      s[row] = acc_t(sum * inverse_norm(length_norm, T, n));
       sq[row] = sum_sq;
       count[row] = n;
     }
@@ -119,14 +139,13 @@ template <typename acc_t>
 std::tuple<at::Tensor, at::Tensor> pair_loss_backward_impl(
     double g_loss, double g_pref, double g_reg, const at::Tensor& grad_scores, const at::Tensor& grad_rewards,
     const at::Tensor& scores, const at::Tensor& rewards, double num_scored, const at::Tensor& loss_mask,
-    double gamma, double beta, Variant variant, bool length_norm) {
+    double gamma, double beta, Variant variant, LengthNorm length_norm) {
   const int64_t rows = rewards.size(0), T = rewards.size(1), B = rows / 2;
   const acc_t* gs = grad_scores.const_data_ptr<acc_t>();
   const acc_t* gr = grad_rewards.const_data_ptr<acc_t>();
   const acc_t* s = scores.const_data_ptr<acc_t>();
   const acc_t* r = rewards.const_data_ptr<acc_t>();
   const RewardRule rule{variant, loss_mask.const_data_ptr<bool>(), T};
-  const double inv_norm = length_norm ? 1.0 / double(T - 1) : 1.0;
   const double g_bt = (g_loss + g_pref) / double(B);
   const double g_sq = (g_loss + g_reg) * 2.0 * beta / num_scored;
   at::Tensor grad_values = at::zeros({rows, T}, rewards.options());
@@ -141,6 +160,9 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_impl(
       // pref = mean softplus(S_rejected - S_chosen): the rejected side gets +sigmoid, the chosen -sigmoid.
       const double margin = chosen ? double(s[partner]) - double(s[row]) : double(s[row]) - double(s[partner]);
       const double g_score = (chosen ? -g_bt : g_bt) * sigmoid(margin) + double(gs[row]);
+      int64_t n = 0;
+      for (int64_t t = 0; t < T; ++t) n += rule.scored(row, t);
+      const double inv_norm = inverse_norm(length_norm, T, n);
       for (int64_t t = 0; t < T; ++t) {
         if (!rule.scored(row, t)) continue;
         const double g = g_score * inv_norm + g_sq * double(r[row * T + t]) + double(gr[row * T + t]);
@@ -155,14 +177,15 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_impl(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(
     const at::Tensor& values, const at::Tensor& q_taken, const at::Tensor& loss_mask, double gamma,
-    double beta, c10::string_view variant, bool length_norm) {
+    double beta, c10::string_view variant, c10::string_view length_norm) {
   check_pair_inputs(values, q_taken, loss_mask);
   const Variant v = parse_variant(variant);
+  const LengthNorm norm = parse_length_norm(length_norm);
   const auto acc = acc_type(values.scalar_type());
   const at::Tensor vals = values.to(acc).contiguous(), qt = q_taken.to(acc).contiguous();
   const at::Tensor mask = loss_mask.contiguous();
   return AT_DISPATCH_FLOATING_TYPES(acc, "pair_loss_cpu", [&] {
-    return pair_loss_impl<scalar_t>(vals, qt, mask, gamma, beta, v, length_norm);
+    return pair_loss_impl<scalar_t>(vals, qt, mask, gamma, beta, v, norm);
   });
 }
 
@@ -170,9 +193,10 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& grad_pref_loss, const at::Tensor& grad_reg_loss,
     const at::Tensor& grad_scores, const at::Tensor& grad_rewards, const at::Tensor& scores,
     const at::Tensor& rewards, const at::Tensor& num_scored, const at::Tensor& loss_mask, double gamma,
-    double beta, c10::string_view variant, bool length_norm) {
+    double beta, c10::string_view variant, c10::string_view length_norm) {
   check_pair_inputs(rewards, rewards, loss_mask);
   const Variant v = parse_variant(variant);
+  const LengthNorm norm = parse_length_norm(length_norm);
   const auto acc = rewards.scalar_type();
   TORCH_CHECK_TYPE(acc == at::kFloat || acc == at::kDouble, "rewards must be float32 or float64");
   auto as_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
@@ -181,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
   return AT_DISPATCH_FLOATING_TYPES(acc, "pair_loss_backward_cpu", [&] {
     return pair_loss_backward_impl<scalar_t>(g_loss, g_pref, g_reg, as_acc(grad_scores), as_acc(grad_rewards),
                                              as_acc(scores), as_acc(rewards), n, loss_mask.contiguous(), gamma,
-                                             beta, v, length_norm);
+                                             beta, v, norm);
   });
 }
 

@@ -5,16 +5,25 @@ tensors with ``backend="triton"`` (tests only).
 """
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
-from . import _C  # noqa: F401  (registers the qadapter:: op schemas and CPU kernels)
+from . import ops  # noqa: F401  (loads the op schemas, CPU kernels and CUDA registrations)
 from . import reference
-from .fused_linear import fused_linear_qadapter_loss
+from .api import (
+    combined_logits,
+    combined_sample,
+    combined_sample_from_hidden,
+    fused_linear_qadapter_loss,
+    qadapter_loss,
+    residual_q_values,
+)
 from .outputs import QAdapterLossOutput
-from .qadapter_loss import qadapter_loss
-from .residual_q_values import residual_q_values
-from .sampling import combined_logits, combined_sample, combined_sample_from_hidden
+from .params import PolicyParams, QAdapterParams, RewardVariant, SamplingParams
 
 __all__ = [
+    "PolicyParams",
     "QAdapterLossOutput",
+    "QAdapterParams",
+    "RewardVariant",
+    "SamplingParams",
     "combined_logits",
     "combined_sample",
     "combined_sample_from_hidden",

@@ -315,10 +315,11 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     """``QAdapterModel.generate`` keywords from the command line, checked before the model loads."""
     import torch
 
-    from .sampling import check_sampling_parameters
+    from .api.sampling import check_sampling_parameters
 
     try:
-        check_sampling_parameters(1, torch.device("cpu"), args.temperature, args.top_k, args.top_p, args.min_p)
+        check_sampling_parameters(1, torch.device("cpu"), temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, min_p=args.min_p)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -8,8 +8,8 @@ import torch
 class QAdapterLossOutput:
     """Everything one Q-Adapter loss evaluation returns (DESIGN.md §2).
 
-    ``loss = pref_loss + reg_loss``; the scores are the per-sequence sums of rewards
-    (divided by ``T - 1`` when ``length_norm``); ``accuracy`` is the fraction of pairs whose
+    ``loss = pref_loss + reg_loss``; the scores are the per-sequence sums of rewards divided as
+    ``length_norm`` says (params.LengthNorm); ``accuracy`` is the fraction of pairs whose
     chosen score beats the rejected one. All are fp32 (fp64 for fp64 inputs).
     """
 

@@ -7,22 +7,33 @@ import torch
 import torch.nn.functional as F
 
 from .outputs import QAdapterLossOutput
-
-VARIANTS = ("bellman", "official")
+from .params import (
+    LengthNorm,
+    PolicyParams,
+    QAdapterParams,
+    RewardVariant,
+    SamplingParams,
+    resolve,
+    split_overrides,
+    with_param_keywords,
+)
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.double() if t.dtype == torch.float64 else t.float()
 
 
+@with_param_keywords(PolicyParams)
 def residual_q_values(
     q_logits: torch.Tensor,
     base_logits: torch.Tensor,
     actions: torch.Tensor,
-    alpha_tilde: float = 1.0,
-    alpha_0: float = 0.01,
+    params: PolicyParams | None = None,
+    **overrides,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft value V(s) and Q(s, a) per row: ``[..., V]`` logits -> two ``[...]`` tensors."""
+    p = resolve(PolicyParams, params, overrides)
+    alpha_tilde, alpha_0 = p.alpha_tilde, p.alpha_0
     q, base = _acc(q_logits), _acc(base_logits)
     y = (q + alpha_0 * base) / alpha_tilde
     values = alpha_tilde * torch.logsumexp(y, -1) - alpha_0 * torch.logsumexp(base, -1)
@@ -32,27 +43,23 @@ def residual_q_values(
 
 def next_token_actions(input_ids: torch.Tensor) -> torch.Tensor:
     """actions[:, t] = input_ids[:, t + 1]; the last column has no action (0, never scored)."""
-    actions = torch.zeros_like(input_ids)
-    actions[:, :-1] = input_ids[:, 1:]
-    return actions
+    return F.pad(input_ids[:, 1:], (0, 1))
 
 
-def scored_positions(loss_mask: torch.Tensor, variant: str) -> torch.Tensor:
+def scored_positions(loss_mask: torch.Tensor, variant: RewardVariant | str) -> torch.Tensor:
     """[2B, T] bool: whether the action at position t enters the loss."""
     scored = torch.zeros_like(loss_mask)
-    if variant == "bellman":
+    if RewardVariant.parse(variant) is RewardVariant.BELLMAN:
         scored[:, :-1] = loss_mask[:, 1:]
-    elif variant == "official":
-        scored[:, :-1] = loss_mask[:, :-1]
     else:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        scored[:, :-1] = loss_mask[:, :-1]
     return scored
 
 
-def rewards(values, q_taken, loss_mask, gamma: float = 1.0, variant: str = "bellman") -> torch.Tensor:
+def rewards(values, q_taken, loss_mask, gamma: float, variant: RewardVariant | str) -> torch.Tensor:
     """r2(s_t, a_t) at scored positions, 0 elsewhere."""
     scored = scored_positions(loss_mask, variant)
-    if variant == "bellman":
+    if RewardVariant.parse(variant) is RewardVariant.BELLMAN:
         # V(s_{t+1}) counts only while the response goes on: past its end the episode is over.
         nxt = torch.zeros_like(values)
         nxt[:, :-2] = torch.where(loss_mask[:, 2:], values[:, 1:-1], torch.zeros_like(values[:, 1:-1]))
@@ -62,23 +69,31 @@ def rewards(values, q_taken, loss_mask, gamma: float = 1.0, variant: str = "bell
     return torch.where(scored, r, torch.zeros_like(r))
 
 
+def score_norm(scored: torch.Tensor, length_norm: LengthNorm | str | bool) -> torch.Tensor | int:
+    """What each sequence's summed reward is divided by: [2B] scored counts (at least 1), T - 1, or 1."""
+    rule = LengthNorm.parse(length_norm)
+    if rule is LengthNorm.RESPONSE:
+        return scored.sum(-1).clamp_min(1)
+    return scored.shape[1] - 1 if rule is LengthNorm.PADDED else 1
+
+
+@with_param_keywords(QAdapterParams)
 def pair_loss(
     values: torch.Tensor,
     q_taken: torch.Tensor,
     loss_mask: torch.Tensor,
-    gamma: float = 1.0,
-    beta: float = 0.1,
-    variant: str = "bellman",
-    length_norm: bool = True,
+    params: QAdapterParams | None = None,
+    **overrides,
 ) -> QAdapterLossOutput:
     """Bradley-Terry loss of [2B, T] per-position values and picked Q (chosen rows first)."""
+    p = resolve(QAdapterParams, params, overrides)
     rows, T = values.shape
     B = rows // 2
-    scored = scored_positions(loss_mask, variant)
-    if not scored.any():
-        raise ValueError("loss_mask scores no token in the whole batch")
-    r = rewards(values, q_taken, loss_mask, gamma, variant)
-    scores = r.sum(-1) / ((T - 1) if length_norm else 1)
+    # No scored token in the batch: reg_loss is 0 / 0 = NaN, as on every backend (the public API raises).
+    scored = scored_positions(loss_mask, p.variant)
+    beta = p.beta
+    r = rewards(values, q_taken, loss_mask, p.gamma, p.variant)
+    scores = r.sum(-1) / score_norm(scored, p.length_norm)
     chosen, rejected = scores[:B], scores[B:]
     # softplus(x) = log(1 + e^x), exact for every x (F.softplus switches to x above 20).
     margin = rejected - chosen
@@ -94,41 +109,39 @@ def pair_loss(
     )
 
 
+@with_param_keywords(QAdapterParams)
 def qadapter_loss(
     q_logits: torch.Tensor,
     base_logits: torch.Tensor,
     input_ids: torch.Tensor,
     loss_mask: torch.Tensor,
-    alpha_tilde: float = 1.0,
-    alpha_0: float = 0.01,
-    gamma: float = 1.0,
-    beta: float = 0.1,
-    variant: str = "bellman",
-    length_norm: bool = True,
+    params: QAdapterParams | None = None,
+    **overrides,
 ) -> QAdapterLossOutput:
     """The Q-Adapter loss from [2B, T, V] adapter and base logits (DESIGN.md §2)."""
-    values, q_taken = residual_q_values(
-        q_logits, base_logits.detach(), next_token_actions(input_ids), alpha_tilde, alpha_0
-    )
-    return pair_loss(values, q_taken, loss_mask.bool(), gamma, beta, variant, length_norm)
+    p = resolve(QAdapterParams, params, overrides)
+    values, q_taken = residual_q_values(q_logits, base_logits.detach(), next_token_actions(input_ids), p)
+    return pair_loss(values, q_taken, loss_mask.bool(), p)
 
 
+@with_param_keywords(QAdapterParams)
 def authors_qadapter_loss(
     q_logits: torch.Tensor,
     base_logits: torch.Tensor,
     input_ids: torch.Tensor,
     loss_mask: torch.Tensor,
-    alpha_tilde: float = 1.0,
-    alpha_0: float = 0.01,
-    gamma: float = 1.0,
-    beta: float = 0.1,
+    params: QAdapterParams | None = None,
+    **overrides,
 ) -> torch.Tensor:
     """The authors' formula as their training code writes it (the benchmark baseline).
 
     Full fp32 [2B, T, V] tensors for log_softmax(L), the combined logits and their
     logsumexp, a gather, and cross-entropy over (chosen, rejected) scores: the "official"
-    variant with length normalisation. Returns the loss only.
+    variant with the "padded" length normalisation, whatever ``params`` say about those two.
+    Returns the loss only.
     """
+    p = resolve(QAdapterParams, params, overrides)
+    alpha_tilde, alpha_0, gamma, beta = p.alpha_tilde, p.alpha_0, p.gamma, p.beta
     B2, T, _ = q_logits.shape
     q = q_logits.float()
     log_pi1 = torch.log_softmax(base_logits.float(), dim=-1)
@@ -146,10 +159,13 @@ def authors_qadapter_loss(
     return pref + reg
 
 
+@with_param_keywords(PolicyParams)
 def combined_logits(
-    q_logits: torch.Tensor, base_logits: torch.Tensor, alpha_tilde: float = 1.0, alpha_0: float = 0.01
+    q_logits: torch.Tensor, base_logits: torch.Tensor, params: PolicyParams | None = None, **overrides
 ) -> torch.Tensor:
     """The customised policy's logits ``(Q + alpha_0 * log_softmax(L)) / alpha_tilde`` in fp32."""
+    p = resolve(PolicyParams, params, overrides)
+    alpha_tilde, alpha_0 = p.alpha_tilde, p.alpha_0
     return (_acc(q_logits) + alpha_0 * torch.log_softmax(_acc(base_logits), -1)) / alpha_tilde
 
 
@@ -157,15 +173,16 @@ def _per_row(value, rows: int, dtype: torch.dtype, device: torch.device) -> torc
     return torch.as_tensor(value, dtype=dtype, device=device).expand(rows).clone()
 
 
-def filtered_logits(
-    logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
-) -> torch.Tensor:
+@with_param_keywords(SamplingParams)
+def filtered_logits(logits: torch.Tensor, sampling: SamplingParams | None = None, **overrides) -> torch.Tensor:
     """Hugging Face's warpers in their order (temperature -> top_k -> top_p -> min_p), per row.
 
     Sort-based, like transformers' TopK/TopP/MinPLogitsWarper with min_tokens_to_keep=1; each
     parameter a scalar or a [B] tensor. Removed entries become -inf. Rows with temperature 0
     are returned unscaled and unfiltered (they are decoded greedily).
     """
+    s = resolve(SamplingParams, sampling, overrides)
+    temperature, top_k, top_p, min_p = s.temperature, s.top_k, s.top_p, s.min_p
     rows, vocab = logits.shape
     device = logits.device
     t = _per_row(temperature, rows, logits.dtype, device)
@@ -192,19 +209,20 @@ def filtered_logits(
     return z
 
 
+@with_param_keywords(PolicyParams, SamplingParams)
 def combined_sample(
     q_logits: torch.Tensor,
     base_logits: torch.Tensor,
-    alpha_tilde: float = 1.0,
-    alpha_0: float = 0.01,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    min_p=0.0,
+    params: PolicyParams | None = None,
+    sampling: SamplingParams | None = None,
+    *,
     generator: torch.Generator | None = None,
+    **overrides,
 ) -> torch.Tensor:
     """Combine, filter with the sort-based warpers, then torch.multinomial (greedy where temperature is 0)."""
-    z = filtered_logits(combined_logits(q_logits, base_logits, alpha_tilde, alpha_0), temperature, top_k, top_p, min_p)
-    greedy = _per_row(temperature, z.shape[0], z.dtype, z.device) == 0
+    policy_overrides, sampling_overrides = split_overrides(overrides)
+    s = resolve(SamplingParams, sampling, sampling_overrides)
+    z = filtered_logits(combined_logits(q_logits, base_logits, params, **policy_overrides), s)
+    greedy = _per_row(s.temperature, z.shape[0], z.dtype, z.device) == 0
     drawn = torch.multinomial(z.softmax(-1), 1, generator=generator).squeeze(-1)
     return torch.where(greedy, z.argmax(-1), drawn)

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from qadapter_kernels import _backend  # noqa: E402
+from qadapter_kernels.ops import backend as _backend  # noqa: E402
 
 # The switch is read once, at import: make sure it took effect as intended.
 if _backend.TRITON_INTERPRETED != (not torch.cuda.is_available()):

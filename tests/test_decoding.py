@@ -47,7 +47,7 @@ def naive_combined_logits(model: QAdapterModel, ids: list[int]) -> torch.Tensor:
     q = model.base_causal_lm(x).logits[0, -1]
     with model.peft_model.disable_adapter():
         base = model.base_causal_lm(x).logits[0, -1]
-    return reference.combined_logits(q.double(), base.double(), ALPHA_TILDE, ALPHA_0)
+    return reference.combined_logits(q.double(), base.double(), alpha_tilde=ALPHA_TILDE, alpha_0=ALPHA_0)
 
 
 def naive_greedy(model: QAdapterModel, prompt: list[int], steps: int, eos: int | None = None) -> list[int]:
@@ -115,7 +115,7 @@ def test_first_token_follows_the_filtered_combined_policy(model):
                          top_p=top_p, generator=7, eos_token_id=[])
     counts = torch.bincount(out[:, -1], minlength=96).double() / rows
     logits = naive_combined_logits(model, prompt)[None]
-    exact = torch.softmax(reference.filtered_logits(logits, temperature, top_k, top_p, 0.0), -1)[0]
+    exact = torch.softmax(reference.filtered_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=0.0), -1)[0]
     assert counts[exact == 0].sum() == 0  # nothing drawn outside the support
     assert 0.5 * (counts - exact).abs().sum() < 0.03
 

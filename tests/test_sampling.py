@@ -25,9 +25,18 @@ from transformers.generation.logits_process import (
 
 import qadapter_kernels as qk
 from qadapter_kernels import reference
-from qadapter_kernels import sampling as qk_sampling
+from qadapter_kernels.ops import sampling as qk_sampling
 
-from helpers import ALL_BACKENDS, FUSED, assert_close, generator, interpreted, make_rows, no_interpreter_with_cuda
+from helpers import (
+    ALL_BACKENDS,
+    FUSED,
+    assert_close,
+    call_with_backend,
+    generator,
+    interpreted,
+    make_rows,
+    no_interpreter_with_cuda,
+)
 
 NEG_INF = float("-inf")
 OP = torch.ops.qadapter
@@ -65,9 +74,9 @@ def oracle_tokens(q, base, uniforms, temperature, top_k, top_p, min_p, alpha_til
     p = as_rows(top_p, rows, torch.float64)
     mp = as_rows(min_p, rows, torch.float64)
     u = as_rows(uniforms, rows, torch.float64)
-    y = reference.combined_logits(q.double(), base.double(), alpha_tilde, alpha_0)
+    y = reference.combined_logits(q.double(), base.double(), alpha_tilde=alpha_tilde, alpha_0=alpha_0)
     assert y.dtype == torch.float64
-    z = reference.filtered_logits(y, t, k, p, mp)
+    z = reference.filtered_logits(y, temperature=t, top_k=k, top_p=p, min_p=mp)
     probs = z.softmax(-1)
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
@@ -91,12 +100,12 @@ def oracle_tokens(q, base, uniforms, temperature, top_k, top_p, min_p, alpha_til
             if math.isfinite(a) and a != b and a - b < 1e-4:
                 ambiguous[r] = True
         if p[r] < 1:
-            z1 = reference.filtered_logits(ys[None], t[r], kr, 1.0, 0.0)[0]
+            z1 = reference.filtered_logits(ys[None], temperature=t[r], top_k=kr, top_p=1.0, min_p=0.0)[0]
             c = z1.softmax(-1).sort().values.cumsum(-1)[:-1]  # the top entry is always kept
             if bool(((c - (1 - p[r])).abs() < tol).any()):
                 ambiguous[r] = True
         if mp[r] > 0:
-            z2 = reference.filtered_logits(ys[None], t[r], kr, p[r], 0.0)[0]
+            z2 = reference.filtered_logits(ys[None], temperature=t[r], top_k=kr, top_p=p[r], min_p=0.0)[0]
             pr = z2.softmax(-1)
             ratio = pr[pr > 0] / pr.max()
             if bool(((ratio - mp[r]).abs() < tol * mp[r] + 1e-7).any()):
@@ -127,11 +136,8 @@ def params(rows, temperature, top_k, top_p, min_p):
 
 def run_raw(backend, q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0):
     """The fused kernel with given uniforms: the C++ op, or the Triton kernel (the interpreter on CPU)."""
-    if backend == "cpu":
-        return OP.combined_sample(q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0)
-    if q.device.type == "cuda":
-        return OP.combined_sample(q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0)
-    return qk_sampling._triton_combined_sample(q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0)
+    via_dispatcher = backend == "cpu" or q.device.type == "cuda"
+    return qk_sampling.sample_rows(q, base, uniforms, t, k, p, mp, alpha_tilde, alpha_0, via_dispatcher)
 
 
 def random_rows(rows, vocab, seed, dtype=torch.float32, neg_inf=None, scale=3.0):
@@ -177,13 +183,13 @@ def test_empirical_distribution_matches_hf_warpers(case, backend, seed):
     _, ambiguous = oracle_tokens(q, base, torch.tensor([0.5]), temp, top_k, top_p, min_p, at, a0)
     assert not ambiguous.any(), "pick another seed: the row sits on a filter boundary"
 
-    combined = qk.combined_logits(q, base, at, a0, backend="torch")
+    combined = qk.combined_logits(q, base, alpha_tilde=at, alpha_0=a0, backend="torch")
     z = hf_filtered(combined, temp, top_k, top_p, min_p)
     expected = z.double().softmax(-1)[0]
     support = expected > 0
     assert 1 < int(support.sum()) < vocab or (top_k, top_p, min_p, neg_inf) == (0, 1.0, 0.0, None)
 
-    tokens = qk.combined_sample(q.expand(N_DRAWS, vocab), base.expand(N_DRAWS, vocab), at, a0, temperature=temp,
+    tokens = qk.combined_sample(q.expand(N_DRAWS, vocab), base.expand(N_DRAWS, vocab), alpha_tilde=at, alpha_0=a0, temperature=temp,
                                 top_k=top_k, top_p=top_p, min_p=min_p,
                                 generator=torch.Generator().manual_seed(seed), backend=backend)
     assert tokens.shape == (N_DRAWS,) and tokens.dtype == torch.long
@@ -221,7 +227,7 @@ PARAM_GRID = [
 def test_reference_filter_equals_hf_warpers(kw, neg_inf, seed):
     """Validates the oracle: reference.filtered_logits is Hugging Face's warpers, bit for bit."""
     q, base = random_rows(24, 64, seed, neg_inf=neg_inf)
-    logits = qk.combined_logits(q, base, 1.0, 0.5, backend="torch")
+    logits = qk.combined_logits(q, base, alpha_tilde=1.0, alpha_0=0.5, backend="torch")
     ours = reference.filtered_logits(logits, **kw)
     hf = hf_filtered(logits, **kw)
     assert torch.equal(torch.isneginf(ours), torch.isneginf(hf)), "different tokens removed"
@@ -307,6 +313,30 @@ def test_triton_kernel_multi_tile_rows(seed):
     assert_tokens_match(got, expected, ambiguous, "triton multi-tile", min_clear=1.0)
 
 
+@no_interpreter_with_cuda
+@pytest.mark.parametrize("filters", [dict(top_k=1), dict(top_k=4), dict(top_p=0.7), dict(top_k=6, top_p=0.8)],
+                         ids=["top_k=1", "top_k=4", "top_p=0.7", "top_k=6+top_p=0.8"])
+def test_triton_kernel_with_finite_min_masks(filters, seed):
+    """Defect 1 (issue 11): rows masked with finfo(float32).min, as serving code does. The bisection
+    used to span ~3e38, so its threshold was meaningless and top-k/top-p were off; the Triton kernel
+    must draw exactly what the C++ kernel (exact quickselect) draws from the same uniforms, and
+    top_k=1 must be the argmax."""
+    rows, vocab = 24, 131
+    gen = generator(seed)
+    q = torch.randn(rows, vocab, generator=gen) * 2
+    base = torch.randn(rows, vocab, generator=gen) * 2
+    banned = torch.rand(rows, vocab, generator=gen) < 0.6
+    banned[:, 0] = False  # every row keeps a finite, unmasked entry
+    q = q.masked_fill(banned, torch.finfo(torch.float32).min)
+    u = torch.rand(rows, generator=gen)
+    per_row = params(rows, 1.0, filters.get("top_k", 0), filters.get("top_p", 1.0), 0.0)
+    got = run_raw("triton", q, base, u, *per_row, 1.0, 0.01)
+    expected = run_raw("cpu", q, base, u, *per_row, 1.0, 0.01)
+    assert torch.equal(got, expected), f"{int((got != expected).sum())} of {rows} draws differ from the C++ kernel"
+    if filters == dict(top_k=1):
+        assert torch.equal(got, (q + 0.01 * base).argmax(-1))
+
+
 @pytest.mark.parametrize("backend, device", FUSED)
 def test_last_uniform_takes_the_last_kept_token(backend, device):
     """u just below 1 must land on the last kept token in vocabulary order (here it holds 20% of the
@@ -358,9 +388,9 @@ def test_greedy_is_first_argmax(backend, device, dtype, filters, seed):
     tq, tb, tie_expected = tie_rows(vocab, dtype)
     q, base = torch.cat([q, tq]), torch.cat([base, tb])
     kw = dict(top_k=3, top_p=0.5, min_p=0.2) if filters else {}
-    got = qk.combined_sample(q.to(device), base.to(device), 1.0, 0.5, temperature=0.0, generator=0, backend=backend,
+    got = qk.combined_sample(q.to(device), base.to(device), alpha_tilde=1.0, alpha_0=0.5, temperature=0.0, generator=0, backend=backend,
                              **kw)
-    expected = qk.combined_logits(q, base, 1.0, 0.5, backend="torch").argmax(-1)
+    expected = qk.combined_logits(q, base, alpha_tilde=1.0, alpha_0=0.5, backend="torch").argmax(-1)
     assert torch.equal(expected[8:], tie_expected)  # the tie rows really tie in the reference
     assert got.dtype == torch.long
     assert torch.equal(got.cpu(), expected), f"got {got.tolist()}, expected {expected.tolist()}"
@@ -434,12 +464,12 @@ def test_public_per_row_parameters(backend, device, seed):
     rows, vocab = len(MIXED), 40
     q, base = random_rows(rows, vocab, seed)
     per_row = {key: torch.tensor([m[key] for m in MIXED]) for key in MIXED[0]}
-    support = reference.filtered_logits(reference.combined_logits(q.double(), base.double(), 1.0, 0.5),
+    support = reference.filtered_logits(reference.combined_logits(q.double(), base.double(), alpha_tilde=1.0, alpha_0=0.5),
                                         **{k: v.double() if k != "top_k" else v for k, v in per_row.items()}) > NEG_INF
-    argmax = qk.combined_logits(q, base, 1.0, 0.5, backend="torch").argmax(-1)
+    argmax = qk.combined_logits(q, base, alpha_tilde=1.0, alpha_0=0.5, backend="torch").argmax(-1)
     deterministic = (per_row["temperature"] == 0) | (per_row["top_k"] == 1)
     for s in range(2 if interpreted(backend, device) else 20):
-        got = qk.combined_sample(q.to(device), base.to(device), 1.0, 0.5,
+        got = qk.combined_sample(q.to(device), base.to(device), alpha_tilde=1.0, alpha_0=0.5,
                                  **{k: v.to(device) for k, v in per_row.items()}, generator=s, backend=backend).cpu()
         assert torch.equal(got[deterministic], argmax[deterministic])
         inside = support.gather(1, got[:, None]).squeeze(1)
@@ -458,20 +488,20 @@ def test_combined_logits_equals_reference(backend, device, dtype, vocab, neg_inf
         pytest.skip("a single banned base entry leaves no finite row")
     q, base = random_rows(3, vocab, seed, dtype=dtype, neg_inf=neg_inf)
     for at, a0 in ((1.0, 0.01), (0.7, 1.3)):
-        got = qk.combined_logits(q.to(device), base.to(device), at, a0, backend=backend)
+        got = qk.combined_logits(q.to(device), base.to(device), alpha_tilde=at, alpha_0=a0, backend=backend)
         assert got.dtype == torch.float32 and got.shape == (3, vocab)
-        expected = reference.combined_logits(q.double(), base.double(), at, a0)
+        expected = reference.combined_logits(q.double(), base.double(), alpha_tilde=at, alpha_0=a0)
         assert torch.equal(torch.isneginf(got.cpu()), torch.isneginf(expected)), "different -inf pattern"
         assert_close(got, expected, rtol=1e-5, atol=1e-5, what=f"combined_logits at={at} a0={a0}")
     # The defaults are alpha_tilde = 1, alpha_0 = 0.01.
     assert_close(qk.combined_logits(q.to(device), base.to(device), backend=backend),
-                 reference.combined_logits(q.double(), base.double(), 1.0, 0.01), rtol=1e-5, atol=1e-5, what="defaults")
+                 reference.combined_logits(q.double(), base.double(), alpha_tilde=1.0, alpha_0=0.01), rtol=1e-5, atol=1e-5, what="defaults")
 
 
 def test_combined_logits_strided_input(seed):
     q, base = random_rows(4, 200, seed)
-    got = qk.combined_logits(q[:, ::2], base.t().contiguous().t()[:, 1::2], 1.1, 0.4, backend="cpu")
-    assert_close(got, reference.combined_logits(q[:, ::2].double(), base[:, 1::2].double(), 1.1, 0.4),
+    got = qk.combined_logits(q[:, ::2], base.t().contiguous().t()[:, 1::2], alpha_tilde=1.1, alpha_0=0.4, backend="cpu")
+    assert_close(got, reference.combined_logits(q[:, ::2].double(), base[:, 1::2].double(), alpha_tilde=1.1, alpha_0=0.4),
                  rtol=1e-5, atol=1e-5, what="strided")
 
 
@@ -503,8 +533,8 @@ def test_from_hidden_equals_materialised_logits(backend, device, dtype, budget, 
     if backend == "torch":  # a different sampler: compare in distribution only, via greedy rows and support
         greedy = kw["temperature"] == 0
         assert torch.equal(got[greedy], expected[greedy])
-        z = reference.filtered_logits(reference.combined_logits(logits(ha), logits(hb), 0.8, 0.5),
-                                      kw["temperature"], 10, 0.9, 0.02)
+        z = reference.filtered_logits(reference.combined_logits(logits(ha), logits(hb), alpha_tilde=0.8, alpha_0=0.5),
+                                      temperature=kw["temperature"], top_k=10, top_p=0.9, min_p=0.02)
         assert bool((z.gather(1, got[:, None]) > NEG_INF).all())
         return
     assert got.dtype == torch.long
@@ -581,15 +611,9 @@ BAD_CASES = {
 }
 
 
-def _call(fn, args, backend):
-    args = dict(args)
-    backend = args.pop("backend", backend)
-    return fn(**args, backend=backend)
-
-
 @pytest.mark.parametrize("backend, device", ALL_BACKENDS)
 def test_sample_valid_call(backend, device):
-    tokens = _call(qk.combined_sample, sample_args(device), backend)
+    tokens = call_with_backend(qk.combined_sample, sample_args(device), backend)
     assert tokens.shape == (3,) and tokens.dtype == torch.long and bool(((tokens >= 0) & (tokens < 13)).all())
 
 
@@ -600,7 +624,46 @@ def test_sample_rejects(backend, device, case):
     args = sample_args(device)
     mutate(args)
     with pytest.raises(exc, match=pattern):
-        _call(qk.combined_sample, args, backend)
+        call_with_backend(qk.combined_sample, args, backend)
+
+
+COMBINED_NONFINITE = {  # (which input, where, value): the output has a row without a finite maximum
+    "NaN in q_logits": ("q_logits", (1, 4), float("nan")),
+    "+inf in q_logits": ("q_logits", (0, 2), float("inf")),
+    "NaN in base_logits": ("base_logits", (2, 0), float("nan")),
+    "+inf in base_logits": ("base_logits", (1, 7), float("inf")),
+    "row of -inf in q_logits": ("q_logits", (2, slice(None)), float("-inf")),
+    "row of -inf in base_logits": ("base_logits", (0, slice(None)), float("-inf")),
+}
+
+
+@pytest.mark.parametrize("case", list(COMBINED_NONFINITE))
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_combined_logits_rejects_nonfinite_input(backend, device, case):
+    """combined_logits returned NaN silently for NaN / +inf input (found by the property harness):
+    now a ValueError naming both logits, as every other public op raises."""
+    name, where, value = COMBINED_NONFINITE[case]
+    args = sample_args(device)
+    args = {"q_logits": args["q_logits"].clone(), "base_logits": args["base_logits"].clone()}
+    args[name][where] = value
+    with pytest.raises(ValueError, match=r"q_logits or base_logits: the logits hold NaN or \+inf"):
+        qk.combined_logits(**args, backend=backend)
+    clean = sample_args(device)  # a banned token alone is fine
+    clean["q_logits"][0, 1] = float("-inf")
+    out = qk.combined_logits(clean["q_logits"], clean["base_logits"], backend=backend)
+    assert out[0, 1] == float("-inf") and torch.isfinite(out[1:]).all()
+
+
+def test_zero_alpha_0_with_a_neg_inf_base_logit_says_so():
+    """alpha_0 = 0 times a -inf base logit is NaN inside y: the error names that cause (the inputs
+    hold no NaN), and with alpha_0 > 0 the same input is fine."""
+    q, base = torch.tensor([[0.5, 2.0, 1.0]]), torch.tensor([[0.0, float("-inf"), 1.0]])
+    with pytest.raises(ValueError, match=r"alpha_0 = 0 with a -inf base logit.*finfo"):
+        qk.residual_q_values(q, base, torch.tensor([0]), alpha_0=0.0)
+    with pytest.raises(ValueError, match=r"alpha_0 = 0 with a -inf base logit"):
+        qk.combined_sample(q, base, alpha_0=0.0)
+    values, _ = qk.residual_q_values(q, base, torch.tensor([0]), alpha_0=0.5)
+    assert torch.isfinite(values).all()
 
 
 @pytest.mark.parametrize("case", ["3-D logits", "shape mismatch", "dtype mismatch", "bad backend", "alpha_tilde = 0"])
@@ -609,13 +672,29 @@ def test_combined_logits_rejects(case):
     args = sample_args("cpu")
     mutate(args)
     with pytest.raises(exc, match=pattern):
-        _call(qk.combined_logits, args, "cpu")
+        call_with_backend(qk.combined_logits, args, "cpu")
 
 
 def hidden_args():
     gen = generator(5)
     return dict(adapter_hidden=torch.randn(3, 8, generator=gen), base_hidden=torch.randn(3, 8, generator=gen),
                 lm_head_weight=torch.randn(13, 8, generator=gen), lm_head_bias=torch.randn(13, generator=gen))
+
+
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_samplers_take_tensors_that_require_grad(backend, device):
+    """Defect 2 (issue 11): hidden states, an LM head or a bias that require grad (model.lm_head.weight,
+    as the README passes it), outside no_grad, sample like their detached copies and build no graph."""
+    plain = {k: v.to(device) for k, v in hidden_args().items()}
+    tracked = {k: v.clone().requires_grad_() for k, v in plain.items()}
+    keywords = dict(alpha_tilde=0.8, alpha_0=0.4, temperature=0.9, top_k=7, top_p=0.95, backend=backend)
+    tokens = qk.combined_sample_from_hidden(**tracked, generator=3, **keywords)
+    assert not tokens.requires_grad and tokens.grad_fn is None
+    assert torch.equal(tokens, qk.combined_sample_from_hidden(**plain, generator=3, **keywords))
+    q, base = (F.linear(plain[h], plain["lm_head_weight"], plain["lm_head_bias"]) for h in ("adapter_hidden", "base_hidden"))
+    tokens = qk.combined_sample(q.clone().requires_grad_(), base.clone().requires_grad_(), generator=3, **keywords)
+    assert not tokens.requires_grad
+    assert torch.equal(tokens, qk.combined_sample(q, base, generator=3, **keywords))
 
 
 HIDDEN_CASES = {
@@ -639,10 +718,10 @@ HIDDEN_CASES = {
 def test_from_hidden_rejects(backend, device, case):
     mutate, exc, pattern = HIDDEN_CASES[case]
     args = hidden_args()
-    assert _call(qk.combined_sample_from_hidden, args, "cpu").shape == (3,)
+    assert call_with_backend(qk.combined_sample_from_hidden, args, "cpu").shape == (3,)
     mutate(args)
     with pytest.raises(exc, match=pattern):
-        _call(qk.combined_sample_from_hidden, args, backend)
+        call_with_backend(qk.combined_sample_from_hidden, args, backend)
 
 
 # --------------------------------------------------------------------------- 9. opcheck and torch.compile
@@ -691,9 +770,9 @@ def test_combined_logits_gradient_reaches_q_only():
     q = torch.randn(3, 11, generator=gen, requires_grad=True)
     base = torch.randn(3, 11, generator=gen, requires_grad=True)
     upstream = torch.randn(3, 11, generator=gen)
-    (qk.combined_logits(q, base, 0.7, 0.3, backend="cpu") * upstream).sum().backward()
+    (qk.combined_logits(q, base, alpha_tilde=0.7, alpha_0=0.3, backend="cpu") * upstream).sum().backward()
     q_ref = q.detach().clone().requires_grad_()
-    (reference.combined_logits(q_ref, base.detach(), 0.7, 0.3) * upstream).sum().backward()
+    (reference.combined_logits(q_ref, base.detach(), alpha_tilde=0.7, alpha_0=0.3) * upstream).sum().backward()
     torch.testing.assert_close(q.grad, q_ref.grad)
     assert base.grad is None
     torch.library.opcheck(torch.ops.qadapter.combined_logits.default,

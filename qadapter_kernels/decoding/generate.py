@@ -12,7 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..sampling import as_generator, check_sampling_parameters, combined_sample_from_hidden
+from ..api.checks import tile_budget
+from ..api.unchecked import as_generator, check_sampling_parameters, sample_hidden_rows
+from ..ops.backend import resolve_backend
+from ..params import PolicyParams
 from .cpu_linear import few_row_linears
 from .streams import BaseOnlyStreams, MixedBatchStreams, TwoPassStreams, prompt_positions
 
@@ -130,7 +133,9 @@ def generate(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     rows, device = input_ids.shape[0], input_ids.device
-    check_sampling_parameters(rows, device, temperature, top_k, top_p, min_p)
+    # Validated once: every token then calls the unchecked sampler (no per-token argument checks).
+    per_row = check_sampling_parameters(rows, device, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    backend, budget = resolve_backend(None, device), tile_budget(None)
     generator = as_generator(generator, device)  # one generator for all steps: a seed is drawn from once
     stops = _StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
     eos, pad = _special_ids(model, tokenizer, eos_token_id, pad_token_id)
@@ -143,7 +148,8 @@ def generate(
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     streams_cls = (TwoPassStreams if two_pass else MixedBatchStreams) if adapter else BaseOnlyStreams
     # Without the adapter the "combined" policy is the base policy: Q = L, alpha_0 = 0, alpha_tilde = 1.
-    alphas = (model.qadapter_config.alpha_tilde, model.qadapter_config.alpha_0) if adapter else (1.0, 0.0)
+    config = model.qadapter_config
+    policy = (PolicyParams(config.alpha_tilde, config.alpha_0) if adapter else PolicyParams(alpha_tilde=1.0, alpha_0=0.0)).validated()
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
 
     was_training = model.training
@@ -157,19 +163,26 @@ def generate(
             unfinished = torch.ones(rows, dtype=torch.bool, device=device)
             new_tokens = []
             for step in range(max_new_tokens):
-                tokens = combined_sample_from_hidden(
-                    *(h.to(weight.dtype) for h in hidden), weight, bias, *alphas, temperature, top_k, top_p, min_p,
-                    generator)
+                tokens = sample_hidden_rows(*(h.to(weight.dtype) for h in hidden), weight, bias, policy, per_row,
+                                            generator, backend, budget)
+                undrawable = (tokens < 0) & unfinished  # the sampler's -1: no finite maximum in the row
                 if pad is not None:
                     tokens = torch.where(unfinished, tokens, pad)
+                unfinished &= ~torch.isin(tokens, eos_ids)
+                # The token's one host sync: a row that could not be drawn from, and whether any goes on.
+                first_undrawable, going_on = torch.stack(
+                    [torch.where(undrawable.any(), undrawable.long().argmax(), -1), unfinished.any().long()]).tolist()
+                if first_undrawable >= 0:
+                    raise ValueError(f"adapter_hidden, base_hidden or lm_head_weight: row {first_undrawable} is all "
+                                     f"-inf or holds NaN or +inf")
                 new_tokens.append(tokens)
                 if streamer is not None:
                     streamer.put(tokens.cpu())
-                unfinished &= ~torch.isin(tokens, eos_ids)
                 if stops is not None:
                     live = unfinished.nonzero().flatten().tolist()
                     unfinished[stops.hits(new_tokens, live)] = False
-                if step + 1 == max_new_tokens or not bool(unfinished.any()):
+                    going_on = bool(unfinished.any())
+                if step + 1 == max_new_tokens or not going_on:
                     break
                 mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
                 positions = positions[:, -1:] + 1

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
-from .._checks import check_alphas
-from ..sampling import combined_logits
+from ..api import combined_logits
+from ..params import PolicyParams, resolve
 from .streams import cache_keyword, prompt_positions
 
 __all__ = ["QAdapterLogitsProcessor"]
@@ -42,9 +42,10 @@ class QAdapterLogitsProcessor(LogitsProcessor):
         self._causal_lm = base.base_causal_lm if config is not None else base
         if not callable(getattr(self._causal_lm, "get_output_embeddings", None)):
             raise TypeError(f"base must be a QAdapterModel or a causal LM, got {type(base).__name__}")
-        self.alpha_tilde, self.alpha_0 = check_alphas(
-            alpha_tilde if alpha_tilde is not None else (config.alpha_tilde if config else 1.0),
-            alpha_0 if alpha_0 is not None else (config.alpha_0 if config else 0.01))
+        start = PolicyParams(config.alpha_tilde, config.alpha_0) if config is not None else PolicyParams()
+        given = {name: value for name, value in (("alpha_tilde", alpha_tilde), ("alpha_0", alpha_0)) if value is not None}
+        self.policy = resolve(PolicyParams, start, given)
+        self.alpha_tilde, self.alpha_0 = self.policy.alpha_tilde, self.policy.alpha_0
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
             raise ValueError("attention_mask must be the prompt's [B, T] mask or None")
         self._prompt_mask = attention_mask
@@ -81,4 +82,4 @@ class QAdapterLogitsProcessor(LogitsProcessor):
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         base_logits = self._base_logits(input_ids)
-        return combined_logits(scores, base_logits.to(scores.dtype), self.alpha_tilde, self.alpha_0)
+        return combined_logits(scores, base_logits.to(scores.dtype), self.policy)

@@ -19,10 +19,9 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .._checks import check_scalar
-from ..fused_linear import fused_linear_qadapter_loss
+from ..api import fused_linear_qadapter_loss
 from ..outputs import QAdapterLossOutput
-from ..pair_loss import VARIANTS
+from ..params import RewardVariant, check_scalar
 
 QADAPTER_CONFIG_NAME = "qadapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -63,8 +62,7 @@ class QAdapterConfig:
         check_scalar("lora_alpha", self.lora_alpha, 0.0, float("inf"), low_open=True)
         if check_scalar("lora_dropout", self.lora_dropout, 0.0, 1.0) == 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        RewardVariant.parse(self.variant)
         if not isinstance(self.length_norm, bool):
             raise TypeError(f"length_norm must be a bool, got {type(self.length_norm).__name__}")
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:

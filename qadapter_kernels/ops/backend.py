@@ -1,4 +1,5 @@
-"""Which implementation serves a call: C++ (CPU), Triton (CUDA, or the interpreter), or the reference."""
+"""Which implementation serves a call (C++ on CPU, Triton on CUDA or the interpreter, or the
+reference) and the dtype its reductions accumulate in."""
 import os
 
 import torch
@@ -40,3 +41,8 @@ def through_dispatcher(backend: str, device: torch.device) -> bool:
     cannot reach because CPU already belongs to the C++ kernels.
     """
     return backend == "cpu" or (backend == "triton" and device.type == "cuda")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions run and results come out in: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

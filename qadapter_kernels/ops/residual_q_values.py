@@ -6,26 +6,22 @@
     dQ     = g_q * onehot(a) + g_V * softmax(y)
 
 Reads top-down: Triton kernels -> launchers -> CUDA registration, fake kernels, autograd ->
-public function. The CPU kernels are C++ (csrc/residual_q_values.cpp).
+the unchecked entry point. The CPU kernels are C++ (csrc/residual_q_values.cpp).
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import _C  # noqa: F401  (loads the op schemas and CPU kernels)
-from . import reference
-from ._backend import resolve_backend, through_dispatcher
-from ._registration import online_lse_update, register_differentiable_op
-from ._checks import (
-    acc_dtype,
-    check_alphas,
-    check_float_tensor,
-    check_index_tensor,
-    check_same_device,
-    check_shape,
-    raise_on_flags,
-    value_checks_enabled,
+from .backend import acc_dtype
+from .registration import (
+    FLOAT_TYPES,
+    KernelVariant,
+    pointers,
+    register_differentiable_op,
+    register_triton_kernel,
+    scalars,
 )
+from .triton_helpers import acc_constexpr, online_lse_update, row_contiguous
 
 _BLOCK_V = 4096
 
@@ -34,22 +30,22 @@ _BLOCK_V = 4096
 def _residual_q_values_fwd_kernel(
     q_ptr, l_ptr, actions_ptr, values_ptr, q_taken_ptr, lse_y_ptr,
     q_stride, l_stride, V, alpha_tilde, alpha_0,
-    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     q_row = q_ptr + row * q_stride
     l_row = l_ptr + row * l_stride
-    inv_at = 1.0 / alpha_tilde
-    m_y = -float("inf")
-    s_y = 0.0
-    m_l = -float("inf")
-    s_l = 0.0
+    inv_at = 1.0 / (tl.zeros([], ACC) + alpha_tilde)
+    m_y = tl.full([], -float("inf"), ACC)
+    s_y = tl.zeros([], ACC)
+    m_l = tl.full([], -float("inf"), ACC)
+    s_l = tl.zeros([], ACC)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         in_v = offs < V
-        # fp32 right after the load: the reductions run in fp32 whatever the input dtype.
-        q = tl.load(q_row + offs, mask=in_v, other=0.0).to(tl.float32)
-        l = tl.load(l_row + offs, mask=in_v, other=0.0).to(tl.float32)
+        # ACC right after the load: the reductions run in fp32 (fp64 for fp64) whatever the input dtype.
+        q = tl.load(q_row + offs, mask=in_v, other=0.0).to(ACC)
+        l = tl.load(l_row + offs, mask=in_v, other=0.0).to(ACC)
         y = tl.where(in_v, (q + alpha_0 * l) * inv_at, -float("inf"))
         l = tl.where(in_v, l, -float("inf"))
         m_y, s_y = online_lse_update(m_y, s_y, y, 0)
@@ -59,7 +55,7 @@ def _residual_q_values_fwd_kernel(
     a = tl.load(actions_ptr + row)
     # An out-of-range action reads nothing and yields NaN (the eager entry point reports it).
     valid = (a >= 0) & (a < V)
-    q_a = tl.load(q_row + a, mask=valid, other=float("nan")).to(tl.float32)
+    q_a = tl.load(q_row + a, mask=valid, other=float("nan")).to(ACC)
     tl.store(values_ptr + row, alpha_tilde * lse_y - alpha_0 * lse_l)
     tl.store(q_taken_ptr + row, q_a)
     tl.store(lse_y_ptr + row, lse_y)
@@ -69,7 +65,7 @@ def _residual_q_values_fwd_kernel(
 def _residual_q_values_bwd_kernel(
     grad_values_ptr, grad_q_taken_ptr, q_ptr, l_ptr, actions_ptr, lse_y_ptr, grad_q_ptr,
     q_stride, l_stride, V, alpha_tilde, alpha_0,
-    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -81,8 +77,8 @@ def _residual_q_values_bwd_kernel(
         # Prompt and pad positions: zeros, without reading the logits.
         tl.store(out, tl.zeros([BLOCK_V], dtype=grad_q_ptr.dtype.element_ty), mask=in_v)
     else:
-        q = tl.load(q_ptr + row * q_stride + offs, mask=in_v, other=0.0).to(tl.float32)
-        l = tl.load(l_ptr + row * l_stride + offs, mask=in_v, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + row * q_stride + offs, mask=in_v, other=0.0).to(ACC)
+        l = tl.load(l_ptr + row * l_stride + offs, mask=in_v, other=0.0).to(ACC)
         lse_y = tl.load(lse_y_ptr + row)
         pi = tl.exp((q + alpha_0 * l) / alpha_tilde - lse_y)
         a = tl.load(actions_ptr + row)
@@ -90,24 +86,20 @@ def _residual_q_values_bwd_kernel(
         tl.store(out, grad.to(grad_q_ptr.dtype.element_ty), mask=in_v)
 
 
-def _row_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _triton_fwd(q_logits, base_logits, actions, alpha_tilde, alpha_0):
-    q, l = _row_contiguous(q_logits), _row_contiguous(base_logits)
+    q, l = row_contiguous(q_logits), row_contiguous(base_logits)
     n, vocab = q.shape
     out = [torch.empty(n, dtype=acc_dtype(q.dtype), device=q.device) for _ in range(3)]
     if n:
         _residual_q_values_fwd_kernel[(n,)](
             q, l, actions.contiguous(), *out, q.stride(0), l.stride(0), vocab, alpha_tilde, alpha_0,
-            BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)), num_warps=8,
+            ACC=acc_constexpr(q.dtype), BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)), num_warps=8,
         )
     return tuple(out)
 
 
 def _triton_bwd(grad_values, grad_q_taken, q_logits, base_logits, actions, lse_y, alpha_tilde, alpha_0):
-    q, l = _row_contiguous(q_logits), _row_contiguous(base_logits)
+    q, l = row_contiguous(q_logits), row_contiguous(base_logits)
     n, vocab = q.shape
     grad_q = torch.empty((n, vocab), dtype=q.dtype, device=q.device)
     block = min(_BLOCK_V, triton.next_power_of_2(vocab))
@@ -116,7 +108,7 @@ def _triton_bwd(grad_values, grad_q_taken, q_logits, base_logits, actions, lse_y
         _residual_q_values_bwd_kernel[(n, triton.cdiv(vocab, block))](
             grad_values.to(acc).contiguous(), grad_q_taken.to(acc).contiguous(), q, l,
             actions.contiguous(), lse_y.contiguous(), grad_q, q.stride(0), l.stride(0), vocab,
-            alpha_tilde, alpha_0, BLOCK_V=block, num_warps=8,
+            alpha_tilde, alpha_0, ACC=acc_constexpr(q.dtype), BLOCK_V=block, num_warps=8,
         )
     return grad_q
 
@@ -171,78 +163,35 @@ def residual_q_values_rows(
     actions: torch.Tensor,
     alpha_tilde: float,
     alpha_0: float,
-    backend: str,
+    via_dispatcher: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, V] logits and int64 [N] actions -> (values, q_taken), each [N]; no argument checks."""
-    if backend == "torch":
-        return reference.residual_q_values(q_logits, base_logits, actions, alpha_tilde, alpha_0)
-    if through_dispatcher(backend, q_logits.device):
-        values, q_taken, _ = torch.ops.qadapter.residual_q_values(
-            q_logits, base_logits, actions, alpha_tilde, alpha_0
-        )
+    if via_dispatcher:
+        values, q_taken, _ = torch.ops.qadapter.residual_q_values(q_logits, base_logits, actions, alpha_tilde, alpha_0)
     else:
-        values, q_taken, _ = _InterpretedResidualQValues.apply(
-            q_logits, base_logits, actions, alpha_tilde, alpha_0
-        )
+        values, q_taken, _ = _InterpretedResidualQValues.apply(q_logits, base_logits, actions, alpha_tilde, alpha_0)
     return values, q_taken
 
 
-def check_logits_pair(q_logits: object, base_logits: object) -> None:
-    """Both logits float tensors of one shape, dtype and device, with a non-empty vocabulary."""
-    check_float_tensor("q_logits", q_logits)
-    check_float_tensor("base_logits", base_logits)
-    check_same_device("q_logits", q_logits.device, base_logits=base_logits)
-    check_shape("base_logits", base_logits, tuple(q_logits.shape), "the shape of q_logits")
-    if base_logits.dtype != q_logits.dtype:
-        raise TypeError(f"base_logits dtype {base_logits.dtype} differs from q_logits dtype {q_logits.dtype}")
-    if q_logits.dim() < 1 or q_logits.shape[-1] == 0:
-        raise ValueError(f"q_logits must be [..., V] with V >= 1, got {list(q_logits.shape)}")
+_ACC = {"fp32": tl.float32, "fp64": tl.float64}
 
 
-def finite_values_flag(values: torch.Tensor, source: str = "q_logits or base_logits") -> dict[str, torch.Tensor]:
-    return {f"{source}: the logits hold NaN or +inf, or a row with no finite entry": ~torch.isfinite(values).all()}
+def _compile_variants() -> tuple[list[KernelVariant], list[KernelVariant]]:
+    forward, backward = [], []
+    for dt in FLOAT_TYPES:
+        acc = "fp64" if dt == "fp64" else "fp32"
+        common = {"actions_ptr": "*i64", **scalars("i32", "q_stride", "l_stride", "V"),
+                  **scalars("fp32", "alpha_tilde", "alpha_0")}
+        forward.append(KernelVariant(
+            {**pointers(["q_ptr", "l_ptr"], dt), **pointers(["values_ptr", "q_taken_ptr", "lse_y_ptr"], acc), **common},
+            {"ACC": _ACC[acc], "BLOCK_V": _BLOCK_V}))
+        backward.append(KernelVariant(
+            {**pointers(["grad_values_ptr", "grad_q_taken_ptr", "lse_y_ptr"], acc),
+             **pointers(["q_ptr", "l_ptr", "grad_q_ptr"], dt), **common},
+            {"ACC": _ACC[acc], "BLOCK_V": _BLOCK_V}))
+    return forward, backward
 
 
-def actions_in_range_flag(name: str, actions: torch.Tensor, vocab: int) -> dict[str, torch.Tensor]:
-    return {f"{name} must be token ids in [0, {vocab})": ((actions < 0) | (actions >= vocab)).any()}
-
-
-def residual_q_values(
-    q_logits: torch.Tensor,
-    base_logits: torch.Tensor,
-    actions: torch.Tensor,
-    alpha_tilde: float = 1.0,
-    alpha_0: float = 0.01,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft values and picked residual Q for every position, in one pass over the vocabulary.
-
-    Args:
-        q_logits: ``[..., V]`` adapter logits Q (fp32, bf16, fp16 or fp64); receives gradients.
-        base_logits: ``[..., V]`` frozen base-model logits L, same shape and dtype; no gradient.
-        actions: ``[...]`` integer token ids in ``[0, V)``: the action whose Q is picked.
-        alpha_tilde: temperature of the customised policy (> 0).
-        alpha_0: weight of the base log-policy (>= 0).
-        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "torch" (the reference).
-
-    Returns:
-        ``(values, q_taken)``, both ``[...]`` in fp32 (fp64 for fp64 logits):
-        ``V = alpha_tilde * LSE((Q + alpha_0 L) / alpha_tilde) - alpha_0 * LSE(L)`` and ``Q[a]``.
-    """
-    check_logits_pair(q_logits, base_logits)
-    check_index_tensor("actions", actions)
-    check_same_device("q_logits", q_logits.device, actions=actions)
-    check_shape("actions", actions, tuple(q_logits.shape[:-1]), "q_logits without its last dimension")
-    alpha_tilde, alpha_0 = check_alphas(alpha_tilde, alpha_0)
-    backend = resolve_backend(backend, q_logits.device)
-    vocab = q_logits.shape[-1]
-    check_values = value_checks_enabled(q_logits.device)
-    if check_values:
-        raise_on_flags(actions_in_range_flag("actions", actions, vocab))
-    values, q_taken = residual_q_values_rows(
-        q_logits.reshape(-1, vocab), base_logits.reshape(-1, vocab), actions.reshape(-1).long(),
-        alpha_tilde, alpha_0, backend,
-    )
-    if check_values:
-        raise_on_flags(finite_values_flag(values))
-    return values.view(actions.shape), q_taken.view(actions.shape)
+_FORWARD_VARIANTS, _BACKWARD_VARIANTS = _compile_variants()
+register_triton_kernel(_residual_q_values_fwd_kernel, _FORWARD_VARIANTS)
+register_triton_kernel(_residual_q_values_bwd_kernel, _BACKWARD_VARIANTS)

@@ -1,15 +1,16 @@
-"""The one way an op with a backward gets its CUDA kernels and autograd (pytorch/extension-cpp pattern).
+"""How an op gets its CUDA kernels and autograd (pytorch/extension-cpp pattern), and the registry
+of every Triton kernel with the argument types it is compiled for.
 
 The schema and the CPU kernel come from C++ (csrc/); here the Triton launchers are registered
 for CUDA and the autograd formula for the dispatcher op. The same formula over the same
 Triton launchers also serves CPU tensors through the Triton interpreter (tests only), which
 the dispatcher cannot route to because CPU belongs to the C++ kernels.
 """
-import torch
-import triton
-import triton.language as tl
+from dataclasses import dataclass, field
 
-from . import _C  # noqa: F401  (loads the op schemas and CPU kernels)
+import torch
+
+from .. import _C  # noqa: F401  (loads the op schemas and CPU kernels)
 
 _LIB = torch.library.Library("qadapter", "IMPL")
 
@@ -38,13 +39,34 @@ def register_differentiable_op(name: str, triton_forward, triton_backward, setup
     )
 
 
-@triton.jit
-def online_lse_update(running_max, running_sum, x, axis: tl.constexpr):
-    """Folds a tile x into a running logsumexp along axis; -inf-only prefixes stay NaN-free."""
-    new_max = tl.maximum(running_max, tl.max(x, axis))
-    shift = tl.where(new_max == -float("inf"), 0.0, new_max)
-    if axis == 0:
-        tile_sum = tl.sum(tl.exp(x - shift), 0)
-    else:
-        tile_sum = tl.sum(tl.exp(x - shift[:, None]), 1)
-    return new_max, running_sum * tl.exp(running_max - shift) + tile_sum
+@dataclass(frozen=True)
+class KernelVariant:
+    """One compilation of a Triton kernel: a Triton type per runtime argument ("*bf16", "i32",
+    "fp32"...) and a value per constexpr."""
+
+    types: dict
+    constexprs: dict = field(default_factory=dict)
+
+
+TRITON_KERNELS: dict[str, tuple] = {}
+"""Every Triton kernel of the package: qualified name -> (kernel, [KernelVariant, ...]). The
+sm_90 compile check (tests/triton_compile_check.py) compiles each variant."""
+
+
+def register_triton_kernel(kernel, variants: list[KernelVariant]) -> None:
+    """Adds ``kernel`` and the variants it must compile for to ``TRITON_KERNELS``."""
+    fn = getattr(kernel, "fn", kernel)
+    TRITON_KERNELS[f"{fn.__module__}.{fn.__name__}"] = (kernel, list(variants))
+
+
+def pointers(names, dtype: str) -> dict:
+    """Triton pointer types for several arguments of one element type."""
+    return {name: f"*{dtype}" for name in names}
+
+
+def scalars(kind: str, *names: str) -> dict:
+    """One scalar Triton type ("i32", "fp32") for several arguments."""
+    return {name: kind for name in names}
+
+
+FLOAT_TYPES = ("fp32", "bf16", "fp16", "fp64")

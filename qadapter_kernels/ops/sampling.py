@@ -1,0 +1,304 @@
+"""Decoding from the customised policy: combine, filter and sample in one fused pass per row.
+
+    combined = (Q + alpha_0 * log_softmax(L)) / alpha_tilde
+    temperature -> top_k -> top_p -> min_p -> sample      (Hugging Face's order; T = 0 is greedy)
+
+log_softmax(L) shifts a row by a constant, which neither the filters nor the draw can see, so
+the kernels work on y = (Q + alpha_0 * L) / alpha_tilde and never write a combined row. Nothing
+sorts the vocabulary: the C++ kernel (csrc/sampling.cpp) selects thresholds by weighted
+quickselect; the Triton kernel below bisects them in log space over passes of the row (L2-hot),
+then draws by inverse CDF with the row's uniform. The uniforms are an input, drawn from the
+caller's generator, so the ops are pure and CUDA-graph safe (no host sync).
+
+Reads top-down: Triton kernels -> launchers -> CUDA registration, fake kernels, autograd ->
+the unchecked entry points.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .registration import FLOAT_TYPES, KernelVariant, pointers, register_cuda, register_triton_kernel, scalars
+from .triton_helpers import (
+    logits_tile_compile_options,
+    logits_tile_options,
+    logits_tiles,
+    online_lse_update,
+    row_contiguous,
+)
+
+_BLOCK_V = 2048
+_BISECT_STEPS = 40  # log-space bisection: thresholds within range * 2^-40 of exact
+# The bisection's lower end, as a scaled log-weight s = (y - max) / T: exp(s) is exactly 0 in fp32
+# below about -104, so entries there can never be drawn and where a threshold falls among them
+# changes no draw. Without this floor a finite mask such as finfo(float32).min would stretch the
+# range to ~3e38 and leave the thresholds meaningless after the bisection's steps.
+_LOWEST_LOG_WEIGHT = tl.constexpr(-128.0)
+
+
+@triton.jit
+def _combined_row_tile(q_ptr, l_ptr, offs, in_v, alpha_tilde, alpha_0, HAS_BASE: tl.constexpr):
+    q = tl.load(q_ptr + offs, mask=in_v, other=0.0).to(tl.float32)
+    if HAS_BASE:
+        l = tl.load(l_ptr + offs, mask=in_v, other=0.0).to(tl.float32)
+        q = (q + alpha_0 * l) / alpha_tilde
+    else:
+        q = q / alpha_tilde
+    return tl.where(in_v, q, -float("inf"))
+
+
+@triton.jit
+def _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
+                HAS_BASE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(count, mass) of the entries whose scaled log-weight s = (y - max) / T is >= threshold."""
+    count = tl.zeros([BLOCK_V], dtype=tl.float32)
+    mass = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        s = (_combined_row_tile(q_ptr, l_ptr, offs, offs < V, alpha_tilde, alpha_0, HAS_BASE) - y_max) * inv_t
+        keep = s >= threshold
+        count += keep.to(tl.float32)
+        mass += tl.where(keep, tl.exp(s), 0.0)
+    return tl.sum(count, 0), tl.sum(mass, 0)
+
+
+@triton.jit
+def _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, lowest, target,
+                      BY_COUNT: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK_V: tl.constexpr,
+                      STEPS: tl.constexpr):
+    """Largest threshold keeping count (BY_COUNT) or mass >= target; `lo` stays feasible, `hi` not."""
+    lo = lowest
+    hi = 1.0
+    for _ in range(STEPS):
+        mid = 0.5 * (lo + hi)
+        count, mass = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, mid, HAS_BASE, BLOCK_V)
+        feasible = (count if BY_COUNT else mass) >= target
+        lo = tl.where(feasible, mid, lo)
+        hi = tl.where(feasible, hi, mid)
+    return lo
+
+
+@triton.jit
+def _combined_sample_kernel(
+    q_ptr, l_ptr, uniforms_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, tokens_ptr,
+    V, q_stride, l_stride, alpha_tilde, alpha_0,
+    HAS_BASE: tl.constexpr, BLOCK_V: tl.constexpr, BISECT_STEPS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    q_ptr += row * q_stride
+    l_ptr += row * l_stride
+    # Pass 1: maximum, its first index (greedy ties go to the lowest index), minimum, NaN.
+    y_max = -float("inf")
+    y_min = float("inf")
+    argmax = 0
+    n_nan = 0
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        in_v = offs < V
+        y = _combined_row_tile(q_ptr, l_ptr, offs, in_v, alpha_tilde, alpha_0, HAS_BASE)
+        n_nan += tl.sum((y != y).to(tl.int32), 0)
+        tile_max = tl.max(y, 0)
+        tile_arg = tl.min(tl.where(y == tile_max, offs, V), 0)
+        argmax = tl.where(tile_max > y_max, tile_arg, argmax)
+        y_max = tl.maximum(y_max, tile_max)
+        y_min = tl.minimum(y_min, tl.min(tl.where(in_v & (y > -float("inf")), y, float("inf")), 0))
+    bad = (n_nan > 0) | (y_max == float("inf")) | (y_max == -float("inf"))
+    temperature = tl.load(temperature_ptr + row)
+    token = tl.where(bad, -1, argmax).to(tl.int64)
+    if (n_nan == 0) & (y_max < float("inf")) & (y_max > -float("inf")) & (temperature > 0):
+        inv_t = 1.0 / temperature
+        top_k = tl.load(top_k_ptr + row)
+        top_p = tl.load(top_p_ptr + row)
+        min_p = tl.load(min_p_ptr + row)
+        lowest = tl.maximum((y_min - y_max) * inv_t, _LOWEST_LOG_WEIGHT)
+        # Keep s >= threshold; each bisection keeps `lo` feasible and `hi` infeasible.
+        threshold = lowest
+        if (top_k > 0) & (top_k < V):
+            threshold = _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, lowest,
+                                          top_k.to(tl.float32), True, HAS_BASE, BLOCK_V, BISECT_STEPS)
+        if top_p < 1.0:
+            _c, kept_mass = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
+                                        HAS_BASE, BLOCK_V)
+            threshold = _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
+                                          top_p * kept_mass, False, HAS_BASE, BLOCK_V, BISECT_STEPS)
+        threshold = tl.where(min_p > 0, tl.maximum(threshold, tl.log(min_p)), threshold)
+        _c3, total = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
+                                 HAS_BASE, BLOCK_V)
+        target = tl.load(uniforms_ptr + row) * total
+        # Inverse CDF in vocabulary order; the max entry is the fallback if rounding runs past the end.
+        cumulative = 0.0
+        drawn = argmax
+        found = 0
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            s = (_combined_row_tile(q_ptr, l_ptr, offs, offs < V, alpha_tilde, alpha_0, HAS_BASE) - y_max) * inv_t
+            w = tl.where(s >= threshold, tl.exp(s), 0.0)
+            running = cumulative + tl.cumsum(w, 0)
+            hit = tl.min(tl.where((running > target) & (w > 0), offs, V), 0)
+            take = (found == 0) & (hit < V)
+            drawn = tl.where(take, hit, drawn)
+            found = found | take.to(tl.int32)
+            cumulative += tl.sum(w, 0)
+        token = drawn.to(tl.int64)
+    tl.store(tokens_ptr + row, token)
+
+
+@triton.jit
+def _combined_logits_kernel(q_ptr, l_ptr, out_ptr, V, q_stride, l_stride, alpha_tilde, alpha_0,
+                            BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    m = -float("inf")
+    s = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        l = tl.load(l_ptr + row * l_stride + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+        m, s = online_lse_update(m, s, l, 0)
+    lse_l = m + tl.log(s)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        in_v = offs < V
+        q = tl.load(q_ptr + row * q_stride + offs, mask=in_v, other=0.0).to(tl.float32)
+        l = tl.load(l_ptr + row * l_stride + offs, mask=in_v, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * V + offs, (q + alpha_0 * (l - lse_l)) / alpha_tilde, mask=in_v)
+
+
+@triton.jit
+def _combined_from_hidden_kernel(ha_ptr, hb_ptr, w_ptr, b_ptr, out_ptr, N, H, V, alpha_tilde, alpha_0,
+                                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                 ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_K: tl.constexpr):
+    """y = (Q + alpha_0 * L) / alpha_tilde straight from hidden states; Q and L are never stored."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    col_ok = cols < V
+    q, l = logits_tiles(ha_ptr, hb_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H,
+                        HAS_BIAS, UPCAST, DOT_PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * V + cols[None, :], (q + alpha_0 * l) / alpha_tilde,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _launch_sample(q, l, uniforms, temperature, top_k, top_p, min_p, alpha_tilde, alpha_0, has_base=True):
+    rows, vocab = q.shape
+    tokens = torch.empty(rows, dtype=torch.long, device=q.device)
+    if rows:
+        _combined_sample_kernel[(rows,)](
+            q, l, uniforms, temperature, top_k, top_p, min_p, tokens, vocab, q.stride(0), l.stride(0),
+            alpha_tilde, alpha_0, HAS_BASE=has_base, BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)),
+            BISECT_STEPS=_BISECT_STEPS, num_warps=8,
+        )
+    return tokens
+
+
+def _triton_combined_logits(q_logits, base_logits, alpha_tilde, alpha_0):
+    q, l = row_contiguous(q_logits), row_contiguous(base_logits)
+    rows, vocab = q.shape
+    out = torch.empty((rows, vocab), dtype=torch.float32, device=q.device)
+    if rows:
+        _combined_logits_kernel[(rows,)](q, l, out, vocab, q.stride(0), l.stride(0), alpha_tilde, alpha_0,
+                                         BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)), num_warps=8)
+    return out
+
+
+def _triton_combined_sample(q_logits, base_logits, uniforms, temperature, top_k, top_p, min_p, alpha_tilde, alpha_0):
+    return _launch_sample(row_contiguous(q_logits), row_contiguous(base_logits), uniforms, temperature, top_k,
+                          top_p, min_p, alpha_tilde, alpha_0)
+
+
+def _triton_combined_sample_from_hidden(ha, hb, w, bias, uniforms, temperature, top_k, top_p, min_p,
+                                        alpha_tilde, alpha_0, tile_vocab):
+    ha, hb, w = ha.contiguous(), hb.contiguous(), w.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    rows, hidden = ha.shape
+    vocab = w.shape[0]
+    combined = torch.empty((rows, vocab), dtype=torch.float32, device=ha.device)
+    if rows:
+        opts = logits_tile_options(ha, bias)
+        grid = (triton.cdiv(rows, opts["BLOCK_M"]), triton.cdiv(vocab, opts["BLOCK_N"]))
+        _combined_from_hidden_kernel[grid](ha, hb, w, bias if bias is not None else w, combined, rows, hidden, vocab,
+                                           alpha_tilde, alpha_0, **opts)
+    return _launch_sample(combined, combined, uniforms, temperature, top_k, top_p, min_p, 1.0, 0.0, has_base=False)
+
+
+register_cuda("combined_logits", _triton_combined_logits)
+register_cuda("combined_sample", _triton_combined_sample)
+register_cuda("combined_sample_from_hidden", _triton_combined_sample_from_hidden)
+
+
+@torch.library.register_fake("qadapter::combined_logits")
+def _combined_logits_fake(q_logits, base_logits, alpha_tilde, alpha_0):
+    return q_logits.new_empty(q_logits.shape, dtype=torch.float32)
+
+
+def _combined_logits_setup_context(ctx, inputs, output):
+    ctx.alpha_tilde, ctx.q_dtype = inputs[2], inputs[0].dtype
+
+
+def _combined_logits_backward(ctx, grad):
+    # d combined / dQ = 1 / alpha_tilde; the base model is frozen, so base_logits gets none.
+    return (grad / ctx.alpha_tilde).to(ctx.q_dtype), None, None, None
+
+
+torch.library.register_autograd("qadapter::combined_logits", _combined_logits_backward,
+                                setup_context=_combined_logits_setup_context)
+
+
+@torch.library.register_fake("qadapter::combined_sample")
+def _combined_sample_fake(q_logits, base_logits, uniforms, temperature, top_k, top_p, min_p, alpha_tilde, alpha_0):
+    return q_logits.new_empty(q_logits.shape[0], dtype=torch.long)
+
+
+@torch.library.register_fake("qadapter::combined_sample_from_hidden")
+def _combined_sample_from_hidden_fake(ha, hb, w, bias, uniforms, temperature, top_k, top_p, min_p, alpha_tilde,
+                                      alpha_0, tile_vocab):
+    return ha.new_empty(ha.shape[0], dtype=torch.long)
+
+
+def combined_logits_rows(q_logits, base_logits, alpha_tilde: float, alpha_0: float,
+                         via_dispatcher: bool) -> torch.Tensor:
+    """fp32 [B, V] combined logits of [B, V] logits; no argument checks."""
+    if via_dispatcher:
+        return torch.ops.qadapter.combined_logits(q_logits, base_logits, alpha_tilde, alpha_0)
+    return _triton_combined_logits(q_logits, base_logits, alpha_tilde, alpha_0)
+
+
+def sample_rows(q_logits, base_logits, uniforms, temperature, top_k, top_p, min_p, alpha_tilde: float,
+                alpha_0: float, via_dispatcher: bool) -> torch.Tensor:
+    """One token per row (-1 for a row without a finite maximum); per-row [B] parameters; no checks."""
+    args = (q_logits, base_logits, uniforms, temperature, top_k, top_p, min_p, alpha_tilde, alpha_0)
+    if via_dispatcher:
+        return torch.ops.qadapter.combined_sample(*args)
+    return _triton_combined_sample(*args)
+
+
+def sample_from_hidden_rows(adapter_hidden, base_hidden, weight, bias, uniforms, temperature, top_k, top_p, min_p,
+                            alpha_tilde: float, alpha_0: float, tile_vocab: int, via_dispatcher: bool) -> torch.Tensor:
+    """``sample_rows`` from [B, H] hidden states and the LM head; no argument checks."""
+    args = (adapter_hidden, base_hidden, weight, bias, uniforms, temperature, top_k, top_p, min_p, alpha_tilde,
+            alpha_0, tile_vocab)
+    if via_dispatcher:
+        return torch.ops.qadapter.combined_sample_from_hidden(*args)
+    return _triton_combined_sample_from_hidden(*args)
+
+
+def _register_compile_variants() -> None:
+    from_hidden, sample, logits = [], [], []
+    for dt in FLOAT_TYPES:
+        for has_bias in (False, True):
+            opts = logits_tile_compile_options(dt, has_bias)
+            from_hidden.append(KernelVariant({**pointers(["ha_ptr", "hb_ptr", "w_ptr", "b_ptr"], dt), "out_ptr": "*fp32",
+                                              **scalars("i32", "N", "H", "V"), **scalars("fp32", "alpha_tilde", "alpha_0")},
+                                             opts))
+        rows = {**pointers(["q_ptr", "l_ptr"], dt), **scalars("i32", "V", "q_stride", "l_stride"),
+                **scalars("fp32", "alpha_tilde", "alpha_0")}
+        for has_base in (True, False):
+            sample.append(KernelVariant(
+                {**rows, **pointers(["uniforms_ptr", "temperature_ptr", "top_p_ptr", "min_p_ptr"], "fp32"),
+                 "top_k_ptr": "*i64", "tokens_ptr": "*i64"},
+                {"HAS_BASE": has_base, "BLOCK_V": _BLOCK_V, "BISECT_STEPS": _BISECT_STEPS}))
+        logits.append(KernelVariant({**rows, "out_ptr": "*fp32"}, {"BLOCK_V": _BLOCK_V}))
+    register_triton_kernel(_combined_from_hidden_kernel, from_hidden)
+    register_triton_kernel(_combined_sample_kernel, sample)
+    register_triton_kernel(_combined_logits_kernel, logits)
+
+
+_register_compile_variants()

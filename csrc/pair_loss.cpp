@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string_view>
 
 namespace qadapter {
@@ -44,6 +45,15 @@ struct RewardRule {
 // Rows per task: a typical batch is a few microseconds of work, cheaper on one thread than
 // waking the pool.
 int64_t row_grain(int64_t T) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / T); }
+
+// x as acc_t, out-of-range values as +-inf like acc_t arithmetic (a plain cast would be undefined).
+template <typename acc_t>
+acc_t saturate(double x) {
+  constexpr double kMax = std::numeric_limits<acc_t>::max();
+  if (x > kMax) return std::numeric_limits<acc_t>::infinity();
+  if (x < -kMax) return -std::numeric_limits<acc_t>::infinity();
+  return static_cast<acc_t>(x);
+}
 
 double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
 double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
@@ -134,8 +144,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     correct += chosen > rejected ? 1.0 : 0.0;
   }
   pref /= double(B);
-  const double reg = beta * total_sq / double(total);
-  auto scalar = [&](double x) { return at::scalar_tensor(x, opts); };
+  // The sums are double here but acc_t on the other backends: converted before they combine, a
+  // sum of squares past acc_t's range is inf there too (so beta = 0 gives 0 * inf = NaN, and
+  // at::scalar_tensor never sees a double it cannot convert).
+  const acc_t reg = acc_t(beta) * saturate<acc_t>(total_sq) / acc_t(total);
+  auto scalar = [&](double x) { return at::scalar_tensor(saturate<acc_t>(x), opts); };
   return {scalar(pref + reg), scalar(pref), scalar(reg), scores, scalar(correct / double(B)),
           rewards, scalar(double(total))};
 }

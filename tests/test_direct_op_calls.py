@@ -229,3 +229,20 @@ def test_inputs_that_require_grad_are_accepted(op_name):
     for e, a in zip(expected if isinstance(expected, tuple) else (expected,),
                     actual if isinstance(actual, tuple) else (actual,)):
         torch.testing.assert_close(a.detach(), e)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_pair_loss_past_the_accumulation_range_matches_the_reference(beta):
+    """Rewards whose squares overflow fp32: inf (or 0 * inf = NaN at beta = 0) as fp32 accumulation
+    gives on every backend, not an internal error converting the double sum."""
+    from qadapter_kernels import reference
+
+    arguments = valid_arguments("pair_loss")
+    arguments.update(values=torch.full((ROWS, T), 3e36), q_taken=torch.full((ROWS, T), -3e36), beta=beta,
+                     variant="official")
+    loss, pref, reg = call("pair_loss", arguments)[:3]
+    expected = reference.pair_loss(arguments["values"], arguments["q_taken"], arguments["loss_mask"], 0.9, beta,
+                                   "official", arguments["length_norm"])
+    torch.testing.assert_close(reg, expected.reg_loss, equal_nan=True)
+    torch.testing.assert_close(loss, expected.loss, equal_nan=True)
+    torch.testing.assert_close(pref, expected.pref_loss, equal_nan=True)

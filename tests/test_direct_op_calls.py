@@ -241,8 +241,8 @@ def test_pair_loss_past_the_accumulation_range_matches_the_reference(beta):
     arguments.update(values=torch.full((ROWS, T), 3e36), q_taken=torch.full((ROWS, T), -3e36), beta=beta,
                      variant="official")
     loss, pref, reg = call("pair_loss", arguments)[:3]
-    expected = reference.pair_loss(arguments["values"], arguments["q_taken"], arguments["loss_mask"], 0.9, beta,
-                                   "official", arguments["length_norm"])
+    expected = reference.pair_loss(arguments["values"], arguments["q_taken"], arguments["loss_mask"], gamma=0.9,
+                                   beta=beta, variant="official", length_norm=arguments["length_norm"])
     torch.testing.assert_close(reg, expected.reg_loss, equal_nan=True)
     torch.testing.assert_close(loss, expected.loss, equal_nan=True)
     torch.testing.assert_close(pref, expected.pref_loss, equal_nan=True)

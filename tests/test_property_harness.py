@@ -24,6 +24,10 @@ environment variable:
 Hypothesis stops a test at its first failure; to look past a known one in a single dtype, narrow
 the dtypes with QADAPTER_HARNESS_DTYPES (comma-separated torch dtype names; default all four).
 
+Every drawn row keeps one unmasked entry in both logits: a row that is all finfo.min is
+degenerate (V = alpha_tilde * LSE(y) - alpha_0 * LSE(L) cancels two ~alpha_0 * 3e38 terms, so
+fp32 arithmetic on every backend leaves an error of ~1e29), not a kernel defect.
+
 A failure prints hypothesis' smallest falsifying case (the seed that makes the tensors, the
 shapes, the layout and the parameters), which reruns exactly.
 """
@@ -130,7 +134,8 @@ def assert_same_errors(outcomes: dict) -> bool:
         event("compared with the oracle")
         return False
     first = next(iter(errors.values()))
-    event(f"raised {first[1].__name__}: {re.sub(r'-?[0-9][0-9.]*(e[-+]?[0-9]+)?', '#', first[2])[:70]}")  # --hypothesis-show-statistics
+    # Shown by --hypothesis-show-statistics, numbers masked so that equal messages group.
+    event(f"raised {first[1].__name__}: {re.sub(r'-?[0-9][0-9.]*(e[-+]?[0-9]+)?', '#', first[2])[:70]}")
     summary = {b: (o[1].__name__, o[2]) if o[0] == "error" else "ok" for b, o in outcomes.items()}
     assert len(errors) == len(outcomes), f"only some backends raised: {summary}"
     assert len({o[1] for o in errors.values()}) == 1, f"backends raised different error types: {summary}"
@@ -216,7 +221,9 @@ def test_residual_q_values(seed, lead, vocab, dtype, layout, kinds, alpha_tilde,
     scale, specials, frac = kinds
     actions = torch.randint(vocab, lead, generator=gen)
     q = make_values((*lead, vocab), dtype, gen, scale, specials, frac, keep=actions, poison=poison_of(fault))
-    base = make_values((*lead, vocab), dtype, gen, scale, specials, frac)
+    # keep: a row masked entirely (finfo.min everywhere) is degenerate: alpha_0 * LSE(L) ~ 3e36 cancels
+    # in fp32 on every backend (found by the long run; see the module docstring).
+    base = make_values((*lead, vocab), dtype, gen, scale, specials, frac, keep=actions)
     if fault in ("action = V", "action = -1") and actions.numel():
         actions.view(-1)[0] = vocab if fault == "action = V" else -1
     weights = torch.randn((2, *lead), generator=gen, dtype=torch.float64)
@@ -347,7 +354,7 @@ def test_qadapter_loss(seed, vocab, dtype, layout, kinds, p, fault, data):
     input_ids = make_input_ids(rows, T, vocab, fault, gen)
     actions = reference.next_token_actions(input_ids) % vocab
     q = make_values((rows, T, vocab), dtype, gen, scale, specials, frac, keep=actions, poison=poison_of(fault))
-    base = make_values((rows, T, vocab), dtype, gen, scale, specials, frac)
+    base = make_values((rows, T, vocab), dtype, gen, scale, specials, frac, keep=actions)
     loss_mask = make_mask(rows, T, mask_kind, gen)
 
     def forward_backward(backend):

@@ -57,7 +57,7 @@ setup(
     description="Fused CPU (C++) and GPU (Triton) kernels for Q-Adapter training and decoding",
     packages=find_packages(include=["qadapter_kernels", "qadapter_kernels.*"]),
     package_data={"qadapter_kernels": ["data/*/*.jsonl"]},
-    entry_points={"console_scripts": ["qadapter=qadapter_kernels.cli:main"]},
+    entry_points={"console_scripts": ["qadapter=qadapter_kernels.app.cli:main"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "triton>=3.1", "numpy"],
     ext_modules=[_extension()],

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qadapter_kernels.cli import main, resolve_data_path
+from qadapter_kernels.app.cli import main
+from qadapter_kernels.app.common import resolve_data_path
 from qadapter_kernels.training.data import shipped_data_path
 from qadapter_kernels.training.model import QAdapterConfig
 
@@ -92,7 +93,7 @@ def test_shipped_data_names():
     (["--data", "/nonexistent/pairs.jsonl"], "data file not found"),
     (["--data", "shipped:nope"], "no shipped split"),
     (["--gamma", "2"], "gamma"),
-    (["--variant", "nope"], "variant must be one of"),
+    (["--variant", "nope"], "--variant: invalid choice"),
     (["--lora-dropout", "1"], "lora_dropout"),
     (["--target-modules", ","], "target_modules"),
     (["--lr", "0"], "must be > 0"),

@@ -152,7 +152,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from transformers import TextStreamer
+    from ..decoding.streams import UnsupportedPeftError
 
     if not all(p.strip() for p in args.prompt):
         raise UserError("--prompt must not be empty")
@@ -161,6 +161,16 @@ def run_generate(args: argparse.Namespace) -> int:
     model_path = adapter_model_path(args.adapter, args.model, saved)
     tokenizer = adapter_tokenizer(args.adapter, model_path)
     model = load_adapter(args.adapter, load_base(model_path))
+    try:
+        _print_answers(args, model, tokenizer, kwargs)
+    except UnsupportedPeftError as e:
+        raise UserError(f"{e} (--two-pass)") from None
+    return 0
+
+
+def _print_answers(args: argparse.Namespace, model, tokenizer, kwargs: dict) -> None:
+    from transformers import TextStreamer
+
     if args.compare:
         base = model.generate_text(tokenizer, args.prompt, adapter=False, **kwargs)
         adapted = model.generate_text(tokenizer, args.prompt, two_pass=args.two_pass, **kwargs)
@@ -173,7 +183,6 @@ def run_generate(args: argparse.Namespace) -> int:
         answers = model.generate_text(tokenizer, args.prompt, two_pass=args.two_pass, **kwargs)
         for prompt, answer in zip(args.prompt, answers):
             print(f"\n>>> {prompt}\n{answer}")
-    return 0
 
 
 # ----------------------------------------------------------------------------- parser

@@ -20,11 +20,11 @@ from transformers import PreTrainedModel
 from ..loading import load_base_model
 from ..fused_linear import fused_linear_qadapter_loss
 from ..outputs import QAdapterLossOutput
+from .adapter_files import (ADAPTER_WEIGHTS_NAME, adapter_weights_file, check_adapter_state, check_finite_lora,
+                            saved_tensor_shapes)
 from .config import QAdapterConfig
 
 QADAPTER_CONFIG_NAME = "qadapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-_PICKLED_ADAPTER_NAME = "adapter_model.bin"
 # Config fields by which a model changes its logits after the LM head (softcapping, scaling):
 # the fused loss applies the LM head alone, so such models would silently get a different Q.
 _POST_HEAD_LOGIT_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -223,12 +223,10 @@ class QAdapterModel(torch.nn.Module):
 
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
         """Loads the LoRA weights of a saved folder into this model (resume; safetensors only)."""
-        weights = _safetensors_adapter_file(Path(directory))
-        result = peft.set_peft_model_state_dict(self.peft_model, safetensors.torch.load_file(str(weights)))
-        missing = [k for k in result.missing_keys if "lora_" in k]  # the base weights are always "missing"
-        if result.unexpected_keys or missing:
-            raise ValueError(f"{weights} does not match this adapter: unexpected {result.unexpected_keys[:3]}, "
-                             f"missing {missing[:3]}")
+        weights = adapter_weights_file(Path(directory))
+        check_adapter_state(self.peft_model, weights)
+        peft.set_peft_model_state_dict(self.peft_model, safetensors.torch.load_file(str(weights)))
+        check_finite_lora(self.peft_model, weights)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike,
@@ -243,7 +241,8 @@ class QAdapterModel(torch.nn.Module):
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: not a folder written by QAdapterModel.save_pretrained")
         config = QAdapterConfig.from_json(config_file.read_text())
-        _safetensors_adapter_file(directory)
+        weights = adapter_weights_file(directory)
+        saved_tensor_shapes(weights)  # a truncated or foreign file fails here, before the base model loads
         if base_model is None:
             if config.base_model is None:
                 raise ValueError(f"{config_file} records no base model: pass base_model=")
@@ -251,17 +250,10 @@ class QAdapterModel(torch.nn.Module):
         if isinstance(base_model, (str, os.PathLike)):
             config = dataclasses.replace(config, base_model=str(base_model))
             base_model = load_base_model(base_model)
-        peft_model = peft.PeftModel.from_pretrained(base_model, str(directory), is_trainable=True)
+        try:
+            peft_model = peft.PeftModel.from_pretrained(base_model, str(directory), is_trainable=True)
+        except (RuntimeError, KeyError, TypeError) as e:  # peft: a size mismatch, a malformed adapter_config.json
+            raise ValueError(f"{directory} does not fit the base model: {str(e).strip().splitlines()[0]}") from None
+        check_adapter_state(peft_model, weights)  # peft only warns about missing or unexpected keys
+        check_finite_lora(peft_model, weights)
         return cls(peft_model, config)
-
-
-def _safetensors_adapter_file(directory: Path) -> Path:
-    weights = directory / ADAPTER_WEIGHTS_NAME
-    if weights.is_file():
-        return weights
-    if (directory / _PICKLED_ADAPTER_NAME).exists():
-        raise ValueError(
-            f"{directory} holds {_PICKLED_ADAPTER_NAME} (pickle), which is never loaded: convert it to "
-            f"{ADAPTER_WEIGHTS_NAME} with a tool you trust"
-        )
-    raise FileNotFoundError(f"{weights} not found")

@@ -70,22 +70,27 @@ def find_model_files(path: str | os.PathLike) -> ModelFiles:
 
 
 @contextlib.contextmanager
-def _quiet_gguf_conversion():
-    # transformers shows a de-quantisation progress bar on every GGUF load, which a user cannot act on.
+def _quiet_loading():
+    # transformers shows a progress bar on every load (weights; de-quantisation of a GGUF file's
+    # tensors), which a user cannot act on.
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
 
-    bar = gguf_utils.tqdm
+    bar, bars_were_off = gguf_utils.tqdm, hf_logging.is_progress_bar_enabled() is False
     gguf_utils.tqdm = functools.partial(bar, disable=True)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         gguf_utils.tqdm = bar
+        if not bars_were_off:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
 def _reported_as_load_error(files: ModelFiles, what: str):
     try:
-        with _quiet_gguf_conversion():
+        with _quiet_loading():
             yield
     except ModelLoadError:
         raise

@@ -27,9 +27,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .common import (ArgumentParser, HelpFormatter, UserError, add_param_arguments, build_dataset, check_writable_file,
-                     config_from_args, evaluate_pairs, finite_float, load_base, load_tokenizer, positive_float,
-                     positive_int, resolve_data_path, resolve_model_path, side_by_side)
+from .common import (ArgumentParser, HelpFormatter, UserError, add_param_arguments, build_dataset,
+                     check_writable_file, config_from_args, evaluate_pairs, finite_float, load_base, load_tokenizer,
+                     positive_float, positive_int, resolve_data_path, resolve_model_path, side_by_side)
 from .demo import add_demo_arguments
 from .train import run_train
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from ..params import PRESETS, QAdapterParams
 
 __all__ = [
-    "ArgumentParser", "HelpFormatter", "UserError", "add_param_arguments", "build_dataset", "check_writable_file", "config_from_args",
-    "evaluate_pairs", "finite_float", "load_base", "load_tokenizer", "positive_float", "positive_int",
-    "resolve_data_path", "resolve_model_path", "side_by_side",
+    "ArgumentParser", "HelpFormatter", "UserError", "add_param_arguments", "build_dataset", "check_writable_file",
+    "check_writable_folder", "config_from_args", "evaluate_pairs", "finite_float", "load_base", "load_tokenizer",
+    "positive_float", "positive_int", "resolve_data_path", "resolve_model_path", "side_by_side",
 ]
 
 
@@ -224,18 +224,24 @@ def build_dataset(data: str, tokenizer, max_length: int, max_prompt_length: int,
         raise UserError(str(e)) from None
 
 
+def check_writable_folder(folder: str | os.PathLike, flag: str) -> None:
+    """Fails now, not after the work, when nothing can be written in ``folder`` (created if needed)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-check.tmp-{os.getpid()}"  # a name training.checkpoints.leftovers knows
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write in {flag} {folder}: {e.strerror or e}") from None
+
+
 def check_writable_file(path: str | os.PathLike, flag: str) -> None:
     """Fails now, not after the work, when ``path`` cannot be written (its folder is created if needed)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder, not a file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+    check_writable_folder(path.parent, flag)
 
 
 # ----------------------------------------------------------------------------- evaluation and printing

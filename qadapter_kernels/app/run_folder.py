@@ -101,7 +101,9 @@ def plan_run(output_dir: Path, record: dict, resume: bool | str | None, overwrit
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir} is a file")
-    entries = sorted(output_dir.iterdir()) if output_dir.is_dir() else []
+    # What interrupted saves leave says nothing about whose folder it is.
+    stray = set(checkpoints.leftovers(output_dir))
+    entries = sorted(set(output_dir.iterdir()) - stray) if output_dir.is_dir() else []
     if overwrite:
         if resume:
             raise UserError("--overwrite starts the run over: it cannot be combined with --resume-from-checkpoint")
@@ -115,7 +117,7 @@ def plan_run(output_dir: Path, record: dict, resume: bool | str | None, overwrit
         if entries:
             raise UserError(f"--output-dir {output_dir} already holds this run: pass --resume-from-checkpoint to "
                             "continue it, or --overwrite to start over")
-        return ResumePlan(None, ())
+        return ResumePlan(None, tuple(checkpoints.remove_leftovers(output_dir)))
     if not entries:
         raise UserError(f"no checkpoint to resume: {output_dir} holds no run")
     removed = tuple(checkpoints.remove_leftovers(output_dir))

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..training.checkpoints import TRAINER_STATE_NAME
-from .common import (UserError, build_dataset, check_writable_file, config_from_args, load_base, load_tokenizer,
+from .common import (UserError, build_dataset, check_writable_folder, config_from_args, load_base, load_tokenizer,
                      resolve_data_path, resolve_model_path)
 from .run_folder import (adapter_is_published, check_free_space, file_sha256, plan_run, publish_final_adapter,
                          write_record)
@@ -117,7 +117,7 @@ def run_train(args: argparse.Namespace) -> int:
     target = _target_steps(args)
     plan = plan_run(output_dir, record, args.resume_from_checkpoint, args.overwrite, target)
     created = not output_dir.exists()
-    check_writable_file(output_dir / ".write-check", "--output-dir")  # creates the folder
+    check_writable_folder(output_dir, "--output-dir")  # creates the folder
     try:
         tokenizer = load_tokenizer(model_path)
         if plan.removed:

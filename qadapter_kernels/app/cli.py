@@ -284,9 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qadapter`` console script; returns 0 or exits with status 2 (130 when interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     args.argv = argv
     prefix = f"{parser.prog} {args.command}"
+    if unknown:
+        parser.exit(2, f"{prefix}: error: unrecognized arguments: {' '.join(unknown)}\n")
     if args.command == "train" and (args.max_steps == 0 or args.max_steps < -1):
         parser.exit(2, f"{prefix}: error: --max-steps must be >= 1 (or -1: train for --epochs)\n")
     if args.command == "train" and args.warmup_steps < 0:

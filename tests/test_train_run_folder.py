@@ -62,6 +62,15 @@ def test_a_folder_holding_another_run_is_refused(tmp_path, model_dir, data_file,
     assert "trained 2 steps" in capsys.readouterr().out
 
 
+def test_a_folder_of_another_tool_is_refused_and_kept(tmp_path, model_dir, data_file, capsys):
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)  # not a whole checkpoint of ours: not ours to delete
+    (out / "checkpoint-3" / "weights.bin").write_bytes(b"someone's work")
+    err = run_error(capsys, train_argv(model_dir, data_file, out, "--max-steps", "2"))
+    assert "holds another run (no qadapter run record)" in err
+    assert (out / "checkpoint-3" / "weights.bin").read_bytes() == b"someone's work"
+
+
 def test_resume_takes_only_checkpoints_of_the_same_run(tmp_path, model_dir, data_file, capsys):
     out = tmp_path / "out"
     assert main(train_argv(model_dir, data_file, out, "--max-steps", "2", "--save-steps", "2")) == 0

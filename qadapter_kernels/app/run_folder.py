@@ -101,8 +101,9 @@ def plan_run(output_dir: Path, record: dict, resume: bool | str | None, overwrit
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir} is a file")
-    # What interrupted saves leave says nothing about whose folder it is.
-    stray = set(checkpoints.leftovers(output_dir))
+    # The temporary files and folders of interrupted saves say nothing about whose folder it is (an
+    # incomplete checkpoint-N might be another tool's: it counts, and is only removed from our own run).
+    stray = {p for p in checkpoints.leftovers(output_dir) if checkpoints.checkpoint_step(p) is None}
     entries = sorted(set(output_dir.iterdir()) - stray) if output_dir.is_dir() else []
     if overwrite:
         if resume:
@@ -117,7 +118,7 @@ def plan_run(output_dir: Path, record: dict, resume: bool | str | None, overwrit
         if entries:
             raise UserError(f"--output-dir {output_dir} already holds this run: pass --resume-from-checkpoint to "
                             "continue it, or --overwrite to start over")
-        return ResumePlan(None, tuple(checkpoints.remove_leftovers(output_dir)))
+        return ResumePlan(None, tuple(checkpoints.remove_paths(sorted(stray))))
     if not entries:
         raise UserError(f"no checkpoint to resume: {output_dir} holds no run")
     removed = tuple(checkpoints.remove_leftovers(output_dir))

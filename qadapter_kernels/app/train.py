@@ -21,7 +21,9 @@ from .run_folder import (adapter_is_published, check_free_space, file_sha256, pl
 
 __all__ = ["run_record", "run_train"]
 
-# Besides a checkpoint's own bytes (3 copies of the trainable weights: weights, Adam's two moments).
+# Disk needed before training: per trainable parameter, 4 bytes each for the checkpoint's weights and
+# Adam's two moments, and for the final adapter; plus the small files (configs, states, RNG).
+_BYTES_PER_TRAINABLE_PARAMETER = 16
 _CHECKPOINT_OVERHEAD_BYTES = 1 << 20
 
 
@@ -137,7 +139,7 @@ def run_train(args: argparse.Namespace) -> int:
         except ValueError as e:  # e.g. peft: target modules not found in the base model
             raise UserError(f"cannot put the adapter on {model_path}: {e}") from None
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        check_free_space(output_dir, trainable * 16 + _CHECKPOINT_OVERHEAD_BYTES)
+        check_free_space(output_dir, trainable * _BYTES_PER_TRAINABLE_PARAMETER + _CHECKPOINT_OVERHEAD_BYTES)
         training_args = _training_arguments(args, eval_set)
     except UserError:
         if created and output_dir.is_dir() and not any(output_dir.iterdir()):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["CHECKPOINT_PREFIX", "RUN_RECORD_NAME", "TRAINER_STATE_NAME", "checkpoint_step", "complete_checkpoints",
            "fsync_tree", "is_complete", "leftovers", "publish_checkpoint", "remove_checkpoint", "remove_leftovers",
-           "rotate_checkpoints", "staging_folder", "trained_steps"]
+           "remove_paths", "rotate_checkpoints", "staging_folder", "trained_steps"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -80,15 +80,19 @@ def leftovers(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(out)
 
 
-def remove_leftovers(output_dir: str | os.PathLike) -> list[Path]:
-    """Removes ``leftovers(output_dir)``; returns what was removed."""
-    removed = leftovers(output_dir)
-    for path in removed:
+def remove_paths(paths: list[Path]) -> list[Path]:
+    """Removes each file or folder; returns ``paths``."""
+    for path in paths:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-    return removed
+    return paths
+
+
+def remove_leftovers(output_dir: str | os.PathLike) -> list[Path]:
+    """Removes ``leftovers(output_dir)``; returns what was removed."""
+    return remove_paths(leftovers(output_dir))
 
 
 def staging_folder(output_dir: str | os.PathLike, step: int) -> Path:

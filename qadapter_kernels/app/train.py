@@ -158,7 +158,7 @@ def run_train(args: argparse.Namespace) -> int:
     with stop:
         result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
     seconds = time.perf_counter() - start
-    if stop.received is not None and (target(None) is None or result.global_step < target(None)):
+    if stop.received is not None and result.global_step < trainer.state.max_steps:
         print(f"stopped by signal {stop.received} at step {result.global_step}; a resumable checkpoint is in "
               f"{output_dir}. Resume with:\n  {_resume_command(args.argv)}", flush=True)
         return 128 + stop.received

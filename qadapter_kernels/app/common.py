@@ -147,12 +147,11 @@ def config_from_args(args: argparse.Namespace, base=None):
     """A validated ``QAdapterConfig``: ``base`` (else the preset, else the defaults) with the flags given on top."""
     from ..training.config import QAdapterConfig
 
-    if base is None:
-        preset = PRESETS[getattr(args, "preset", None) or "default"]
-        base = QAdapterConfig(**{f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)})
-    elif getattr(args, "preset", None) is not None:
-        preset = PRESETS[args.preset]
-        base = dataclasses.replace(base, **{f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)})
+    preset_name = getattr(args, "preset", None)
+    if base is None or preset_name is not None:
+        preset = PRESETS[preset_name or "default"]
+        base = dataclasses.replace(base or QAdapterConfig(),
+                                   **{f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)})
     names = {f.name for f in dataclasses.fields(QAdapterConfig)}
     overrides = {name: value for name, value in vars(args).items() if name in names and value is not None}
     try:

@@ -43,9 +43,15 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
+def _default_signals() -> None:
+    # A shell starts background jobs with SIGINT ignored and children inherit that: a user's Ctrl-C
+    # reaches a program with the default handler, so the runs here get it too.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(spec: str, argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(RUNNER), spec, *argv], env=_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+                          timeout=timeout, cwd=REPO, preexec_fn=_default_signals)
 
 
 def make_setup(folder: Path) -> Setup:
@@ -98,15 +104,18 @@ def kill_and_resume(setup: Setup, workdir: Path, spec: str | None = None, after_
         code, out, err = first.returncode, first.stdout, first.stderr
     else:
         proc = subprocess.Popen([sys.executable, str(RUNNER), "count", *argv], env=_env(), cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_signals)
         time.sleep(after_seconds)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=300)
         code = proc.returncode
     if code == 1:  # only a Ctrl-C while Python was still importing, before the program ran: nothing started
         assert err.rstrip().endswith("KeyboardInterrupt") and not output.exists(), err
-    # A SIGTERM before the program installs its handler ends it as the default action does (-15).
-    assert code in (0, 1, -signal.SIGKILL, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM), (code, out)
+    # A SIGTERM before the program installs its handler, or a SIGINT before Python does, ends it as the
+    # default action does (-15, -2).
+    assert code in (0, 1, -signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGINT,
+                    128 + signal.SIGTERM), (code, out)
     if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
         assert "Resume with:" in out and "--resume-from-checkpoint" in out, out
     assert_no_incomplete_checkpoint(output)

@@ -17,11 +17,10 @@ import safetensors.torch
 import torch
 from transformers import PreTrainedModel
 
-from ..loading import load_base_model
 from ..fused_linear import fused_linear_qadapter_loss
+from ..loading import load_base_model
 from ..outputs import QAdapterLossOutput
-from .adapter_files import (ADAPTER_WEIGHTS_NAME, adapter_weights_file, check_adapter_state, check_finite_lora,
-                            saved_tensor_shapes)
+from .adapter_files import adapter_weights_file, check_adapter_state, check_finite_lora, saved_tensor_shapes
 from .config import QAdapterConfig
 
 QADAPTER_CONFIG_NAME = "qadapter_config.json"

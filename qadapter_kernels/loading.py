@@ -99,7 +99,8 @@ def _reported_as_load_error(files: ModelFiles, what: str):
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer of a model (see the module docstring) or of a tokenizer-only folder, with a pad token (EOS when it has none)."""
+    """The tokenizer of a model (see the module docstring) or of a tokenizer-only folder, with a pad
+    token (EOS when it has none)."""
     from transformers import AutoTokenizer
 
     folder = Path(path)

@@ -129,8 +129,8 @@ def add_param_arguments(parser: argparse.ArgumentParser, with_lora: bool = True,
     group.add_argument("--preset", choices=sorted(PRESETS),
                        help="starting values (authors: the released code's reward and its padded length "
                             "normalisation); the flags below override them (default: default)")
-    fields = [f for f in dataclasses.fields(QAdapterConfig)
-              if f.name in {g.name for g in dataclasses.fields(QAdapterParams)} or (with_lora and f.name in LORA_FIELDS)]
+    wanted = {f.name for f in dataclasses.fields(QAdapterParams)} | (set(LORA_FIELDS) if with_lora else set())
+    fields = [f for f in dataclasses.fields(QAdapterConfig) if f.name in wanted]
     for field in fields:
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{_FIELD_HELP.get(field.name, field.name)} (default: {_shown(getattr(defaults, field.name))})"

@@ -127,13 +127,13 @@ def plan_run(output_dir: Path, record: dict, resume: bool | str | None, overwrit
         if not checkpoints.is_complete(checkpoint):
             raise UserError(f"--resume-from-checkpoint {checkpoint} is not a complete checkpoint")
         if read_record(checkpoint) != record:
-            raise UserError(f"{checkpoint} is a checkpoint of another run ({_differences(read_record(checkpoint), record)})")
+            differences = _differences(read_record(checkpoint), record)
+            raise UserError(f"{checkpoint} is a checkpoint of another run ({differences})")
     else:
         ours = [c for c in checkpoints.complete_checkpoints(output_dir) if read_record(c) == record]
         checkpoint = ours[-1] if ours else None
-    done = completed_steps(output_dir)
-    if done is not None and target_steps(None) is not None and done >= target_steps(None) \
-            and adapter_is_published(output_dir):
+    done, target = completed_steps(output_dir), target_steps(None)
+    if done is not None and target is not None and done >= target and adapter_is_published(output_dir):
         return ResumePlan(checkpoint, removed, finished_at=done)
     if checkpoint is not None:
         target = target_steps(checkpoint)

@@ -187,8 +187,9 @@ class QAdapterModel(torch.nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Writes a peft adapter folder (safetensors) plus ``qadapter_config.json``, atomically.
 
-        Everything is written to a temporary folder beside ``directory`` first; then the files
-        are moved in with ``os.replace``, so an interrupted save leaves any earlier save whole.
+        Everything is written to a temporary folder first (inside ``directory`` when it exists,
+        beside it otherwise); then the files are moved in with ``os.replace``, so an interrupted
+        save leaves any earlier save whole.
         Files already in ``directory`` that are not ours (a Trainer checkpoint's optimizer state)
         are kept. ``state_dict``: a full state dict of this module to save from instead of the
         live parameters (what ``Trainer`` passes under FSDP / DeepSpeed).
@@ -201,7 +202,10 @@ class QAdapterModel(torch.nn.Module):
         # Not tempfile.mkdtemp: its 0700 mode would stick to a folder renamed into place. Inside an
         # existing folder, so that what a kill leaves is found there (training.checkpoints.leftovers).
         suffix = f".saving-{uuid.uuid4().hex[:12]}"
-        staging = directory / f".adapter{suffix}" if directory.is_dir() else directory.parent / f".{directory.name}{suffix}"
+        if directory.is_dir():
+            staging = directory / f".adapter{suffix}"
+        else:
+            staging = directory.parent / f".{directory.name}{suffix}"
         staging.mkdir()
         try:
             # No embedding-layer copy: the vocabulary is never resized (and peft's check for it warns on every save).

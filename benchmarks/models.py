@@ -7,7 +7,8 @@ import importlib.util
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel, load_base_model
+from qadapter_kernels.loading import load_base_model
+from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -263,3 +263,12 @@ def with_param_keywords(*classes: type) -> Callable[[F], F]:
         return fn
 
     return decorate
+
+
+# Named starting points for the Q-Adapter hyper-parameters (the command line's --preset).
+# "authors": the released training code's reward and its length normalisation (each score divided
+# by the padded batch width minus 1, which ``length_norm=True`` means).
+PRESETS: dict[str, QAdapterParams] = {
+    "default": QAdapterParams(),
+    "authors": QAdapterParams(variant=RewardVariant.OFFICIAL, length_norm=True),
+}

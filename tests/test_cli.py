@@ -2,54 +2,13 @@
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from qadapter_kernels.cli import main, resolve_data_path
+from qadapter_kernels.app.cli import main
+from qadapter_kernels.app.common import resolve_data_path
 from qadapter_kernels.training.data import shipped_data_path
 from qadapter_kernels.training.model import QAdapterConfig
 
-from training_helpers import tiny_tokenizer
-
-PAIRS = [
-    ("What is the capital of France?", "the capital of france is paris.", "The capital of France is Paris."),
-    ("What is two plus two?", "two plus two is four.", "Two plus two is four."),
-    ("Name a fast animal.", "the quick brown fox.", "The quick brown fox."),
-    ("Describe the dog.", "the lazy dog sleeps.", "The lazy dog sleeps."),
-]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A 2-layer random Llama plus the locally trained tokenizer, saved with save_pretrained."""
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         tie_word_embeddings=True, initializer_range=0.1, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    lines = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
-              "rejected": [{"role": "assistant", "content": r}]} for p, c, r in PAIRS]
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
-
-
-def run_error(capsys, argv):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
+from cli_helpers import PAIRS, data_file, model_dir, run_error  # noqa: F401 (fixtures)
 
 
 def test_train_then_eval(tmp_path, model_dir, data_file, capsys):
@@ -92,7 +51,7 @@ def test_shipped_data_names():
     (["--data", "/nonexistent/pairs.jsonl"], "data file not found"),
     (["--data", "shipped:nope"], "no shipped split"),
     (["--gamma", "2"], "gamma"),
-    (["--variant", "nope"], "variant must be one of"),
+    (["--variant", "nope"], "--variant: invalid choice"),
     (["--lora-dropout", "1"], "lora_dropout"),
     (["--target-modules", ","], "target_modules"),
     (["--lr", "0"], "must be > 0"),

@@ -268,3 +268,34 @@ def test_logits_processor_bad_arguments(model):
     processor = QAdapterLogitsProcessor(model, attention_mask=torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask"):
         processor(torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 96))
+
+
+# --------------------------------------------------------------------------- peft's private hook (issue 11, 6b)
+
+
+@pytest.mark.parametrize("change", ["missing", "no adapter_names"])
+def test_a_peft_without_the_mixed_batch_hook_is_a_clear_error(model, monkeypatch, change):
+    """Without the private hook, mixed-batch decoding would silently run the base rows WITH the adapter."""
+    from qadapter_kernels.decoding.streams import TESTED_PEFT_VERSIONS, UnsupportedPeftError
+
+    lora_model = type(model.peft_model.base_model)
+    for cls in lora_model.__mro__:
+        if "_enable_peft_forward_hooks" in vars(cls):
+            if change == "missing":
+                monkeypatch.delattr(cls, "_enable_peft_forward_hooks")
+            else:
+                monkeypatch.setattr(cls, "_enable_peft_forward_hooks", lambda self: None)
+    with pytest.raises(UnsupportedPeftError,
+                       match=rf"{lora_model.__name__}\._enable_peft_forward_hooks.*peft{TESTED_PEFT_VERSIONS}"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, temperature=0.0)
+    # The authors' two-pass decoding does not need it.
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, temperature=0.0, two_pass=True).shape == (1, 5)
+
+
+def test_setup_pins_the_tested_peft_versions():
+    from pathlib import Path
+
+    from qadapter_kernels.decoding.streams import TESTED_PEFT_VERSIONS
+
+    setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    assert f'"peft{TESTED_PEFT_VERSIONS}"' in setup

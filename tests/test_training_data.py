@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from qadapter_kernels.training import make_preferences
+from qadapter_kernels.app import make_preferences
 from qadapter_kernels.training.data import (
     PreferenceCollator,
     PreferenceDataError,
@@ -17,7 +17,7 @@ from qadapter_kernels.training.data import (
     shipped_data_path,
     tokenize_preference,
 )
-from qadapter_kernels.training.make_preferences import satisfies_preference
+from qadapter_kernels.app.make_preferences import satisfies_preference
 
 from training_helpers import smollm2_tokenizer, tiny_tokenizer
 
@@ -174,12 +174,47 @@ def test_truncation_keeps_prompt_tail_then_cuts_responses(tok):
     example = PreferenceExample(LONG_PROMPT, "two plus two is four", "Two plus two is four")
     full = tokenize_preference(example, tok, max_length=10_000, max_prompt_length=10_000)
     assert len(full.prompt_ids) > 20 and len(full.chosen_ids) > 5
-    cut = tokenize_preference(example, tok, max_length=len(full.prompt_ids), max_prompt_length=12)
+    cut = tokenize_preference(example, tok, max_length=len(full.prompt_ids), max_prompt_length=12,
+                              prompt_truncation="tail")
     # The tail of the prompt (its generation prompt included), the tokenizer's BOS kept in front.
     assert cut.prompt_ids == full.prompt_ids[:1] + full.prompt_ids[-11:]
     budget = len(full.prompt_ids) - 12
     assert cut.chosen_ids == full.chosen_ids[:budget] and cut.rejected_ids == full.rejected_ids[:budget]
     assert len(cut.prompt_ids) + len(cut.chosen_ids) <= len(full.prompt_ids)
+
+
+def test_truncation_keeps_the_start_of_the_prompt_by_default(tok):
+    """A cut prompt keeps what defines the task (its start: system message, question) and the
+    generation prompt at its end; only the middle goes (issue 14 item 4: it kept the tail only)."""
+    system = [{"role": "system", "content": "Answers written in lowercase are preferred."}]
+    prompt = system + [{"role": "user", "content": LONG_PROMPT}]
+    example = PreferenceExample(prompt, [{"role": "assistant", "content": "four"}],
+                                [{"role": "assistant", "content": "Four"}])
+    full = tokenize_preference(example, tok, max_length=10_000, max_prompt_length=10_000)
+    cut = tokenize_preference(example, tok, max_length=10_000, max_prompt_length=13)
+    # BOS, then 6 tokens from the start, 6 from the end.
+    assert cut.prompt_ids == full.prompt_ids[:7] + full.prompt_ids[-6:]
+    system_ids = tok.apply_chat_template(system, tokenize=False)
+    assert tok.decode(cut.prompt_ids[:7]) in system_ids
+    assert tok.decode(cut.prompt_ids[-1:]) == "<|assistant|>"
+
+
+def test_identical_pairs_are_dropped_and_every_cut_is_counted(tok, caplog):
+    same = PreferenceExample("Hi", "yes", "yes")
+    # Differ only past the response budget: identical once cut.
+    late = PreferenceExample("Hi", "the quick brown fox jumps over the lazy dog", "the quick brown fox jumps over it")
+    fine = PreferenceExample("Hi", "yes", "No")
+    long_prompt = PreferenceExample(LONG_PROMPT, "yes", "No")
+    with caplog.at_level(logging.WARNING, logger="qadapter_kernels.training.data"):
+        dataset = PreferenceDataset([same, late, fine, long_prompt], tok, max_length=23, max_prompt_length=14)
+    assert len(dataset) == 2 and dataset.dropped == 2 and dataset.total == 4
+    assert dataset.counts["identical"] == 1 and dataset.counts["identical_after_cut"] == 1
+    assert dataset.counts["prompt_cut"] == 1
+    summary = dataset.summary()
+    assert "kept 2 of 4" in summary and "chosen equals rejected in the data" in summary
+    assert "chosen equals rejected after truncation" in summary and "1 prompts" in summary
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("dropped 2 of 4" in w for w in warnings) and any("truncated" in w for w in warnings)
 
 
 def test_pairs_with_an_empty_response_are_dropped_and_counted(tok, caplog):
@@ -258,7 +293,7 @@ def test_shipped_data_regenerates_byte_identically(tmp_path):
     for split in ("train", "heldout"):
         assert paths[split].read_bytes() == shipped_data_path(split).read_bytes(), (
             f"{split}.jsonl differs from the generator's output: "
-            "rerun python -m qadapter_kernels.training.make_preferences"
+            "rerun python -m qadapter_kernels.app.make_preferences"
         )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
@@ -303,7 +338,8 @@ def test_smollm2_shipped_split_and_batch(smollm2):
     assert dataset.dropped == 0 and len(dataset) >= 300
     # SmolLM2 adds no BOS of its own: truncation keeps exactly the prompt's last tokens.
     pair = dataset[0]
-    cut = tokenize_preference(load_preferences(shipped_data_path("train"))[0], smollm2, max_prompt_length=10)
+    cut = tokenize_preference(load_preferences(shipped_data_path("train"))[0], smollm2, max_prompt_length=10,
+                              prompt_truncation="tail")
     assert cut.prompt_ids == pair.prompt_ids[-10:] and cut.chosen_ids == pair.chosen_ids
     # pad == eos (<|im_end|>) here: the masks come from lengths, so the final end-of-turn is still scored.
     assert smollm2.pad_token_id == smollm2.eos_token_id

@@ -11,10 +11,37 @@ from __future__ import annotations
 import contextlib
 import inspect
 
+import peft
 import torch
 from transformers import DynamicCache
 
 BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in a mixed batch
+# The peft versions whose private mixed-batch hook (below) decoding was tested with; setup.py's pin.
+TESTED_PEFT_VERSIONS = ">=0.21,<0.22"
+
+
+class UnsupportedPeftError(RuntimeError):
+    """The installed peft lacks the private hook that routes each row of a batch through its adapter."""
+
+
+def mixed_batch_hooks(peft_model, adapter_names: list[str]):
+    """peft's private ``_enable_peft_forward_hooks(adapter_names=...)``, checked before it is trusted.
+
+    It is what ``peft``'s own ``generate(adapter_names=...)`` uses, but it is private: when a peft
+    version lacks it (on the PeftModel or on the LoRA model it delegates to) or no longer takes
+    keyword arguments, a silent fallback would run every row WITH the adapter, so this raises.
+    """
+    hooks = []
+    for owner in (peft_model, getattr(peft_model, "base_model", None)):
+        hook = getattr(owner, "_enable_peft_forward_hooks", None)
+        if hook is None or not any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "adapter_names"
+                                   for p in inspect.signature(hook).parameters.values()):
+            raise UnsupportedPeftError(
+                f"mixed-batch decoding needs peft's {type(owner).__name__}._enable_peft_forward_hooks(adapter_names=)"
+                f", which peft {peft.__version__} does not have; it was tested with peft{TESTED_PEFT_VERSIONS}. "
+                "Install that, or decode with two_pass=True (two forwards per token)")
+        hooks.append(hook)
+    return hooks[0](adapter_names=adapter_names)
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -60,7 +87,7 @@ class MixedBatchStreams(_Streams):
     def __enter__(self):
         super().__enter__()
         # The hooks that route each row through its adapter are registered once for the whole loop.
-        self.enter_context(self._peft_model._enable_peft_forward_hooks(adapter_names=self._names))
+        self.enter_context(mixed_batch_hooks(self._peft_model, self._names))
         return self
 
     def step(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:

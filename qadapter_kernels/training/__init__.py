@@ -9,5 +9,7 @@ from .data import (
     shipped_data_path,
     tokenize_preference,
 )
-from .model import QAdapterConfig, QAdapterModel, load_base_model
+from ..loading import load_base_model
+from .config import QAdapterConfig
+from .model import QAdapterModel
 from .trainer import QAdapterTrainer

@@ -26,10 +26,12 @@ __all__ = [
     "PreferenceDataset",
     "PreferenceExample",
     "TokenizedPair",
+    "PROMPT_TRUNCATIONS",
     "encode_prompt",
     "load_preferences",
     "shipped_data_path",
     "tokenize_preference",
+    "tokenize_with_report",
 ]
 
 logger = logging.getLogger(__name__)
@@ -222,36 +224,82 @@ def _plain_tokens(example: PreferenceExample, tokenizer) -> tuple[list[int], lis
     return prompt_ids, encode(example.chosen) + eos, encode(example.rejected) + eos
 
 
+PROMPT_TRUNCATIONS = ("both_ends", "tail")
+# Above this fraction of cut pairs the dataset warns: the data no longer say what the file says.
+TRUNCATION_WARNING_FRACTION = 0.1
+
+
+def _cut_prompt(prompt_ids: list[int], tokenizer, max_prompt_length: int, how: str) -> list[int]:
+    # A BOS the tokenizer always uses stays: the model never saw text without it.
+    head = prompt_ids[:1] if _adds_bos(tokenizer) and prompt_ids[0] == tokenizer.bos_token_id else []
+    body, keep = prompt_ids[len(head):], max_prompt_length - len(head)
+    if how == "tail":
+        return head + (body[-keep:] if keep else [])
+    # "both_ends": the start (system message, question: what defines the task) and the end (the
+    # generation prompt the answer follows); the middle goes.
+    start = (keep + 1) // 2
+    return head + body[:start] + (body[len(body) - (keep - start):] if keep > start else [])
+
+
+def tokenize_with_report(example: PreferenceExample, tokenizer, max_length: int = 512, max_prompt_length: int = 256,
+                         prompt_truncation: str = "both_ends") -> tuple[TokenizedPair | None, frozenset[str]]:
+    """``tokenize_preference`` plus what happened to the pair: a set of ``"prompt_cut"``,
+    ``"response_cut"``, and for a dropped pair (None) one of ``"identical"`` (chosen equals rejected
+    in the data), ``"identical_after_cut"``, ``"empty_after_cut"``."""
+    if max_length < 1 or max_prompt_length < 1:
+        raise ValueError(f"max_length and max_prompt_length must be >= 1, got {max_length}, {max_prompt_length}")
+    if prompt_truncation not in PROMPT_TRUNCATIONS:
+        raise ValueError(f"prompt_truncation must be one of {PROMPT_TRUNCATIONS}, got {prompt_truncation!r}")
+    if example.chosen == example.rejected:
+        return None, frozenset({"identical"})
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prompt_ids, chosen_ids, rejected_ids = (_chat_tokens if chat else _plain_tokens)(example, tokenizer)
+    events = set()
+    if len(prompt_ids) > max_prompt_length:
+        prompt_ids = _cut_prompt(prompt_ids, tokenizer, max_prompt_length, prompt_truncation)
+        events.add("prompt_cut")
+    budget = max(max_length - len(prompt_ids), 0)
+    if len(chosen_ids) > budget or len(rejected_ids) > budget:
+        events.add("response_cut")
+    chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+    if not chosen_ids or not rejected_ids:
+        return None, frozenset(events | {"empty_after_cut"})
+    if chosen_ids == rejected_ids:
+        return None, frozenset(events | {"identical_after_cut"})
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids), frozenset(events)
+
+
 def tokenize_preference(
-    example: PreferenceExample, tokenizer, max_length: int = 512, max_prompt_length: int = 256
+    example: PreferenceExample, tokenizer, max_length: int = 512, max_prompt_length: int = 256,
+    prompt_truncation: str = "both_ends",
 ) -> TokenizedPair | None:
-    """Tokenize one pair; ``None`` when truncation leaves a response empty (drop the pair).
+    """Tokenize one pair; ``None`` when the pair teaches nothing (drop it): chosen equals rejected,
+    before or after truncation, or truncation leaves a response empty.
 
     With a chat template the prompt is rendered with ``add_generation_prompt=True`` and each
     response is the rest of the rendered conversation (its end-of-turn tokens included); without
     one, prompt and responses are encoded separately, a BOS in front when the tokenizer uses one
-    and EOS after each response. The prompt keeps its last ``max_prompt_length`` tokens (behind
-    the BOS, when the tokenizer always starts with one), then each response keeps its first
+    and EOS after each response. A prompt longer than ``max_prompt_length`` keeps (behind the BOS,
+    when the tokenizer always starts with one) its first and last tokens, half the budget each
+    (``prompt_truncation="both_ends"``: the start defines the task, the end is where the answer
+    follows), or its last tokens only (``"tail"``). Then each response keeps its first
     ``max_length - len(prompt)`` tokens.
     """
-    if max_length < 1 or max_prompt_length < 1:
-        raise ValueError(f"max_length and max_prompt_length must be >= 1, got {max_length}, {max_prompt_length}")
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    prompt_ids, chosen_ids, rejected_ids = (_chat_tokens if chat else _plain_tokens)(example, tokenizer)
-    if len(prompt_ids) > max_prompt_length:
-        # A BOS the tokenizer always uses stays: the model never saw text without it.
-        head = prompt_ids[:1] if _adds_bos(tokenizer) and prompt_ids[0] == tokenizer.bos_token_id else []
-        keep = max_prompt_length - len(head)
-        prompt_ids = head + (prompt_ids[-keep:] if keep else [])
-    budget = max(max_length - len(prompt_ids), 0)
-    chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
-    if not chosen_ids or not rejected_ids:
-        return None
-    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
+    return tokenize_with_report(example, tokenizer, max_length, max_prompt_length, prompt_truncation)[0]
+
+
+_DROP_REASONS = {"identical": "chosen equals rejected in the data",
+                 "identical_after_cut": "chosen equals rejected after truncation",
+                 "empty_after_cut": "a response would be empty after truncation"}
 
 
 class PreferenceDataset(Dataset):
-    """Pairs tokenized eagerly; those whose response truncation would empty are dropped and counted."""
+    """Pairs tokenized eagerly; pairs that teach nothing are dropped, and every cut and drop is counted.
+
+    ``dropped``: pairs dropped; ``counts``: how many pairs each event of ``tokenize_with_report``
+    hit; ``summary()``: one line saying all of it. A warning is logged when pairs are dropped or
+    more than ``TRUNCATION_WARNING_FRACTION`` of them are cut.
+    """
 
     def __init__(
         self,
@@ -259,18 +307,35 @@ class PreferenceDataset(Dataset):
         tokenizer,
         max_length: int = 512,
         max_prompt_length: int = 256,
+        prompt_truncation: str = "both_ends",
     ) -> None:
-        tokenized = [tokenize_preference(e, tokenizer, max_length, max_prompt_length) for e in examples]
-        self.pairs: list[TokenizedPair] = [p for p in tokenized if p is not None]
-        self.dropped: int = len(tokenized) - len(self.pairs)
+        reports = [tokenize_with_report(e, tokenizer, max_length, max_prompt_length, prompt_truncation)
+                   for e in examples]
+        self.pairs: list[TokenizedPair] = [p for p, _ in reports if p is not None]
+        self.total: int = len(reports)
+        self.dropped: int = self.total - len(self.pairs)
+        self.counts: dict[str, int] = {}
+        for _, events in reports:
+            for event in events:
+                self.counts[event] = self.counts.get(event, 0) + 1
+        limits = f"(max_length={max_length}, max_prompt_length={max_prompt_length})"
         if self.dropped:
-            logger.warning(
-                "dropped %d of %d preference pairs: a response would be empty after truncation "
-                "(max_length=%d, max_prompt_length=%d)",
-                self.dropped, len(tokenized), max_length, max_prompt_length,
-            )
+            reasons = ", ".join(f"{self.counts[k]} {why}" for k, why in _DROP_REASONS.items() if k in self.counts)
+            logger.warning("dropped %d of %d preference pairs: %s %s", self.dropped, self.total, reasons, limits)
+        cut = sum(1 for pair, events in reports if pair is not None and events & {"prompt_cut", "response_cut"})
+        if cut > TRUNCATION_WARNING_FRACTION * self.total:
+            logger.warning("truncated %d of the %d preference pairs kept %s: raise the limits to keep them whole",
+                           cut, len(self.pairs), limits)
         if not self.pairs:
-            raise ValueError(f"no preference pair left out of {len(tokenized)} after tokenization")
+            raise ValueError(f"no preference pair left out of {self.total} after tokenization")
+
+    def summary(self) -> str:
+        """``"kept K of N; dropped ...; cut ..."``: every kind of drop and truncation, with its count."""
+        dropped = [f"{self.counts[k]} ({why})" for k, why in _DROP_REASONS.items() if k in self.counts]
+        cut = [f"{self.counts[k]} {what}" for k, what in (("prompt_cut", "prompts"), ("response_cut", "responses"))
+               if k in self.counts]
+        return (f"kept {len(self.pairs)} of {self.total}; dropped {', '.join(dropped) or 'none'}; "
+                f"truncated {', '.join(cut) or 'none'}")
 
     def __len__(self) -> int:
         return len(self.pairs)

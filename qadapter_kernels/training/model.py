@@ -7,116 +7,26 @@ head is applied inside ``fused_linear_qadapter_loss``, so no [N, V] logits tenso
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import peft
 import safetensors.torch
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from ..api import fused_linear_qadapter_loss
+from ..loading import load_base_model
 from ..outputs import QAdapterLossOutput
-from ..params import RewardVariant, check_scalar
+from .adapter_files import adapter_weights_file, check_adapter_state, check_finite_lora, saved_tensor_shapes
+from .config import QAdapterConfig
 
 QADAPTER_CONFIG_NAME = "qadapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-_PICKLED_ADAPTER_NAME = "adapter_model.bin"
 # Config fields by which a model changes its logits after the LM head (softcapping, scaling):
 # the fused loss applies the LM head alone, so such models would silently get a different Q.
 _POST_HEAD_LOGIT_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-@dataclass
-class QAdapterConfig:
-    """Q-Adapter and LoRA hyper-parameters (defaults: the authors', DESIGN.md §1).
-
-    ``base_model`` is the path the base model was loaded from (a folder, or a ``.gguf`` file),
-    recorded so that a saved adapter can be loaded back without naming it again.
-    ``tile_budget_mb`` is passed to ``fused_linear_qadapter_loss`` (None: its default).
-    """
-
-    alpha_tilde: float = 1.0
-    alpha_0: float = 0.01
-    gamma: float = 1.0
-    beta: float = 0.1
-    variant: str = "bellman"
-    length_norm: bool = True
-    lora_r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    base_model: str | None = None
-    tile_budget_mb: float | None = None
-
-    def validate(self) -> "QAdapterConfig":
-        """Raises ValueError (TypeError for a wrong type) naming the first bad field; returns self."""
-        check_scalar("alpha_tilde", self.alpha_tilde, 0.0, float("inf"), low_open=True)
-        check_scalar("alpha_0", self.alpha_0, 0.0, float("inf"))
-        check_scalar("gamma", self.gamma, 0.0, 1.0)
-        check_scalar("beta", self.beta, 0.0, float("inf"))
-        check_scalar("lora_alpha", self.lora_alpha, 0.0, float("inf"), low_open=True)
-        if check_scalar("lora_dropout", self.lora_dropout, 0.0, 1.0) == 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        RewardVariant.parse(self.variant)
-        if not isinstance(self.length_norm, bool):
-            raise TypeError(f"length_norm must be a bool, got {type(self.length_norm).__name__}")
-        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
-            raise ValueError(f"lora_r must be an integer >= 1, got {self.lora_r!r}")
-        if (isinstance(self.target_modules, str) or not self.target_modules
-                or not all(isinstance(m, str) and m for m in self.target_modules)):
-            raise ValueError(f"target_modules must be a non-empty sequence of names, got {self.target_modules!r}")
-        if self.base_model is not None and not isinstance(self.base_model, str):
-            raise TypeError(f"base_model must be a path string or None, got {type(self.base_model).__name__}")
-        if self.tile_budget_mb is not None:
-            check_scalar("tile_budget_mb", self.tile_budget_mb, 0.0, float("inf"), low_open=True)
-        return self
-
-    def loss_kwargs(self) -> dict:
-        """The keyword arguments of ``fused_linear_qadapter_loss`` / ``qadapter_loss`` this config sets."""
-        return dict(alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0, gamma=self.gamma, beta=self.beta,
-                    variant=self.variant, length_norm=self.length_norm)
-
-    def lora_config(self) -> peft.LoraConfig:
-        return peft.LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                               target_modules=list(self.target_modules), task_type="CAUSAL_LM")
-
-    def to_json(self) -> str:
-        return json.dumps({**dataclasses.asdict(self), "target_modules": list(self.target_modules)}, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "QAdapterConfig":
-        """Parses and validates ``to_json`` output; unknown fields are an error (a typo would be ignored)."""
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("a Q-Adapter config must be a JSON object")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown Q-Adapter config fields: {unknown}")
-        if "target_modules" in data and isinstance(data["target_modules"], list):
-            data["target_modules"] = tuple(data["target_modules"])
-        return cls(**data).validate()
-
-
-def load_base_model(path: str | os.PathLike) -> PreTrainedModel:
-    """A causal LM from a folder (safetensors weights only) or a GGUF file.
-
-    A folder without ``config.json`` holding exactly one ``.gguf`` file loads that file: a
-    GGUF-loaded model records only its folder as ``name_or_path``.
-    """
-    path = Path(path)
-    gguf = [path] if path.suffix == ".gguf" else []
-    if not gguf and path.is_dir() and not (path / "config.json").exists():
-        gguf = sorted(path.glob("*.gguf"))
-        if len(gguf) > 1:
-            raise ValueError(f"{path} holds several .gguf files; pass the one to load as base_model")
-    if gguf:
-        return AutoModelForCausalLM.from_pretrained(str(gguf[0].parent), gguf_file=gguf[0].name)
-    return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
 
 
 def _find_decoder(causal_lm: torch.nn.Module) -> torch.nn.Module:
@@ -156,11 +66,11 @@ class QAdapterModel(torch.nn.Module):
 
     def __init__(self, causal_lm: PreTrainedModel | peft.PeftModel, config: QAdapterConfig | None = None):
         super().__init__()
-        config = dataclasses.replace(config or QAdapterConfig()).validate()
+        config = (config or QAdapterConfig()).validate()
         base = causal_lm.get_base_model() if isinstance(causal_lm, peft.PeftModel) else causal_lm
         self._decoder_path = self._module_path(base, _find_decoder(base))
         if config.base_model is None and getattr(base, "name_or_path", ""):
-            config.base_model = str(base.name_or_path)
+            config = dataclasses.replace(config, base_model=str(base.name_or_path))
         self.qadapter_config = config
         if isinstance(causal_lm, peft.PeftModel):
             self.peft_model = causal_lm
@@ -277,8 +187,9 @@ class QAdapterModel(torch.nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Writes a peft adapter folder (safetensors) plus ``qadapter_config.json``, atomically.
 
-        Everything is written to a temporary folder beside ``directory`` first; then the files
-        are moved in with ``os.replace``, so an interrupted save leaves any earlier save whole.
+        Everything is written to a temporary folder first (inside ``directory`` when it exists,
+        beside it otherwise); then the files are moved in with ``os.replace``, so an interrupted
+        save leaves any earlier save whole.
         Files already in ``directory`` that are not ours (a Trainer checkpoint's optimizer state)
         are kept. ``state_dict``: a full state dict of this module to save from instead of the
         live parameters (what ``Trainer`` passes under FSDP / DeepSpeed).
@@ -288,11 +199,18 @@ class QAdapterModel(torch.nn.Module):
         if state_dict is not None:
             prefix = "peft_model."
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        # Not tempfile.mkdtemp: its 0700 mode would stick to a folder renamed into place.
-        staging = directory.parent / f".{directory.name}.saving-{uuid.uuid4().hex[:12]}"
+        # Not tempfile.mkdtemp: its 0700 mode would stick to a folder renamed into place. Inside an
+        # existing folder, so that what a kill leaves is found there (training.checkpoints.leftovers).
+        suffix = f".saving-{uuid.uuid4().hex[:12]}"
+        if directory.is_dir():
+            staging = directory / f".adapter{suffix}"
+        else:
+            staging = directory.parent / f".{directory.name}{suffix}"
         staging.mkdir()
         try:
-            self.peft_model.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
+            # No embedding-layer copy: the vocabulary is never resized (and peft's check for it warns on every save).
+            self.peft_model.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True,
+                                            save_embedding_layers=False)
             (staging / QADAPTER_CONFIG_NAME).write_text(self.qadapter_config.to_json())
             files = sorted(staging.iterdir(), key=lambda p: p.name == QADAPTER_CONFIG_NAME)  # our config last
             for path in files:
@@ -308,12 +226,10 @@ class QAdapterModel(torch.nn.Module):
 
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
         """Loads the LoRA weights of a saved folder into this model (resume; safetensors only)."""
-        weights = _safetensors_adapter_file(Path(directory))
-        result = peft.set_peft_model_state_dict(self.peft_model, safetensors.torch.load_file(str(weights)))
-        missing = [k for k in result.missing_keys if "lora_" in k]  # the base weights are always "missing"
-        if result.unexpected_keys or missing:
-            raise ValueError(f"{weights} does not match this adapter: unexpected {result.unexpected_keys[:3]}, "
-                             f"missing {missing[:3]}")
+        weights = adapter_weights_file(Path(directory))
+        check_adapter_state(self.peft_model, weights)
+        peft.set_peft_model_state_dict(self.peft_model, safetensors.torch.load_file(str(weights)))
+        check_finite_lora(self.peft_model, weights)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike,
@@ -328,25 +244,19 @@ class QAdapterModel(torch.nn.Module):
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: not a folder written by QAdapterModel.save_pretrained")
         config = QAdapterConfig.from_json(config_file.read_text())
-        _safetensors_adapter_file(directory)
+        weights = adapter_weights_file(directory)
+        saved_tensor_shapes(weights)  # a truncated or foreign file fails here, before the base model loads
         if base_model is None:
             if config.base_model is None:
                 raise ValueError(f"{config_file} records no base model: pass base_model=")
             base_model = config.base_model
         if isinstance(base_model, (str, os.PathLike)):
-            config.base_model = str(base_model)
+            config = dataclasses.replace(config, base_model=str(base_model))
             base_model = load_base_model(base_model)
-        peft_model = peft.PeftModel.from_pretrained(base_model, str(directory), is_trainable=True)
+        try:
+            peft_model = peft.PeftModel.from_pretrained(base_model, str(directory), is_trainable=True)
+        except (RuntimeError, KeyError, TypeError) as e:  # peft: a size mismatch, a malformed adapter_config.json
+            raise ValueError(f"{directory} does not fit the base model: {str(e).strip().splitlines()[0]}") from None
+        check_adapter_state(peft_model, weights)  # peft only warns about missing or unexpected keys
+        check_finite_lora(peft_model, weights)
         return cls(peft_model, config)
-
-
-def _safetensors_adapter_file(directory: Path) -> Path:
-    weights = directory / ADAPTER_WEIGHTS_NAME
-    if weights.is_file():
-        return weights
-    if (directory / _PICKLED_ADAPTER_NAME).exists():
-        raise ValueError(
-            f"{directory} holds {_PICKLED_ADAPTER_NAME} (pickle), which is never loaded: convert it to "
-            f"{ADAPTER_WEIGHTS_NAME} with a tool you trust"
-        )
-    raise FileNotFoundError(f"{weights} not found")

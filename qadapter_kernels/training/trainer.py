@@ -5,12 +5,15 @@ training (DDP, FSDP, DeepSpeed through accelerate) are the Trainer's own.
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
+from . import checkpoints
 from .model import QAdapterModel
 
 # Logged per window, in this order; evaluation metrics get the Trainer's "eval_" prefix.
@@ -24,7 +27,11 @@ class QAdapterTrainer(transformers.Trainer):
     chosen first (DESIGN.md §2). Besides ``loss`` it logs ``pref_loss``, ``reg_loss``,
     ``accuracy``, ``chosen_score``, ``rejected_score`` and ``margin``, averaged over each
     logging window (and over processes). Checkpoints hold the adapter folder of
-    ``QAdapterModel.save_pretrained`` plus the Trainer's optimizer, scheduler and RNG states.
+    ``QAdapterModel.save_pretrained`` plus the Trainer's optimizer, scheduler and RNG states; each
+    appears whole or not at all (``training.checkpoints``), and ``save_total_limit`` counts whole
+    ones only. The tokenizer (``processing_class``) is saved with the final model, not with every
+    checkpoint. ``run_record``: a JSON-able description of the run (data, model, hyper-parameters)
+    written as ``qadapter_run.json`` beside every save, so a resume can tell its own checkpoints.
     ``evaluate()`` reports the same metrics with the ``eval_`` prefix; ``predict()`` returns the
     [B, 2] (chosen, rejected) scores as predictions.
     """
@@ -32,9 +39,13 @@ class QAdapterTrainer(transformers.Trainer):
     # The loss is a per-batch mean: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model: QAdapterModel | None = None, *args: Any, **kwargs: Any):
+    def __init__(self, model: QAdapterModel | None = None, *args: Any, run_record: dict | None = None,
+                 **kwargs: Any):
         if not isinstance(model, QAdapterModel):
             raise TypeError(f"QAdapterTrainer needs a QAdapterModel, got {type(model).__name__}")
+        self.run_record = run_record
+        # While a checkpoint is written: the staging folder standing in for the output folder.
+        self._checkpoint_run_dir: Path | None = None
         # Running sums of METRIC_NAMES per split ("train", "eval") since the last log, and batch counts.
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_counts: dict[str, int] = {}
@@ -101,11 +112,37 @@ class QAdapterTrainer(transformers.Trainer):
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         model.save_pretrained(output_dir, state_dict=state_dict)
-        if self.processing_class is not None:
+        if self.processing_class is not None and self._checkpoint_run_dir is None:
             self.processing_class.save_pretrained(output_dir)
         # JSON rather than the Trainer's pickled training_args.bin, which resume does not need.
         with open(os.path.join(output_dir, "training_args.json"), "w") as f:
             f.write(self.args.to_json_string())
+        if self.run_record is not None:
+            with open(os.path.join(output_dir, checkpoints.RUN_RECORD_NAME), "w") as f:
+                f.write(json.dumps(self.run_record, indent=2, sort_keys=True))
+
+    def _get_output_dir(self, trial) -> str:
+        if self._checkpoint_run_dir is not None:
+            return str(self._checkpoint_run_dir)
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial) -> None:
+        """The Trainer's checkpoint, written into a staging folder and renamed into place when whole."""
+        run_dir = Path(super()._get_output_dir(trial))
+        step = self.state.global_step
+        staging = checkpoints.staging_folder(run_dir, step)
+        self._checkpoint_run_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_run_dir = None
+        self.accelerator.wait_for_everyone()  # every process has written its part
+        if self.args.should_save:
+            final = run_dir / f"{checkpoints.CHECKPOINT_PREFIX}{step}"
+            checkpoints.publish_checkpoint(staging / final.name, final)
+            staging.rmdir()
+            checkpoints.rotate_checkpoints(run_dir, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # their sharded states load their own way

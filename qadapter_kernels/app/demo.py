@@ -1,9 +1,9 @@
 """The main job: a Q-Adapter learns a new preference on a real model, end to end, on a CPU.
 
-    python -m qadapter_kernels.cli demo [--output-dir DIR] [--max-steps N] [--prompts K]
+    python -m qadapter_kernels.app.cli demo [--output-dir DIR] [--max-steps N] [--prompts K]
 
 With the embedded SmolLM2-135M-Instruct and the shipped ``lowercase`` preference data (answers
-written entirely in lowercase are preferred; ``training/make_preferences.py``):
+written entirely in lowercase are preferred; ``app/make_preferences.py``):
 
 1. the base model answers K held-out prompts (greedy; the adapter off);
 2. held-out pair accuracy before training (a fresh adapter: Q = the base logits);
@@ -23,8 +23,9 @@ import json
 import tempfile
 import time
 
-from .cli import (_finite_float, _load_base, _positive_float, _positive_int, build_dataset, evaluate_pairs,
-                  load_tokenizer, resolve_data_path, resolve_model_path, side_by_side)
+from .common import (add_param_arguments, build_dataset, config_from_args, evaluate_pairs, load_base, load_tokenizer,
+                     positive_float, positive_int, resolve_data_path, resolve_model_path, side_by_side)
+from .make_preferences import satisfies_preference
 
 __all__ = ["add_demo_arguments", "run_demo"]
 
@@ -33,19 +34,23 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("--model", help="local transformers folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--output-dir", help="where the trained adapter is saved (default: a temporary folder)")
-    p.add_argument("--prompts", type=_positive_int, default=6, help="held-out prompts answered (default 6)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=40)
-    # The authors' lr, beta and alphas, without their length normalisation: dividing the scores
-    # by T - 1 shrinks the preference term so much that 40 steps barely move it.
+    p.add_argument("--prompts", type=positive_int, default=6, help="held-out prompts answered")
+    p.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens generated at most per answer")
     g = p.add_argument_group("training (defaults: a brief run that learns the shipped preference)")
-    g.add_argument("--max-steps", type=_positive_int, default=40)
-    g.add_argument("--batch-size", type=_positive_int, default=4)
-    g.add_argument("--lr", type=_positive_float, default=3e-4)
-    g.add_argument("--beta", type=_finite_float, default=0.1)
-    g.add_argument("--alpha-0", type=_finite_float, default=0.01)
-    g.add_argument("--length-norm", action="store_true", help="divide scores by T - 1 (the authors' default)")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--max-steps", type=positive_int, default=40, help="optimizer steps")
+    g.add_argument("--batch-size", type=positive_int, default=4, help="preference pairs per batch")
+    g.add_argument("--lr", type=positive_float, default=3e-4, help="learning rate")
+    g.add_argument("--seed", type=int, default=42, help="random seed")
+    add_param_arguments(p, with_lora=False, defaults=demo_config())
     p.set_defaults(handler=run_demo)
+
+
+def demo_config():
+    """The default hyper-parameters without length normalisation: dividing the scores by T - 1
+    shrinks the preference term so much that 40 steps barely move it."""
+    from ..training.config import QAdapterConfig
+
+    return dataclasses.replace(QAdapterConfig(), length_norm=False)
 
 
 def _heldout_prompts(count: int) -> list[str]:
@@ -90,13 +95,12 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from .training.data import PreferenceCollator
-    from .training.make_preferences import satisfies_preference
-    from .training.model import QAdapterConfig, QAdapterModel
-    from .training.trainer import QAdapterTrainer
+    from ..training.data import PreferenceCollator
+    from ..training.model import QAdapterModel
+    from ..training.trainer import QAdapterTrainer
 
     total_start = time.perf_counter()
-    config = QAdapterConfig(beta=args.beta, alpha_0=args.alpha_0, length_norm=args.length_norm).validate()
+    config = config_from_args(args, demo_config())
     phases = _Phases()
     model_path = resolve_model_path(args.model)
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="qadapter-demo-")
@@ -104,7 +108,7 @@ def run_demo(args: argparse.Namespace) -> int:
     def load():
         tokenizer = load_tokenizer(model_path)
         transformers.set_seed(args.seed)  # the LoRA initialisation is random
-        model = QAdapterModel(_load_base(model_path), dataclasses.replace(config, base_model=str(model_path)))
+        model = QAdapterModel(load_base(model_path), dataclasses.replace(config, base_model=str(model_path)))
         sets = [build_dataset(f"shipped:{split}", tokenizer, 512, 256) for split in ("train", "heldout")]
         return tokenizer, model, *sets
 

@@ -1,6 +1,6 @@
 """Generates the shipped preference dataset ``lowercase``: answers written entirely in lowercase.
 
-    python -m qadapter_kernels.training.make_preferences --out qadapter_kernels/data/lowercase
+    python -m qadapter_kernels.app.make_preferences --out qadapter_kernels/data/lowercase
 
 The preference: for the same answer, the all-lowercase version (chosen) is preferred to the
 normally capitalised one (rejected). Why this one:

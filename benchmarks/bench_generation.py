@@ -33,6 +33,7 @@ from qadapter_kernels import reference
 from qadapter_kernels.decoding.streams import cache_keyword
 from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
 from models import build_model, random_llama_kwargs, smollm2_folder
+from targets import Target, verdict_lines
 from runner import BenchResult, add_common_arguments, default_out_dir, machine_info, measure_time, save_results
 
 MIXED, TWO_PASS, AUTHORS = "mixed_batch", "two_pass", "authors"
@@ -119,22 +120,11 @@ def bench_config(config: Config, device: str, warmup: int, reps: int) -> list[Be
     return results
 
 
-def target_lines(results: list[BenchResult], configs: list[Config]) -> list[str]:
-    """PASS/FAIL at batch 1 on CPU for the configs the target is stated on; INFO elsewhere."""
+def targets(configs: list[Config]) -> list[Target]:
+    """mixed_batch >= 1.4x two_pass tokens/s at batch 1 on the configs the target is stated on (CPU)."""
     stated_on = {c.name for c in configs if c.targets}
-    lines = []
-    for r in results:
-        if r.provider != MIXED:
-            continue
-        where = f"{r.config['model']} B={r.config['B']} {r.dtype} {r.device}"
-        stated = r.config["model"] in stated_on and r.config["B"] == 1 and torch.device(r.device).type == "cpu"
-        status = ("PASS" if r.extra[RATIO] >= TARGET_RATIO else "FAIL") if stated else "INFO"
-        lines.append(f"{status} target: mixed_batch >= {TARGET_RATIO:g}x two_pass tokens/s at {where} "
-                     f"(got {r.extra[RATIO]:.2f}x; authors: "
-                     f"{next(a.extra['tok/s'] for a in results if a.provider == AUTHORS and a.config == r.config):.1f} "
-                     f"tok/s against {r.extra['tok/s']:.1f})")
-    lines.append("ms: the whole generate call (prefill + all new tokens); tok/s = B x new tokens / that time.")
-    return lines
+    return [Target(MIXED, RATIO, ">=", TARGET_RATIO, "cpu",
+                   lambda r: r.config["model"] in stated_on and r.config["B"] == 1)]
 
 
 def main() -> None:
@@ -149,7 +139,9 @@ def main() -> None:
         results += bench_config(config, args.device, 1, args.reps or 3)
     name = "generation_quick" if args.quick else "generation"
     save_results(results, name, args.out or default_out_dir(args.device), info,
-                 "Q-Adapter decoding: tokens per second", target_lines(results, configs), plot=not args.no_plot,
+                 "Q-Adapter decoding: tokens per second",
+                 ["ms: the whole generate call (prefill + all new tokens); tok/s = B x new tokens / that time.",
+                  *verdict_lines(targets(configs), results, args.device)], plot=not args.no_plot,
                  time_label="generate call (ms)")
 
 

@@ -19,6 +19,7 @@ import torch
 
 import qadapter_kernels as qk
 from qadapter_kernels import reference
+from targets import Target, verdict_lines, where
 from runner import (
     DTYPES,
     BenchResult,
@@ -41,13 +42,12 @@ GPU_SHAPES: list[Shape] = [*CPU_SHAPES, (8, 1024, 128256)]
 QUICK_SHAPES: list[Shape] = [(2, 64, 4096)]
 FUSED = "qadapter_kernels"
 
-# The issue's targets: (device type, shape, dtype, provider, column, bound, at most?).
 TARGETS = [
-    ("cpu", (2, 512, 32000), "float32", FUSED, "x compile", 0.8, True),
-    ("cpu", (2, 512, 32000), "float32", FUSED, "x eager", 0.25, True),
-    ("cpu", (2, 512, 32000), "float32", FUSED, "peak/dQ", 1.25, True),
-    ("cuda", (8, 1024, 128256), "bfloat16", f"{FUSED} fwd", "% copy BW", 80.0, False),
-    ("cuda", (8, 1024, 128256), "bfloat16", f"{FUSED} bwd", "% copy BW", 80.0, False),
+    Target(FUSED, "x compile", "<=", 0.8, "cpu", where("float32", shape="2x512x32000")),
+    Target(FUSED, "x eager", "<=", 0.25, "cpu", where("float32", shape="2x512x32000")),
+    Target(FUSED, "peak/dQ", "<=", 1.25, "cpu", where("float32", shape="2x512x32000")),
+    Target(f"{FUSED} fwd", "% copy BW", ">=", 80.0, "cuda", where("bfloat16", shape="8x1024x128256")),
+    Target(f"{FUSED} bwd", "% copy BW", ">=", 80.0, "cuda", where("bfloat16", shape="8x1024x128256")),
 ]
 
 
@@ -146,24 +146,6 @@ def bench_config(shape: Shape, dtype_name: str, device: str, warmup: int, reps: 
     return results
 
 
-def target_lines(results: list[BenchResult], device: str) -> list[str]:
-    """PASS/FAIL per target of this device type (reported, not asserted)."""
-    lines = []
-    for dev, shape, dtype, provider, column, bound, at_most in TARGETS:
-        if torch.device(device).type != dev:
-            continue
-        shape_s = "x".join(map(str, shape))
-        what = f"{provider} {column} {'<=' if at_most else '>='} {bound:g} at {shape_s} {dtype}"
-        hit = [r for r in results if r.provider == provider and r.config["shape"] == shape_s and r.dtype == dtype]
-        if not hit:
-            lines.append(f"SKIP target: {what} (config not run)")
-            continue
-        value = hit[0].extra[column]
-        ok = value <= bound if at_most else value >= bound
-        lines.append(f"{'PASS' if ok else 'FAIL'} target: {what} (got {value:.3g})")
-    return lines
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, "one tiny shape (the CI profiling pass)", "CPU: timed calls (default 10); CUDA: do_bench ms budget (default 100)")
@@ -187,7 +169,7 @@ def main() -> None:
             print(f"running {'x'.join(map(str, shape))} {dtype_name} on {args.device} ...", flush=True)
             results += bench_config(shape, dtype_name, args.device, warmup, reps, copy_gbps)
 
-    notes = target_lines(results, args.device)
+    notes = verdict_lines(TARGETS, results, args.device)
     if copy_gbps is not None:
         info["copy_bandwidth_gbps"] = copy_gbps
         notes.insert(0, f"Measured copy bandwidth: {copy_gbps:.0f} GB/s")

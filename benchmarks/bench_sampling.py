@@ -51,6 +51,7 @@ from transformers.generation.logits_process import (
 
 import qadapter_kernels as qk
 from qadapter_kernels import reference
+from targets import Target, verdict_lines
 from runner import (
     DTYPES,
     BenchResult,
@@ -257,33 +258,18 @@ def check_greedy(device: str, dtype: torch.dtype) -> None:
     assert torch.equal(got[clear], z.argmax(-1)[clear]), "combined_sample_from_hidden(temperature=0) != argmax"
 
 
-def target_lines(results: list[BenchResult], device: str) -> list[str]:
-    """PASS/FAIL (reported, not asserted). CPU: >= 10x faster than hf at B=16, V=128256, top_p=0.9.
-    CUDA: >= 5x faster than torch_sort and within 1.2x of flashinfer, on every logits config at top_p=0.9."""
-    cuda = torch.device(device).type == "cuda"
-    lines = []
-    fused = [r for r in results if r.provider == FUSED and r.config["params"] == DEFAULT_PARAMS]
-    if not cuda:
-        hit = [r for r in fused if r.config["B"] == 16 and r.config["V"] == 128256]
-        what = "qadapter_kernels >= 10x faster than hf at B=16 V=128256 top_p=0.9"
-        if not hit:
-            return [f"SKIP target: {what} (config not run)"]
-        for r in hit:
-            speedup = 1 / r.extra["x hf"]
-            lines.append(f"{'PASS' if speedup >= 10 else 'FAIL'} target: {what} {r.dtype} (got {speedup:.3g}x)")
-        return lines
-    for r in fused:
-        cfg = f"B={r.config['B']} V={r.config['V']} top_p=0.9 {r.dtype}"
-        speedup = 1 / r.extra["x torch_sort"]
-        lines.append(f"{'PASS' if speedup >= 5 else 'FAIL'} target: qadapter_kernels >= 5x faster than torch_sort "
-                     f"at {cfg} (got {speedup:.3g}x)")
-        if "x flashinfer" in r.extra:
-            ratio = r.extra["x flashinfer"]
-            lines.append(f"{'PASS' if ratio <= 1.2 else 'FAIL'} target: qadapter_kernels <= 1.2x flashinfer's time "
-                         f"at {cfg} (got {ratio:.3g}x)")
-        else:
-            lines.append(f"SKIP target: qadapter_kernels <= 1.2x flashinfer's time at {cfg} (flashinfer not run)")
-    return lines
+def _stated(B: int | None = None, V: int | None = None) -> Callable[[BenchResult], bool]:
+    """At the default parameters (top_p = 0.9) and, if given, this batch and vocabulary."""
+    return lambda r: (r.config["params"] == DEFAULT_PARAMS and (B is None or r.config["B"] == B)
+                      and (V is None or r.config["V"] == V))
+
+
+# Time ratios: "x hf" <= 0.1 is ">= 10x faster than the hf path".
+TARGETS = [
+    Target(FUSED, "x hf", "<=", 0.1, "cpu", _stated(B=16, V=128256)),
+    Target(FUSED, "x torch_sort", "<=", 0.2, "cuda", _stated()),
+    Target(FUSED, "x flashinfer", "<=", 1.2, "cuda", _stated()),
+]
 
 
 def int_list(text: str) -> list[int]:
@@ -334,7 +320,7 @@ def main() -> None:
         "Every provider's draws were checked to lie in the reference filter's support; temperature 0 "
         "checked to decode the argmax.",
         *notes,
-        *target_lines(results, args.device),
+        *verdict_lines(TARGETS, results, args.device),
     ]
     name = "sampling_quick" if args.quick else "sampling"
     save_results(results, name, args.out or default_out_dir(args.device), info,

@@ -37,9 +37,9 @@ if [ "$stage" != bench ]; then
 fi
 [ "$stage" = tests ] && exit $status
 results="$(mktemp -d)/results"
-for bench in bench_qadapter_loss bench_fused_linear bench_sampling bench_generation bench_training_step; do
-  section "$bench"
-  python3 "benchmarks/$bench.py" --out "$results" 2>&1 | grep --line-buffered -v '^USDT:' | tee -a "$LOG" || status=1
+for script in benchmarks/bench_*.py; do  # the same list as run_all.sh
+  section "$(basename "$script" .py)"
+  python3 "$script" --out "$results" 2>&1 | grep --line-buffered -v '^USDT:' | tee -a "$LOG" || status=1
 done
 tar czf "$OUT/results.tgz" -C "$(dirname "$results")" results
 exit $status

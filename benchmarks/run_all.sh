@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs every benchmark script with the same arguments (e.g. --quick --out DIR), printing each
-# table; fails if any script fails.
+# Runs every benchmark script (benchmarks/bench_*.py: adding a script adds it here and to
+# gpu_check.sh) with the same arguments (e.g. --quick --out DIR), printing each table; fails if
+# any script fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for script in bench_qadapter_loss bench_fused_linear bench_sampling bench_training_step bench_generation; do
-  echo "== ${script} =="
-  python3 "benchmarks/${script}.py" "$@"
+for script in benchmarks/bench_*.py; do
+  echo "== $(basename "$script" .py) =="
+  python3 "$script" "$@"
 done

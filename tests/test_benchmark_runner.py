@@ -58,3 +58,29 @@ def test_timing_and_writers(tmp_path):
     md = runner.save_results([r], "check", tmp_path, runner.machine_info("cpu"), notes=["PASS: x"])
     assert "| p | 1x10 | float32 |" in md and "PASS: x" in md
     assert {p.name for p in tmp_path.iterdir()} == {"check.json", "check.md", "check.png"}
+
+
+def _load_targets():
+    spec = importlib.util.spec_from_file_location("targets", Path(__file__).resolve().parents[1] / "benchmarks" / "targets.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("runner", runner)  # targets.py imports the runner by its script name
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_target_verdicts_one_format():
+    targets = _load_targets()
+    stated = runner.BenchResult("fused", {"shape": "2x512"}, "float32", "cpu", extra={"x compile": 0.5})
+    other = runner.BenchResult("fused", {"shape": "2x64"}, "float32", "cpu", extra={"x compile": 2.0})
+    slow = runner.BenchResult("fused", {"shape": "2x512"}, "bfloat16", "cpu", extra={"x compile": 0.9})
+    rows = [
+        targets.Target("fused", "x compile", "<=", 0.8, "cpu", targets.where("float32", shape="2x512")),
+        targets.Target("fused", "x compile", "<=", 0.8, "cpu", targets.where("bfloat16")),
+        targets.Target("fused", "x compile", ">=", 1.0, "cuda"),  # other device: not reported
+        targets.Target("other", "x compile", "<=", 1.0, "cpu"),  # provider not run
+    ]
+    lines = targets.verdict_lines(rows, [stated, other, slow], "cpu")
+    assert [line.split()[0] for line in lines] == ["PASS", "INFO", "INFO", "INFO", "INFO", "FAIL", "SKIP"]
+    assert lines[0] == "PASS target: fused x compile <= 0.8 at shape=2x512 float32 cpu (got 0.5)"
+    assert lines[-2] == "FAIL target: fused x compile <= 0.8 at shape=2x512 bfloat16 cpu (got 0.9)"

@@ -13,10 +13,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <vector>
 
 #include "acc_type.h"
+#include "checks.h"
 #include "vocab_tile.h"
 
 namespace qadapter {
@@ -146,41 +148,44 @@ void fused_backward_weight(const at::Tensor& grad_values, const at::Tensor& grad
 
 void check_hidden(const at::Tensor& ha, const at::Tensor& hb, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const at::Tensor& actions) {
+  check_float("adapter_hidden", ha);
   TORCH_CHECK_VALUE(ha.dim() == 2, "adapter_hidden must be [N, H], got ", ha.sizes());
-  TORCH_CHECK_VALUE(hb.sizes() == ha.sizes(), "base_hidden must match adapter_hidden ", ha.sizes(), ", got ", hb.sizes());
+  check_float_shape("base_hidden", hb, ha.sizes(), "adapter_hidden");
+  check_float("weight", weight);
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == ha.size(1) && weight.size(0) > 0,
-                    "lm_head_weight must be [V, H] with H = ", ha.size(1), ", got ", weight.sizes());
+                    "weight must be [V, H] with V >= 1 and H = ", ha.size(1), ", got ", weight.sizes());
   TORCH_CHECK_TYPE(hb.scalar_type() == ha.scalar_type() && weight.scalar_type() == ha.scalar_type(),
-                   "adapter_hidden, base_hidden and lm_head_weight must share a dtype");
+                   "adapter_hidden, base_hidden and weight must share a dtype, got ", ha.scalar_type(), ", ",
+                   hb.scalar_type(), " and ", weight.scalar_type());
   if (bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "lm_head_bias must be [V], got ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == ha.scalar_type(), "lm_head_bias must have the hidden states' dtype");
+    check_float_shape("bias", *bias, {weight.size(0)}, "weight");
+    TORCH_CHECK_TYPE(bias->scalar_type() == ha.scalar_type(), "bias must have the hidden states' dtype ",
+                     ha.scalar_type(), ", got ", bias->scalar_type());
   }
-  TORCH_CHECK_TYPE(actions.scalar_type() == at::kLong, "actions must be int64, got ", actions.scalar_type());
-  TORCH_CHECK_VALUE(actions.dim() == 1 && actions.size(0) == ha.size(0), "actions must be [N], got ", actions.sizes());
-  const int64_t* a = actions.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < actions.numel(); ++i) {
-    TORCH_CHECK_VALUE(a[i] >= 0 && a[i] < weight.size(0), "actions[", i, "] = ", a[i], " is outside [0, ",
-                      weight.size(0), ")");
-  }
+  check_dtype("actions", actions, at::kLong);
+  check_shape("actions", actions, {ha.size(0)}, "adapter_hidden");
 }
 
-Tiling check_tiling(int64_t tile_rows, int64_t tile_vocab) {
-  TORCH_CHECK_VALUE(tile_rows > 0 && tile_vocab > 0, "tile sizes must be positive, got ", tile_rows, " x ", tile_vocab);
-  return {tile_rows, tile_vocab};
+// Tiles no larger than the problem: a huge requested tile would only size the scratch buffers.
+Tiling check_tiling(int64_t tile_rows, int64_t tile_vocab, int64_t n, int64_t vocab) {
+  TORCH_CHECK_VALUE(tile_rows > 0, "tile_rows must be positive, got ", tile_rows);
+  TORCH_CHECK_VALUE(tile_vocab > 0, "tile_vocab must be positive, got ", tile_vocab);
+  return {std::min(tile_rows, std::max<int64_t>(n, 1)), std::min(tile_vocab, vocab)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_residual_q_values_cpu(
     const at::Tensor& adapter_hidden, const at::Tensor& base_hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& actions, double alpha_tilde, double alpha_0,
     int64_t tile_rows, int64_t tile_vocab, bool with_expected) {
+  check_hidden(adapter_hidden, base_hidden, weight, bias, actions);
   const at::Tensor a = actions.contiguous();
-  check_hidden(adapter_hidden, base_hidden, weight, bias, a);
-  Tiling tiling = check_tiling(tile_rows, tile_vocab);
   const int64_t n = adapter_hidden.size(0), h = adapter_hidden.size(1);
+  Tiling tiling = check_tiling(tile_rows, tile_vocab, n, weight.size(0));
   const auto acc = acc_type(adapter_hidden.scalar_type());
   auto opts = adapter_hidden.options().dtype(acc);
-  at::Tensor values = at::empty({n}, opts), q_taken = at::empty({n}, opts), lse_y = at::empty({n}, opts);
+  at::Tensor values = at::empty({n}, opts), lse_y = at::empty({n}, opts);
+  // Only a tile holding a row's action writes its q_taken: an out-of-range action keeps NaN.
+  at::Tensor q_taken = at::full({n}, std::numeric_limits<double>::quiet_NaN(), opts);
   at::Tensor expected = at::zeros({with_expected ? n : 0, h}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "fused_linear_residual_q_values_cpu", [&] {
     fused_forward<scalar_t>(adapter_hidden, base_hidden, weight, bias, a, alpha_tilde, alpha_0, tiling,
@@ -194,18 +199,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_residual_q_values_ba
     const at::Tensor& base_hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& actions, const at::Tensor& lse_y, const at::Tensor& expected, double alpha_tilde,
     double alpha_0, int64_t tile_rows, int64_t tile_vocab, std::array<bool, 3> output_mask) {
+  // No double backward: saved inputs that require grad must not reach the out= matmuls with autograd on.
+  const at::NoGradGuard no_grad;
+  check_hidden(adapter_hidden, base_hidden, weight, bias, actions);
+  const int64_t n = adapter_hidden.size(0), h = adapter_hidden.size(1), vocab = weight.size(0);
+  check_float_shape("grad_values", grad_values, {n}, "adapter_hidden");
+  check_float_shape("grad_q_taken", grad_q_taken, {n}, "adapter_hidden");
+  check_float_shape("lse_y", lse_y, {n}, "adapter_hidden");
+  check_float("expected", expected);
+  TORCH_CHECK_VALUE(expected.dim() == 2 && expected.size(1) == h && (expected.size(0) == n || expected.size(0) == 0),
+                    "expected must be [N, H] = [", n, ", ", h, "] (or [0, H] without with_expected), got ",
+                    expected.sizes());
   const at::Tensor a = actions.contiguous();
-  check_hidden(adapter_hidden, base_hidden, weight, bias, a);
-  Tiling tiling = check_tiling(tile_rows, tile_vocab);
+  Tiling tiling = check_tiling(tile_rows, tile_vocab, n, vocab);
   const auto acc = acc_type(adapter_hidden.scalar_type());
   const at::Tensor gv = grad_values.to(acc).contiguous(), gq = grad_q_taken.to(acc).contiguous();
   const at::Tensor lse = lse_y.to(acc).contiguous();
   at::Tensor grad_hidden = at::empty({0}, adapter_hidden.options());
   at::Tensor grad_weight = at::empty({0}, weight.options()), grad_bias = at::empty({0}, weight.options());
   if (output_mask[0]) {
-    TORCH_CHECK_VALUE(expected.size(0) == adapter_hidden.size(0),
-                      "the forward ran without with_expected, so grad(adapter_hidden) is unavailable");
-    grad_hidden = (gq.unsqueeze(1) * weight.index_select(0, a).to(acc) + gv.unsqueeze(1) * expected)
+    TORCH_CHECK_VALUE(expected.size(0) == n,
+                      "expected is empty: the forward ran without with_expected, so grad(adapter_hidden) is "
+                      "unavailable");
+    // An out-of-range action (value checks off) gets no one-hot term and indexes no row of W.
+    const at::Tensor valid = (a >= 0) & (a < vocab);
+    const at::Tensor rows_of_w = weight.index_select(0, at::where(valid, a, 0)).to(acc);
+    grad_hidden = (at::where(valid, gq, 0).unsqueeze(1) * rows_of_w + gv.unsqueeze(1) * expected.to(acc))
                       .to(adapter_hidden.scalar_type());
   }
   if (output_mask[1] || output_mask[2]) {

@@ -6,9 +6,11 @@
 #include <torch/library.h>
 
 #include "acc_type.h"
+#include "checks.h"
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string_view>
 
 namespace qadapter {
@@ -65,19 +67,52 @@ struct RewardRule {
 // waking the pool.
 int64_t row_grain(int64_t T) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / T); }
 
+// x as acc_t, out-of-range values as +-inf like acc_t arithmetic (a plain cast would be undefined).
+template <typename acc_t>
+acc_t saturate(double x) {
+  constexpr double kMax = std::numeric_limits<acc_t>::max();
+  if (x > kMax) return std::numeric_limits<acc_t>::infinity();
+  if (x < -kMax) return -std::numeric_limits<acc_t>::infinity();
+  return static_cast<acc_t>(x);
+}
+
 double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
 double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
+void check_loss_mask(const at::Tensor& loss_mask, at::IntArrayRef shape, const char* source) {
+  check_dtype("loss_mask", loss_mask, at::kBool);
+  check_shape("loss_mask", loss_mask, shape, source);
+}
+
 void check_pair_inputs(const at::Tensor& values, const at::Tensor& q_taken, const at::Tensor& loss_mask) {
+  check_float("values", values);
   TORCH_CHECK_VALUE(values.dim() == 2, "values must be [2B, T], got ", values.sizes());
-  TORCH_CHECK_VALUE(q_taken.sizes() == values.sizes(), "q_taken must match values ", values.sizes(),
-                    ", got ", q_taken.sizes());
-  TORCH_CHECK_VALUE(loss_mask.sizes() == values.sizes(), "loss_mask must match values ", values.sizes(),
-                    ", got ", loss_mask.sizes());
-  TORCH_CHECK_TYPE(loss_mask.scalar_type() == at::kBool, "loss_mask must be bool, got ", loss_mask.scalar_type());
   TORCH_CHECK_VALUE(values.size(0) % 2 == 0 && values.size(0) > 0,
                     "values must hold 2B rows (chosen then rejected), got ", values.size(0));
-  TORCH_CHECK_VALUE(values.size(1) >= 2, "sequences need T >= 2 tokens, got T = ", values.size(1));
+  TORCH_CHECK_VALUE(values.size(1) >= 2, "values: sequences need T >= 2 tokens, got T = ", values.size(1));
+  check_float_shape("q_taken", q_taken, values.sizes(), "values");
+  check_loss_mask(loss_mask, values.sizes(), "values");
+}
+
+// The backward's saved tensors and incoming gradients, each against the [2B, T] of rewards.
+void check_pair_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_pref_loss,
+                                const at::Tensor& grad_reg_loss, const at::Tensor& grad_scores,
+                                const at::Tensor& grad_rewards, const at::Tensor& scores, const at::Tensor& rewards,
+                                const at::Tensor& num_scored, const at::Tensor& loss_mask) {
+  check_float("rewards", rewards);
+  TORCH_CHECK_TYPE(rewards.scalar_type() == at::kFloat || rewards.scalar_type() == at::kDouble,
+                   "rewards must be float32 or float64 (the accumulation dtype), got ", rewards.scalar_type());
+  TORCH_CHECK_VALUE(rewards.dim() == 2 && rewards.size(0) % 2 == 0 && rewards.size(0) > 0 && rewards.size(1) >= 2,
+                    "rewards must be [2B, T] with B >= 1 and T >= 2, got ", rewards.sizes());
+  const int64_t rows = rewards.size(0);
+  check_float_scalar("grad_loss", grad_loss);
+  check_float_scalar("grad_pref_loss", grad_pref_loss);
+  check_float_scalar("grad_reg_loss", grad_reg_loss);
+  check_float_shape("grad_scores", grad_scores, {rows}, "rewards");
+  check_float_shape("grad_rewards", grad_rewards, rewards.sizes(), "rewards");
+  check_float_shape("scores", scores, {rows}, "rewards");
+  check_float_scalar("num_scored", num_scored);
+  check_loss_mask(loss_mask, rewards.sizes(), "rewards");
 }
 
 template <typename acc_t>
@@ -121,16 +156,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     total_sq += sq[row];
     total += count[row];
   }
-  TORCH_CHECK_VALUE(total > 0, "loss_mask scores no token in the whole batch (variant '",
-                    variant == Variant::kBellman ? "bellman" : "official", "')");
+  // No scored token: reg = 0 / 0 = NaN, as on every backend. The eager entry points raise
+  // before this; with value checks off (compiled graphs) a kernel must not throw.
   for (int64_t i = 0; i < B; ++i) {
     const double chosen = s[i], rejected = s[i + B];
     pref += softplus(rejected - chosen);
     correct += chosen > rejected ? 1.0 : 0.0;
   }
   pref /= double(B);
-  const double reg = beta * total_sq / double(total);
-  auto scalar = [&](double x) { return at::scalar_tensor(x, opts); };
+  // The sums are double here but acc_t on the other backends: converted before they combine, a
+  // sum of squares past acc_t's range is inf there too (so beta = 0 gives 0 * inf = NaN, and
+  // at::scalar_tensor never sees a double it cannot convert).
+  const acc_t reg = acc_t(beta) * saturate<acc_t>(total_sq) / acc_t(total);
+  auto scalar = [&](double x) { return at::scalar_tensor(saturate<acc_t>(x), opts); };
   return {scalar(pref + reg), scalar(pref), scalar(reg), scores, scalar(correct / double(B)),
           rewards, scalar(double(total))};
 }
@@ -194,11 +232,11 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
     const at::Tensor& grad_scores, const at::Tensor& grad_rewards, const at::Tensor& scores,
     const at::Tensor& rewards, const at::Tensor& num_scored, const at::Tensor& loss_mask, double gamma,
     double beta, c10::string_view variant, c10::string_view length_norm) {
-  check_pair_inputs(rewards, rewards, loss_mask);
+  check_pair_backward_inputs(grad_loss, grad_pref_loss, grad_reg_loss, grad_scores, grad_rewards, scores, rewards,
+                             num_scored, loss_mask);
   const Variant v = parse_variant(variant);
   const LengthNorm norm = parse_length_norm(length_norm);
   const auto acc = rewards.scalar_type();
-  TORCH_CHECK_TYPE(acc == at::kFloat || acc == at::kDouble, "rewards must be float32 or float64");
   auto as_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
   const double g_loss = grad_loss.item<double>(), g_pref = grad_pref_loss.item<double>(),
                g_reg = grad_reg_loss.item<double>(), n = num_scored.item<double>();

@@ -11,8 +11,10 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 
 #include "acc_type.h"
+#include "checks.h"
 #include "vocab_tile.h"
 
 namespace qadapter {
@@ -53,7 +55,10 @@ void residual_q_values_rows(
       }
       lse_data[row] = lse_y_row.value();
       values_data[row] = acc_t(alpha_tilde) * lse_y_row.value() - acc_t(alpha_0) * lse_l_row.value();
-      q_taken_data[row] = static_cast<acc_t>(q_row[a_data[row]]);
+      // An out-of-range action (value checks off) reads nothing: NaN, as on every backend.
+      const int64_t a = a_data[row];
+      q_taken_data[row] =
+          (a >= 0 && a < vocab) ? static_cast<acc_t>(q_row[a]) : std::numeric_limits<acc_t>::quiet_NaN();
     }
   });
 }
@@ -97,6 +102,7 @@ void residual_q_values_backward_rows(
         if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(out, out_row + start, n);
       }
       const int64_t a = a_data[row];
+      if (a < 0 || a >= vocab) continue;  // no one-hot term for an invalid action
       const acc_t pi_a = std::exp(combine(acc_t(q_row[a]), acc_t(l_row[a])) - lse);
       out_row[a] = static_cast<scalar_t>(gv * pi_a + gq);
     }
@@ -104,21 +110,13 @@ void residual_q_values_backward_rows(
 }
 
 void check_logits(const at::Tensor& q, const at::Tensor& l, const at::Tensor& actions) {
-  TORCH_CHECK_VALUE(q.dim() == 2, "q_logits must be [N, V], got ", q.sizes());
-  TORCH_CHECK_VALUE(l.sizes() == q.sizes(), "base_logits must match q_logits ", q.sizes(), ", got ", l.sizes());
+  check_float("q_logits", q);
+  TORCH_CHECK_VALUE(q.dim() == 2 && q.size(1) > 0, "q_logits must be [N, V] with V >= 1, got ", q.sizes());
+  check_float_shape("base_logits", l, q.sizes(), "q_logits");
   TORCH_CHECK_TYPE(l.scalar_type() == q.scalar_type(), "base_logits dtype ", l.scalar_type(),
                    " differs from q_logits dtype ", q.scalar_type());
-  TORCH_CHECK_VALUE(q.size(1) > 0, "q_logits must have a non-empty vocabulary");
-  TORCH_CHECK_TYPE(actions.scalar_type() == at::kLong, "actions must be int64, got ", actions.scalar_type());
-  TORCH_CHECK_VALUE(actions.dim() == 1 && actions.size(0) == q.size(0), "actions must be [N] with N = ",
-                    q.size(0), ", got ", actions.sizes());
-}
-
-void check_actions_in_range(const at::Tensor& actions, int64_t vocab) {
-  const int64_t* a = actions.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < actions.numel(); ++i) {
-    TORCH_CHECK_VALUE(a[i] >= 0 && a[i] < vocab, "actions[", i, "] = ", a[i], " is outside [0, ", vocab, ")");
-  }
+  check_dtype("actions", actions, at::kLong);
+  check_shape("actions", actions, {q.size(0)}, "q_logits");
 }
 
 at::Tensor row_contiguous(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
@@ -129,7 +127,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_q_values_cpu(
   check_logits(q_logits, base_logits, actions);
   const at::Tensor q = row_contiguous(q_logits), l = row_contiguous(base_logits);
   const at::Tensor a = actions.contiguous();
-  check_actions_in_range(a, q.size(1));
   const auto acc_dtype = acc_type(q.scalar_type());
   auto opts = q.options().dtype(acc_dtype);
   at::Tensor values = at::empty({q.size(0)}, opts), q_taken = at::empty({q.size(0)}, opts),
@@ -145,14 +142,12 @@ at::Tensor residual_q_values_backward_cpu(
     const at::Tensor& base_logits, const at::Tensor& actions, const at::Tensor& lse_y,
     double alpha_tilde, double alpha_0) {
   check_logits(q_logits, base_logits, actions);
+  check_float_shape("grad_values", grad_values, {q_logits.size(0)}, "q_logits");
+  check_float_shape("grad_q_taken", grad_q_taken, {q_logits.size(0)}, "q_logits");
+  check_float_shape("lse_y", lse_y, {q_logits.size(0)}, "q_logits");
   const auto acc_dtype = acc_type(q_logits.scalar_type());
-  for (const at::Tensor* t : {&grad_values, &grad_q_taken, &lse_y}) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == q_logits.size(0),
-                      "per-row tensors must be [N], got ", t->sizes());
-  }
   const at::Tensor q = row_contiguous(q_logits), l = row_contiguous(base_logits);
   const at::Tensor a = actions.contiguous();
-  check_actions_in_range(a, q.size(1));
   const at::Tensor gv = grad_values.to(acc_dtype).contiguous();
   const at::Tensor gq = grad_q_taken.to(acc_dtype).contiguous();
   const at::Tensor lse = lse_y.to(acc_dtype).contiguous();

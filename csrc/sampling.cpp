@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "checks.h"
 #include "vocab_tile.h"
 
 namespace qadapter {
@@ -168,11 +169,12 @@ struct SamplingArgs {
   }
 };
 
-SamplingArgs check_sampling_args(int64_t rows, const at::Tensor& uniforms, const at::Tensor& temperature,
-                                 const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
+SamplingArgs check_sampling_args(int64_t rows, const char* rows_source, const at::Tensor& uniforms,
+                                 const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+                                 const at::Tensor& min_p) {
   auto per_row = [&](const at::Tensor& t, const char* name, at::ScalarType dtype) {
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == rows, name, " must be [B] with B = ", rows, ", got ", t.sizes());
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+    check_dtype(name, t, dtype);
+    check_shape(name, t, {rows}, rows_source);
     return t.contiguous();
   };
   return {per_row(uniforms, "uniforms", at::kFloat), per_row(temperature, "temperature", at::kFloat),
@@ -180,9 +182,11 @@ SamplingArgs check_sampling_args(int64_t rows, const at::Tensor& uniforms, const
 }
 
 void check_logits_rows(const at::Tensor& q, const at::Tensor& l) {
+  check_float("q_logits", q);
   TORCH_CHECK_VALUE(q.dim() == 2 && q.size(1) > 0, "q_logits must be [B, V] with V >= 1, got ", q.sizes());
-  TORCH_CHECK_VALUE(l.sizes() == q.sizes(), "base_logits must match q_logits ", q.sizes(), ", got ", l.sizes());
-  TORCH_CHECK_TYPE(l.scalar_type() == q.scalar_type(), "base_logits dtype differs from q_logits dtype");
+  check_float_shape("base_logits", l, q.sizes(), "q_logits");
+  TORCH_CHECK_TYPE(l.scalar_type() == q.scalar_type(), "base_logits dtype ", l.scalar_type(),
+                   " differs from q_logits dtype ", q.scalar_type());
 }
 
 // Writes y = (Q + alpha_0 * L) / alpha_tilde of one row into out (fp32); with kLseL, returns
@@ -234,7 +238,7 @@ at::Tensor combined_sample_cpu(const at::Tensor& q_logits, const at::Tensor& bas
   check_logits_rows(q_logits, base_logits);
   const at::Tensor q = q_logits.contiguous(), l = base_logits.contiguous();
   const int64_t rows = q.size(0), vocab = q.size(1);
-  const SamplingArgs args = check_sampling_args(rows, uniforms, temperature, top_k, top_p, min_p);
+  const SamplingArgs args = check_sampling_args(rows, "q_logits", uniforms, temperature, top_k, top_p, min_p);
   at::Tensor tokens = at::empty({rows}, q.options().dtype(at::kLong));
   int64_t* out = tokens.mutable_data_ptr<int64_t>();
   const Combine<float> combine(alpha_tilde, alpha_0);
@@ -258,13 +262,19 @@ at::Tensor combined_sample_from_hidden_cpu(const at::Tensor& adapter_hidden, con
                                            const at::Tensor& uniforms, const at::Tensor& temperature,
                                            const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
                                            double alpha_tilde, double alpha_0, int64_t tile_vocab) {
+  // Sampling has no derivative: inputs that require grad (a model's lm_head.weight outside
+  // no_grad) must not reach the out= matmuls below with autograd on.
+  const at::NoGradGuard no_grad;
+  check_float("adapter_hidden", adapter_hidden);
   TORCH_CHECK_VALUE(adapter_hidden.dim() == 2, "adapter_hidden must be [B, H], got ", adapter_hidden.sizes());
-  TORCH_CHECK_VALUE(base_hidden.sizes() == adapter_hidden.sizes(), "base_hidden must match adapter_hidden");
+  check_float_shape("base_hidden", base_hidden, adapter_hidden.sizes(), "adapter_hidden");
+  check_float("weight", weight);
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == adapter_hidden.size(1) && weight.size(0) > 0,
-                    "lm_head_weight must be [V, H] with H = ", adapter_hidden.size(1), ", got ", weight.sizes());
-  TORCH_CHECK_VALUE(tile_vocab > 0, "tile_vocab must be positive");
+                    "weight must be [V, H] with V >= 1 and H = ", adapter_hidden.size(1), ", got ", weight.sizes());
+  if (bias) check_float_shape("bias", *bias, {weight.size(0)}, "weight");
+  TORCH_CHECK_VALUE(tile_vocab > 0, "tile_vocab must be positive, got ", tile_vocab);
   const int64_t rows = adapter_hidden.size(0), vocab = weight.size(0);
-  const SamplingArgs args = check_sampling_args(rows, uniforms, temperature, top_k, top_p, min_p);
+  const SamplingArgs args = check_sampling_args(rows, "adapter_hidden", uniforms, temperature, top_k, top_p, min_p);
   // Both streams in one matmul per W tile: W is read once for the adapter and the base rows.
   // The tile is computed as W_tile x hidden^T ([cols, 2B]), not hidden x W_tile^T: MKL's path
   // for few rows times a transposed row-major matrix is far slower (SmolLM2's head at B = 1,

@@ -20,15 +20,13 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..api import fused_linear_qadapter_loss
+from ..decoding.logit_identity import NEUTRAL_VALUES, POST_HEAD_LOGIT_FIELDS
 from ..outputs import QAdapterLossOutput
 from ..params import RewardVariant, check_scalar
 
 QADAPTER_CONFIG_NAME = "qadapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLED_ADAPTER_NAME = "adapter_model.bin"
-# Config fields by which a model changes its logits after the LM head (softcapping, scaling):
-# the fused loss applies the LM head alone, so such models would silently get a different Q.
-_POST_HEAD_LOGIT_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass
@@ -135,9 +133,10 @@ def _find_decoder(causal_lm: torch.nn.Module) -> torch.nn.Module:
             "Q-Adapter needs the final hidden states before the LM head"
         )
     config = getattr(causal_lm, "config", None)
-    for field in _POST_HEAD_LOGIT_FIELDS:
+    # The fused loss applies the LM head alone, so such models would silently get a different Q.
+    for field in POST_HEAD_LOGIT_FIELDS:
         value = getattr(config, field, None)
-        if value not in (None, 0, 1, 1.0):
+        if value not in NEUTRAL_VALUES:
             raise NotImplementedError(
                 f"{type(causal_lm).__name__} transforms its logits after the LM head ({field}={value}); "
                 "the fused loss applies the LM head alone"

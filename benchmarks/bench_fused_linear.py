@@ -7,7 +7,7 @@
 - ``matmul_only``:      only the GEMMs of the materialised path: the forward Q and L matmuls and the
                         backward ``dH = dQ @ W`` with a fixed random dQ (plus ``dW = dQ.T @ H`` with
                         ``--weight-grad``): the matmul work no implementation avoids (GPU target)
-- ``qadapter_kernels``: ``qadapter_kernels.fused_linear_qadapter_loss(..., variant="official")``
+- ``qadapter_kernels``: ``qadapter_kernels.fused_linear_qadapter_loss(..., variant="official", length_norm="padded")``
                         (C++ on CPU, Triton on CUDA), which never builds an [N, V] tensor
 
 adapter_hidden requires grad; base_hidden and W do not (the Q-Adapter case: a frozen LM head
@@ -85,7 +85,8 @@ def authors_loss(ha, hb, w, input_ids, loss_mask):
 
 def fused_loss(ha, hb, w, input_ids, loss_mask):
     """The fused op on the authors' variant, the fast path for the tensors' device."""
-    return qk.fused_linear_qadapter_loss(ha, hb, w, input_ids, loss_mask, variant="official", backend=None).loss
+    return qk.fused_linear_qadapter_loss(ha, hb, w, input_ids, loss_mask, variant="official", length_norm="padded",
+                                         backend=None).loss
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, weight_grad: bool, seed: int = 0) -> Inputs:

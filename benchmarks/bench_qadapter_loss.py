@@ -2,9 +2,10 @@
 
 - ``authors_eager``:    ``reference.authors_qadapter_loss`` (the authors' formula) in eager PyTorch
 - ``authors_compile``:  the same under ``torch.compile``
-- ``qadapter_kernels``: ``qadapter_kernels.qadapter_loss(..., variant="official")`` (C++ on CPU, Triton on CUDA)
+- ``qadapter_kernels``: ``qadapter_kernels.qadapter_loss(..., variant="official", length_norm="padded")``
+                        (C++ on CPU, Triton on CUDA)
 
-All three compute the same loss (the "official" variant); that is asserted before timing.
+All three compute the same loss (the "official" variant, scores over T - 1); that is asserted before timing.
 On CUDA the fused op's forward and backward are also timed alone and compared with the
 device's measured copy bandwidth. Run from the repo root::
 
@@ -53,7 +54,8 @@ TARGETS = [
 
 def fused_loss(q, base, input_ids, loss_mask):
     """The fused op on the authors' variant, the fast path for the tensors' device."""
-    return qk.qadapter_loss(q, base, input_ids, loss_mask, variant="official", backend=None).loss
+    return qk.qadapter_loss(q, base, input_ids, loss_mask, variant="official", length_norm="padded",
+                            backend=None).loss
 
 
 def providers() -> dict[str, LossFn]:

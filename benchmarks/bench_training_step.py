@@ -79,8 +79,9 @@ QUICK = Config("tiny Llama", 2, 64, "float32", random_llama_kwargs(64, 2, 4096, 
 
 
 def build_qadapter(config: Config, device: str) -> QAdapterModel:
-    # The authors' formula is the "official" variant; dropout 0 makes both providers see one network.
-    qadapter = QAdapterConfig(variant="official", lora_dropout=0.0)
+    # The authors' formula is the "official" variant with scores over T - 1 (length_norm True, "padded");
+    # dropout 0 makes both providers see one network.
+    qadapter = QAdapterConfig(variant="official", length_norm=True, lora_dropout=0.0)
     return build_model(config.llama, DTYPES[config.dtype], device, qadapter).train()
 
 

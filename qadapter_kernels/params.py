@@ -17,35 +17,41 @@ from typing import Any, Callable, TypeVar
 import torch
 
 
-class RewardVariant(str, enum.Enum):
-    """Which action a position scores and which value bootstraps its reward (docs/DESIGN.md §Reward variants).
-
-    A ``str`` enum: ``RewardVariant("bellman") is RewardVariant.BELLMAN`` and it compares equal to
-    its value, so configs and command lines keep plain strings.
-    """
-
-    BELLMAN = "bellman"
-    OFFICIAL = "official"
+class _KernelChoice(str, enum.Enum):
+    """A ``str`` enum the kernels receive as an integer (``.code``, a Triton constexpr): a new member
+    is a new code, never a new kernel signature. ``Choice("x") is Choice.X`` and a member compares
+    equal to its value, so configs and command lines keep plain strings."""
 
     @classmethod
-    def parse(cls, value: object) -> "RewardVariant":
+    def parse(cls, value: object):
+        """The member for ``value`` (a member or its string), or a ValueError naming the field."""
         if isinstance(value, cls):
             return value
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"variant must be one of {[v.value for v in cls]}, got {value!r}") from None
+            raise ValueError(f"{cls.FIELD} must be one of {[v.value for v in cls]}{cls.ALIASES}, "
+                             f"got {value!r}") from None
 
     def __str__(self) -> str:
         return self.value
 
     @property
     def code(self) -> int:
-        """The integer the kernels receive (a Triton constexpr): a new variant is a new code, not a new signature."""
         return list(type(self)).index(self)
 
 
-class LengthNorm(str, enum.Enum):
+class RewardVariant(_KernelChoice):
+    """Which action a position scores and which value bootstraps its reward (docs/DESIGN.md §Reward variants)."""
+
+    BELLMAN = "bellman"
+    OFFICIAL = "official"
+
+
+RewardVariant.FIELD, RewardVariant.ALIASES = "variant", ""
+
+
+class LengthNorm(_KernelChoice):
     """What a sequence's summed reward is divided by to give its score (docs/DESIGN.md §Length normalisation).
 
     ``RESPONSE``: its own number of scored actions (1 when it has none), so a score is a property
@@ -60,23 +66,12 @@ class LengthNorm(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: object) -> "LengthNorm":
-        if isinstance(value, cls):
-            return value
         if isinstance(value, bool):  # the former bool flag: True was the authors' rule
             return cls.PADDED if value else cls.NONE
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"length_norm must be one of {[v.value for v in cls]} (or True = 'padded', "
-                             f"False = 'none'), got {value!r}") from None
+        return super().parse(value)
 
-    def __str__(self) -> str:
-        return self.value
 
-    @property
-    def code(self) -> int:
-        """The integer the Triton kernels receive as a constexpr."""
-        return list(type(self)).index(self)
+LengthNorm.FIELD, LengthNorm.ALIASES = "length_norm", " (or True = 'padded', False = 'none')"
 
 
 def check_scalar(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
@@ -193,15 +188,51 @@ def resolve(cls: type[P], params: P | None, overrides: dict[str, Any]) -> P:
     """``params`` (or the defaults) with keyword overrides on top, validated.
 
     Unknown keywords are a TypeError naming them, as Python reports them for a normal signature.
+    Results for plain values (numbers, strings, the enums; no tensors) are remembered: a training
+    loop or a decoder calls the ops with the same parameters every step, and validating them
+    again would cost more than a small kernel.
     """
     if params is not None and not isinstance(params, cls):
         raise TypeError(f"params must be a {cls.__name__} or None, got {type(params).__name__}")
+    key = None if torch.compiler.is_compiling() else _plain_key(cls, params, overrides)
+    if key is not None and key in _RESOLVED:
+        return _RESOLVED[key]
     names = set(cls.__dataclass_fields__)  # not dataclasses.fields(cls): torch.compile traces this
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; {cls.__name__} has {sorted(names)}")
     base = params if params is not None else cls()
-    return dataclasses.replace(base, **overrides).validated()
+    resolved = dataclasses.replace(base, **overrides).validated()
+    if key is not None:
+        if len(_RESOLVED) >= _RESOLVED_LIMIT:
+            _RESOLVED.clear()
+        _RESOLVED[key] = resolved
+    return resolved
+
+
+_PLAIN_TYPES = (bool, int, float, str, RewardVariant, LengthNorm)
+_RESOLVED: dict[tuple, Any] = {}
+_RESOLVED_LIMIT = 1024
+
+
+def _plain_key(cls: type, params: object, overrides: dict[str, Any]) -> tuple | None:
+    """A hashable key of a resolve call whose values are all plain, else None. Each value's type is
+    part of the key: True == 1 == 1.0 must not share a result (a bool is no number here)."""
+    given = list(overrides.items()) if params is None else [*params.__dict__.items(), None, *overrides.items()]
+    key = [cls, params is None]
+    for item in given:
+        if item is not None:
+            if type(item[1]) not in _PLAIN_TYPES:
+                return None
+            key += (item[0], type(item[1]), item[1])
+    return tuple(key)
+
+
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A sampler's keyword overrides: (the policy's, and any unknown name, for resolve to report; the sampling ones)."""
+    sampling_names = set(SamplingParams.__dataclass_fields__)
+    return ({k: v for k, v in overrides.items() if k not in sampling_names},
+            {k: v for k, v in overrides.items() if k in sampling_names})
 
 
 F = TypeVar("F", bound=Callable[..., Any])

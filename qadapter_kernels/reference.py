@@ -3,13 +3,20 @@
 Readable rather than fast: it materialises every [N, V] intermediate. Inputs are upcast to
 fp32 (fp64 stays fp64), so it doubles as a float64 ground truth.
 """
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
 from .outputs import QAdapterLossOutput
-from .params import LengthNorm, PolicyParams, QAdapterParams, RewardVariant, SamplingParams, resolve, with_param_keywords
+from .params import (
+    LengthNorm,
+    PolicyParams,
+    QAdapterParams,
+    RewardVariant,
+    SamplingParams,
+    resolve,
+    split_overrides,
+    with_param_keywords,
+)
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -36,9 +43,7 @@ def residual_q_values(
 
 def next_token_actions(input_ids: torch.Tensor) -> torch.Tensor:
     """actions[:, t] = input_ids[:, t + 1]; the last column has no action (0, never scored)."""
-    actions = torch.zeros_like(input_ids)
-    actions[:, :-1] = input_ids[:, 1:]
-    return actions
+    return F.pad(input_ids[:, 1:], (0, 1))
 
 
 def scored_positions(loss_mask: torch.Tensor, variant: RewardVariant | str) -> torch.Tensor:
@@ -231,10 +236,3 @@ def combined_sample(
     greedy = _per_row(s.temperature, z.shape[0], z.dtype, z.device) == 0
     drawn = torch.multinomial(z.softmax(-1), 1, generator=generator).squeeze(-1)
     return torch.where(greedy, z.argmax(-1), drawn)
-
-
-def split_overrides(overrides: dict) -> tuple[dict, dict]:
-    """Keyword overrides of a sampler: (policy fields and unknown names, sampling fields)."""
-    sampling_names = {f.name for f in dataclasses.fields(SamplingParams)}
-    return ({k: v for k, v in overrides.items() if k not in sampling_names},
-            {k: v for k, v in overrides.items() if k in sampling_names})

@@ -259,3 +259,68 @@ def poke_arg(name: str, index, value):
         t[index] = value
         args[name] = t
     return mutate
+
+
+# --------------------------------------------------------------------------- bad-input cases shared by the ops
+
+# The dispatcher ops: C++ on CPU tensors, Triton (registered for the CUDA key) on CUDA.
+OP_DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[requires_cuda, pytest.mark.cuda]),
+]
+BAD_B, BAD_T, BAD_V = 2, 6, 13  # the shapes every bad-input case of the logits ops starts from
+
+
+def loss_args(device) -> dict:
+    """A valid qk.qadapter_loss call (keywords), [2B, T, V] = [4, 6, 13]."""
+    batch = make_pair_batch(BAD_B, BAD_T, BAD_V, seed=11).to(device)
+    return dict(q_logits=batch.q_logits, base_logits=batch.base_logits, input_ids=batch.input_ids,
+                loss_mask=batch.loss_mask)
+
+
+def rqv_args(device) -> dict:
+    """A valid qk.residual_q_values call (keywords), [3, 4, 13] logits."""
+    q, base, actions = make_rows(0, BAD_V, lead=(3, 4), seed=12)
+    return dict(q_logits=q.to(device), base_logits=base.to(device), actions=actions.to(device))
+
+
+NONFINITE_LOGITS = r"q_logits or base_logits.*NaN or \+inf, or a row with no finite entry"
+
+
+def on_meta(name):
+    return set_arg(name, lambda a: torch.empty_like(a[name], device="meta"))
+
+
+COMMON_CASES = {
+    "q_logits not a tensor": (set_arg("q_logits", lambda a: a["q_logits"].tolist()), TypeError,
+                              r"q_logits must be a torch\.Tensor"),
+    "integer q_logits": (set_arg("q_logits", lambda a: a["q_logits"].long()), TypeError, r"q_logits must be float"),
+    "integer base_logits": (set_arg("base_logits", lambda a: a["base_logits"].int()), TypeError,
+                            r"base_logits must be float"),
+    "mixed dtypes": (set_arg("base_logits", lambda a: a["base_logits"].double()), TypeError,
+                     r"base_logits dtype .* differs from q_logits"),
+    "base_logits shape": (set_arg("base_logits", lambda a: a["base_logits"][..., :-1]), ValueError,
+                          r"base_logits must have shape"),
+    "base_logits on another device": (on_meta("base_logits"), ValueError, r"base_logits is on meta but q_logits is on"),
+    "NaN in q_logits": (poke_arg("q_logits", (1, 2, 3), float("nan")), ValueError, NONFINITE_LOGITS),
+    "NaN in base_logits": (poke_arg("base_logits", (0, 0, 0), float("nan")), ValueError, NONFINITE_LOGITS),
+    "+inf in q_logits": (poke_arg("q_logits", (2, 1, 5), float("inf")), ValueError, NONFINITE_LOGITS),
+    "+inf in base_logits": (poke_arg("base_logits", (1, 3, 0), float("inf")), ValueError, NONFINITE_LOGITS),
+    "row of -inf in q_logits": (poke_arg("q_logits", (1, 1), float("-inf")), ValueError, NONFINITE_LOGITS),
+    "row of -inf in base_logits": (poke_arg("base_logits", (2, 0), float("-inf")), ValueError, NONFINITE_LOGITS),
+    "alpha_tilde = 0": (set_arg("alpha_tilde", lambda a: 0.0), ValueError, r"alpha_tilde must be in \(0"),
+    "alpha_tilde < 0": (set_arg("alpha_tilde", lambda a: -1.0), ValueError, r"alpha_tilde must be in \(0"),
+    "alpha_tilde = inf": (set_arg("alpha_tilde", lambda a: float("inf")), ValueError, r"alpha_tilde must be in"),
+    "alpha_tilde = nan": (set_arg("alpha_tilde", lambda a: float("nan")), ValueError, r"alpha_tilde must be in"),
+    "alpha_tilde a string": (set_arg("alpha_tilde", lambda a: "1.0"), TypeError, r"alpha_tilde must be a real number"),
+    "alpha_tilde a bool": (set_arg("alpha_tilde", lambda a: True), TypeError, r"alpha_tilde must be a real number"),
+    "alpha_0 < 0": (set_arg("alpha_0", lambda a: -0.01), ValueError, r"alpha_0 must be in \[0"),
+    "bad backend": (set_arg("backend", lambda a: "cuda"), ValueError, r"backend must be one of"),
+}
+
+
+def call_with_backend(fn, args, backend):
+    args = dict(args)
+    backend = args.pop("backend", backend)
+    return fn(**args, backend=backend)
+

@@ -15,16 +15,26 @@ from qadapter_kernels.params import LengthNorm
 
 from helpers import (
     ALL_BACKENDS,
+    BAD_T,
+    BAD_V,
+    COMMON_CASES,
     DIFF_FIELDS,
     FUSED,
     GRAD_TOL,
     LOSS_FIELDS,
     VALUE_TOL,
     assert_close,
+    call_with_backend,
     interpreted,
     leaf,
+    loss_args,
     make_pair_batch,
+    on_meta,
+    poke_arg,
+    random_weights,
+    requires_cuda,
     run_loss,
+    set_arg,
 )
 
 VARIANTS = ["bellman", "official"]
@@ -478,3 +488,227 @@ def test_params_object_and_keywords_agree(backend, device):
         qk.qadapter_loss(*args, temperature=0.5, backend=backend)
     with pytest.raises(TypeError, match="params must be a QAdapterParams"):
         qk.qadapter_loss(*args, qk.SamplingParams(), backend=backend)
+
+
+# --------------------------------------------------------------------------- value checks off (defect 4)
+
+
+def _checks_off(monkeypatch):
+    """What torch.compile and CUDA-graph capture see: the value checks (host syncs) are skipped."""
+    import qadapter_kernels.api.loss as loss_api
+
+    monkeypatch.setattr(loss_api, "value_checks_enabled", lambda device: False)
+
+
+# The C++ kernel's empty-mask behaviour is the HARNESS helper's change (tests/test_direct_op_calls.py).
+@pytest.mark.parametrize("backend, device", [p for p in ALL_BACKENDS if p.values[0] != "cpu"])
+def test_empty_mask_with_checks_off_gives_nan(backend, device, monkeypatch):
+    """Defect 4 (issue 11): with no scored token and value checks off, every backend returns a NaN
+    regulariser (0 / 0) instead of raising inside a kernel."""
+    _checks_off(monkeypatch)
+    batch = make_pair_batch(2, 6, 13, seed=2).to(device)
+    out = qk.qadapter_loss(batch.q_logits, batch.base_logits, batch.input_ids,
+                           torch.zeros_like(batch.loss_mask), backend=backend)
+    assert torch.isnan(out.reg_loss) and torch.isnan(out.loss)
+
+
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_out_of_range_id_with_checks_off_gives_nan(backend, device, monkeypatch):
+    """Defect 4 (issue 11): an id outside [0, V) at a scored position gives q_taken = NaN, so a NaN
+    loss, on every backend, with value checks off (nothing reads out of bounds, nothing raises)."""
+    _checks_off(monkeypatch)
+    batch = make_pair_batch(2, 6, 13, seed=2).to(device)
+    ids = batch.input_ids.clone()
+    ids[0, 3] = 13
+    mask = batch.loss_mask.clone()
+    mask[0, 2:4] = True
+    out = qk.qadapter_loss(batch.q_logits, batch.base_logits, ids, mask, backend=backend, variant="official")
+    assert torch.isnan(out.loss)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+def _graph_recorder(graphs):
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def _loss_fn(variant, backend):
+    def f(q, base, ids, mask):
+        return qk.qadapter_loss(q, base, ids, mask, alpha_tilde=0.9, alpha_0=0.2, gamma=0.95, beta=0.3,
+                                variant=variant, backend=backend).loss
+
+    return f
+
+
+@pytest.mark.parametrize("backend", [None, "cpu"], ids=["default", "cpu"])
+@pytest.mark.parametrize("variant", ["bellman", "official"])
+def test_compile_fullgraph_loss_cpu(variant, backend, seed):
+    """torch.compile(fullgraph=True) through qk.qadapter_loss(...).loss and its backward
+    (inductor), equal to eager; and the captured graph calls the fused ops."""
+    torch._dynamo.reset()
+    batch = make_pair_batch(2, 12, 300, seed=seed)
+    f = _loss_fn(variant, backend)
+    compiled = torch.compile(f, fullgraph=True)
+    q_c, q_e = leaf(batch.q_logits.clone()), leaf(batch.q_logits.clone())
+    args = (batch.base_logits, batch.input_ids, batch.loss_mask)
+    loss_c = compiled(q_c, *args)
+    loss_e = f(q_e, *args)
+    loss_c.backward()
+    loss_e.backward()
+    assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6, what="compiled loss")
+    assert_close(q_c.grad, q_e.grad, rtol=1e-6, atol=1e-9, what="compiled dQ")
+
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(f, fullgraph=True, backend=_graph_recorder(graphs))(leaf(batch.q_logits.clone()), *args)
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any("qadapter.residual_q_values" in t for t in targets), targets
+    assert any("qadapter.pair_loss" in t for t in targets), targets
+
+
+def test_compile_fullgraph_every_output_cpu(seed):
+    """All outputs of the compiled loss (returned as a tuple), with gradients from each."""
+    torch._dynamo.reset()
+    batch = make_pair_batch(3, 10, 200, seed=seed)
+
+    def f(q, base, ids, mask):
+        out = qk.qadapter_loss(q, base, ids, mask, variant="official")
+        return tuple(getattr(out, name) for name in LOSS_FIELDS)
+
+    q_c, q_e = leaf(batch.q_logits.clone()), leaf(batch.q_logits.clone())
+    args = (batch.base_logits, batch.input_ids, batch.loss_mask)
+    outs_c = torch.compile(f, fullgraph=True)(q_c, *args)
+    outs_e = f(q_e, *args)
+    for name, c, e in zip(LOSS_FIELDS, outs_c, outs_e):
+        assert_close(c, e, rtol=1e-6, atol=1e-6, what=name)
+    weights = [random_weights(o.shape, k).float() for k, o in enumerate(outs_e[:5])]
+    sum((o * w).sum() for o, w in zip(outs_c[:5], weights)).backward()
+    sum((o * w).sum() for o, w in zip(outs_e[:5], weights)).backward()
+    assert_close(q_c.grad, q_e.grad, rtol=1e-6, atol=1e-9, what="compiled dQ")
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["bellman", "official"])
+def test_compile_fullgraph_loss_cuda(variant, seed):
+    torch._dynamo.reset()
+    batch = make_pair_batch(2, 64, 32000, seed=seed).to("cuda")
+    f = _loss_fn(variant, None)
+    q_c, q_e = leaf(batch.q_logits.clone()), leaf(batch.q_logits.clone())
+    args = (batch.base_logits, batch.input_ids, batch.loss_mask)
+    loss_c = torch.compile(f, fullgraph=True)(q_c, *args)
+    loss_e = f(q_e, *args)
+    loss_c.backward()
+    loss_e.backward()
+    assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6, what="compiled loss")
+    assert_close(q_c.grad, q_e.grad, rtol=1e-6, atol=1e-9, what="compiled dQ")
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD_CASES = {
+    **COMMON_CASES,
+    "q_logits 2-D": (lambda a: a.update({k: a[k][0] for k in ("q_logits", "base_logits")}),
+                     ValueError, r"q_logits must be \[2B, T, V\]"),
+    "odd number of rows": (
+        lambda a: a.update({k: a[k][:3] for k in ("q_logits", "base_logits", "input_ids", "loss_mask")}),
+        ValueError, r"q_logits must hold 2B rows"),
+    "no rows": (
+        lambda a: a.update({k: a[k][:0] for k in ("q_logits", "base_logits", "input_ids", "loss_mask")}),
+        ValueError, r"q_logits must hold 2B rows"),
+    "T = 1": (
+        lambda a: a.update({k: a[k][:, :1] for k in ("q_logits", "base_logits", "input_ids", "loss_mask")}),
+        ValueError, r"T >= 2"),
+    "V = 0": (lambda a: a.update({k: a[k][..., :0] for k in ("q_logits", "base_logits")}),
+              ValueError, r"q_logits must be \[\.\.\., V\] with V >= 1"),
+    "input_ids shape": (set_arg("input_ids", lambda a: a["input_ids"][:, 1:]), ValueError, r"input_ids must have shape"),
+    "loss_mask shape": (set_arg("loss_mask", lambda a: a["loss_mask"][:-2]), ValueError, r"loss_mask must have shape"),
+    "input_ids float": (set_arg("input_ids", lambda a: a["input_ids"].float()), TypeError,
+                        r"input_ids must be an integer"),
+    "loss_mask float": (set_arg("loss_mask", lambda a: a["loss_mask"].float()), TypeError, r"loss_mask must be a bool"),
+    "input_ids negative": (poke_arg("input_ids", (3, 4), -100), ValueError, r"input_ids must be token ids in \[0, 13\)"),
+    "input_ids = V": (poke_arg("input_ids", (0, 2), BAD_V), ValueError, r"input_ids must be token ids in \[0, 13\)"),
+    "input_ids on another device": (on_meta("input_ids"), ValueError, r"input_ids is on meta"),
+    "loss_mask on another device": (on_meta("loss_mask"), ValueError, r"loss_mask is on meta"),
+    "bad variant": (set_arg("variant", lambda a: "Bellman"), ValueError, r"variant must be one of"),
+    "gamma < 0": (set_arg("gamma", lambda a: -0.1), ValueError, r"gamma must be in \[0\.0, 1\.0\]"),
+    "gamma > 1": (set_arg("gamma", lambda a: 1.01), ValueError, r"gamma must be in \[0\.0, 1\.0\]"),
+    "beta < 0": (set_arg("beta", lambda a: -1e-3), ValueError, r"beta must be in \[0"),
+    "beta = nan": (set_arg("beta", lambda a: float("nan")), ValueError, r"beta must be in"),
+    "length_norm unknown": (set_arg("length_norm", lambda a: "tokens"), ValueError, r"length_norm must be one of"),
+    "length_norm an int": (set_arg("length_norm", lambda a: 1), ValueError, r"length_norm must be one of"),
+    "empty mask": (set_arg("loss_mask", lambda a: torch.zeros_like(a["loss_mask"])), ValueError,
+                   r"loss_mask scores no token"),
+    "-inf Q at a scored action": (
+        # bellman scores the action at t = 1 of row 0 (its prompt is shorter than T - 2): x[0, 2]
+        lambda a: poke_arg("q_logits", (0, 1, int(a["input_ids"][0, 2])), float("-inf"))(a),
+        ValueError, r"the loss is not finite: an action at a scored position has a -inf q_logit"),
+}
+
+
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_loss_valid_call(backend, device):
+    out = call_with_backend(qk.qadapter_loss, loss_args(device), backend)
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_loss_rejects(backend, device, case):
+    mutate, exc, pattern = BAD_CASES[case]
+    args = loss_args(device)
+    if case == "-inf Q at a scored action":
+        assert args["loss_mask"][0, 2]  # so bellman (the default) scores the action at t = 1
+    mutate(args)
+    with pytest.raises(exc, match=pattern):
+        call_with_backend(qk.qadapter_loss, args, backend)
+
+
+MASK_CASES = [
+    pytest.param([], "bellman", False, id="none-bellman"),
+    pytest.param([], "official", False, id="none-official"),
+    pytest.param([0], "bellman", False, id="first-col-bellman"),
+    pytest.param([0], "official", True, id="first-col-official"),
+    pytest.param([BAD_T - 1], "bellman", True, id="last-col-bellman"),
+    pytest.param([BAD_T - 1], "official", False, id="last-col-official"),
+    pytest.param([0, BAD_T - 1], "bellman", True, id="first-and-last-bellman"),
+    pytest.param([0, BAD_T - 1], "official", True, id="first-and-last-official"),
+]
+
+
+@pytest.mark.parametrize("columns, variant, scores_something", MASK_CASES)
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_batch_with_no_scored_token(backend, device, columns, variant, scores_something):
+    args = loss_args(device)
+    mask = torch.zeros_like(args["loss_mask"])
+    mask[:, columns] = True
+    args["loss_mask"] = mask
+    if not scores_something:
+        with pytest.raises(ValueError, match=r"loss_mask scores no token in the whole batch"):
+            call_with_backend(qk.qadapter_loss, {**args, "variant": variant}, backend)
+        return
+    out = call_with_backend(qk.qadapter_loss, {**args, "variant": variant}, backend)
+    ref = reference.qadapter_loss(**{k: v.cpu() for k, v in args.items()}, variant=variant)
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5, what="loss")
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("moved", ["base_logits", "input_ids", "loss_mask"])
+def test_loss_tensors_on_cpu_and_cuda(moved):
+    args = loss_args("cuda")
+    args[moved] = args[moved].cpu()
+    with pytest.raises(ValueError, match=rf"{moved} is on cpu but q_logits is on cuda"):
+        qk.qadapter_loss(**args)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cpu_backend_refuses_cuda_tensors():
+    with pytest.raises(ValueError, match=r"backend='cpu' needs CPU tensors, got tensors on cuda"):
+        qk.qadapter_loss(**loss_args("cuda"), backend="cpu")
+

@@ -11,14 +11,23 @@ import qadapter_kernels as qk
 from qadapter_kernels import reference
 
 from helpers import (
+    ALL_BACKENDS,
+    BAD_V,
+    COMMON_CASES,
     FUSED,
     GRAD_TOL,
+    OP_DEVICES,
     VALUE_TOL,
     assert_close,
+    call_with_backend,
     interpreted,
     leaf,
     make_rows,
+    on_meta,
+    poke_arg,
     random_weights,
+    rqv_args,
+    set_arg,
 )
 
 DTYPES = [
@@ -232,3 +241,125 @@ def test_gradcheck_cpu_float64(lead, vocab, alpha_tilde, alpha_0, neg_inf):
         return qk.residual_q_values(q_logits, base, actions, alpha_tilde=alpha_tilde, alpha_0=alpha_0, backend="cpu")
 
     assert torch.autograd.gradcheck(f, (q,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- the dispatcher op: opcheck, outputs, torch.compile
+
+OPS = torch.ops.qadapter
+
+
+def op_rows(device, dtype=torch.float32, n=6, vocab=50, seed=0, strided=False):
+    q, base, actions = make_rows(n, vocab + (5 if strided else 0), seed=seed)
+    if strided:  # row stride != V
+        q, base, actions = q[:, :vocab], base[:, :vocab], actions % vocab
+    return q.to(device, dtype), base.to(device, dtype), actions.to(device)
+
+
+OPCHECK_CASES = [
+    pytest.param(torch.float32, False, id="fp32"),
+    pytest.param(torch.bfloat16, False, id="bf16"),
+    pytest.param(torch.float64, False, id="fp64"),
+    pytest.param(torch.float32, True, id="fp32-row-stride"),
+]
+
+
+@pytest.mark.parametrize("dtype, strided", OPCHECK_CASES)
+@pytest.mark.parametrize("device", OP_DEVICES)
+def test_opcheck_residual_q_values(device, dtype, strided):
+    q, base, actions = op_rows(device, dtype, strided=strided)
+    torch.library.opcheck(OPS.residual_q_values, (leaf(q), base, actions, 0.9, 0.1))
+    torch.library.opcheck(OPS.residual_q_values, (q, base, actions, 1.0, 0.0))  # no grad, alpha_0 = 0
+
+
+@pytest.mark.parametrize("dtype, strided", OPCHECK_CASES)
+@pytest.mark.parametrize("device", OP_DEVICES)
+def test_opcheck_residual_q_values_backward(device, dtype, strided):
+    q, base, actions = op_rows(device, dtype, strided=strided)
+    _, _, lse_y = OPS.residual_q_values(q, base, actions, 0.9, 0.1)
+    acc = lse_y.dtype
+    grad_values = random_weights(6, 1, zero_frac=0.3).to(device, acc)
+    grad_q_taken = random_weights(6, 2, zero_frac=0.3).to(device, acc)
+    torch.library.opcheck(OPS.residual_q_values_backward,
+                          (grad_values, grad_q_taken, q, base, actions, lse_y, 0.9, 0.1))
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+def test_residual_q_values_op_outputs(device):
+    """lse_y (kept for the backward) is LSE((Q + alpha_0 L) / alpha_tilde); the backward op is
+    g_q * onehot(a) + g_V * softmax(y), computed here from its definition."""
+    at, a0 = 0.8, 0.3
+    q, base, actions = op_rows(device, n=9, vocab=1030)
+    values, q_taken, lse_y = OPS.residual_q_values(q, base, actions, at, a0)
+    ref_values, ref_q_taken = reference.residual_q_values(q, base, actions, alpha_tilde=at, alpha_0=a0)
+    y = (q + a0 * base) / at
+    assert_close(values, ref_values, rtol=1e-5, atol=1e-5, what="values")
+    assert_close(q_taken, ref_q_taken, rtol=0, atol=0, what="q_taken")
+    assert_close(lse_y, torch.logsumexp(y, -1), rtol=1e-5, atol=1e-5, what="lse_y")
+    g_v = random_weights(9, 1, zero_frac=0.3).float().to(device)
+    g_q = random_weights(9, 2, zero_frac=0.3).float().to(device)
+    grad = OPS.residual_q_values_backward(g_v, g_q, q, base, actions, lse_y, at, a0)
+    onehot = torch.nn.functional.one_hot(actions, 1030).float()
+    expected = g_q[:, None] * onehot + g_v[:, None] * torch.softmax(y, -1)
+    assert_close(grad, expected, **GRAD_TOL[torch.float32], what="backward op")
+    dead = (g_v == 0) & (g_q == 0)
+    assert dead.any() and torch.equal(grad[dead], torch.zeros_like(grad[dead]))
+
+
+def test_compile_fullgraph_residual_q_values_cpu(seed):
+    torch._dynamo.reset()
+    q, base, actions = make_rows(0, 1000, lead=(2, 5), seed=seed)
+
+    def f(q_logits):
+        values, q_taken = qk.residual_q_values(q_logits, base, actions, alpha_tilde=0.7, alpha_0=0.05)
+        return (values * 2 - q_taken).sum()
+
+    q_c, q_e = leaf(q.clone()), leaf(q.clone())
+    out_c = torch.compile(f, fullgraph=True)(q_c)
+    out_e = f(q_e)
+    out_c.backward()
+    out_e.backward()
+    assert_close(out_c, out_e, rtol=1e-6, atol=1e-6, what="compiled output")
+    assert_close(q_c.grad, q_e.grad, rtol=1e-6, atol=1e-9, what="compiled dQ")
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD_CASES = {
+    **COMMON_CASES,
+    "V = 0": (lambda a: a.update({k: a[k][..., :0] for k in ("q_logits", "base_logits")}),
+              ValueError, r"q_logits must be \[\.\.\., V\] with V >= 1"),
+    "actions shape": (set_arg("actions", lambda a: a["actions"][:, :-1]), ValueError, r"actions must have shape"),
+    "actions float": (set_arg("actions", lambda a: a["actions"].float()), TypeError, r"actions must be an integer"),
+    "actions negative": (poke_arg("actions", (1, 2), -1), ValueError, r"actions must be token ids in \[0, 13\)"),
+    "actions = V": (poke_arg("actions", (2, 3), BAD_V), ValueError, r"actions must be token ids in \[0, 13\)"),
+    "actions huge": (poke_arg("actions", (0, 0), 2**40), ValueError, r"actions must be token ids in \[0, 13\)"),
+    "actions on another device": (on_meta("actions"), ValueError, r"actions is on meta"),
+}
+
+
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_residual_q_values_valid_call(backend, device):
+    values, _ = call_with_backend(qk.residual_q_values, rqv_args(device), backend)
+    assert torch.isfinite(values).all()
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_residual_q_values_rejects(backend, device, case):
+    mutate, exc, pattern = BAD_CASES[case]
+    args = rqv_args(device)
+    mutate(args)
+    with pytest.raises(exc, match=pattern):
+        call_with_backend(qk.residual_q_values, args, backend)
+
+
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_neg_inf_q_at_taken_action_is_allowed_in_residual_q_values(backend, device):
+    """Unlike the loss, the vocabulary pass accepts a -inf Q at the picked action: q_taken is -inf,
+    the value finite (a banned action picked on purpose, e.g. to score a sampled sequence)."""
+    args = rqv_args(device)
+    q = args["q_logits"].clone()
+    q[1, 2, int(args["actions"][1, 2])] = float("-inf")
+    values, q_taken = qk.residual_q_values(q, args["base_logits"], args["actions"], backend=backend)
+    assert q_taken[1, 2].item() == float("-inf") and torch.isfinite(values).all()
+

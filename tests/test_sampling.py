@@ -27,7 +27,16 @@ import qadapter_kernels as qk
 from qadapter_kernels import reference
 from qadapter_kernels.ops import sampling as qk_sampling
 
-from helpers import ALL_BACKENDS, FUSED, assert_close, generator, interpreted, make_rows, no_interpreter_with_cuda
+from helpers import (
+    ALL_BACKENDS,
+    FUSED,
+    assert_close,
+    call_with_backend,
+    generator,
+    interpreted,
+    make_rows,
+    no_interpreter_with_cuda,
+)
 
 NEG_INF = float("-inf")
 OP = torch.ops.qadapter
@@ -605,15 +614,9 @@ BAD_CASES = {
 }
 
 
-def _call(fn, args, backend):
-    args = dict(args)
-    backend = args.pop("backend", backend)
-    return fn(**args, backend=backend)
-
-
 @pytest.mark.parametrize("backend, device", ALL_BACKENDS)
 def test_sample_valid_call(backend, device):
-    tokens = _call(qk.combined_sample, sample_args(device), backend)
+    tokens = call_with_backend(qk.combined_sample, sample_args(device), backend)
     assert tokens.shape == (3,) and tokens.dtype == torch.long and bool(((tokens >= 0) & (tokens < 13)).all())
 
 
@@ -624,7 +627,46 @@ def test_sample_rejects(backend, device, case):
     args = sample_args(device)
     mutate(args)
     with pytest.raises(exc, match=pattern):
-        _call(qk.combined_sample, args, backend)
+        call_with_backend(qk.combined_sample, args, backend)
+
+
+COMBINED_NONFINITE = {  # (which input, where, value): the output has a row without a finite maximum
+    "NaN in q_logits": ("q_logits", (1, 4), float("nan")),
+    "+inf in q_logits": ("q_logits", (0, 2), float("inf")),
+    "NaN in base_logits": ("base_logits", (2, 0), float("nan")),
+    "+inf in base_logits": ("base_logits", (1, 7), float("inf")),
+    "row of -inf in q_logits": ("q_logits", (2, slice(None)), float("-inf")),
+    "row of -inf in base_logits": ("base_logits", (0, slice(None)), float("-inf")),
+}
+
+
+@pytest.mark.parametrize("case", list(COMBINED_NONFINITE))
+@pytest.mark.parametrize("backend, device", ALL_BACKENDS)
+def test_combined_logits_rejects_nonfinite_input(backend, device, case):
+    """combined_logits returned NaN silently for NaN / +inf input (found by the property harness):
+    now a ValueError naming both logits, as every other public op raises."""
+    name, where, value = COMBINED_NONFINITE[case]
+    args = sample_args(device)
+    args = {"q_logits": args["q_logits"].clone(), "base_logits": args["base_logits"].clone()}
+    args[name][where] = value
+    with pytest.raises(ValueError, match=r"q_logits or base_logits: the logits hold NaN or \+inf"):
+        qk.combined_logits(**args, backend=backend)
+    clean = sample_args(device)  # a banned token alone is fine
+    clean["q_logits"][0, 1] = float("-inf")
+    out = qk.combined_logits(clean["q_logits"], clean["base_logits"], backend=backend)
+    assert out[0, 1] == float("-inf") and torch.isfinite(out[1:]).all()
+
+
+def test_zero_alpha_0_with_a_neg_inf_base_logit_says_so():
+    """alpha_0 = 0 times a -inf base logit is NaN inside y: the error names that cause (the inputs
+    hold no NaN), and with alpha_0 > 0 the same input is fine."""
+    q, base = torch.tensor([[0.5, 2.0, 1.0]]), torch.tensor([[0.0, float("-inf"), 1.0]])
+    with pytest.raises(ValueError, match=r"alpha_0 = 0 with a -inf base logit.*finfo"):
+        qk.residual_q_values(q, base, torch.tensor([0]), alpha_0=0.0)
+    with pytest.raises(ValueError, match=r"alpha_0 = 0 with a -inf base logit"):
+        qk.combined_sample(q, base, alpha_0=0.0)
+    values, _ = qk.residual_q_values(q, base, torch.tensor([0]), alpha_0=0.5)
+    assert torch.isfinite(values).all()
 
 
 @pytest.mark.parametrize("case", ["3-D logits", "shape mismatch", "dtype mismatch", "bad backend", "alpha_tilde = 0"])
@@ -633,7 +675,7 @@ def test_combined_logits_rejects(case):
     args = sample_args("cpu")
     mutate(args)
     with pytest.raises(exc, match=pattern):
-        _call(qk.combined_logits, args, "cpu")
+        call_with_backend(qk.combined_logits, args, "cpu")
 
 
 def hidden_args():
@@ -679,10 +721,10 @@ HIDDEN_CASES = {
 def test_from_hidden_rejects(backend, device, case):
     mutate, exc, pattern = HIDDEN_CASES[case]
     args = hidden_args()
-    assert _call(qk.combined_sample_from_hidden, args, "cpu").shape == (3,)
+    assert call_with_backend(qk.combined_sample_from_hidden, args, "cpu").shape == (3,)
     mutate(args)
     with pytest.raises(exc, match=pattern):
-        _call(qk.combined_sample_from_hidden, args, backend)
+        call_with_backend(qk.combined_sample_from_hidden, args, backend)
 
 
 # --------------------------------------------------------------------------- 9. opcheck and torch.compile

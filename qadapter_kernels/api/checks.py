@@ -119,22 +119,35 @@ def value_checks_enabled(device: torch.device) -> bool:
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-def finite_values_flag(values: torch.Tensor, source: str = "q_logits or base_logits") -> dict[str, torch.Tensor]:
-    return {f"{source}: the logits hold NaN or +inf, or a row with no finite entry": ~torch.isfinite(values).all()}
+# With alpha_0 = 0 a -inf base logit still enters y = (Q + alpha_0 L) / alpha_tilde as 0 * -inf = NaN.
+ZERO_ALPHA_0_NOTE = (" (alpha_0 = 0 with a -inf base logit also gives 0 * -inf = NaN: mask with a finite value "
+                     "such as torch.finfo(dtype).min instead)")
 
 
-def guard_actions(name: str, actions: torch.Tensor, vocab: int,
-                  flags: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(actions with every id outside [0, vocab) replaced by 0, where they were outside).
+def nonfinite_message(source: str, alpha_0: float) -> str:
+    """The message of the non-finite-logits check, naming the one cause the inputs do not show."""
+    return (f"{source}: the logits hold NaN or +inf, or a row with no finite entry"
+            f"{ZERO_ALPHA_0_NOTE if alpha_0 == 0 else ''}")
+
+
+def finite_values_flag(values: torch.Tensor, source: str, alpha_0: float) -> dict[str, torch.Tensor]:
+    """Flag: ``values`` (finite for finite logits with a finite entry per row) hold NaN or +-inf."""
+    return {nonfinite_message(source, alpha_0): ~torch.isfinite(values).all()}
+
+
+def guard_actions(actions: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(actions with every id outside [0, vocab) replaced by an id inside, where they were outside).
 
     The kernels never see an out-of-range id, so every backend (the reference's gather too)
     behaves alike without a host sync: the caller sets q_taken to NaN where an id was bad, and
-    its gradient there is zero. The range check joins ``flags`` (None: value checks are off).
+    its gradient there is zero.
     """
-    bad = (actions < 0) | (actions >= vocab)
-    if flags is not None:
-        flags[f"{name} must be token ids in [0, {vocab})"] = bad.any()
-    return torch.where(bad, 0, actions), bad
+    safe = actions.clamp(0, vocab - 1)
+    return safe, safe != actions
+
+
+def ids_in_range_flag(name: str, ids: torch.Tensor, vocab: int) -> dict[str, torch.Tensor]:
+    return {f"{name} must be token ids in [0, {vocab})": ((ids < 0) | (ids >= vocab)).any()}
 
 
 def raise_on_flags(flags: dict[str, torch.Tensor]) -> None:

@@ -22,6 +22,7 @@ from .checks import (
     check_shape,
     finite_values_flag,
     guard_actions,
+    ids_in_range_flag,
     raise_on_flags,
     tile_budget,
     value_checks_enabled,
@@ -45,10 +46,11 @@ def check_pair_batch(input_ids, loss_mask, rows_name: str, rows: int, T: int, de
 
 
 def next_token_actions(input_ids, vocab: int, flags: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """[2B, T] actions (ids outside [0, vocab) replaced by 0) and where they were out of range; the
-    range check of every id in input_ids joins ``flags``."""
-    safe_ids, bad_ids = guard_actions("input_ids", input_ids.long(), vocab, flags)
-    return reference.next_token_actions(safe_ids), reference.next_token_actions(bad_ids)
+    """[2B, T] actions (ids outside [0, vocab) replaced by ids inside) and where they were out of
+    range; the range check of every id in input_ids joins ``flags``."""
+    if flags is not None:
+        flags.update(ids_in_range_flag("input_ids", input_ids, vocab))
+    return guard_actions(reference.next_token_actions(input_ids.long()), vocab)
 
 
 def pair_pass(values, q_taken, loss_mask, params: QAdapterParams, backend: str) -> tuple[QAdapterLossOutput, torch.Tensor]:
@@ -69,7 +71,7 @@ def checked_pair_outputs(values, q_taken, loss_mask, params: QAdapterParams, bac
     out, num_scored = pair_pass(values, q_taken, loss_mask, params, backend)
     if flags is not None:
         # Ordered by cause: bad ids, non-finite logits or an empty mask also make the loss non-finite.
-        flags.update(finite_values_flag(values, source))
+        flags.update(finite_values_flag(values, source, params.alpha_0))
         flags[EMPTY_MASK_MESSAGE] = num_scored == 0
         flags["the loss is not finite: an action at a scored position has a -inf q_logit"] = ~torch.isfinite(out.loss)
         raise_on_flags(flags)

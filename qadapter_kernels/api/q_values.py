@@ -12,6 +12,7 @@ from .checks import (
     check_shape,
     finite_values_flag,
     guard_actions,
+    ids_in_range_flag,
     raise_on_flags,
     value_checks_enabled,
 )
@@ -59,11 +60,13 @@ def residual_q_values(
     backend = resolve_backend(backend, q_logits.device)
     vocab = q_logits.shape[-1]
     flags = {} if value_checks_enabled(q_logits.device) else None
-    safe_actions, bad_actions = guard_actions("actions", actions.reshape(-1).long(), vocab, flags)
+    if flags is not None:
+        flags.update(ids_in_range_flag("actions", actions, vocab))
+    safe_actions, bad_actions = guard_actions(actions.reshape(-1).long(), vocab)
     values, q_taken = q_values_rows(q_logits.reshape(-1, vocab), base_logits.reshape(-1, vocab), safe_actions,
                                     p.alpha_tilde, p.alpha_0, backend)
     q_taken = torch.where(bad_actions, float("nan"), q_taken)
     if flags is not None:
-        flags.update(finite_values_flag(values))
+        flags.update(finite_values_flag(values, "q_logits or base_logits", p.alpha_0))
         raise_on_flags(flags)
     return values.view(actions.shape), q_taken.view(actions.shape)

@@ -14,13 +14,14 @@ from .. import reference
 from ..ops.backend import resolve_backend, through_dispatcher
 from ..ops.sampling import combined_logits_rows, sample_from_hidden_rows, sample_rows
 from ..ops.triton_helpers import plan_tiles
-from ..params import INT_RANGES, RANGES, PolicyParams, SamplingParams, resolve, with_param_keywords
-from ..reference import split_overrides
+from ..params import INT_RANGES, RANGES, PolicyParams, SamplingParams, resolve, split_overrides, with_param_keywords
 from .checks import (
+    ZERO_ALPHA_0_NOTE,
     check_float_tensor,
     check_hidden_and_head,
     check_logits_pair,
     check_same_device,
+    nonfinite_message,
     raise_on_flags,
     tile_budget,
     value_checks_enabled,
@@ -43,7 +44,7 @@ def _as_rows(name: str, value, rows: int, device: torch.device, flags: dict | No
     """A validated scalar, or a [B] tensor whose range check joins ``flags``, as a [B] tensor."""
     dtype = _ROW_DTYPES[name]
     if not isinstance(value, torch.Tensor):
-        return torch.full((rows,), value, dtype=dtype, device=device)
+        return _scalar_rows(name, value, rows, dtype, device)
     check_same_device("q_logits", device, **{name: value})
     if value.dim() != 1 or value.shape[0] != rows:
         raise ValueError(f"{name} must be a scalar or a [B] tensor with B = {rows}, got {list(value.shape)}")
@@ -58,6 +59,23 @@ def _as_rows(name: str, value, rows: int, device: torch.device, flags: dict | No
         flags[f"{name} must lie in {bracket}{low}, {high}] in every row"] = (
             below | (wide > high) | ~torch.isfinite(wide)).any()
     return value.detach().to(dtype).contiguous()
+
+
+_SCALAR_ROWS: dict[tuple, torch.Tensor] = {}
+_SCALAR_ROWS_LIMIT = 256
+
+
+def _scalar_rows(name: str, value, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [B] tensor filled with a validated scalar. The ops only read it, so one tensor serves every
+    call with the same value and batch size (a decoder asks for it at every token)."""
+    if torch.compiler.is_compiling():
+        return torch.full((rows,), value, dtype=dtype, device=device)
+    key = (name, value, rows, device)
+    if key not in _SCALAR_ROWS:
+        if len(_SCALAR_ROWS) >= _SCALAR_ROWS_LIMIT:
+            _SCALAR_ROWS.clear()
+        _SCALAR_ROWS[key] = torch.full((rows,), value, dtype=dtype, device=device)
+    return _SCALAR_ROWS[key]
 
 
 def row_sampling(rows: int, device: torch.device, sampling: SamplingParams,
@@ -93,12 +111,13 @@ def draw_uniforms(rows: int, device: torch.device, generator: torch.Generator | 
     return torch.rand(rows, generator=generator, device=gen_device).to(device)
 
 
-def bad_row_flag(tokens: torch.Tensor, source: str, flags: dict) -> None:
+def bad_row_flag(tokens: torch.Tensor, source: str, alpha_0: float, flags: dict) -> None:
     """Adds the first row without a finite maximum (token -1) to ``flags``, as a row index (-1: none)."""
     if not tokens.numel():
         return
     bad = tokens < 0
-    flags[f"{source}: row {{}} is all -inf or holds NaN or +inf"] = torch.where(bad.any(), bad.long().argmax(), -1)
+    note = ZERO_ALPHA_0_NOTE if alpha_0 == 0 else ""
+    flags[f"{source}: row {{}} is all -inf or holds NaN or +inf{note}"] = torch.where(bad.any(), bad.long().argmax(), -1)
 
 
 def raise_on_sampling_flags(flags: dict | None) -> None:
@@ -113,10 +132,15 @@ def raise_on_sampling_flags(flags: dict | None) -> None:
             raise ValueError(message)
 
 
+def _untracked(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as sampling reads it: never part of an autograd graph (sampling has no gradient)."""
+    return t.detach() if t is not None and t.requires_grad else t
+
+
 def sample_logits_rows(q_logits, base_logits, policy: PolicyParams, per_row: RowSampling, generator,
                        backend: str) -> torch.Tensor:
     """One token per row of [B, V] logits on a resolved backend; -1 for a row without a finite maximum. No checks."""
-    q_logits, base_logits = q_logits.detach(), base_logits.detach()
+    q_logits, base_logits = _untracked(q_logits), _untracked(base_logits)
     if backend == "torch":
         y = q_logits.float() + policy.alpha_0 * base_logits.float()  # the row shift of log_softmax changes nothing
         no_finite_max = ~torch.isfinite(y.amax(-1)) | torch.isnan(y).any(-1)
@@ -135,8 +159,7 @@ def sample_hidden_rows(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias
                        two_stream: bool = False) -> torch.Tensor:
     """``sample_logits_rows`` from [B, H] hidden states and the LM head (one product on h_c, or with
     ``two_stream`` the adapter and base rows in one product per W tile); no checks."""
-    detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    ha, hb, w, b = map(detach, (adapter_hidden, base_hidden, lm_head_weight, lm_head_bias))
+    ha, hb, w, b = map(_untracked, (adapter_hidden, base_hidden, lm_head_weight, lm_head_bias))
     if backend == "torch":
         logits = lambda h: torch.nn.functional.linear(h, w, b)  # noqa: E731
         return sample_logits_rows(logits(ha), logits(hb), policy, per_row, generator, backend)
@@ -165,15 +188,22 @@ def combined_logits(
     """``(Q + alpha_0 * log_softmax(L)) / alpha_tilde`` as fp32 ``[B, V]``: the customised policy's logits.
 
     ``params``: a :class:`PolicyParams` (None: the defaults); ``alpha_tilde``, ``alpha_0`` override it.
-    Differentiable in ``q_logits``.
+    Differentiable in ``q_logits``. NaN or +inf in either input, or a row with no finite entry, is a
+    ValueError (one host sync; skipped under torch.compile and CUDA-graph capture).
     """
     _check_rows(q_logits, base_logits)
     p = resolve(PolicyParams, params, overrides)
     backend = resolve_backend(backend, q_logits.device)
     if backend == "torch":
-        return reference.combined_logits(q_logits, base_logits, p).float()
-    return combined_logits_rows(q_logits, base_logits, p.alpha_tilde, p.alpha_0,
-                                through_dispatcher(backend, q_logits.device))
+        out = reference.combined_logits(q_logits, base_logits, p).float()
+    else:
+        out = combined_logits_rows(q_logits, base_logits, p.alpha_tilde, p.alpha_0,
+                                   through_dispatcher(backend, q_logits.device))
+    if value_checks_enabled(q_logits.device) and out.numel():
+        # NaN or +inf anywhere, or a row of -inf, leaves a row without a finite maximum.
+        raise_on_flags({nonfinite_message("q_logits or base_logits", p.alpha_0):
+                        ~torch.isfinite(out.detach().amax(-1)).all()})
+    return out
 
 
 @with_param_keywords(PolicyParams, SamplingParams)
@@ -212,7 +242,7 @@ def combined_sample(
     per_row = row_sampling(q_logits.shape[0], device, sampling, flags)
     tokens = sample_logits_rows(q_logits, base_logits, policy, per_row, as_generator(generator, device), backend)
     if flags is not None:
-        bad_row_flag(tokens, "q_logits or base_logits", flags)
+        bad_row_flag(tokens, "q_logits or base_logits", policy.alpha_0, flags)
     raise_on_sampling_flags(flags)
     return tokens
 
@@ -258,6 +288,6 @@ def combined_sample_from_hidden(
     tokens = sample_hidden_rows(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, policy, per_row,
                                 as_generator(generator, device), backend, budget, two_stream)
     if flags is not None:
-        bad_row_flag(tokens, "adapter_hidden, base_hidden or lm_head_weight", flags)
+        bad_row_flag(tokens, "adapter_hidden, base_hidden or lm_head_weight", policy.alpha_0, flags)
     raise_on_sampling_flags(flags)
     return tokens

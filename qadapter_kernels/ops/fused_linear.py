@@ -31,22 +31,22 @@ from .triton_helpers import (
 def _fused_linear_fwd_kernel(
     ha_ptr, hb_ptr, w_ptr, b_ptr, actions_ptr, values_ptr, q_taken_ptr, lse_y_ptr,
     N, H, V, alpha_tilde, alpha_0,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     a = tl.load(actions_ptr + rows, mask=row_ok, other=-1)
-    m_y = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    m_l = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    s_y = tl.zeros([BLOCK_M], dtype=tl.float32)
-    s_l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    q_a = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_y = tl.full([BLOCK_M], -float("inf"), ACC)
+    m_l = tl.full([BLOCK_M], -float("inf"), ACC)
+    s_y = tl.zeros([BLOCK_M], dtype=ACC)
+    s_l = tl.zeros([BLOCK_M], dtype=ACC)
+    q_a = tl.zeros([BLOCK_M], dtype=ACC)
     for v0 in range(0, V, BLOCK_N):
         cols = v0 + tl.arange(0, BLOCK_N)
         col_ok = cols < V
         q, l = logits_tiles(ha_ptr, hb_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H,
-                             HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                            HAS_BIAS, UPCAST, DOT_PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
         q_a += tl.sum(tl.where(cols[None, :] == a[:, None], q, 0.0), 1)
         y = tl.where(col_ok[None, :], (q + alpha_0 * l) / alpha_tilde, -float("inf"))
         l = tl.where(col_ok[None, :], l, -float("inf"))
@@ -54,6 +54,8 @@ def _fused_linear_fwd_kernel(
         m_l, s_l = online_lse_update(m_l, s_l, l, 1)
     lse_y = m_y + tl.log(s_y)
     tl.store(values_ptr + rows, alpha_tilde * lse_y - alpha_0 * (m_l + tl.log(s_l)), mask=row_ok)
+    # An out-of-range action matched no column: NaN, as on every backend (the public API reports it).
+    q_a = tl.where((a >= 0) & (a < V), q_a, float("nan"))
     tl.store(q_taken_ptr + rows, q_a, mask=row_ok)
     tl.store(lse_y_ptr + rows, lse_y, mask=row_ok)
 
@@ -62,7 +64,7 @@ def _fused_linear_fwd_kernel(
 def _fused_linear_dq_kernel(
     ha_ptr, hb_ptr, w_ptr, b_ptr, actions_ptr, lse_y_ptr, grad_values_ptr, grad_q_taken_ptr, out_ptr,
     row0, chunk_rows, H, V, alpha_tilde, alpha_0,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dQ = g_V * softmax(y) + g_q * onehot(a) for rows [row0, row0 + chunk_rows), all of V."""
@@ -72,7 +74,7 @@ def _fused_linear_dq_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < V
     q, l = logits_tiles(ha_ptr, hb_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H,
-                         HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                        HAS_BIAS, UPCAST, DOT_PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
     lse_y = tl.load(lse_y_ptr + rows, mask=row_ok, other=0.0)
     g_v = tl.load(grad_values_ptr + rows, mask=row_ok, other=0.0)
     g_q = tl.load(grad_q_taken_ptr + rows, mask=row_ok, other=0.0)
@@ -128,17 +130,26 @@ def _triton_bwd(grad_values, grad_q_taken, ha, hb, w, bias, actions, lse_y, expe
     if output_mask[0]:
         if expected.shape[0] != ha.shape[0]:
             raise ValueError("the forward ran without with_expected, so grad(adapter_hidden) is unavailable")
-        grad_hidden = (grad_q_taken[:, None] * w[actions].to(acc) + grad_values[:, None] * expected).to(ha.dtype)
+        # No one-hot term (and no W row read) for an out-of-range action: its q_taken was NaN.
+        valid = (actions >= 0) & (actions < w.shape[0])
+        w_taken = w.index_select(0, torch.where(valid, actions, 0)).to(acc)
+        grad_hidden = (torch.where(valid, grad_q_taken, 0.0)[:, None] * w_taken
+                       + grad_values[:, None] * expected).to(ha.dtype)
     if output_mask[1] or output_mask[2]:
-        grad_w = torch.zeros_like(w) if output_mask[1] else None
+        # grad(W) accumulates across row chunks in fp32 (fp64 for fp64), cast to W's dtype once.
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if output_mask[1] else None
         grad_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if output_mask[2] else None
         for row0, dq in _dq_chunks(ha, hb, w, bias, actions, lse_y.contiguous(), grad_values, grad_q_taken,
                                    alpha_tilde, alpha_0, tile_rows):
             if grad_w is not None:
-                grad_w.addmm_(dq.t(), ha[row0 : row0 + dq.shape[0]])
+                chunk = ha[row0 : row0 + dq.shape[0]]
+                if grad_w.dtype == w.dtype:
+                    grad_w.addmm_(dq.t(), chunk)
+                else:
+                    grad_w += torch.mm(dq.t(), chunk).to(acc)
             if grad_b is not None:
                 grad_b += dq.sum(0, dtype=acc)
-        grad_weight = grad_w if grad_w is not None else grad_weight
+        grad_weight = grad_w.to(w.dtype) if grad_w is not None else grad_weight
         grad_bias = grad_b.to(w.dtype) if grad_b is not None else grad_bias
     return grad_hidden, grad_weight, grad_bias
 

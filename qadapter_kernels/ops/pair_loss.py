@@ -16,12 +16,14 @@ import triton.language as tl
 
 from ..params import LengthNorm, RewardVariant
 from .backend import acc_dtype
+from .triton_helpers import acc_constexpr
 from .registration import KernelVariant, pointers, register_differentiable_op, register_triton_kernel, scalars
 
 
 # The kernels take the variant and the length normalisation as integer constexprs (their .code).
 _BELLMAN = tl.constexpr(RewardVariant.BELLMAN.code)
 _BY_RESPONSE = tl.constexpr(LengthNorm.RESPONSE.code)
+_BY_PADDED_WIDTH = tl.constexpr(LengthNorm.PADDED.code)
 
 
 @triton.jit
@@ -40,46 +42,55 @@ def _reward_layout(mask_row, t, T, VARIANT: tl.constexpr):
 
 
 @triton.jit
+def _inverse_norm(num_scored, T, LENGTH_NORM: tl.constexpr, ACC: tl.constexpr):
+    """1 / what a row's summed reward is divided by: its scored actions (at least 1), T - 1, or 1."""
+    if LENGTH_NORM == _BY_RESPONSE:
+        inv = 1.0 / tl.maximum(num_scored, 1).to(ACC)
+    elif LENGTH_NORM == _BY_PADDED_WIDTH:
+        inv = 1.0 / (tl.zeros([], ACC) + (T - 1))
+    else:
+        inv = tl.full([], 1.0, ACC)
+    return inv
+
+
+@triton.jit
 def _pair_rows_fwd_kernel(
     values_ptr, q_taken_ptr, mask_ptr, rewards_ptr, scores_ptr, sum_sq_ptr, count_ptr,
-    T, gamma, inv_norm,
-    VARIANT: tl.constexpr, LENGTH_NORM: tl.constexpr, BLOCK_T: tl.constexpr,
+    T, gamma,
+    VARIANT: tl.constexpr, LENGTH_NORM: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Rewards, score, sum of squared rewards and number of scored actions of one row. inv_norm:
-    1 / the score's divisor, unless LENGTH_NORM divides by the row's own number of scored actions."""
+    """Rewards, score, sum of squared rewards and number of scored actions of one row."""
     row = tl.program_id(0).to(tl.int64)
     base = row * T
-    acc_r = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_r = tl.zeros([BLOCK_T], dtype=ACC)
+    acc_sq = tl.zeros([BLOCK_T], dtype=ACC)
     acc_n = tl.zeros([BLOCK_T], dtype=tl.int32)
     for start in range(0, T, BLOCK_T):
         t = start + tl.arange(0, BLOCK_T)
         scored, value_pos, counted = _reward_layout(mask_ptr + base, t, T, VARIANT)
-        value = tl.load(values_ptr + base + value_pos, mask=scored & counted, other=0.0).to(tl.float32)
-        q_a = tl.load(q_taken_ptr + base + t, mask=scored, other=0.0).to(tl.float32)
+        value = tl.load(values_ptr + base + value_pos, mask=scored & counted, other=0.0).to(ACC)
+        q_a = tl.load(q_taken_ptr + base + t, mask=scored, other=0.0).to(ACC)
         r = tl.where(scored, q_a - gamma * value, 0.0)
         tl.store(rewards_ptr + base + t, r, mask=t < T)
         acc_r += r
         acc_sq += r * r
         acc_n += scored.to(tl.int32)
     n = tl.sum(acc_n, 0)
-    if LENGTH_NORM == _BY_RESPONSE:
-        inv_norm = 1.0 / tl.maximum(n, 1).to(tl.float32)
-    tl.store(scores_ptr + row, tl.sum(acc_r, 0) * inv_norm)
+    tl.store(scores_ptr + row, tl.sum(acc_r, 0) * _inverse_norm(n, T, LENGTH_NORM, ACC))
     tl.store(sum_sq_ptr + row, tl.sum(acc_sq, 0))
-    tl.store(count_ptr + row, n.to(tl.float32))
+    tl.store(count_ptr + row, n.to(ACC))
 
 
 @triton.jit
 def _pair_reduce_kernel(
     scores_ptr, sum_sq_ptr, count_ptr, loss_ptr, pref_ptr, reg_ptr, accuracy_ptr, num_scored_ptr,
     B, beta,
-    BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pref = tl.zeros([BLOCK], dtype=tl.float32)
-    correct = tl.zeros([BLOCK], dtype=tl.float32)
-    sum_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    count = tl.zeros([BLOCK], dtype=tl.float32)
+    pref = tl.zeros([BLOCK], dtype=ACC)
+    correct = tl.zeros([BLOCK], dtype=ACC)
+    sum_sq = tl.zeros([BLOCK], dtype=ACC)
+    count = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, B, BLOCK):
         i = start + tl.arange(0, BLOCK)
         in_b = i < B
@@ -106,8 +117,8 @@ def _pair_reduce_kernel(
 def _reward_grad(t, g_score_norm, g_sq, mask_row, rewards_row, grad_rewards_row, T, VARIANT: tl.constexpr):
     """d(outputs)/d(r_t) at positions t (0 where not scored), and whether r_t's bootstrap value counts."""
     scored, _, counted = _reward_layout(mask_row, t, T, VARIANT)
-    r = tl.load(rewards_row + t, mask=scored, other=0.0).to(tl.float32)
-    g_r = tl.load(grad_rewards_row + t, mask=scored, other=0.0).to(tl.float32)
+    r = tl.load(rewards_row + t, mask=scored, other=0.0)
+    g_r = tl.load(grad_rewards_row + t, mask=scored, other=0.0)
     return tl.where(scored, g_score_norm + g_sq * r + g_r, 0.0), counted
 
 
@@ -115,28 +126,27 @@ def _reward_grad(t, g_score_norm, g_sq, mask_row, rewards_row, grad_rewards_row,
 def _pair_bwd_kernel(
     grad_loss_ptr, grad_pref_ptr, grad_reg_ptr, grad_scores_ptr, grad_rewards_ptr,
     scores_ptr, rewards_ptr, num_scored_ptr, mask_ptr, grad_values_ptr, grad_q_taken_ptr,
-    B, T, gamma, beta, inv_norm,
-    VARIANT: tl.constexpr, LENGTH_NORM: tl.constexpr, BLOCK_T: tl.constexpr,
+    B, T, gamma, beta,
+    VARIANT: tl.constexpr, LENGTH_NORM: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
-    g_loss = tl.load(grad_loss_ptr).to(tl.float32)
+    g_loss = tl.load(grad_loss_ptr).to(ACC)
     chosen = row < B
     partner = tl.where(chosen, row + B, row - B)
-    own = tl.load(scores_ptr + row).to(tl.float32)
-    other = tl.load(scores_ptr + partner).to(tl.float32)
+    own = tl.load(scores_ptr + row).to(ACC)
+    other = tl.load(scores_ptr + partner).to(ACC)
     # pref = mean softplus(S_rejected - S_chosen): +sigmoid on the rejected side, -sigmoid on the chosen.
     margin = tl.where(chosen, other - own, own - other)
-    g_bt = (g_loss + tl.load(grad_pref_ptr).to(tl.float32)) / B
-    g_score = tl.where(chosen, -g_bt, g_bt) * tl.sigmoid(margin) + tl.load(grad_scores_ptr + row).to(tl.float32)
+    g_bt = (g_loss + tl.load(grad_pref_ptr).to(ACC)) / B
+    g_score = tl.where(chosen, -g_bt, g_bt) * tl.sigmoid(margin) + tl.load(grad_scores_ptr + row).to(ACC)
+    n = tl.zeros([BLOCK_T], dtype=tl.int32)
     if LENGTH_NORM == _BY_RESPONSE:
-        n = tl.zeros([BLOCK_T], dtype=tl.int32)
         for start in range(0, T, BLOCK_T):
             scored, _, _ = _reward_layout(mask_ptr + base, start + tl.arange(0, BLOCK_T), T, VARIANT)
             n += scored.to(tl.int32)
-        inv_norm = 1.0 / tl.maximum(tl.sum(n, 0), 1).to(tl.float32)
-    g_score_norm = g_score * inv_norm
-    g_sq = (g_loss + tl.load(grad_reg_ptr).to(tl.float32)) * 2.0 * beta / tl.load(num_scored_ptr).to(tl.float32)
+    g_score_norm = g_score * _inverse_norm(tl.sum(n, 0), T, LENGTH_NORM, ACC)
+    g_sq = (g_loss + tl.load(grad_reg_ptr).to(ACC)) * 2.0 * beta / tl.load(num_scored_ptr).to(ACC)
     for start in range(0, T, BLOCK_T):
         t = start + tl.arange(0, BLOCK_T)
         g_r, _ = _reward_grad(t, g_score_norm, g_sq, mask_ptr + base, rewards_ptr + base,
@@ -160,13 +170,9 @@ def _mask_bytes(loss_mask: torch.Tensor) -> torch.Tensor:
     return loss_mask.contiguous().view(torch.uint8)
 
 
-def _constexprs(variant: str, length_norm: str, T: int) -> dict:
-    return dict(VARIANT=RewardVariant(variant).code, LENGTH_NORM=LengthNorm(length_norm).code, BLOCK_T=_block_t(T))
-
-
-def _inverse_norm(length_norm: str, T: int) -> float:
-    """1 / the score divisor shared by every row (the kernels divide by each row's count for "response")."""
-    return 1.0 / (T - 1) if LengthNorm(length_norm) is LengthNorm.PADDED else 1.0
+def _constexprs(variant: str, length_norm: str, T: int, dtype: torch.dtype) -> dict:
+    return dict(VARIANT=RewardVariant(variant).code, LENGTH_NORM=LengthNorm(length_norm).code,
+                ACC=acc_constexpr(dtype), BLOCK_T=_block_t(T))
 
 
 def _triton_pair_loss(values, q_taken, loss_mask, gamma, beta, variant, length_norm):
@@ -177,11 +183,11 @@ def _triton_pair_loss(values, q_taken, loss_mask, gamma, beta, variant, length_n
     loss, pref, reg, accuracy, num_scored = (new() for _ in range(5))
     _pair_rows_fwd_kernel[(rows,)](
         values, q_taken, _mask_bytes(loss_mask), rewards, scores, sum_sq, count, T, gamma,
-        _inverse_norm(length_norm, T), **_constexprs(variant, length_norm, T),
+        **_constexprs(variant, length_norm, T, values.dtype),
     )
     _pair_reduce_kernel[(1,)](
         scores, sum_sq, count, loss, pref, reg, accuracy, num_scored, rows // 2, beta,
-        BLOCK=min(1024, triton.next_power_of_2(rows // 2)),
+        ACC=acc_constexpr(values.dtype), BLOCK=min(1024, triton.next_power_of_2(rows // 2)),
     )
     return loss, pref, reg, scores, accuracy, rewards, num_scored
 
@@ -196,7 +202,7 @@ def _triton_pair_loss_backward(
     _pair_bwd_kernel[(rows,)](
         c(grad_loss), c(grad_pref_loss), c(grad_reg_loss), c(grad_scores), c(grad_rewards),
         c(scores), c(rewards), c(num_scored), _mask_bytes(loss_mask), grad_values, grad_q_taken,
-        rows // 2, T, gamma, beta, _inverse_norm(length_norm, T), **_constexprs(variant, length_norm, T),
+        rows // 2, T, gamma, beta, **_constexprs(variant, length_norm, T, rewards.dtype),
     )
     return grad_values, grad_q_taken
 
@@ -256,20 +262,23 @@ def _register_compile_variants() -> None:
     per_row = ["values_ptr", "q_taken_ptr", "rewards_ptr", "scores_ptr", "sum_sq_ptr", "count_ptr"]
     grads = ["grad_loss_ptr", "grad_pref_ptr", "grad_reg_ptr", "grad_scores_ptr", "grad_rewards_ptr", "scores_ptr",
              "rewards_ptr", "num_scored_ptr", "grad_values_ptr", "grad_q_taken_ptr"]
-    forward, backward = [], []
-    for variant in RewardVariant:
-        for length_norm in LengthNorm:
-            constexprs = {"VARIANT": variant.code, "LENGTH_NORM": length_norm.code, "BLOCK_T": 1024}
-            forward.append(KernelVariant({**pointers(per_row, "fp32"), "mask_ptr": "*u8", "T": "i32",
-                                          **scalars("fp32", "gamma", "inv_norm")}, constexprs))
-            backward.append(KernelVariant({**pointers(grads, "fp32"), "mask_ptr": "*u8", **scalars("i32", "B", "T"),
-                                           **scalars("fp32", "gamma", "beta", "inv_norm")}, constexprs))
-    register_triton_kernel(_pair_rows_fwd_kernel, forward)
-    register_triton_kernel(_pair_bwd_kernel, backward)
     reduced = ["scores_ptr", "sum_sq_ptr", "count_ptr", "loss_ptr", "pref_ptr", "reg_ptr", "accuracy_ptr",
                "num_scored_ptr"]
-    register_triton_kernel(_pair_reduce_kernel, [KernelVariant({**pointers(reduced, "fp32"), "B": "i32", "beta": "fp32"},
-                                                               {"BLOCK": 1024})])
+    forward, backward, reduce = [], [], []
+    for acc, acc_type in (("fp32", tl.float32), ("fp64", tl.float64)):
+        reduce.append(KernelVariant({**pointers(reduced, acc), "B": "i32", "beta": "fp32"},
+                                    {"ACC": acc_type, "BLOCK": 1024}))
+        for variant in RewardVariant:
+            for length_norm in LengthNorm:
+                constexprs = {"VARIANT": variant.code, "LENGTH_NORM": length_norm.code, "ACC": acc_type,
+                              "BLOCK_T": 1024}
+                forward.append(KernelVariant({**pointers(per_row, acc), "mask_ptr": "*u8", "T": "i32",
+                                              "gamma": "fp32"}, constexprs))
+                backward.append(KernelVariant({**pointers(grads, acc), "mask_ptr": "*u8", **scalars("i32", "B", "T"),
+                                               **scalars("fp32", "gamma", "beta")}, constexprs))
+    register_triton_kernel(_pair_rows_fwd_kernel, forward)
+    register_triton_kernel(_pair_bwd_kernel, backward)
+    register_triton_kernel(_pair_reduce_kernel, reduce)
 
 
 _register_compile_variants()

@@ -21,7 +21,7 @@ from .registration import (
     register_triton_kernel,
     scalars,
 )
-from .triton_helpers import online_lse_update, row_contiguous
+from .triton_helpers import acc_constexpr, online_lse_update, row_contiguous
 
 _BLOCK_V = 4096
 
@@ -30,22 +30,22 @@ _BLOCK_V = 4096
 def _residual_q_values_fwd_kernel(
     q_ptr, l_ptr, actions_ptr, values_ptr, q_taken_ptr, lse_y_ptr,
     q_stride, l_stride, V, alpha_tilde, alpha_0,
-    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     q_row = q_ptr + row * q_stride
     l_row = l_ptr + row * l_stride
-    inv_at = 1.0 / alpha_tilde
-    m_y = -float("inf")
-    s_y = 0.0
-    m_l = -float("inf")
-    s_l = 0.0
+    inv_at = 1.0 / (tl.zeros([], ACC) + alpha_tilde)
+    m_y = tl.full([], -float("inf"), ACC)
+    s_y = tl.zeros([], ACC)
+    m_l = tl.full([], -float("inf"), ACC)
+    s_l = tl.zeros([], ACC)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         in_v = offs < V
-        # fp32 right after the load: the reductions run in fp32 whatever the input dtype.
-        q = tl.load(q_row + offs, mask=in_v, other=0.0).to(tl.float32)
-        l = tl.load(l_row + offs, mask=in_v, other=0.0).to(tl.float32)
+        # ACC right after the load: the reductions run in fp32 (fp64 for fp64) whatever the input dtype.
+        q = tl.load(q_row + offs, mask=in_v, other=0.0).to(ACC)
+        l = tl.load(l_row + offs, mask=in_v, other=0.0).to(ACC)
         y = tl.where(in_v, (q + alpha_0 * l) * inv_at, -float("inf"))
         l = tl.where(in_v, l, -float("inf"))
         m_y, s_y = online_lse_update(m_y, s_y, y, 0)
@@ -55,7 +55,7 @@ def _residual_q_values_fwd_kernel(
     a = tl.load(actions_ptr + row)
     # An out-of-range action reads nothing and yields NaN (the eager entry point reports it).
     valid = (a >= 0) & (a < V)
-    q_a = tl.load(q_row + a, mask=valid, other=float("nan")).to(tl.float32)
+    q_a = tl.load(q_row + a, mask=valid, other=float("nan")).to(ACC)
     tl.store(values_ptr + row, alpha_tilde * lse_y - alpha_0 * lse_l)
     tl.store(q_taken_ptr + row, q_a)
     tl.store(lse_y_ptr + row, lse_y)
@@ -65,7 +65,7 @@ def _residual_q_values_fwd_kernel(
 def _residual_q_values_bwd_kernel(
     grad_values_ptr, grad_q_taken_ptr, q_ptr, l_ptr, actions_ptr, lse_y_ptr, grad_q_ptr,
     q_stride, l_stride, V, alpha_tilde, alpha_0,
-    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -77,8 +77,8 @@ def _residual_q_values_bwd_kernel(
         # Prompt and pad positions: zeros, without reading the logits.
         tl.store(out, tl.zeros([BLOCK_V], dtype=grad_q_ptr.dtype.element_ty), mask=in_v)
     else:
-        q = tl.load(q_ptr + row * q_stride + offs, mask=in_v, other=0.0).to(tl.float32)
-        l = tl.load(l_ptr + row * l_stride + offs, mask=in_v, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + row * q_stride + offs, mask=in_v, other=0.0).to(ACC)
+        l = tl.load(l_ptr + row * l_stride + offs, mask=in_v, other=0.0).to(ACC)
         lse_y = tl.load(lse_y_ptr + row)
         pi = tl.exp((q + alpha_0 * l) / alpha_tilde - lse_y)
         a = tl.load(actions_ptr + row)
@@ -93,7 +93,7 @@ def _triton_fwd(q_logits, base_logits, actions, alpha_tilde, alpha_0):
     if n:
         _residual_q_values_fwd_kernel[(n,)](
             q, l, actions.contiguous(), *out, q.stride(0), l.stride(0), vocab, alpha_tilde, alpha_0,
-            BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)), num_warps=8,
+            ACC=acc_constexpr(q.dtype), BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)), num_warps=8,
         )
     return tuple(out)
 
@@ -108,7 +108,7 @@ def _triton_bwd(grad_values, grad_q_taken, q_logits, base_logits, actions, lse_y
         _residual_q_values_bwd_kernel[(n, triton.cdiv(vocab, block))](
             grad_values.to(acc).contiguous(), grad_q_taken.to(acc).contiguous(), q, l,
             actions.contiguous(), lse_y.contiguous(), grad_q, q.stride(0), l.stride(0), vocab,
-            alpha_tilde, alpha_0, BLOCK_V=block, num_warps=8,
+            alpha_tilde, alpha_0, ACC=acc_constexpr(q.dtype), BLOCK_V=block, num_warps=8,
         )
     return grad_q
 
@@ -173,6 +173,9 @@ def residual_q_values_rows(
     return values, q_taken
 
 
+_ACC = {"fp32": tl.float32, "fp64": tl.float64}
+
+
 def _compile_variants() -> tuple[list[KernelVariant], list[KernelVariant]]:
     forward, backward = [], []
     for dt in FLOAT_TYPES:
@@ -181,11 +184,11 @@ def _compile_variants() -> tuple[list[KernelVariant], list[KernelVariant]]:
                   **scalars("fp32", "alpha_tilde", "alpha_0")}
         forward.append(KernelVariant(
             {**pointers(["q_ptr", "l_ptr"], dt), **pointers(["values_ptr", "q_taken_ptr", "lse_y_ptr"], acc), **common},
-            {"BLOCK_V": _BLOCK_V}))
+            {"ACC": _ACC[acc], "BLOCK_V": _BLOCK_V}))
         backward.append(KernelVariant(
             {**pointers(["grad_values_ptr", "grad_q_taken_ptr", "lse_y_ptr"], acc),
              **pointers(["q_ptr", "l_ptr", "grad_q_ptr"], dt), **common},
-            {"BLOCK_V": _BLOCK_V}))
+            {"ACC": _ACC[acc], "BLOCK_V": _BLOCK_V}))
     return forward, backward
 
 

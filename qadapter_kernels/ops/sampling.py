@@ -168,14 +168,15 @@ def _combined_logits_kernel(q_ptr, l_ptr, out_ptr, V, q_stride, l_stride, alpha_
 @triton.jit
 def _combined_from_hidden_kernel(ha_ptr, hb_ptr, w_ptr, b_ptr, out_ptr, N, H, V, alpha_tilde, alpha_0,
                                  HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                 ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_K: tl.constexpr):
     """y = (Q + alpha_0 * L) / alpha_tilde straight from hidden states; Q and L are never stored."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     col_ok = cols < V
     q, l = logits_tiles(ha_ptr, hb_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H,
-                         HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                        HAS_BIAS, UPCAST, DOT_PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * V + cols[None, :], (q + alpha_0 * l) / alpha_tilde,
              mask=row_ok[:, None] & col_ok[None, :])
 

@@ -27,11 +27,11 @@ def online_lse_update(running_max, running_sum, x, axis: tl.constexpr):
 
 @triton.jit
 def logits_tiles(ha_ptr, hb_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H,
-                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] tiles of Q and L; each W tile is loaded once for both."""
-    acc_q = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_l = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    """[BLOCK_M, BLOCK_N] tiles of Q and L in ACC (fp32, fp64 for fp64 inputs); each W tile is loaded once for both."""
+    acc_q = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    acc_l = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
@@ -40,14 +40,14 @@ def logits_tiles(ha_ptr, hb_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H,
         hb = tl.load(hb_ptr + rows[:, None] * H + ks[None, :], mask=h_mask, other=0.0)
         w = tl.load(w_ptr + cols[:, None] * H + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:  # the interpreter computes bf16 wrongly; on a GPU bf16 operands feed the tensor cores
-            ha = ha.to(tl.float32)
-            hb = hb.to(tl.float32)
-            w = w.to(tl.float32)
+            ha = ha.to(ACC)
+            hb = hb.to(ACC)
+            w = w.to(ACC)
         wt = tl.trans(w)
-        acc_q = tl.dot(ha, wt, acc_q, input_precision=DOT_PRECISION)
-        acc_l = tl.dot(hb, wt, acc_l, input_precision=DOT_PRECISION)
+        acc_q = tl.dot(ha, wt, acc_q, input_precision=DOT_PRECISION, out_dtype=ACC)
+        acc_l = tl.dot(hb, wt, acc_l, input_precision=DOT_PRECISION, out_dtype=ACC)
     if HAS_BIAS:
-        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         acc_q += b[None, :]
         acc_l += b[None, :]
     return acc_q, acc_l
@@ -94,6 +94,11 @@ def combined_tile_compile_options(acc_dtype: str, has_bias: bool) -> dict:
                 BLOCK_M=LOGITS_BLOCK_M, BLOCK_N=LOGITS_BLOCK_N, BLOCK_K=LOGITS_BLOCK_K)
 
 
+def acc_constexpr(dtype: torch.dtype):
+    """The Triton dtype a kernel accumulates in for inputs of ``dtype`` (ops.backend.acc_dtype's twin)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def logits_tile_options(ha: torch.Tensor, bias: torch.Tensor | None) -> dict:
     """The constexprs of a kernel that calls ``logits_tiles`` on these hidden states."""
     fp32_exact = ha.dtype in (torch.float32, torch.float64) and not torch.backends.cuda.matmul.allow_tf32
@@ -101,6 +106,7 @@ def logits_tile_options(ha: torch.Tensor, bias: torch.Tensor | None) -> dict:
         HAS_BIAS=bias is not None,
         UPCAST=TRITON_INTERPRETED or ha.dtype == torch.float64,
         DOT_PRECISION="ieee" if fp32_exact else "tf32",
+        ACC=acc_constexpr(ha.dtype),
         BLOCK_M=LOGITS_BLOCK_M, BLOCK_N=LOGITS_BLOCK_N, BLOCK_K=LOGITS_BLOCK_K,
     )
 
@@ -109,7 +115,7 @@ def logits_tile_compile_options(triton_dtype: str, has_bias: bool) -> dict:
     """``logits_tile_options`` as a GPU build of that dtype sees them (for the sm_90 compile check)."""
     return dict(HAS_BIAS=has_bias, UPCAST=triton_dtype == "fp64",
                 DOT_PRECISION="ieee" if triton_dtype in ("fp32", "fp64") else "tf32",
-                BLOCK_M=LOGITS_BLOCK_M, BLOCK_N=LOGITS_BLOCK_N, BLOCK_K=LOGITS_BLOCK_K)
+                ACC=tl.float64 if triton_dtype == "fp64" else tl.float32, BLOCK_M=LOGITS_BLOCK_M, BLOCK_N=LOGITS_BLOCK_N, BLOCK_K=LOGITS_BLOCK_K)
 
 
 def row_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -13,31 +13,29 @@
 namespace qadapter {
 namespace {
 
+// Up to this many rows, MKL multiplies W_tile x hidden^T several times faster than hidden x W_tile^T
+// (sampling.cpp); above it the direct product wins by giving contiguous [rows, cols] logits.
+constexpr int64_t kFewRows = 4;
+
 // log_softmax(W h + b)[token] of each row of `hidden` (acc dtype); NaN where token is outside [0, V).
 at::Tensor row_tile_log_probs(const at::Tensor& hidden, const std::optional<at::Tensor>& bias,
                               const at::Tensor& weight, const at::Tensor& tokens, int64_t tile_vocab) {
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
-  const at::Tensor columns = product_columns(hidden).t();
-  const auto opts = hidden.options();
-  const double inf = std::numeric_limits<double>::infinity();
-  at::Tensor running_max = at::full({rows}, -inf, opts), running_sum = at::zeros({rows}, opts);
-  at::Tensor picked = at::full({rows}, std::numeric_limits<double>::quiet_NaN(), opts);
+  const at::Tensor few_row_columns = rows <= kFewRows ? product_columns(hidden).t() : at::Tensor();
+  at::Tensor running_lse = at::full({rows}, -std::numeric_limits<double>::infinity(), hidden.options());
+  at::Tensor picked = at::full({rows}, std::numeric_limits<double>::quiet_NaN(), hidden.options());
   for (int64_t v0 = 0; v0 < vocab; v0 += tile_vocab) {
     const int64_t cols = std::min(tile_vocab, vocab - v0);
-    // W_tile x hidden^T ([cols, rows]): the fast MKL orientation for few rows (sampling.cpp).
-    at::Tensor logits = at::mm(weight.narrow(0, v0, cols).to(hidden.scalar_type()), columns)
-                            .narrow(1, 0, rows).t();  // [rows, cols]
-    if (bias) logits = logits + bias->narrow(0, v0, cols);
-    const at::Tensor new_max = at::maximum(running_max, std::get<0>(logits.max(1)));  // NaN propagates
-    // Rows with nothing finite yet shift by 0, so exp(-inf - shift) = 0, not NaN.
-    const at::Tensor shift = at::where(new_max == -inf, at::zeros_like(new_max), new_max);
-    running_sum = running_sum * (running_max - shift).exp() + (logits - shift.unsqueeze(1)).exp().sum(1);
-    running_max = new_max;
+    const at::Tensor w_tile = weight.narrow(0, v0, cols).to(hidden.scalar_type());
+    at::Tensor logits = rows <= kFewRows ? at::mm(w_tile, few_row_columns).narrow(1, 0, rows).t().contiguous()
+                                         : at::mm(hidden, w_tile.t());  // [rows, cols]
+    if (bias) logits.add_(bias->narrow(0, v0, cols));
+    running_lse = at::logaddexp(running_lse, at::logsumexp(logits, 1));  // NaN propagates
     const at::Tensor in_tile = (tokens >= v0) & (tokens < v0 + cols);
     const at::Tensor column = (tokens - v0).clamp(0, cols - 1).unsqueeze(1);
     picked = at::where(in_tile, logits.gather(1, column).squeeze(1), picked);
   }
-  return picked - (running_max + running_sum.log());
+  return picked - running_lse;
 }
 
 at::Tensor combined_log_probs_from_hidden_cpu(const at::Tensor& adapter_hidden, const at::Tensor& base_hidden,

@@ -107,6 +107,7 @@ BAD = {
     "float tokens": (lambda a: a.update(tokens=a["tokens"].float()), TypeError, r"tokens"),
     "tokens shape": (lambda a: a.update(tokens=a["tokens"][:2]), ValueError, r"tokens"),
     "NaN hidden": (lambda a: a["adapter_hidden"].__setitem__((0, 0), float("nan")), ValueError, r"NaN"),
+    "inf weight": (lambda a: a["lm_head_weight"].__setitem__((4, 2), float("inf")), ValueError, r"NaN or inf"),
     "weight H mismatch": (lambda a: a.update(lm_head_weight=a["lm_head_weight"][:, :-1]), ValueError, r"lm_head_weight"),
     "bias shape": (lambda a: a.update(lm_head_bias=a["lm_head_bias"][:-1]), ValueError, r"lm_head_bias"),
     "weight dtype": (lambda a: a.update(lm_head_weight=a["lm_head_weight"].double()), TypeError, r"lm_head_weight"),

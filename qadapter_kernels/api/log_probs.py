@@ -84,7 +84,8 @@ def combined_log_probs_from_hidden(
         vocab = lm_head_weight.shape[0]
         raise_on_flags({
             f"tokens must be token ids in [0, {vocab})": ((flat_tokens < 0) | (flat_tokens >= vocab)).any(),
-            "adapter_hidden, base_hidden, lm_head_weight or lm_head_bias hold NaN or inf (NaN log-probabilities)":
-                out.isnan().any(),
+            # Finite inputs give finite log-probabilities; NaN or inf anywhere in them does not.
+            "adapter_hidden, base_hidden, lm_head_weight or lm_head_bias hold NaN or inf (non-finite log-probabilities)":
+                ~out.isfinite().all(),
         })
     return out.reshape(lead)

@@ -17,7 +17,11 @@ Providers from logits ``[B, V]``:
 Providers from the last hidden states ``[B, H]`` and the shared LM head ``[V, H]``:
 
 - ``hf_from_hidden``:   two ``F.linear`` (adapter and base logits), then the ``hf`` path
-- ``from_hidden``:      ``qadapter_kernels.combined_sample_from_hidden(ha, hb, W, ...)``
+- ``from_hidden``:      ``qadapter_kernels.combined_sample_from_hidden(ha, hb, W, ...)``: ONE head product on
+                        h_c = (h_q + alpha_0 h_b) / alpha_tilde per W tile (DESIGN.md §2b)
+- ``from_hidden_two_stream``: the same with ``two_stream=True`` (both streams' rows per W tile: twice the FLOPs)
+- ``head_product``:     the floor, ``W @ h.T`` with B rows (one product of W, nothing else; timed in the same
+                        run, not a sampler, so not support-checked). ``x head_product`` is time / that floor.
 
 H defaults to 576 on CPU (SmolLM2-135M's hidden size: a 4096-wide head at V=128256 is 2.1 GB of
 fp32 weights, 0.3-2 s of GEMMs a call on the 2-core development machines) and 4096 on CUDA
@@ -65,7 +69,7 @@ from runner import (
 )
 
 HF, SORT, FUSED, FLASHINFER = "hf", "torch_sort", "qadapter_kernels", "flashinfer"
-HF_HIDDEN, FROM_HIDDEN = "hf_from_hidden", "from_hidden"
+HF_HIDDEN, FROM_HIDDEN, TWO_STREAM, HEAD_PRODUCT = "hf_from_hidden", "from_hidden", "from_hidden_two_stream", "head_product"
 DEFAULT_PARAMS = "top_p=0.9"
 PARAM_KEYS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float}
 CHECK_DRAWS = 4  # calls per provider in the support check
@@ -164,6 +168,7 @@ def hidden_providers(params: dict) -> dict[str, Callable]:
     return {
         HF_HIDDEN: lambda ha, hb, w: hf(F.linear(ha, w), F.linear(hb, w)),
         FROM_HIDDEN: lambda ha, hb, w: qk.combined_sample_from_hidden(ha, hb, w, **kw),
+        TWO_STREAM: lambda ha, hb, w: qk.combined_sample_from_hidden(ha, hb, w, **kw, two_stream=True),
     }
 
 
@@ -196,7 +201,8 @@ def time_providers(fns, inputs, config, dtype_name, device, warmup, reps, nbytes
     by_name = {r.provider: r for r in results}
     hf = by_name.get(HF) or by_name.get(HF_HIDDEN)
     for r in results:
-        r.extra["x hf"] = r.ms / hf.ms
+        if hf is not None:
+            r.extra["x hf"] = r.ms / hf.ms
         if SORT in by_name:
             r.extra["x torch_sort"] = r.ms / by_name[SORT].ms
         if FLASHINFER in by_name:
@@ -238,8 +244,13 @@ def bench_config(B: int, V: int, H: int, params: dict, dtype_name: str, device: 
         fns = hidden_providers(params)
         check_support(fns, (ha, hb, w), allowed)
         config_h = {"B": B, "V": V, "input": f"hidden H={H}", "params": p, "kept (median)": int(kept.median())}
-        results += time_providers(fns, (ha, hb, w), config_h, dtype_name, device, warmup, reps,
-                                  (V * H + 2 * B * H) * elem)
+        hidden_results = time_providers(fns, (ha, hb, w), config_h, dtype_name, device, warmup, reps,
+                                        (V * H + 2 * B * H) * elem)
+        floor = time_providers({HEAD_PRODUCT: lambda ha, hb, w: w @ ha.t()}, (ha, hb, w), config_h, dtype_name,
+                               device, warmup, reps, (V * H + B * H) * elem)[0]
+        for r in hidden_results + [floor]:
+            r.extra["x head_product"] = r.ms / floor.ms
+        results += hidden_results + [floor]
     return results, notes
 
 
@@ -269,6 +280,8 @@ TARGETS = [
     Target(FUSED, "x hf", "<=", 0.1, "cpu", _stated(B=16, V=128256)),
     Target(FUSED, "x torch_sort", "<=", 0.2, "cuda", _stated()),
     Target(FUSED, "x flashinfer", "<=", 1.2, "cuda", _stated()),
+    # Issue 10: W read and multiplied once; filtering and the draw hide behind that product.
+    Target(FROM_HIDDEN, "x head_product", "<=", 1.2, "cpu", _stated(B=16, V=128256)),
 ]
 
 
@@ -317,6 +330,8 @@ def main() -> None:
         "Gaussian logits of std ~4. 'kept (median)': tokens the reference filter keeps per row.",
         "GB/s: bytes read once (2 logits rows per sample; W + 2 hidden rows for hidden input). "
         "x hf: time / the hf path's (hf_from_hidden for hidden input). peak MiB: allocated during one call.",
+        "x head_product: time / one product W @ h.T of the same B rows (the floor of a hidden-state sampler), "
+        "timed in the same run.",
         "Every provider's draws were checked to lie in the reference filter's support; temperature 0 "
         "checked to decode the argmax.",
         *notes,

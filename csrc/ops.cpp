@@ -63,9 +63,17 @@ TORCH_LIBRARY(qadapter, m) {
   m.def(
       "combined_sample(Tensor q_logits, Tensor base_logits, Tensor uniforms, Tensor temperature, "
       "Tensor top_k, Tensor top_p, Tensor min_p, float alpha_tilde, float alpha_0) -> Tensor");
-  // The same from final hidden states: one matmul per W tile serves both streams.
+  // The same from final hidden states: one head product per W tile on the combined hidden state
+  // h_c = (h_q + alpha_0 * h_b) / alpha_tilde with bias b * (1 + alpha_0) / alpha_tilde (DESIGN.md
+  // §2b). two_stream: the adapter and base rows in one product per W tile instead (twice the FLOPs).
   m.def(
       "combined_sample_from_hidden(Tensor adapter_hidden, Tensor base_hidden, Tensor weight, Tensor? bias, "
       "Tensor uniforms, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, float alpha_tilde, "
-      "float alpha_0, int tile_vocab) -> Tensor");
+      "float alpha_0, int tile_vocab, bool two_stream=False) -> Tensor");
+  // log pi~(tokens) of the combined policy from hidden states [N, H] (one product on h_c per
+  // tile, a running logsumexp per row), in the accumulation dtype; NaN where a token id is
+  // outside [0, V). For scoring and log-likelihoods; not differentiable.
+  m.def(
+      "combined_log_probs_from_hidden(Tensor adapter_hidden, Tensor base_hidden, Tensor weight, Tensor? bias, "
+      "Tensor tokens, float alpha_tilde, float alpha_0, int tile_rows, int tile_vocab) -> Tensor");
 }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "combined_hidden.h"
 #include "vocab_tile.h"
 
 namespace qadapter {
@@ -257,43 +258,59 @@ at::Tensor combined_sample_cpu(const at::Tensor& q_logits, const at::Tensor& bas
   return tokens;
 }
 
-at::Tensor combined_sample_from_hidden_cpu(const at::Tensor& adapter_hidden, const at::Tensor& base_hidden,
-                                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                           const at::Tensor& uniforms, const at::Tensor& temperature,
-                                           const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
-                                           double alpha_tilde, double alpha_0, int64_t tile_vocab) {
-  // Sampling has no derivative: inputs that require grad (a model's lm_head.weight outside
-  // no_grad) must not reach the out= matmuls below with autograd on.
-  const at::NoGradGuard no_grad;
-  check_float("adapter_hidden", adapter_hidden);
-  TORCH_CHECK_VALUE(adapter_hidden.dim() == 2, "adapter_hidden must be [B, H], got ", adapter_hidden.sizes());
-  check_float_shape("base_hidden", base_hidden, adapter_hidden.sizes(), "adapter_hidden");
-  check_float("weight", weight);
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == adapter_hidden.size(1) && weight.size(0) > 0,
-                    "weight must be [V, H] with V >= 1 and H = ", adapter_hidden.size(1), ", got ", weight.sizes());
-  if (bias) check_float_shape("bias", *bias, {weight.size(0)}, "weight");
-  TORCH_CHECK_VALUE(tile_vocab > 0, "tile_vocab must be positive, got ", tile_vocab);
+// The combined rows y [B, V] (fp32) from hidden states, one W tile at a time. Default: one
+// product on h_c (combined_hidden.h). two_stream: the adapter and base rows in one product per
+// tile, then y = Q / alpha_tilde + L * alpha_0 / alpha_tilde (twice the FLOPs; the authors' scheme).
+at::Tensor combined_rows_from_hidden(const at::Tensor& adapter_hidden, const at::Tensor& base_hidden,
+                                     const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                     double alpha_tilde, double alpha_0, int64_t tile_vocab, bool two_stream) {
   const int64_t rows = adapter_hidden.size(0), vocab = weight.size(0);
-  const SamplingArgs args = check_sampling_args(rows, "adapter_hidden", uniforms, temperature, top_k, top_p, min_p);
-  // Both streams in one matmul per W tile: W is read once for the adapter and the base rows.
-  // The tile is computed as W_tile x hidden^T ([cols, 2B]), not hidden x W_tile^T: MKL's path
+  // Each tile is computed as W_tile x hidden^T ([cols, rows]), not hidden x W_tile^T: MKL's path
   // for few rows times a transposed row-major matrix is far slower (SmolLM2's head at B = 1,
   // 2 threads: 14.7 ms against 2.4 ms; still 1.3x at 2B = 128).
-  const at::Tensor hidden = at::cat({adapter_hidden, base_hidden}).to(at::kFloat);
+  at::Tensor hidden;
+  std::optional<at::Tensor> tile_bias = bias;
+  if (two_stream) {
+    hidden = at::cat({adapter_hidden.to(at::kFloat), base_hidden.to(at::kFloat)});
+  } else {
+    auto [combined_hidden, combined_bias] =
+        combine_hidden(adapter_hidden, base_hidden, bias, alpha_tilde, alpha_0, at::kFloat);
+    hidden = product_columns(combined_hidden);
+    tile_bias = combined_bias;
+  }
   at::Tensor combined = at::empty({rows, vocab}, hidden.options());
-  at::Tensor tile = at::empty({std::min(tile_vocab, vocab), 2 * rows}, hidden.options());
+  at::Tensor tile = at::empty({std::min(tile_vocab, vocab), hidden.size(0)}, hidden.options());
   const float inv_at = float(1.0 / alpha_tilde), scale = float(alpha_0 / alpha_tilde);
   for (int64_t v0 = 0; v0 < vocab; v0 += tile_vocab) {
     const int64_t cols = std::min(tile_vocab, vocab - v0);
     at::Tensor tile_t = tile.narrow(0, 0, cols);
     at::mm_out(tile_t, weight.narrow(0, v0, cols).to(at::kFloat), hidden.t());
-    if (bias) {
-      tile_t.add_(bias->narrow(0, v0, cols).to(at::kFloat).unsqueeze(1));
+    if (tile_bias) tile_t.add_(tile_bias->narrow(0, v0, cols).to(at::kFloat).unsqueeze(1));
+    const at::Tensor logits = tile_t.t();  // two_stream: adapter rows, then base rows
+    if (two_stream) {
+      combined.narrow(1, v0, cols).copy_(logits.narrow(0, 0, rows) * inv_at + logits.narrow(0, rows, rows) * scale);
+    } else {
+      combined.narrow(1, v0, cols).copy_(logits.narrow(0, 0, rows));
     }
-    const at::Tensor logits = tile_t.t();  // [2B, cols]: adapter rows, then base rows
-    combined.narrow(1, v0, cols).copy_(logits.narrow(0, 0, rows) * inv_at + logits.narrow(0, rows, rows) * scale);
   }
-  at::Tensor tokens = at::empty({rows}, hidden.options().dtype(at::kLong));
+  return combined;
+}
+
+at::Tensor combined_sample_from_hidden_cpu(const at::Tensor& adapter_hidden, const at::Tensor& base_hidden,
+                                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                           const at::Tensor& uniforms, const at::Tensor& temperature,
+                                           const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
+                                           double alpha_tilde, double alpha_0, int64_t tile_vocab, bool two_stream) {
+  // Sampling has no derivative: inputs that require grad (a model's lm_head.weight outside
+  // no_grad) must not reach the out= matmuls below with autograd on.
+  const at::NoGradGuard no_grad;
+  check_hidden_and_head(adapter_hidden, base_hidden, weight, bias);
+  TORCH_CHECK_VALUE(tile_vocab > 0, "tile_vocab must be positive, got ", tile_vocab);
+  const int64_t rows = adapter_hidden.size(0), vocab = weight.size(0);
+  const SamplingArgs args = check_sampling_args(rows, "adapter_hidden", uniforms, temperature, top_k, top_p, min_p);
+  at::Tensor combined =
+      combined_rows_from_hidden(adapter_hidden, base_hidden, weight, bias, alpha_tilde, alpha_0, tile_vocab, two_stream);
+  at::Tensor tokens = at::empty({rows}, combined.options().dtype(at::kLong));
   int64_t* out = tokens.mutable_data_ptr<int64_t>();
   float* y = combined.mutable_data_ptr<float>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {

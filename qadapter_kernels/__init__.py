@@ -8,6 +8,7 @@ import torch  # noqa: F401  (loads libtorch, which the extension links against)
 from . import ops  # noqa: F401  (loads the op schemas, CPU kernels and CUDA registrations)
 from . import reference
 from .api import (
+    combined_log_probs_from_hidden,
     combined_logits,
     combined_sample,
     combined_sample_from_hidden,
@@ -24,6 +25,7 @@ __all__ = [
     "QAdapterParams",
     "RewardVariant",
     "SamplingParams",
+    "combined_log_probs_from_hidden",
     "combined_logits",
     "combined_sample",
     "combined_sample_from_hidden",

@@ -169,6 +169,16 @@ def combined_logits(
     return (_acc(q_logits) + alpha_0 * torch.log_softmax(_acc(base_logits), -1)) / alpha_tilde
 
 
+@with_param_keywords(PolicyParams)
+def combined_log_probs(
+    q_logits: torch.Tensor, base_logits: torch.Tensor, tokens: torch.Tensor, params: PolicyParams | None = None,
+    **overrides,
+) -> torch.Tensor:
+    """log pi~(tokens): the customised policy's log-probabilities of ``tokens`` ``[...]`` from logits ``[..., V]``."""
+    z = combined_logits(q_logits, base_logits, params, **overrides)
+    return torch.log_softmax(z, -1).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
 def _per_row(value, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(value, dtype=dtype, device=device).expand(rows).clone()
 

@@ -18,7 +18,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
         ("bench_fused_linear.py", "fused_linear_quick",
          {"authors_eager", "authors_compile", "matmul_only", "qadapter_kernels"}),
         ("bench_sampling.py", "sampling_quick",
-         {"hf", "torch_sort", "qadapter_kernels", "hf_from_hidden", "from_hidden"}),
+         {"hf", "torch_sort", "qadapter_kernels", "hf_from_hidden", "from_hidden", "from_hidden_two_stream",
+          "head_product"}),
     ],
 )
 def test_benchmark_quick(tmp_path, script, name, providers):

@@ -86,7 +86,9 @@ def valid_arguments(op_name: str) -> dict[str, object]:
     if op_name == "combined_sample":
         return dict(**logits, **sampling, **alphas)
     if op_name == "combined_sample_from_hidden":
-        return dict(**hidden, **sampling, **alphas, tile_vocab=3)
+        return dict(**hidden, **sampling, **alphas, tile_vocab=3, two_stream=False)
+    if op_name == "combined_log_probs_from_hidden":
+        return dict(**hidden, tokens=actions, **alphas, **tiles)
     raise KeyError(f"no valid call of qadapter::{op_name}: add one to valid_arguments")
 
 

@@ -508,6 +508,7 @@ def test_combined_logits_strided_input(seed):
 # --------------------------------------------------------------------------- 7. from hidden states
 
 
+@pytest.mark.parametrize("two_stream", [False, True], ids=["h_c", "two-stream"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("backend, device, dtype, budget", [
     pytest.param("cpu", "cpu", torch.float32, None, id="cpu-fp32"),
@@ -516,7 +517,8 @@ def test_combined_logits_strided_input(seed):
     pytest.param("torch", "cpu", torch.float32, None, id="torch-fp32"),
     pytest.param("triton", "cpu", torch.float32, None, id="triton-interp-fp32", marks=no_interpreter_with_cuda),
 ])
-def test_from_hidden_equals_materialised_logits(backend, device, dtype, budget, bias, seed):
+def test_from_hidden_equals_materialised_logits(backend, device, dtype, budget, bias, two_stream, seed):
+    """One head product on h_c (default) or the two streams' rows: the tokens of the two logits rows."""
     rows, hidden, vocab = (4, 16, 40) if interpreted(backend, device) else (16, 32, 300)
     gen = generator(seed)
     ha = torch.randn(rows, hidden, generator=gen).to(dtype)
@@ -525,7 +527,8 @@ def test_from_hidden_equals_materialised_logits(backend, device, dtype, budget, 
     b = torch.randn(vocab, generator=gen).to(dtype) if bias else None
     kw = dict(alpha_tilde=0.8, alpha_0=0.5, temperature=torch.tensor([0.0, 1.0, 1.3, 0.7] * (rows // 4)),
               top_k=10, top_p=0.9, min_p=0.02)
-    got = qk.combined_sample_from_hidden(ha, hb, w, b, **kw, generator=321, backend=backend, tile_budget_mb=budget)
+    got = qk.combined_sample_from_hidden(ha, hb, w, b, **kw, generator=321, backend=backend, tile_budget_mb=budget,
+                                         two_stream=two_stream)
     # The logits the fused path never stores, in fp32 (it reads low-precision inputs and accumulates in fp32).
     logits = lambda h: F.linear(h.float(), w.float(), None if b is None else b.float())  # noqa: E731
     expected = qk.combined_sample(logits(ha), logits(hb), **kw, generator=321,
@@ -743,7 +746,9 @@ def test_opcheck(seed):
     ha, hb = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
     w, b = torch.randn(33, 8, generator=gen), torch.randn(33, generator=gen)
     for bias in (None, b):
-        torch.library.opcheck(OP.combined_sample_from_hidden.default, (ha, hb, w, bias, *args[2:], 1.0, 0.01, 16))
+        for two_stream in (False, True):
+            torch.library.opcheck(OP.combined_sample_from_hidden.default,
+                                  (ha, hb, w, bias, *args[2:], 1.0, 0.01, 16, two_stream))
 
 
 def test_compiled_raw_op_matches_eager(seed):

@@ -155,8 +155,10 @@ def sample_logits_rows(q_logits, base_logits, policy: PolicyParams, per_row: Row
 
 
 def sample_hidden_rows(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, policy: PolicyParams,
-                       per_row: RowSampling, generator, backend: str, budget_mb: float) -> torch.Tensor:
-    """``sample_logits_rows`` from [B, H] hidden states and the LM head; no checks."""
+                       per_row: RowSampling, generator, backend: str, budget_mb: float,
+                       two_stream: bool = False) -> torch.Tensor:
+    """``sample_logits_rows`` from [B, H] hidden states and the LM head (one product on h_c, or with
+    ``two_stream`` the adapter and base rows in one product per W tile); no checks."""
     ha, hb, w, b = map(_untracked, (adapter_hidden, base_hidden, lm_head_weight, lm_head_bias))
     if backend == "torch":
         logits = lambda h: torch.nn.functional.linear(h, w, b)  # noqa: E731
@@ -165,7 +167,7 @@ def sample_hidden_rows(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias
     _, tile_vocab = plan_tiles(rows, hidden, w.shape[0], w.dtype, True, budget_mb)
     return sample_from_hidden_rows(ha, hb, w, b, draw_uniforms(rows, ha.device, generator), *per_row,
                                    policy.alpha_tilde, policy.alpha_0, tile_vocab,
-                                   through_dispatcher(backend, ha.device))
+                                   through_dispatcher(backend, ha.device), two_stream)
 
 
 def _check_rows(q_logits, base_logits) -> None:
@@ -257,12 +259,17 @@ def combined_sample_from_hidden(
     generator: torch.Generator | int | None = None,
     backend: str | None = None,
     tile_budget_mb: float | None = None,
+    two_stream: bool = False,
     **overrides,
 ) -> torch.Tensor:
     """``combined_sample`` from the last hidden states ``[B, H]`` and the shared LM head ``[V, H]``.
 
-    Each W tile is read once for both streams and the two logits rows are never stored (only
-    the combined row, fp32). Tensors that require grad (``model.lm_head.weight``) are fine.
+    The head is applied ONCE, to ``h_c = (h_q + alpha_0 h_b) / alpha_tilde`` with bias
+    ``b (1 + alpha_0) / alpha_tilde`` (DESIGN.md §2b: the same policy, half the FLOPs of two
+    logits rows). ``two_stream=True`` instead multiplies each W tile by both streams' rows (the
+    authors' two heads; same distribution, for comparison). Either way W is read once and no
+    logits row is stored (only the combined row, fp32). Tensors that require grad
+    (``model.lm_head.weight``) are fine.
     """
     check_float_tensor("adapter_hidden", adapter_hidden)
     if adapter_hidden.dim() != 2:
@@ -276,8 +283,10 @@ def combined_sample_from_hidden(
     backend = resolve_backend(backend, device)
     flags = {} if value_checks_enabled(device) else None
     per_row = row_sampling(adapter_hidden.shape[0], device, sampling, flags)
+    if not isinstance(two_stream, bool):
+        raise TypeError(f"two_stream must be a bool, got {type(two_stream).__name__}")
     tokens = sample_hidden_rows(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, policy, per_row,
-                                as_generator(generator, device), backend, budget)
+                                as_generator(generator, device), backend, budget, two_stream)
     if flags is not None:
         bad_row_flag(tokens, "adapter_hidden, base_hidden or lm_head_weight", policy.alpha_0, flags)
     raise_on_sampling_flags(flags)

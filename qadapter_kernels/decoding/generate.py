@@ -3,20 +3,25 @@
 The customised policy samples from ``(Q + alpha_0 * log_softmax(L)) / alpha_tilde`` (DESIGN.md
 §2): Q from the model with the adapter on, L with it off. By default each token costs one
 forward over a mixed batch (adapter rows and base rows, one KV cache; ``streams.py``), then
-``combined_sample_from_hidden`` reads the LM head once for both streams; no logits row is stored.
+``combined_sample_from_hidden`` applies the LM head once, to the combined hidden state h_c
+(DESIGN.md §2b); no logits row is stored. Where that identity does not hold (``logit_identity.py``:
+softcapped or scaled logits, a LoRA on the head) each stream's logits row comes from the whole
+causal LM and ``combined_sample`` combines them, with a warning saying why.
 """
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from ..api.checks import tile_budget
-from ..api.unchecked import as_generator, check_sampling_parameters, sample_hidden_rows
+from ..api.unchecked import as_generator, check_sampling_parameters, sample_hidden_rows, sample_logits_rows
 from ..ops.backend import resolve_backend
 from ..params import PolicyParams
 from .cpu_linear import few_row_linears
+from .logit_identity import identity_break
 from .streams import BaseOnlyStreams, MixedBatchStreams, TwoPassStreams, prompt_positions
 
 __all__ = ["generate", "generate_text"]
@@ -151,11 +156,15 @@ def generate(
     config = model.qadapter_config
     policy = (PolicyParams(config.alpha_tilde, config.alpha_0) if adapter else PolicyParams(alpha_tilde=1.0, alpha_0=0.0)).validated()
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    broken = identity_break(model)
+    if broken is not None:
+        warnings.warn(f"generate samples from two logits rows per token, not one LM-head product on the combined "
+                      f"hidden state: {broken}", stacklevel=3)
 
     was_training = model.training
     model.eval()  # peft refuses mixed-adapter batches in training mode; dropout off
     try:
-        with few_row_linears(model.base_causal_lm), streams_cls(model, rows) as streams:
+        with few_row_linears(model.base_causal_lm), streams_cls(model, rows, logits=broken is not None) as streams:
             if streamer is not None:
                 streamer.put(input_ids.cpu())
             positions = prompt_positions(mask)
@@ -163,8 +172,11 @@ def generate(
             unfinished = torch.ones(rows, dtype=torch.bool, device=device)
             new_tokens = []
             for step in range(max_new_tokens):
-                tokens = sample_hidden_rows(*(h.to(weight.dtype) for h in hidden), weight, bias, policy, per_row,
-                                            generator, backend, budget)
+                if broken is None:  # two_pass keeps the authors' two head products too
+                    tokens = sample_hidden_rows(*(h.to(weight.dtype) for h in hidden), weight, bias, policy, per_row,
+                                                generator, backend, budget, two_stream=two_pass)
+                else:
+                    tokens = sample_logits_rows(*hidden, policy, per_row, generator, backend)
                 undrawable = (tokens < 0) & unfinished  # the sampler's -1: no finite maximum in the row
                 if pad is not None:
                     tokens = torch.where(unfinished, tokens, pad)

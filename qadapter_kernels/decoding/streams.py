@@ -4,7 +4,9 @@ Each class holds the KV cache(s) of one ``generate`` call and is used as a conte
 around the whole loop. ``step`` takes the tokens new since the last step ([B, n]: the prompt
 at the first step, one token after that), the attention mask over everything so far and the
 positions of the new tokens, and returns ``(adapter_hidden, base_hidden)``, each [B, H]: the
-decoder's final (normalised) hidden states at the last position, which the LM head reads.
+decoder's final (normalised) hidden states at the last position, which the LM head reads; or,
+built with ``logits=True``, the whole causal LM's logits rows [B, V] there (for models whose
+logits the head alone does not give: ``logit_identity.py``).
 """
 from __future__ import annotations
 
@@ -55,17 +57,19 @@ def cache_keyword(decoder: torch.nn.Module) -> str:
 
 
 class _Streams(contextlib.ExitStack):
-    def __init__(self, model, caches: int):
+    def __init__(self, model, caches: int, logits: bool):
         super().__init__()
-        self._decoder = model.decoder
-        self._keyword = cache_keyword(self._decoder)
+        self._logits = logits
+        self._forward = model.base_causal_lm if logits else model.decoder
+        self._keyword = cache_keyword(self._forward)
         self._caches = [DynamicCache(config=model.base_causal_lm.config) for _ in range(caches)]
         self._peft_model = model.peft_model
 
     def _last_hidden(self, cache: int, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        out = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=True, **{self._keyword: self._caches[cache]})
-        return out[0][:, -1]
+        extra = {"logits_to_keep": 1} if self._logits else {}
+        out = self._forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=True, **extra, **{self._keyword: self._caches[cache]})
+        return (out.logits if self._logits else out[0])[:, -1]
 
     def _base_hidden(self, cache: int, *inputs) -> torch.Tensor:
         with self._peft_model.disable_adapter():
@@ -79,8 +83,8 @@ class MixedBatchStreams(_Streams):
     every weight but the LoRA deltas, so each weight is read once per token instead of twice.
     """
 
-    def __init__(self, model, rows: int):
-        super().__init__(model, caches=1)
+    def __init__(self, model, rows: int, logits: bool = False):
+        super().__init__(model, caches=1, logits=logits)
         self._rows = rows
         self._names = [model.peft_model.active_adapter] * rows + [BASE_ADAPTER_NAME] * rows
 
@@ -99,8 +103,8 @@ class MixedBatchStreams(_Streams):
 class TwoPassStreams(_Streams):
     """The authors' scheme: a forward with the adapter and one without, each with its own cache."""
 
-    def __init__(self, model, rows: int):
-        super().__init__(model, caches=2)
+    def __init__(self, model, rows: int, logits: bool = False):
+        super().__init__(model, caches=2, logits=logits)
 
     def step(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
         return self._last_hidden(0, *inputs), self._base_hidden(1, *inputs)
@@ -109,8 +113,8 @@ class TwoPassStreams(_Streams):
 class BaseOnlyStreams(_Streams):
     """The base model alone (adapter off); both "streams" are its hidden states."""
 
-    def __init__(self, model, rows: int):
-        super().__init__(model, caches=1)
+    def __init__(self, model, rows: int, logits: bool = False):
+        super().__init__(model, caches=1, logits=logits)
 
     def step(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self._base_hidden(0, *inputs)

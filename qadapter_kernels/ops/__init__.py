@@ -5,7 +5,7 @@ and registers every op's CUDA kernels and autograd formula. ``TRITON_KERNELS`` l
 Triton kernel with the argument types it must compile for (the sm_90 compile check reads it).
 """
 from .. import _C  # noqa: F401  (registers the qadapter:: op schemas and CPU kernels)
-from . import fused_linear, pair_loss, residual_q_values, sampling  # noqa: F401  (register their kernels)
+from . import fused_linear, log_probs, pair_loss, residual_q_values, sampling  # noqa: F401  (register their kernels)
 from .registration import TRITON_KERNELS
 
-__all__ = ["TRITON_KERNELS", "fused_linear", "pair_loss", "residual_q_values", "sampling"]
+__all__ = ["TRITON_KERNELS", "fused_linear", "log_probs", "pair_loss", "residual_q_values", "sampling"]

@@ -19,6 +19,10 @@ import triton.language as tl
 
 from .registration import FLOAT_TYPES, KernelVariant, pointers, register_cuda, register_triton_kernel, scalars
 from .triton_helpers import (
+    combined_hidden,
+    combined_logits_tile,
+    combined_tile_compile_options,
+    combined_tile_options,
     logits_tile_compile_options,
     logits_tile_options,
     logits_tiles,
@@ -177,6 +181,20 @@ def _combined_from_hidden_kernel(ha_ptr, hb_ptr, w_ptr, b_ptr, out_ptr, N, H, V,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _combined_hidden_logits_kernel(hc_ptr, w_ptr, b_ptr, out_ptr, N, H, V, HAS_BIAS: tl.constexpr,
+                                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_K: tl.constexpr):
+    """y = W h_c + b' (DESIGN.md §2b): one head product instead of two."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    col_ok = cols < V
+    y = combined_logits_tile(hc_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, HAS_BIAS, DOT_PRECISION,
+                             BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * V + cols[None, :], y.to(tl.float32), mask=row_ok[:, None] & col_ok[None, :])
+
+
 def _launch_sample(q, l, uniforms, temperature, top_k, top_p, min_p, alpha_tilde, alpha_0, has_base=True):
     rows, vocab = q.shape
     tokens = torch.empty(rows, dtype=torch.long, device=q.device)
@@ -205,17 +223,24 @@ def _triton_combined_sample(q_logits, base_logits, uniforms, temperature, top_k,
 
 
 def _triton_combined_sample_from_hidden(ha, hb, w, bias, uniforms, temperature, top_k, top_p, min_p,
-                                        alpha_tilde, alpha_0, tile_vocab):
-    ha, hb, w = ha.contiguous(), hb.contiguous(), w.contiguous()
-    bias = bias.contiguous() if bias is not None else None
+                                        alpha_tilde, alpha_0, tile_vocab, two_stream=False):
+    w = w.contiguous()
     rows, hidden = ha.shape
     vocab = w.shape[0]
     combined = torch.empty((rows, vocab), dtype=torch.float32, device=ha.device)
-    if rows:
+    if rows and two_stream:
+        ha, hb = ha.contiguous(), hb.contiguous()
+        bias = bias.contiguous() if bias is not None else None
         opts = logits_tile_options(ha, bias)
         grid = (triton.cdiv(rows, opts["BLOCK_M"]), triton.cdiv(vocab, opts["BLOCK_N"]))
         _combined_from_hidden_kernel[grid](ha, hb, w, bias if bias is not None else w, combined, rows, hidden, vocab,
                                            alpha_tilde, alpha_0, **opts)
+    elif rows:
+        hc, bc = combined_hidden(ha, hb, bias, alpha_tilde, alpha_0)
+        opts = combined_tile_options(hc, bc)
+        grid = (triton.cdiv(rows, opts["BLOCK_M"]), triton.cdiv(vocab, opts["BLOCK_N"]))
+        _combined_hidden_logits_kernel[grid](hc, w, bc if bc is not None else hc, combined, rows, hidden, vocab,
+                                             **opts)
     return _launch_sample(combined, combined, uniforms, temperature, top_k, top_p, min_p, 1.0, 0.0, has_base=False)
 
 
@@ -249,7 +274,7 @@ def _combined_sample_fake(q_logits, base_logits, uniforms, temperature, top_k, t
 
 @torch.library.register_fake("qadapter::combined_sample_from_hidden")
 def _combined_sample_from_hidden_fake(ha, hb, w, bias, uniforms, temperature, top_k, top_p, min_p, alpha_tilde,
-                                      alpha_0, tile_vocab):
+                                      alpha_0, tile_vocab, two_stream=False):
     return ha.new_empty(ha.shape[0], dtype=torch.long)
 
 
@@ -271,10 +296,11 @@ def sample_rows(q_logits, base_logits, uniforms, temperature, top_k, top_p, min_
 
 
 def sample_from_hidden_rows(adapter_hidden, base_hidden, weight, bias, uniforms, temperature, top_k, top_p, min_p,
-                            alpha_tilde: float, alpha_0: float, tile_vocab: int, via_dispatcher: bool) -> torch.Tensor:
-    """``sample_rows`` from [B, H] hidden states and the LM head; no argument checks."""
+                            alpha_tilde: float, alpha_0: float, tile_vocab: int, via_dispatcher: bool,
+                            two_stream: bool = False) -> torch.Tensor:
+    """``sample_rows`` from [B, H] hidden states and the LM head (one product on h_c, or two streams); no checks."""
     args = (adapter_hidden, base_hidden, weight, bias, uniforms, temperature, top_k, top_p, min_p, alpha_tilde,
-            alpha_0, tile_vocab)
+            alpha_0, tile_vocab, two_stream)
     if via_dispatcher:
         return torch.ops.qadapter.combined_sample_from_hidden(*args)
     return _triton_combined_sample_from_hidden(*args)
@@ -282,6 +308,11 @@ def sample_from_hidden_rows(adapter_hidden, base_hidden, weight, bias, uniforms,
 
 def _register_compile_variants() -> None:
     from_hidden, sample, logits = [], [], []
+    hidden_logits = [KernelVariant({**pointers(["hc_ptr"], acc), "w_ptr": f"*{dt}", "b_ptr": f"*{acc}",
+                                    "out_ptr": "*fp32", **scalars("i32", "N", "H", "V")},
+                                   combined_tile_compile_options(acc, has_bias))
+                     for dt in FLOAT_TYPES for acc in ["fp64" if dt == "fp64" else "fp32"]
+                     for has_bias in (False, True)]
     for dt in FLOAT_TYPES:
         for has_bias in (False, True):
             opts = logits_tile_compile_options(dt, has_bias)
@@ -297,6 +328,7 @@ def _register_compile_variants() -> None:
                 {"HAS_BASE": has_base, "BLOCK_V": _BLOCK_V, "BISECT_STEPS": _BISECT_STEPS}))
         logits.append(KernelVariant({**rows, "out_ptr": "*fp32"}, {"BLOCK_V": _BLOCK_V}))
     register_triton_kernel(_combined_from_hidden_kernel, from_hidden)
+    register_triton_kernel(_combined_hidden_logits_kernel, hidden_logits)
     register_triton_kernel(_combined_sample_kernel, sample)
     register_triton_kernel(_combined_logits_kernel, logits)
 

@@ -53,6 +53,47 @@ def logits_tiles(ha_ptr, hb_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H,
     return acc_q, acc_l
 
 
+@triton.jit
+def combined_logits_tile(hc_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, HAS_BIAS: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] tile of W h_c + b' (one stream): h_c and b' come in the accumulation
+    dtype (fp32, fp64 for fp64 inputs) and W is converted to it, so the combined state is never rounded."""
+    acc_type = hc_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_type)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        h = tl.load(hc_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * H + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w.to(acc_type)), acc, input_precision=DOT_PRECISION, out_dtype=acc_type)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    return acc
+
+
+def combined_hidden(adapter_hidden: torch.Tensor, base_hidden: torch.Tensor, bias: torch.Tensor | None,
+                    alpha_tilde: float, alpha_0: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(h_c, b') of the logit identity (DESIGN.md §2b), contiguous, in the accumulation dtype:
+    h_c = (h_q + alpha_0 h_b) / alpha_tilde, b' = b (1 + alpha_0) / alpha_tilde."""
+    acc = torch.float64 if adapter_hidden.dtype == torch.float64 else torch.float32
+    hc = ((adapter_hidden.to(acc) + alpha_0 * base_hidden.to(acc)) / alpha_tilde).contiguous()
+    return hc, None if bias is None else (bias.to(acc) * ((1 + alpha_0) / alpha_tilde)).contiguous()
+
+
+def combined_tile_options(hc: torch.Tensor, bias: torch.Tensor | None) -> dict:
+    """The constexprs of a kernel that calls ``combined_logits_tile`` on h_c."""
+    exact = hc.dtype == torch.float64 or not torch.backends.cuda.matmul.allow_tf32
+    return dict(HAS_BIAS=bias is not None, DOT_PRECISION="ieee" if exact else "tf32",
+                BLOCK_M=LOGITS_BLOCK_M, BLOCK_N=LOGITS_BLOCK_N, BLOCK_K=LOGITS_BLOCK_K)
+
+
+def combined_tile_compile_options(acc_dtype: str, has_bias: bool) -> dict:
+    """``combined_tile_options`` as a GPU build sees them (for the sm_90 compile check)."""
+    return dict(HAS_BIAS=has_bias, DOT_PRECISION="ieee" if acc_dtype == "fp64" else "tf32",
+                BLOCK_M=LOGITS_BLOCK_M, BLOCK_N=LOGITS_BLOCK_N, BLOCK_K=LOGITS_BLOCK_K)
+
+
 def acc_constexpr(dtype: torch.dtype):
     """The Triton dtype a kernel accumulates in for inputs of ``dtype`` (ops.backend.acc_dtype's twin)."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -18,15 +18,13 @@ import torch
 from transformers import PreTrainedModel
 
 from ..api import fused_linear_qadapter_loss
+from ..decoding.logit_identity import NEUTRAL_VALUES, POST_HEAD_LOGIT_FIELDS
 from ..loading import load_base_model
 from ..outputs import QAdapterLossOutput
 from .adapter_files import adapter_weights_file, check_adapter_state, check_finite_lora, saved_tensor_shapes
 from .config import QAdapterConfig
 
 QADAPTER_CONFIG_NAME = "qadapter_config.json"
-# Config fields by which a model changes its logits after the LM head (softcapping, scaling):
-# the fused loss applies the LM head alone, so such models would silently get a different Q.
-_POST_HEAD_LOGIT_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def _find_decoder(causal_lm: torch.nn.Module) -> torch.nn.Module:
@@ -45,9 +43,10 @@ def _find_decoder(causal_lm: torch.nn.Module) -> torch.nn.Module:
             "Q-Adapter needs the final hidden states before the LM head"
         )
     config = getattr(causal_lm, "config", None)
-    for field in _POST_HEAD_LOGIT_FIELDS:
+    # The fused loss applies the LM head alone, so such models would silently get a different Q.
+    for field in POST_HEAD_LOGIT_FIELDS:
         value = getattr(config, field, None)
-        if value not in (None, 0, 1, 1.0):
+        if value not in NEUTRAL_VALUES:
             raise NotImplementedError(
                 f"{type(causal_lm).__name__} transforms its logits after the LM head ({field}={value}); "
                 "the fused loss applies the LM head alone"

@@ -87,13 +87,18 @@ def valid_arguments(op_name: str) -> dict[str, object]:
         return dict(**logits, **sampling, **alphas)
     if op_name == "combined_sample_from_hidden":
         return dict(**hidden, **sampling, **alphas, tile_vocab=3)
+    if op_name == "combined_log_probs_from_hidden":  # branch decode
+        return dict(**hidden, tokens=actions, **alphas, **tiles)
     raise KeyError(f"no valid call of qadapter::{op_name}: add one to valid_arguments")
 
 
 def call(op_name: str, arguments: dict[str, object]):
-    names = [a.name for a in schema_arguments(op_name)]
-    assert sorted(names) == sorted(arguments), f"{op_name}: schema {names} vs case {sorted(arguments)}"
-    return getattr(torch.ops.qadapter, op_name)(*(arguments[n] for n in names))
+    """The op on `arguments` by schema name; a schema argument with a default may be left out."""
+    schema = schema_arguments(op_name)
+    names = [a.name for a in schema]
+    required = {a.name for a in schema if not a.has_default_value()}
+    assert required <= set(arguments) <= set(names), f"{op_name}: schema {names} vs case {sorted(arguments)}"
+    return getattr(torch.ops.qadapter, op_name)(**arguments)
 
 
 def _like(t: torch.Tensor, shape, dtype=None) -> torch.Tensor:

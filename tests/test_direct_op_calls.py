@@ -93,9 +93,12 @@ def valid_arguments(op_name: str) -> dict[str, object]:
 
 
 def call(op_name: str, arguments: dict[str, object]):
-    names = [a.name for a in schema_arguments(op_name)]
-    assert sorted(names) == sorted(arguments), f"{op_name}: schema {names} vs case {sorted(arguments)}"
-    return getattr(torch.ops.qadapter, op_name)(*(arguments[n] for n in names))
+    """The op on `arguments` by schema name; a schema argument with a default may be left out."""
+    schema = schema_arguments(op_name)
+    names = [a.name for a in schema]
+    required = {a.name for a in schema if not a.has_default_value()}
+    assert required <= set(arguments) <= set(names), f"{op_name}: schema {names} vs case {sorted(arguments)}"
+    return getattr(torch.ops.qadapter, op_name)(**arguments)
 
 
 def _like(t: torch.Tensor, shape, dtype=None) -> torch.Tensor:

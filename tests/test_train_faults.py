@@ -21,6 +21,7 @@ def setup(tmp_path_factory):
     "KILL@replace:8",   # inside the final adapter's save
     "INT@step:3",       # Ctrl-C: a checkpoint at step 3, the resume command printed
     "TERM@write:4",     # SIGTERM inside a save: the save completes, then a checkpoint, then exit
+    "INT@replace:9",    # Ctrl-C at the very end (the run record): "interrupted", with the resume command
 ])
 def test_killed_run_resumes_to_the_same_adapter(setup, tmp_path, spec):
     kill_and_resume(setup, tmp_path, spec)

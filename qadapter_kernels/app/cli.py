@@ -31,7 +31,7 @@ from .common import (ArgumentParser, HelpFormatter, UserError, add_param_argumen
                      check_writable_file, config_from_args, evaluate_pairs, finite_float, load_base, load_tokenizer,
                      positive_float, positive_int, resolve_data_path, resolve_model_path, side_by_side)
 from .demo import add_demo_arguments
-from .train import run_train
+from .train import resume_command, run_train
 
 __all__ = ["build_parser", "main"]
 
@@ -298,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         parser.exit(2, f"{prefix}: error: {e}\n")
     except KeyboardInterrupt:
-        parser.exit(130, f"{prefix}: interrupted\n")
+        resume = f". Resume with: {resume_command(argv)}" if args.command == "train" else ""
+        parser.exit(130, f"{prefix}: interrupted{resume}\n")
 
 
 if __name__ == "__main__":

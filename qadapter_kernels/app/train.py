@@ -19,7 +19,7 @@ from .common import (UserError, build_dataset, check_writable_folder, config_fro
 from .run_folder import (adapter_is_published, check_free_space, file_sha256, plan_run, publish_final_adapter,
                          write_record)
 
-__all__ = ["run_record", "run_train"]
+__all__ = ["resume_command", "run_record", "run_train"]
 
 # Disk needed before training: per trainable parameter, 4 bytes each for the checkpoint's weights and
 # Adam's two moments, and for the final adapter; plus the small files (configs, states, RNG).
@@ -69,7 +69,8 @@ def _target_steps(args: argparse.Namespace):
     return target
 
 
-def _resume_command(argv: list[str]) -> str:
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes the run of ``qadapter ARGV``."""
     if "--resume-from-checkpoint" not in argv:
         argv = [*argv, "--resume-from-checkpoint"]
     return "qadapter " + shlex.join(argv)
@@ -160,7 +161,7 @@ def run_train(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     if stop.received is not None and result.global_step < trainer.state.max_steps:
         print(f"stopped by signal {stop.received} at step {result.global_step}; a resumable checkpoint is in "
-              f"{output_dir}. Resume with:\n  {_resume_command(args.argv)}", flush=True)
+              f"{output_dir}. Resume with:\n  {resume_command(args.argv)}", flush=True)
         return 128 + stop.received
     trainer.save_model(args.output_dir)  # adapter (QAdapterModel.save_pretrained) + tokenizer + record
     write_record(output_dir, record, completed_steps=result.global_step)

@@ -264,6 +264,17 @@ def test_collator_layout():
         PreferenceCollator(None)
 
 
+def test_collator_pads_to_a_fixed_width():
+    pairs = [TokenizedPair([1, 5], [6, 7, 2], [8, 2])]
+    batch = PreferenceCollator(pad_token_id=0, pad_to=7)(pairs)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 2, 0, 0], [1, 5, 8, 2, 0, 0, 0]]
+    assert batch["loss_mask"].sum(1).tolist() == [3, 2]
+    with pytest.raises(ValueError, match="more than pad_to = 4"):
+        PreferenceCollator(0, pad_to=4)(pairs)
+    with pytest.raises(ValueError, match="pad_to"):
+        PreferenceCollator(0, pad_to=1)
+
+
 def test_dataloader_rows_hold_prompt_then_response(tok):
     examples = [PreferenceExample(f"Question {i}?" * (i + 1), "yes " * i + "yes", "No") for i in range(5)]
     dataset = PreferenceDataset(examples, tok)

@@ -76,13 +76,23 @@ def load_adapter(adapter: str, base):
         raise UserError(f"cannot load the adapter at {adapter}: {e}") from None
 
 
-def batch_independent(config):
-    """``config`` with a per-response length normalisation where it had the padded-width rule, which
-    would make every score depend on what the batch pads it with (so on --batch-size)."""
-    norm = config.params.validated().length_norm
-    if isinstance(norm, str) and norm == "padded":
-        return dataclasses.replace(config, length_norm="response"), True
-    return config, False
+def batch_independent(config, max_length: int):
+    """How eval scores ``config`` so that no score depends on --batch-size: ``(config, pad_to, note)``.
+
+    The padded-width normalisation divides by the batch's width, and the official variant scores the
+    action into the first pad token: both read what a pair is batched with. The official variant keeps
+    its own rules on rows padded to a fixed width (--max-length); otherwise a padded-width rule becomes
+    a per-response one.
+    """
+    params = config.params.validated()
+    if params.variant == "official":
+        return config, max_length, ("note: the official variant is scored on rows padded to --max-length, so that "
+                                    "its pad action and width do not depend on --batch-size")
+    if params.length_norm == "padded":
+        return dataclasses.replace(config, length_norm="response"), None, (
+            "note: scores are divided by each response's length, not by the padded batch width the adapter was "
+            "trained with, so that they do not depend on --batch-size")
+    return config, None, None
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -101,7 +111,7 @@ def run_eval(args: argparse.Namespace) -> int:
     data_path = resolve_data_path(args.data)
     if args.json is not None:
         check_writable_file(args.json, "--json")
-    config, renormalised = batch_independent(config)
+    config, pad_to, note = batch_independent(config, args.max_length)
     torch.manual_seed(args.seed)
     tokenizer = adapter_tokenizer(args.adapter, model_path)
     dataset = build_dataset(args.data, tokenizer, args.max_length, args.max_prompt_length,
@@ -115,7 +125,7 @@ def run_eval(args: argparse.Namespace) -> int:
             model = QAdapterModel(base, dataclasses.replace(config, base_model=str(model_path)))
         except ValueError as e:
             raise UserError(f"cannot put the adapter on {model_path}: {e}") from None
-    metrics = evaluate_pairs(model, dataset, PreferenceCollator(tokenizer.pad_token_id), args.batch_size)
+    metrics = evaluate_pairs(model, dataset, PreferenceCollator(tokenizer.pad_token_id, pad_to), args.batch_size)
     report = {"adapter": args.adapter or "(fresh: Q = base logits)", "model": str(model_path),
               "data": str(data_path), "pairs_in_file": dataset.total, **metrics}
     width = max(map(len, report))
@@ -123,9 +133,8 @@ def run_eval(args: argparse.Namespace) -> int:
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"{key:<{width}}  {shown}")
     print(f"data: {dataset.summary()}")
-    if renormalised:
-        print("note: scores are divided by each response's length, not by the padded batch width the adapter "
-              "was trained with, so that they do not depend on --batch-size")
+    if note is not None:
+        print(note)
     if args.json is not None:
         try:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

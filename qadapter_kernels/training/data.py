@@ -348,19 +348,27 @@ class PreferenceCollator:
     """Batches B pairs as 2B right-padded rows: prompt+chosen rows first, then prompt+rejected.
 
     Returns ``input_ids`` and ``attention_mask`` (int64, [2B, T]) and ``loss_mask`` (bool,
-    [2B, T], True exactly at response tokens), T being the longest row.
+    [2B, T], True exactly at response tokens), T being the longest row, or ``pad_to`` when given: a
+    fixed width makes every pair's padding, and so any rule that reads it, independent of its batch.
     """
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, pad_to: int | None = None) -> None:
         if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool) or pad_token_id < 0:
             raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
+        if pad_to is not None and (not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to < 2):
+            raise ValueError(f"pad_to must be None or an int >= 2, got {pad_to!r}")
         self.pad_token_id = pad_token_id
+        self.pad_to = pad_to
 
     def __call__(self, pairs: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
         if not pairs:
             raise ValueError("cannot collate an empty batch")
         rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
         width = max(len(prompt) + len(response) for prompt, response in rows)
+        if self.pad_to is not None:
+            if width > self.pad_to:
+                raise ValueError(f"a pair holds {width} tokens, more than pad_to = {self.pad_to}")
+            width = self.pad_to
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)

@@ -18,7 +18,7 @@ Providers from the last hidden states ``[B, H]`` and the shared LM head ``[V, H]
 
 - ``hf_from_hidden``:   two ``F.linear`` (adapter and base logits), then the ``hf`` path
 - ``from_hidden``:      ``qadapter_kernels.combined_sample_from_hidden(ha, hb, W, ...)``: ONE head product on
-                        h_c = (h_q + alpha_0 h_b) / alpha_tilde per W tile (DESIGN.md §2b)
+                        h_c = (h_q + alpha_0 h_b) / alpha_tilde per W tile (docs/DESIGN.md §1 (the logit identity))
 - ``from_hidden_two_stream``: the same with ``two_stream=True`` (both streams' rows per W tile: twice the FLOPs)
 - ``head_product``:     the floor, ``W @ h.T`` with B rows (one product of W, nothing else; timed in the same
                         run, not a sampler, so not support-checked). ``x head_product`` is time / that floor.

@@ -4,7 +4,7 @@
   hidden states (adapter on with grad; adapter off under ``torch.no_grad``) and
   ``fused_linear_qadapter_loss`` applies the shared frozen LM head inside the loss, never
   building an [N, V] logits tensor -- then backward and ``AdamW.step()``.
-- ``authors``: what the authors' release does (DESIGN.md §6): two full causal-LM forward passes
+- ``authors``: what the authors' release does (docs/DESIGN.md §8): two full causal-LM forward passes
   returning logits (adapter on; adapter off *with autograd on*), each also computing -- and
   discarding -- the causal-LM cross-entropy (``labels=input_ids``), then
   ``reference.authors_qadapter_loss(q_logits, base_logits, ...)``, backward and ``AdamW.step()``.

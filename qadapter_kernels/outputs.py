@@ -6,7 +6,7 @@ import torch
 
 @dataclass
 class QAdapterLossOutput:
-    """Everything one Q-Adapter loss evaluation returns (DESIGN.md §2).
+    """Everything one Q-Adapter loss evaluation returns (docs/DESIGN.md §2).
 
     ``loss = pref_loss + reg_loss``; the scores are the per-sequence sums of rewards divided as
     ``length_norm`` says (params.LengthNorm); ``accuracy`` is the fraction of pairs whose

@@ -42,7 +42,7 @@ class _KernelChoice(str, enum.Enum):
 
 
 class RewardVariant(_KernelChoice):
-    """Which action a position scores and which value bootstraps its reward (docs/DESIGN.md §Reward variants)."""
+    """Which action a position scores and which value bootstraps its reward (docs/DESIGN.md §2)."""
 
     BELLMAN = "bellman"
     OFFICIAL = "official"
@@ -52,7 +52,7 @@ RewardVariant.FIELD, RewardVariant.ALIASES = "variant", ""
 
 
 class LengthNorm(_KernelChoice):
-    """What a sequence's summed reward is divided by to give its score (docs/DESIGN.md §Length normalisation).
+    """What a sequence's summed reward is divided by to give its score (docs/DESIGN.md §2).
 
     ``RESPONSE``: its own number of scored actions (1 when it has none), so a score is a property
     of the sequence, never of how wide the batch it was padded into is. ``PADDED``: ``T - 1``,

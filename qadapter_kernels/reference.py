@@ -118,7 +118,7 @@ def qadapter_loss(
     params: QAdapterParams | None = None,
     **overrides,
 ) -> QAdapterLossOutput:
-    """The Q-Adapter loss from [2B, T, V] adapter and base logits (DESIGN.md §2)."""
+    """The Q-Adapter loss from [2B, T, V] adapter and base logits (docs/DESIGN.md §2)."""
     p = resolve(QAdapterParams, params, overrides)
     values, q_taken = residual_q_values(q_logits, base_logits.detach(), next_token_actions(input_ids), p)
     return pair_loss(values, q_taken, loss_mask.bool(), p)

@@ -100,7 +100,7 @@ def make_rows(
 
 @dataclass
 class PairBatch:
-    """A batch of B preference pairs as 2B rows, chosen first (DESIGN.md §2)."""
+    """A batch of B preference pairs as 2B rows, chosen first (docs/DESIGN.md §2)."""
 
     q_logits: torch.Tensor  # [2B, T, V]
     base_logits: torch.Tensor  # [2B, T, V]

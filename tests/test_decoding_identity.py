@@ -1,6 +1,6 @@
 """generate on the combined hidden state h_c, and its two-logits fallback where the identity fails.
 
-Decoding applies the LM head once, to h_c = (h_q + alpha_0 h_b) / alpha_tilde (DESIGN.md §2b).
+Decoding applies the LM head once, to h_c = (h_q + alpha_0 h_b) / alpha_tilde (docs/DESIGN.md §1 (the logit identity)).
 That is exact only when the logits are the shared head applied alone: a model that softcaps or
 scales its logits, or a LoRA on the head, must be decoded from both streams' real logits rows.
 Each case is checked against the naive reference (two uncached forwards per token through the

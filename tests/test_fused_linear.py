@@ -336,7 +336,7 @@ def test_cpu_default_backend_is_cpu(seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_torch_backend_matches_reference(dtype, seed):
     """backend="torch" materialises the logits; like the fused paths, the base stream gives W and
-    the bias no gradient (DESIGN.md §2: base logits never receive a gradient)."""
+    the bias no gradient (docs/DESIGN.md §2: base logits never receive a gradient)."""
     p = make_problem(2, 9, 19, 203, seed=seed, bias=True)
     check_against_reference(p, dtype, backend="torch", **KEYWORDS)
 

@@ -1,4 +1,4 @@
-"""qk.qadapter_loss against reference.qadapter_loss, and the reference against DESIGN.md itself.
+"""qk.qadapter_loss against reference.qadapter_loss, and the reference against docs/DESIGN.md itself.
 
 Every output (loss, pref_loss, reg_loss, chosen/rejected scores, accuracy) and the q_logits
 gradient of a random linear combination of all differentiable outputs are compared, for both
@@ -277,7 +277,7 @@ def test_official_variant_is_the_authors_formula(shape, hyper, seed):
     assert_close(q_k.grad, q_a.grad, **tol, what="dQ fused official vs authors")
 
 
-# A tiny example worked out by hand from DESIGN.md §2 (not from the reference's code).
+# A tiny example worked out by hand from docs/DESIGN.md §2 (not from the reference's code).
 # B = 1 pair, T = 4, V = 3.
 HAND_Q = [
     [[0.5, -1.0, 2.0], [1.5, 0.0, -0.5], [-2.0, 1.0, 0.25], [0.0, 3.0, -1.0]],  # chosen

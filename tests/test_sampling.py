@@ -1,6 +1,6 @@
 """Decoding from the customised policy: combined_logits, combined_sample, combined_sample_from_hidden.
 
-Two kinds of evidence (DESIGN.md §2 "Decoding", in the style of FlashInfer's sampling tests):
+Two kinds of evidence (docs/DESIGN.md §2 "Decoding", in the style of FlashInfer's sampling tests):
 
 * statistical: 200k draws of one row replicated as a batch; the empirical distribution must match
   the distribution that Hugging Face's own warpers (temperature -> top_k -> top_p -> min_p) give,

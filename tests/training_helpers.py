@@ -62,5 +62,5 @@ def smollm2_tokenizer():
 
 
 def collate_pairs(features: list[dict]) -> dict:
-    """All chosen rows, then all rejected rows (DESIGN.md §2)."""
+    """All chosen rows, then all rejected rows (docs/DESIGN.md §2)."""
     return {k: torch.cat([f[k][:1] for f in features] + [f[k][1:] for f in features]) for k in features[0]}

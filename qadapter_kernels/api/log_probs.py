@@ -53,7 +53,7 @@ def combined_log_probs_from_hidden(
     """log pi~(tokens) of the customised policy ``softmax((Q + alpha_0 * log_softmax(L)) / alpha_tilde)``.
 
     Computed as ``log_softmax(W h_c + b')[token]`` with ``h_c = (h_q + alpha_0 h_b) / alpha_tilde``
-    (DESIGN.md §2b): one head product per tile, a running logsumexp, no [N, V] row stored.
+    (docs/DESIGN.md §1 (the logit identity)): one head product per tile, a running logsumexp, no [N, V] row stored.
 
     Args:
         adapter_hidden, base_hidden: final hidden states ``[..., H]`` with the adapter on and off.

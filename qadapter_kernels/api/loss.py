@@ -89,7 +89,7 @@ def qadapter_loss(
     backend: str | None = None,
     **overrides,
 ) -> QAdapterLossOutput:
-    """Fused Q-Adapter loss over B preference pairs (DESIGN.md §2).
+    """Fused Q-Adapter loss over B preference pairs (docs/DESIGN.md §2).
 
     Args:
         q_logits: ``[2B, T, V]`` adapter logits (rows 0..B-1 chosen, B..2B-1 rejected); fp32,
@@ -161,7 +161,7 @@ def fused_linear_qadapter_loss(
             states with the adapter on; receives a gradient.
         base_hidden: same shape, adapter off; never receives a gradient.
         lm_head_weight: ``[V, H]`` shared LM head, same dtype; gets a gradient only if it requires one.
-        input_ids, loss_mask: ``[2B, T]``, chosen rows first (DESIGN.md §2).
+        input_ids, loss_mask: ``[2B, T]``, chosen rows first (docs/DESIGN.md §2).
         lm_head_bias: optional ``[V]`` bias.
         params, backend and the keyword overrides: as in ``qadapter_loss``.
         tile_budget_mb: scratch memory the logits tiles may take (default 64 MiB, or the

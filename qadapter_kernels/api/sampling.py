@@ -265,7 +265,7 @@ def combined_sample_from_hidden(
     """``combined_sample`` from the last hidden states ``[B, H]`` and the shared LM head ``[V, H]``.
 
     The head is applied ONCE, to ``h_c = (h_q + alpha_0 h_b) / alpha_tilde`` with bias
-    ``b (1 + alpha_0) / alpha_tilde`` (DESIGN.md §2b: the same policy, half the FLOPs of two
+    ``b (1 + alpha_0) / alpha_tilde`` (docs/DESIGN.md §1 (the logit identity): the same policy, half the FLOPs of two
     logits rows). ``two_stream=True`` instead multiplies each W tile by both streams' rows (the
     authors' two heads; same distribution, for comparison). Either way W is read once and no
     logits row is stored (only the combined row, fp32). Tensors that require grad

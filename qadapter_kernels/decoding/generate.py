@@ -1,10 +1,10 @@
 """Q-Adapter generation: one batched forward per token and the fused combined-logit sampler.
 
-The customised policy samples from ``(Q + alpha_0 * log_softmax(L)) / alpha_tilde`` (DESIGN.md
+The customised policy samples from ``(Q + alpha_0 * log_softmax(L)) / alpha_tilde`` (docs/DESIGN.md
 §2): Q from the model with the adapter on, L with it off. By default each token costs one
 forward over a mixed batch (adapter rows and base rows, one KV cache; ``streams.py``), then
 ``combined_sample_from_hidden`` applies the LM head once, to the combined hidden state h_c
-(DESIGN.md §2b); no logits row is stored. Where that identity does not hold (``logit_identity.py``:
+(docs/DESIGN.md §1 (the logit identity)); no logits row is stored. Where that identity does not hold (``logit_identity.py``:
 softcapped or scaled logits, a LoRA on the head) each stream's logits row comes from the whole
 causal LM and ``combined_sample`` combines them, with a warning saying why.
 """

@@ -1,4 +1,4 @@
-"""Whether a model's customised policy can be decoded from one head product on h_c (DESIGN.md §2b).
+"""Whether a model's customised policy can be decoded from one head product on h_c (docs/DESIGN.md §1 (the logit identity)).
 
 ``(Q + alpha_0 * log_softmax(L)) / alpha_tilde = W h_c + b' - const`` needs Q and L to be the
 same affine head applied to the final hidden states. Models that change the logits after the head

@@ -19,7 +19,7 @@ class QAdapterLogitsProcessor(LogitsProcessor):
     tokens that are new since its last call, with its own KV cache, and returns
     ``combined_logits(Q, L) = (Q + alpha_0 * log_softmax(L)) / alpha_tilde``. Processors given
     to ``generate`` run before its temperature / top-k / top-p / min-p warpers, so those then
-    filter the combined policy in Hugging Face's order (DESIGN.md §2)::
+    filter the combined policy in Hugging Face's order (docs/DESIGN.md §2)::
 
         processor = QAdapterLogitsProcessor(qmodel, attention_mask=batch["attention_mask"])
         qmodel.peft_model.generate(**batch, logits_processor=[processor], do_sample=True, top_p=0.9)

@@ -1,4 +1,4 @@
-"""The customised policy's log-probabilities of given tokens, from hidden states (DESIGN.md §2b).
+"""The customised policy's log-probabilities of given tokens, from hidden states (docs/DESIGN.md §1 (the logit identity)).
 
     log pi~(a | s) = y[a] - LSE(y),   y = W h_c + b',   h_c = (h_q + alpha_0 h_b) / alpha_tilde
 

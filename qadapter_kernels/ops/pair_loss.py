@@ -1,6 +1,6 @@
 """Pair pass over [2B, T]: rewards, sequence scores, softplus Bradley-Terry and the regulariser.
 
-Rows 0..B-1 are chosen responses, B..2B-1 rejected (DESIGN.md §2). The action at position t
+Rows 0..B-1 are chosen responses, B..2B-1 rejected (docs/DESIGN.md §2). The action at position t
 is x[t+1]; which actions are scored and which value bootstraps the reward depend on the variant:
 
     bellman:  scored iff loss_mask[t+1];  r_t = Q[a_t] - gamma * V[t+1] * loss_mask[t+2]

@@ -185,7 +185,7 @@ def _combined_from_hidden_kernel(ha_ptr, hb_ptr, w_ptr, b_ptr, out_ptr, N, H, V,
 def _combined_hidden_logits_kernel(hc_ptr, w_ptr, b_ptr, out_ptr, N, H, V, HAS_BIAS: tl.constexpr,
                                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                    BLOCK_K: tl.constexpr):
-    """y = W h_c + b' (DESIGN.md §2b): one head product instead of two."""
+    """y = W h_c + b' (docs/DESIGN.md §1 (the logit identity)): one head product instead of two."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N

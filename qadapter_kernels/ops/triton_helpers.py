@@ -74,7 +74,7 @@ def combined_logits_tile(hc_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, HA
 
 def combined_hidden(adapter_hidden: torch.Tensor, base_hidden: torch.Tensor, bias: torch.Tensor | None,
                     alpha_tilde: float, alpha_0: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(h_c, b') of the logit identity (DESIGN.md §2b), contiguous, in the accumulation dtype:
+    """(h_c, b') of the logit identity (docs/DESIGN.md §1 (the logit identity)), contiguous, in the accumulation dtype:
     h_c = (h_q + alpha_0 h_b) / alpha_tilde, b' = b (1 + alpha_0) / alpha_tilde."""
     acc = torch.float64 if adapter_hidden.dtype == torch.float64 else torch.float32
     hc = ((adapter_hidden.to(acc) + alpha_0 * base_hidden.to(acc)) / alpha_tilde).contiguous()

@@ -5,7 +5,7 @@ either all strings or all lists of chat messages ``{"role", "content"}`` (then `
 conversation before the answer and ``chosen``/``rejected`` hold the assistant message(s)).
 
 A batch of B pairs becomes 2B rows, chosen rows first, right-padded, with ``loss_mask`` True
-exactly on response tokens (DESIGN.md §2): the contract of ``QAdapterModel.compute_loss``.
+exactly on response tokens (docs/DESIGN.md §2): the contract of ``QAdapterModel.compute_loss``.
 """
 from __future__ import annotations
 

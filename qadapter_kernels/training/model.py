@@ -1,7 +1,7 @@
 """Q-Adapter model: a transformers causal LM, a peft LoRA adapter, and the fused loss.
 
 Q_R is the LM-head output of the model with the adapter on, pi_1 the same model with it off
-(DESIGN.md §1). Both passes stop at the decoder's final hidden states; the shared, frozen LM
+(docs/DESIGN.md §1). Both passes stop at the decoder's final hidden states; the shared, frozen LM
 head is applied inside ``fused_linear_qadapter_loss``, so no [N, V] logits tensor is built.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ class QAdapterModel(torch.nn.Module):
 
     def compute_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      loss_mask: torch.Tensor) -> QAdapterLossOutput:
-        """The Q-Adapter loss of a batch of 2B rows (B chosen, then B rejected; DESIGN.md §2)."""
+        """The Q-Adapter loss of a batch of 2B rows (B chosen, then B rejected; docs/DESIGN.md §2)."""
         adapter_hidden = self.final_hidden_states(input_ids, attention_mask)
         with torch.no_grad(), self.peft_model.disable_adapter():
             base_hidden = self.final_hidden_states(input_ids, attention_mask)

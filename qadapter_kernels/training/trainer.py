@@ -24,7 +24,7 @@ class QAdapterTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` whose model is a ``QAdapterModel``.
 
     Batches are dicts with ``input_ids``, ``attention_mask`` and ``loss_mask`` of 2B rows,
-    chosen first (DESIGN.md §2). Besides ``loss`` it logs ``pref_loss``, ``reg_loss``,
+    chosen first (docs/DESIGN.md §2). Besides ``loss`` it logs ``pref_loss``, ``reg_loss``,
     ``accuracy``, ``chosen_score``, ``rejected_score`` and ``margin``, averaged over each
     logging window (and over processes). Checkpoints hold the adapter folder of
     ``QAdapterModel.save_pretrained`` plus the Trainer's optimizer, scheduler and RNG states; each

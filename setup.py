@@ -56,10 +56,12 @@ setup(
     version="0.1.0",
     description="Fused CPU (C++) and GPU (Triton) kernels for Q-Adapter training and decoding",
     packages=find_packages(include=["qadapter_kernels", "qadapter_kernels.*"]),
-    package_data={"qadapter_kernels": ["data/*/*.jsonl"]},
+    package_data={"qadapter_kernels": ["data/*/*.jsonl", "evaluation/tasks/*.yaml", "evaluation/tasks/*.jsonl"]},
     entry_points={"console_scripts": ["qadapter=qadapter_kernels.cli:main"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "triton>=3.1", "numpy"],
+    # eval: the lm-eval plug-in and its tasks; baselines: SFT and DPO through TRL (issue 9).
+    extras_require={"eval": ["lm-eval==0.4.13"], "baselines": ["trl>=1.16,<1.17"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

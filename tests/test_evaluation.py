@@ -1,7 +1,6 @@
 """The lm-eval plug-in ``qadapter`` against the reference, offline: a tiny random Llama, a local tokenizer,
 lm-eval local json tasks. Its numbers must equal those computed directly from ``qk.reference.combined_logits``."""
 import json
-import math
 
 import pytest
 import torch
@@ -11,10 +10,11 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import qadapter_kernels as qk  # noqa: E402
-from qadapter_kernels.evaluation import checkers, make_tasks  # noqa: E402
+from qadapter_kernels.evaluation import PolicyScorer, checkers, make_tasks, metrics  # noqa: E402
 from qadapter_kernels.evaluation.lm_eval_cli import SHIPPED_TASKS_DIR, lm_eval_arguments  # noqa: E402
 from qadapter_kernels.evaluation.lm_eval_model import QAdapterLM  # noqa: E402
 from qadapter_kernels.training import QAdapterConfig, QAdapterModel, shipped_data_path  # noqa: E402
+from qadapter_kernels.training.data import tokenize_preference  # noqa: E402
 from training_helpers import tiny_tokenizer  # noqa: E402
 
 ALPHAS = dict(alpha_tilde=0.7, alpha_0=0.5)  # far from (1, 0): the combination matters
@@ -220,12 +220,13 @@ def test_retention_scoring_ignores_case_but_not_content():
     # The lower-case spelling of the right answer wins: right on content, wrong "as written".
     lls = [-3.0, -9.0, -5.0, -0.5, -4.0, -9.0, -6.0, -9.0]
     assert checkers.retention_process_results(doc, [(v, False) for v in lls]) == {"acc": 1.0, "acc_cased": 0.0}
-    scores = checkers.option_scores(doc, lls)
-    assert scores[1] == pytest.approx(math.log(math.exp(-5.0) + math.exp(-0.5)))
-    lls_wrong = [-0.1, -9.0, -5.0, -6.0, -4.0, -9.0, -6.0, -9.0]
-    assert checkers.retention_process_results(doc, [(v, False) for v in lls_wrong])["acc"] == 0.0
+    # The model's own style is "as written" here: "Ag" wins, though "au" alone is the most probable choice.
+    lls_as_written = [-0.1, -9.0, -5.0, -2.0, -4.0, -9.0, -6.0, -9.0]
+    assert checkers.predicted_options(doc, lls_as_written) == (0, 0)
+    # Options that are one word in every case ("went") are compared once: nothing double-counts.
+    assert checkers.retention_choices({"options": ["went", "goed", "ran", "sat"]}) == ["went", "goed", "ran", "sat"]
     with pytest.raises(ValueError, match="log-likelihoods"):
-        checkers.option_scores(doc, lls[:-1])
+        checkers.predicted_options(doc, lls[:-1])
 
 
 def test_preference_checker_scores_greedy_answers():
@@ -244,3 +245,60 @@ def test_shipped_tasks_run_through_lm_eval(model, tokenizer):
                                   bootstrap_iters=0)
     assert set(out["results"]["qadapter_retention"]) >= {"acc,none", "acc_cased,none"}
     assert 0.0 <= out["results"]["qadapter_pref_lowercase"]["satisfied,none"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- the benchmark's metrics
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    return tiny_tokenizer()
+
+
+def test_retention_accuracy_equals_lm_evals_score_of_the_shipped_task(model, tokenizer):
+    items = checkers.read_task_records("retention")[:12]
+    lm = QAdapterLM(model=model, tokenizer=tokenizer, batch_size=16)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["qadapter_retention"], bootstrap_iters=0, limit=len(items),
+                                  task_manager=TaskManager(include_path=str(SHIPPED_TASKS_DIR)))
+    assert metrics.retention_accuracy(lm.scorer, items) == pytest.approx(out["results"]["qadapter_retention"]["acc,none"])
+
+
+def test_mean_token_kl_is_zero_for_the_same_policy_and_matches_the_reference(model, chat_tokenizer):
+    base = PolicyScorer(model, chat_tokenizer, adapter=False)
+    policy = PolicyScorer(model, chat_tokenizer)
+    pairs = [(chat_tokenizer.encode(q), chat_tokenizer.encode(" four.", add_special_tokens=False)) for q in QUESTIONS]
+    assert metrics.mean_token_kl(base, base, pairs) == pytest.approx(0.0, abs=1e-6)
+    expected, count = 0.0, 0
+    for context, continuation in pairs:
+        ids = context + continuation
+        q, b = (_all_logits(model, ids[:-1], adapter=a)[len(context) - 1:] for a in (True, False))
+        ref = torch.log_softmax(b.float(), -1)
+        pol = torch.log_softmax(qk.reference.combined_logits(q, b, **ALPHAS), -1)
+        expected += float((ref.exp() * (ref - pol)).sum())
+        count += len(continuation)
+    assert metrics.mean_token_kl(base, policy, pairs) == pytest.approx(expected / count, rel=1e-4)
+
+
+def test_pair_accuracy_and_preference_satisfaction(model, chat_tokenizer):
+    from qadapter_kernels.training import load_preferences
+
+    examples = load_preferences(shipped_data_path("heldout", "lowercase"))[:6]
+    scorer = PolicyScorer(model, chat_tokenizer)
+    expected = 0
+    for example in examples:
+        pair = tokenize_preference(example, chat_tokenizer)
+        chosen, rejected = (_reference_loglikelihood_ids(model, pair.prompt_ids, ids)
+                            for ids in (pair.chosen_ids, pair.rejected_ids))
+        expected += chosen > rejected
+    assert metrics.pair_accuracy(scorer, examples) == pytest.approx(expected / len(examples))
+    records = [{"prompt": "What is two plus two?", "preference": "lowercase"}] * 2
+    rate, answers = metrics.preference_satisfaction(scorer, records, max_new_tokens=4)
+    assert answers[0] == answers[1] and len(answers) == 2
+    assert rate == float(checkers.PREFERENCE_CHECKERS["lowercase"](answers[0]))
+
+
+def _reference_loglikelihood_ids(model, context: list[int], continuation: list[int]) -> float:
+    ids = context + continuation
+    q, b = (_all_logits(model, ids[:-1], adapter=a) for a in (True, False))
+    logprobs = torch.log_softmax(qk.reference.combined_logits(q, b, **ALPHAS), -1)
+    return sum(float(logprobs[t - 1, ids[t]]) for t in range(len(context), len(ids)))

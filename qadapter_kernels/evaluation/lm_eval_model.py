@@ -11,14 +11,19 @@ head product; the fused combined-policy sampler for generation).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from .model_files import load_model_and_tokenizer, load_tokenizer
 from .policy_scoring import PolicyScorer
 
 __all__ = ["QAdapterLM"]
+
+eval_logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -32,31 +37,17 @@ def _as_bool(name: str, value) -> bool:
     raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
-def _load_tokenizer(path: Path):
-    """The tokenizer of a model folder, an adapter folder saved with one, or a GGUF file; pad = EOS when missing."""
-    from transformers import AutoTokenizer
-
-    gguf = [path] if path.suffix == ".gguf" else sorted(path.glob("*.gguf")) if path.is_dir() else []
-    if gguf and not (path.is_dir() and (path / "tokenizer_config.json").is_file()):
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf[0].parent), gguf_file=gguf[0].name)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def _load_qadapter(adapter: str | None, base_model: str | None):
     """(QAdapterModel, tokenizer) from an adapter folder, or a fresh (unused) adapter on ``base_model``."""
-    from ..training import QAdapterConfig, QAdapterModel, load_base_model
+    from ..training import QAdapterConfig, QAdapterModel
 
     if adapter is not None:
         model = QAdapterModel.from_pretrained(adapter, base_model=base_model)
         has_tokenizer = (Path(adapter) / "tokenizer_config.json").is_file()
-        return model, _load_tokenizer(Path(adapter) if has_tokenizer else Path(model.qadapter_config.base_model))
+        return model, load_tokenizer(Path(adapter) if has_tokenizer else Path(model.qadapter_config.base_model))
     # Base only: the LoRA B of a fresh adapter is zero and the scorer runs with the adapter off anyway.
-    model = QAdapterModel(load_base_model(base_model), QAdapterConfig(base_model=str(base_model)))
-    return model, _load_tokenizer(Path(base_model))
+    causal_lm, tokenizer = load_model_and_tokenizer(base_model)
+    return QAdapterModel(causal_lm, QAdapterConfig(base_model=str(base_model))), tokenizer
 
 
 @register_model("qadapter")
@@ -89,7 +80,10 @@ class QAdapterLM(TemplateLM):
             if adapter is None:
                 use_adapter = False
             model, tokenizer = _load_qadapter(adapter, base_model)
-        if device is not None:
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line passes --device cuda by default; its own HF model falls back the same way.
+            eval_logger.warning("qadapter: CUDA is not available, evaluating on the CPU")
+        elif device is not None:
             model.to(device)
         if batch_size == "auto" or isinstance(batch_size, str) and batch_size.startswith("auto"):
             batch_size = 8  # no memory probing on CPU; lm-eval's "auto" means "pick one"

@@ -7,8 +7,9 @@ categories the shipped ``lowercase`` preference data never asks about (chemical 
 continents, animals' young, languages, currencies, animal classes, irregular past tenses, female
 forms, number words, Roman numerals), built from the fact tables below: facts as commonly taught,
 with no ambiguous entry (no transcontinental country, no verb with two accepted past forms).
-Each option is listed with its case variants (as written, lower case, capitalised); the scorer
-adds their probabilities, so a style preference such as lower case is not counted as forgetting.
+The scorer (``checkers``) compares the options in one case style at a time (as written, or
+lower case) and uses the style the model itself finds most probable, so a style
+preference such as lower case is not counted as forgetting.
 
 ``qadapter_pref_lowercase.jsonl``: the held-out prompts of the shipped ``lowercase`` preference
 data, answered greedily and scored by the preference's own checker.
@@ -25,7 +26,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["SEED", "build_retention_items", "build_preference_prompts", "case_variants", "write_tasks"]
+__all__ = ["SEED", "build_retention_items", "build_preference_prompts", "write_tasks"]
 
 SEED = 20261201
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -142,11 +143,6 @@ def roman_numeral(n: int) -> str:
         count, n = divmod(n, value)
         out.append(letters * count)
     return "".join(out)
-
-
-def case_variants(text: str) -> list[str]:
-    """``text`` as written, in lower case and capitalised; duplicates dropped, order kept."""
-    return list(dict.fromkeys([text, text.lower(), text[:1].upper() + text[1:]]))
 
 
 # Each generator yields (category, question, answer, pool of wrong answers).

@@ -48,21 +48,39 @@ class PolicyScorer:
     def continuation_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
         """``(sum of log pi~(continuation | context), whether greedy decoding gives the continuation)`` per pair.
 
-        ``pairs``: ``(context ids, continuation ids)``, the context non-empty, the continuation non-empty.
+        ``pairs``: ``(context ids, continuation ids)``, both non-empty.
         """
+        out = []
+        for logprobs, targets in self._continuation_batches(pairs):
+            taken = logprobs.gather(1, targets[:, None]).squeeze(1)
+            out.append((float(taken.sum()), bool((logprobs.argmax(1) == targets).all())))
+        return self._in_input_order(pairs, out)
+
+    @torch.no_grad()
+    def continuation_distributions(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[torch.Tensor]:
+        """Per pair, ``log pi~`` over the vocabulary at each continuation token: ``[n_continuation, V]`` fp32."""
+        return self._in_input_order(pairs, [logprobs for logprobs, _ in self._continuation_batches(pairs)])
+
+    def _order(self, pairs) -> list[int]:
         for i, (context, continuation) in enumerate(pairs):
             if len(context) == 0 or len(continuation) == 0:
                 raise ValueError(f"pairs[{i}] needs a non-empty context and continuation")
         # Longest first: a batch holds sequences of similar length, and the first batch shows an out-of-memory early.
-        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-        results: list[tuple[float, bool] | None] = [None] * len(pairs)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            for i, result in zip(chunk, self._score_batch([pairs[i] for i in chunk])):
-                results[i] = result
-        return results
+        return sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
 
-    def _score_batch(self, pairs) -> list[tuple[float, bool]]:
+    def _in_input_order(self, pairs, results: list) -> list:
+        out = [None] * len(pairs)
+        for i, result in zip(self._order(pairs), results):
+            out[i] = result
+        return out
+
+    def _continuation_batches(self, pairs):
+        """Yields ``(log pi~ [n, V], continuation ids [n])`` per pair, in ``_order``, scored ``batch_size`` at a time."""
+        order = self._order(pairs)
+        for start in range(0, len(order), self.batch_size):
+            yield from self._score_batch([pairs[i] for i in order[start:start + self.batch_size]])
+
+    def _score_batch(self, pairs):
         rows, spans = [], []
         for context, continuation in pairs:
             # The last token is only ever a target; at most max_length tokens are fed.
@@ -79,15 +97,11 @@ class PolicyScorer:
         adapter_hidden, base_hidden = self._final_hidden_both(input_ids, attention_mask)
         positions = torch.tensor([p for start, n, _ in spans for p in range(start, start + n)], device=self.device)
         row_index = torch.tensor([r for r, (_, n, _) in enumerate(spans) for _ in range(n)], device=self.device)
-        targets = torch.tensor([t for _, _, tokens in spans for t in tokens], device=self.device)
         logprobs = self._policy_logprobs(adapter_hidden[row_index, positions], base_hidden[row_index, positions])
-        taken = logprobs.gather(1, targets[:, None]).squeeze(1)
-        greedy = logprobs.argmax(1) == targets
-        out, offset = [], 0
-        for _, n, _ in spans:
-            out.append((float(taken[offset:offset + n].sum()), bool(greedy[offset:offset + n].all())))
+        offset = 0
+        for _, n, tokens in spans:
+            yield logprobs[offset:offset + n], torch.tensor(tokens, device=self.device)
             offset += n
-        return out
 
     def _final_hidden_both(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's final hidden states with the adapter on and off, from ONE forward."""

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import qadapter_kernels as qk  # noqa: E402
 from qadapter_kernels.evaluation import PolicyScorer, checkers, make_tasks, metrics  # noqa: E402
-from qadapter_kernels.evaluation.lm_eval_cli import SHIPPED_TASKS_DIR, lm_eval_arguments  # noqa: E402
+from qadapter_kernels.evaluation.lm_eval_cli import SHIPPED_TASKS_DIR, lm_eval_arguments, main  # noqa: E402
 from qadapter_kernels.evaluation.lm_eval_model import QAdapterLM  # noqa: E402
 from qadapter_kernels.training import QAdapterConfig, QAdapterModel, shipped_data_path  # noqa: E402
 from qadapter_kernels.training.data import tokenize_preference  # noqa: E402
@@ -143,21 +143,56 @@ def test_greedy_generations_equal_the_reference(tmp_path, model, tokenizer):
         assert sample["resps"][0][0] == _reference_greedy(model, tokenizer, context, 6, ["fox"])
 
 
-def test_loads_a_saved_adapter_and_a_base_only_model(tmp_path, tokenizer):
-    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer):
+    """(base model folder, adapter folder, the adapter's model in memory)."""
+    root = tmp_path_factory.mktemp("saved")
+    base_dir, adapter_dir = root / "base", root / "adapter"
     _base_llama().save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     config = QAdapterConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, **ALPHAS)
-    saved = _random_adapter(QAdapterModel(_base_llama(), config))
-    saved.save_pretrained(adapter_dir)
+    model = _random_adapter(QAdapterModel(_base_llama(), config))
+    model.save_pretrained(adapter_dir)
+    return base_dir, adapter_dir, model
+
+
+def test_loads_a_saved_adapter_and_a_base_only_model(saved, tokenizer):
+    base_dir, adapter_dir, model = saved
     pairs = [(tokenizer.encode(QUESTIONS[0]), tokenizer.encode(" Paris", add_special_tokens=False))]
     from_disk = QAdapterLM(adapter=str(adapter_dir), base_model=str(base_dir))
-    in_memory = QAdapterLM(model=saved, tokenizer=tokenizer)
+    in_memory = QAdapterLM(model=model, tokenizer=tokenizer)
     assert from_disk.scorer.continuation_logprobs(pairs) == pytest.approx(
         in_memory.scorer.continuation_logprobs(pairs))
     base_only = QAdapterLM(base_model=str(base_dir))
-    expected = _reference_loglikelihood(saved, tokenizer, QUESTIONS[0], " Paris", adapter=False)
+    expected = _reference_loglikelihood(model, tokenizer, QUESTIONS[0], " Paris", adapter=False)
     assert base_only.scorer.continuation_logprobs(pairs)[0][0] == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+def test_lm_eval_command_line_runs_the_plug_in(saved, tmp_path):
+    base_dir, adapter_dir, _ = saved
+    main(["run", "--model", "qadapter", "--model_args", f"adapter={adapter_dir},base_model={base_dir}",
+          "--tasks", "qadapter_retention", "--limit", "3", "--output_path", str(tmp_path)])
+    (results,) = tmp_path.rglob("results_*.json")
+    scores = json.loads(results.read_text())["results"]["qadapter_retention"]
+    assert 0.0 <= scores["acc,none"] <= 1.0
+
+
+def test_rolling_loglikelihood_is_the_whole_texts(model, tokenizer):
+    class Request:
+        args = ("the quick brown fox",)
+
+    lm = QAdapterLM(model=model, tokenizer=tokenizer, max_length=4)  # several windows
+    tokens = tokenizer.encode("the quick brown fox", add_special_tokens=False)
+    assert len(tokens) > 4
+    expected = _reference_loglikelihood_ids(model, [tokenizer.bos_token_id], tokens)
+    # Windows of 4 tokens see less context than the reference, so only the first window matches exactly.
+    first = _reference_loglikelihood_ids(model, [tokenizer.bos_token_id], tokens[:4])
+    (total,) = lm.loglikelihood_rolling([Request()])
+    window_one = lm.scorer.continuation_logprobs([([tokenizer.bos_token_id], tokens[:4])])[0][0]
+    assert window_one == pytest.approx(first, rel=1e-5, abs=1e-4)
+    assert total < window_one < 0 and total != pytest.approx(expected, abs=0.0)
+    full = QAdapterLM(model=model, tokenizer=tokenizer).loglikelihood_rolling([Request()])[0]
+    assert full == pytest.approx(expected, rel=1e-5, abs=1e-4)
 
 
 def test_bad_arguments_raise_naming_them(model, tokenizer):
@@ -169,6 +204,10 @@ def test_bad_arguments_raise_naming_them(model, tokenizer):
         QAdapterLM(model=model, tokenizer=tokenizer, use_adapter="maybe")
     with pytest.raises(ValueError, match="tokenizer="):
         QAdapterLM(model=model)
+    with pytest.raises(ValueError, match="batch_size"):
+        QAdapterLM(model=model, tokenizer=tokenizer, batch_size="many")
+    with pytest.raises(ValueError, match="batch_size"):
+        QAdapterLM(model=model, tokenizer=tokenizer, batch_size=0)
 
     class Request:
         args = ("hello", {"do_sample": True, "until": ["\n"]})

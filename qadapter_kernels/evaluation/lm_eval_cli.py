@@ -34,8 +34,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from . import lm_eval_model  # noqa: F401  (registers the "qadapter" model)
 
     args = lm_eval_arguments(sys.argv[1:] if argv is None else argv)
-    sys.argv = ["lm-eval", *args]  # lm-eval's console script reads sys.argv
-    cli_evaluate()
+    saved_argv, sys.argv = sys.argv, ["lm-eval", *args]  # lm-eval's console script reads sys.argv
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved_argv
 
 
 if __name__ == "__main__":

@@ -37,6 +37,13 @@ def _as_bool(name: str, value) -> bool:
     raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
+def _as_int(name: str, value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
 def _load_qadapter(adapter: str | None, base_model: str | None):
     """(QAdapterModel, tokenizer) from an adapter folder, or a fresh (unused) adapter on ``base_model``."""
     from ..training import QAdapterConfig, QAdapterModel
@@ -90,9 +97,9 @@ class QAdapterLM(TemplateLM):
         if max_length is None:
             max_length = int(getattr(model.base_causal_lm.config, "max_position_embeddings", 2048))
         self.tokenizer = tokenizer
-        self.max_gen_toks = int(max_gen_toks)
-        self.scorer = PolicyScorer(model, tokenizer, adapter=use_adapter, batch_size=int(batch_size),
-                                   max_length=int(max_length))
+        self.max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
+        self.scorer = PolicyScorer(model, tokenizer, adapter=use_adapter, batch_size=_as_int("batch_size", batch_size),
+                                   max_length=_as_int("max_length", max_length))
         self._device = self.scorer.device
 
     # ------------------------------------------------------------------ tokenizer

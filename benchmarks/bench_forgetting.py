@@ -55,7 +55,9 @@ class Sizes:
     max_new_tokens: int
 
 
-FULL = Sizes(steps=40, batch=4, retention_items=None, pref_prompts=None, heldout_pairs=None, kl_prompts=24,
+# Sized for about an hour on 2 CPU cores with one seed (an estimate from per-step costs, not a measured run);
+# add seeds for the rows that matter with --rows ... --reps 3.
+FULL = Sizes(steps=30, batch=4, retention_items=100, pref_prompts=40, heldout_pairs=40, kl_prompts=12,
              max_new_tokens=40)
 QUICK = Sizes(steps=3, batch=2, retention_items=24, pref_prompts=6, heldout_pairs=8, kl_prompts=4, max_new_tokens=8)
 
@@ -71,8 +73,9 @@ class Row:
         out = {}
         for metric in METRICS:
             values = [run[metric] for run in self.runs]
-            out[metric] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                           "min": min(values), "max": max(values), "n": len(values)}
+            spread_ = statistics.stdev(values) if len(values) > 1 else 0.0
+            out[metric] = {"mean": statistics.fmean(values), "std": spread_, "min": min(values), "max": max(values),
+                           "n": len(values)}
         return out
 
 
@@ -199,11 +202,12 @@ def run(args, sizes: Sizes) -> list[Row]:
         for row in rows:
             if row.method == "qadapter":
                 row.settings["length_norm"] = False
-    seeds = list(range(args.reps or (1 if args.quick else 3)))
+    seeds = list(range(args.reps or 1))
     for row in rows:
         for seed in seeds[:1] if row.method == "base" else seeds:
-            budget = TrainingBudget(max_steps=args.steps or sizes.steps, batch_size=sizes.batch, seed=seed,
-                                    logging_steps=max(1, (args.steps or sizes.steps) // 4))
+            steps = args.steps or sizes.steps
+            budget = TrainingBudget(max_steps=steps, batch_size=args.batch or sizes.batch, seed=seed,
+                                    logging_steps=max(1, steps // 4))
             model, seconds = train_row(row, fresh, tokenizer, train_examples, budget)
             result = measure(model.to(args.device), tokenizer, row.method != "base", data, base_scorer, sizes)
             result["train_s"] = seconds
@@ -234,8 +238,8 @@ def markdown(rows: list[Row], title: str, info: dict, seeds: int) -> str:
     lines = [f"## {title}", "",
              f"{info['device_name']}, torch {info['torch']}, {info['cpu_threads']} threads, {info['date']}; "
              f"mean ± sample std over {seeds} seed(s) for trained rows (base: deterministic).", "",
-             "| row | pref % | pair acc % | retention % (chance 25) | retention % of base | KL(base‖model) nats/token "
-             "| train s |",
+             "| row | pref % | pair acc % | retention % (chance 25) | retention % of base "
+             "| KL(base‖model) nats/token | train s |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         s = row.summary()
@@ -272,17 +276,19 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, quick_help="tiny random model, every method once on small subsets (CI smoke run)",
-                         reps_help="seeds per trained row (default 3; --quick 1)")
+                         reps_help="seeds per trained row (default 1)")
     parser.add_argument("--steps", type=int, help=f"optimizer steps per method (default {FULL.steps}; quick "
                                                   f"{QUICK.steps})")
+    parser.add_argument("--batch", type=int,
+                        help=f"preference pairs per step (default {FULL.batch}; quick {QUICK.batch})")
     parser.add_argument("--model", help="base model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--rows", help="only the rows whose name starts with one of these ';'-separated prefixes "
                                        "(e.g. 'SFT;DPO beta=0.1;Q-Adapter a~=1.0 a0=1.0'); base is always run")
     for name in ("retention_items", "pref_prompts", "heldout_pairs", "kl_prompts"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"subset size (default: all; quick "
-                                                                          f"{getattr(QUICK, name)})")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int,
+                            help=f"subset size (default {getattr(FULL, name)}; quick {getattr(QUICK, name)})")
     parser.add_argument("--no-length-norm", action="store_true",
-                        help="Q-Adapter rows with length_norm=False (the demo's setting) instead of the library default")
+                        help="Q-Adapter rows with length_norm=False (the demo's setting), not the library default")
     args = parser.parse_args(argv)
     try:
         import lm_eval  # noqa: F401  (the task files' scoring is shared with the lm-eval plug-in)
@@ -300,11 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     name = "forgetting_quick" if args.quick else "forgetting"
     title = "Does it forget? " + ("(quick smoke run: tiny random model, numbers meaningless)" if args.quick
                                   else "SmolLM2-135M-Instruct, preference 'lowercase'")
-    seeds = args.reps or (1 if args.quick else 3)
+    seeds = args.reps or 1
     out = Path(args.out) if args.out else default_out_dir(args.device)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, title, info, seeds)
     payload = {"name": name, "machine": info, "sizes": sizes.__dict__, "steps": args.steps or sizes.steps,
+               "batch": args.batch or sizes.batch, "length_norm": False if args.no_length_norm else "library default",
                "seeds": seeds, "rows": [{"name": r.name, "method": r.method, "settings": r.settings, "runs": r.runs,
                                          "summary": r.summary()} for r in rows]}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -48,9 +48,11 @@ def _margins(model: QAdapterModel, tokenizer) -> tuple[float, float]:
     """(sum of log-prob of chosen, DPO implicit margin) of the policy against the adapter-off reference."""
     policy, reference = (PolicyScorer(model, tokenizer, adapter=a) for a in (True, False))
     chosen = sum(_response_logprob(policy, tokenizer, e, e.chosen) for e in EXAMPLES)
-    margin = sum(_response_logprob(policy, tokenizer, e, e.chosen) - _response_logprob(reference, tokenizer, e, e.chosen)
-                 - _response_logprob(policy, tokenizer, e, e.rejected)
-                 + _response_logprob(reference, tokenizer, e, e.rejected) for e in EXAMPLES)
+    def log_ratio(example, response):
+        return (_response_logprob(policy, tokenizer, example, response)
+                - _response_logprob(reference, tokenizer, example, response))
+
+    margin = sum(log_ratio(e, e.chosen) - log_ratio(e, e.rejected) for e in EXAMPLES)
     return chosen, margin
 
 

@@ -299,7 +299,8 @@ def test_retention_accuracy_equals_lm_evals_score_of_the_shipped_task(model, tok
     lm = QAdapterLM(model=model, tokenizer=tokenizer, batch_size=16)
     out = lm_eval.simple_evaluate(model=lm, tasks=["qadapter_retention"], bootstrap_iters=0, limit=len(items),
                                   task_manager=TaskManager(include_path=str(SHIPPED_TASKS_DIR)))
-    assert metrics.retention_accuracy(lm.scorer, items) == pytest.approx(out["results"]["qadapter_retention"]["acc,none"])
+    expected = out["results"]["qadapter_retention"]["acc,none"]
+    assert metrics.retention_accuracy(lm.scorer, items) == pytest.approx(expected)
 
 
 def test_mean_token_kl_is_zero_for_the_same_policy_and_matches_the_reference(model, chat_tokenizer):

@@ -64,11 +64,13 @@ def pair_accuracy(scorer: PolicyScorer, examples: Sequence[PreferenceExample], m
     pairs = [p for p in pairs if p is not None]
     if not pairs:
         raise ValueError("no pair survives tokenization")
-    scored = scorer.continuation_logprobs([(p.prompt_ids, ids) for p in pairs for ids in (p.chosen_ids, p.rejected_ids)])
+    scored = scorer.continuation_logprobs(
+        [(p.prompt_ids, ids) for p in pairs for ids in (p.chosen_ids, p.rejected_ids)])
     return sum(scored[2 * i][0] > scored[2 * i + 1][0] for i in range(len(pairs))) / len(pairs)
 
 
-def base_answers(base: PolicyScorer, prompts: Sequence[str], max_new_tokens: int = 32) -> list[tuple[list[int], list[int]]]:
+def base_answers(base: PolicyScorer, prompts: Sequence[str],
+                 max_new_tokens: int = 32) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, the base model's greedy answer ids) for each prompt; empty answers are dropped."""
     prompt_ids = [encode_prompt(p, base.tokenizer) for p in prompts]
     answers = base.greedy(prompt_ids, max_new_tokens=max_new_tokens)

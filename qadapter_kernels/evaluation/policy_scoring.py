@@ -75,7 +75,7 @@ class PolicyScorer:
         return out
 
     def _continuation_batches(self, pairs):
-        """Yields ``(log pi~ [n, V], continuation ids [n])`` per pair, in ``_order``, scored ``batch_size`` at a time."""
+        """Yields ``(log pi~ [n, V], continuation ids [n])`` per pair in ``_order``, ``batch_size`` per forward."""
         order = self._order(pairs)
         for start in range(0, len(order), self.batch_size):
             yield from self._score_batch([pairs[i] for i in order[start:start + self.batch_size]])

@@ -264,7 +264,8 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
                     color=colours[row.method], capsize=2)
         ax.annotate(row.name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     front = pareto_front(points)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="grey", label="Pareto front")
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--s", color="grey", markersize=12,
+            markerfacecolor="none", label="Pareto front")  # the ring shows a front of one point too
     ax.set_xlabel("knowledge retention (% of base)")
     ax.set_ylabel("preference satisfaction (%)")
     ax.set_title(title)

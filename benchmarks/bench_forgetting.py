@@ -193,7 +193,7 @@ def run(args, sizes: Sizes) -> list[Row]:
     fresh = FreshModels(base_model.to(args.device))
     data = {"heldout": spread(heldout, sizes.heldout_pairs), "retention": spread(retention, sizes.retention_items),
             "pref_prompts": spread(read_task_records("preference"), sizes.pref_prompts)}
-    base = QAdapterModel(fresh.get(), QAdapterConfig())
+    base = QAdapterModel(fresh.get(), QAdapterConfig()).to(args.device)
     base_scorer = PolicyScorer(base, tokenizer, adapter=False, batch_size=16)
     kl_prompts = [r["question"] for r in spread(retention, sizes.kl_prompts)]
     data["kl_pairs"] = metrics.base_answers(base_scorer, kl_prompts, max_new_tokens=sizes.max_new_tokens)

@@ -56,12 +56,18 @@ setup(
     version="0.1.0",
     description="Fused CPU (C++) and GPU (Triton) kernels for Q-Adapter training and decoding",
     packages=find_packages(include=["qadapter_kernels", "qadapter_kernels.*"]),
-    package_data={"qadapter_kernels": ["data/*/*.jsonl"]},
+    package_data={"qadapter_kernels": ["data/*/*.jsonl", "evaluation/tasks/*.yaml", "evaluation/tasks/*.jsonl",
+                                        "evaluation/tasks/utils.py"]},
     entry_points={"console_scripts": ["qadapter=qadapter_kernels.app.cli:main"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "triton>=3.1", "numpy"],
-    # peft: decoding uses a private peft hook (decoding/streams.py, TESTED_PEFT_VERSIONS), so the range is pinned.
-    extras_require={"train": ["transformers>=5.0", "peft>=0.21,<0.22", "accelerate", "safetensors", "gguf"]},
+    # train: peft is pinned because decoding uses a private peft hook (decoding/streams.py, TESTED_PEFT_VERSIONS).
+    # eval: the lm-eval plug-in and its tasks; baselines: SFT and DPO through TRL (issue 9).
+    extras_require={
+        "train": ["transformers>=5.0", "peft>=0.21,<0.22", "accelerate", "safetensors", "gguf"],
+        "eval": ["lm-eval==0.4.13"],
+        "baselines": ["trl>=1.16,<1.17"],
+    },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

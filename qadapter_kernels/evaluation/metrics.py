@@ -1,0 +1,92 @@
+"""The forgetting benchmark's measurements of one policy (a ``PolicyScorer``), without lm-eval.
+
+- ``retention_accuracy``: the shipped retention probe, scored as its lm-eval task scores it
+  (same prompt, same context/continuation split, case variants summed).
+- ``preference_satisfaction``: greedy answers to prompts (encoded as training encodes them),
+  scored by the preference's checker.
+- ``pair_accuracy``: how often the policy gives the chosen response a higher log-likelihood than
+  the rejected one: a property of the policy, so Q-Adapter, SFT and DPO are measured alike.
+- ``mean_token_kl``: KL(reference || policy) per token along given responses (the base model's own
+  answers to out-of-domain prompts): how far the policy moved where it was not asked to.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..training.data import PreferenceExample, encode_prompt, tokenize_preference
+from .checkers import PREFERENCE_CHECKERS, predicted_options, retention_choices
+from .policy_scoring import PolicyScorer
+
+__all__ = ["RETENTION_PROMPT", "base_answers", "mean_token_kl", "pair_accuracy", "preference_satisfaction",
+           "retention_accuracy", "retention_pairs"]
+
+# The doc_to_text of tasks/qadapter_retention.yaml; lm-eval joins it to a choice with one space.
+RETENTION_PROMPT = "Question: {question}\nAnswer:"
+
+
+def retention_pairs(tokenizer, items: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) of every choice of every item, split as lm-eval splits them."""
+    pairs = []
+    for item in items:
+        context = RETENTION_PROMPT.format(question=item["question"])
+        context_ids = tokenizer.encode(context)
+        for choice in retention_choices(item):
+            whole = tokenizer.encode(f"{context} {choice}")
+            pairs.append((context_ids, whole[len(context_ids):]))
+    return pairs
+
+
+def retention_accuracy(scorer: PolicyScorer, items: Sequence[dict]) -> float:
+    """Fraction of items whose right option is picked on content (``checkers.predicted_options``); chance 1/4."""
+    loglikelihoods = [ll for ll, _ in scorer.continuation_logprobs(retention_pairs(scorer.tokenizer, items))]
+    right, offset = 0, 0
+    for item in items:
+        n = len(retention_choices(item))
+        right += predicted_options(item, loglikelihoods[offset:offset + n])[0] == item["target"]
+        offset += n
+    return right / len(items)
+
+
+def preference_satisfaction(scorer: PolicyScorer, records: Sequence[dict], max_new_tokens: int = 48,
+                            ) -> tuple[float, list[str]]:
+    """(fraction of greedy answers that satisfy each record's preference, the answers)."""
+    prompts = [encode_prompt(r["prompt"], scorer.tokenizer) for r in records]
+    answers = scorer.greedy(prompts, max_new_tokens=max_new_tokens)
+    satisfied = [PREFERENCE_CHECKERS[r["preference"]](a) for r, a in zip(records, answers)]
+    return sum(satisfied) / len(records), answers
+
+
+def pair_accuracy(scorer: PolicyScorer, examples: Sequence[PreferenceExample], max_length: int = 512) -> float:
+    """Fraction of pairs with log pi(chosen | prompt) > log pi(rejected | prompt)."""
+    pairs = [tokenize_preference(e, scorer.tokenizer, max_length=max_length) for e in examples]
+    pairs = [p for p in pairs if p is not None]
+    if not pairs:
+        raise ValueError("no pair survives tokenization")
+    scored = scorer.continuation_logprobs(
+        [(p.prompt_ids, ids) for p in pairs for ids in (p.chosen_ids, p.rejected_ids)])
+    return sum(scored[2 * i][0] > scored[2 * i + 1][0] for i in range(len(pairs))) / len(pairs)
+
+
+def base_answers(base: PolicyScorer, prompts: Sequence[str],
+                 max_new_tokens: int = 32) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, the base model's greedy answer ids) for each prompt; empty answers are dropped."""
+    prompt_ids = [encode_prompt(p, base.tokenizer) for p in prompts]
+    answers = base.greedy(prompt_ids, max_new_tokens=max_new_tokens)
+    out = []
+    for ids, text in zip(prompt_ids, answers):
+        answer_ids = base.tokenizer.encode(text, add_special_tokens=False)
+        if answer_ids:
+            out.append((ids, answer_ids))
+    return out
+
+
+def mean_token_kl(reference: PolicyScorer, scorer: PolicyScorer, pairs: Sequence[tuple[list[int], list[int]]]) -> float:
+    """KL(reference || policy) at each continuation token, averaged over all of them (nats per token)."""
+    total, count = 0.0, 0
+    for ref, pol in zip(reference.continuation_distributions(pairs), scorer.continuation_distributions(pairs)):
+        kl = torch.nn.functional.kl_div(pol, ref, log_target=True, reduction="none").sum(-1)
+        total += float(kl.sum())
+        count += kl.numel()
+    return total / count

@@ -1,0 +1,41 @@
+"""The forgetting benchmark's --quick pass: every method trained and scored once on a tiny model, outputs written."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("trl")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_forgetting import pareto_front, planned_rows, spread  # noqa: E402
+
+
+def test_quick_run_trains_and_scores_every_method(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_forgetting.py"), "--quick", "--device", "cpu",
+           "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1"}  # this checkout's package
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name for p in tmp_path.iterdir()} == {f"forgetting_quick.{ext}" for ext in ("json", "md", "png")}
+    rows = json.loads((tmp_path / "forgetting_quick.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == [r.name for r in planned_rows()]
+    assert {r["method"] for r in rows} == {"base", "sft", "dpo", "qadapter"}
+    for row in rows:
+        (run,) = row["runs"]
+        assert 0 <= run["pref"] <= 100 and 0 <= run["pair_acc"] <= 100 and 0 <= run["retention"] <= 100
+        assert run["kl"] >= -1e-6 and run["train_s"] >= 0
+    assert rows[0]["runs"][0]["kl"] == pytest.approx(0.0, abs=1e-6)  # base against itself
+    settings = {tuple(sorted(r["settings"].items())) for r in rows if r["method"] == "qadapter"}
+    assert {dict(s)["alpha_0"] for s in settings} == {0.01, 0.1, 0.5, 1.0, 2.0}
+    assert {dict(s)["variant"] for s in settings} == {"bellman", "official"}
+
+
+def test_pareto_front_and_spread():
+    points = [(100.0, 0.0), (90.0, 50.0), (80.0, 40.0), (95.0, 50.0), (50.0, 90.0)]
+    assert pareto_front(points) == [4, 3, 0]
+    assert spread(list(range(10)), 3) == [0, 3, 6] and spread([1, 2], None) == [1, 2]
+    assert [r.name for r in planned_rows(["SFT"])] == ["base", "SFT"]

@@ -176,7 +176,7 @@ def run(args, sizes: Sizes) -> list[Row]:
     from qadapter_kernels.baselines import TrainingBudget
     from qadapter_kernels.evaluation import PolicyScorer, metrics
     from qadapter_kernels.evaluation.checkers import read_task_records
-    from qadapter_kernels.evaluation.model_files import load_model_and_tokenizer
+    from qadapter_kernels.loading import default_model_path, load_model_and_tokenizer
     from qadapter_kernels.training import QAdapterConfig, QAdapterModel, load_preferences, shipped_data_path
 
     train_examples = load_preferences(shipped_data_path("train"))
@@ -187,8 +187,6 @@ def run(args, sizes: Sizes) -> list[Row]:
         texts += [f"Question: {r['question']}\nAnswer: " + " ".join(r["options"]) for r in retention]
         base_model, tokenizer = quick_model_and_tokenizer(texts)
     else:
-        from qadapter_kernels.baselines.__main__ import default_model_path
-
         base_model, tokenizer = load_model_and_tokenizer(args.model or default_model_path())
     fresh = FreshModels(base_model.to(args.device))
     data = {"heldout": spread(heldout, sizes.heldout_pairs), "retention": spread(retention, sizes.retention_items),

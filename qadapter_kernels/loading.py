@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["DEFAULT_GGUF", "ModelLoadError", "ModelFiles", "default_model_path", "find_model_files",
-           "load_base_model", "load_tokenizer"]
+           "load_base_model", "load_model_and_tokenizer", "load_tokenizer"]
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -129,3 +129,8 @@ def load_base_model(path: str | os.PathLike):
         if files.gguf:
             return AutoModelForCausalLM.from_pretrained(str(files.folder), gguf_file=files.gguf)
         return AutoModelForCausalLM.from_pretrained(str(files.folder), use_safetensors=True)
+
+
+def load_model_and_tokenizer(path: str | os.PathLike):
+    """``(causal LM, tokenizer)`` of one model: what evaluation, the baselines and the benchmarks start from."""
+    return load_base_model(path), load_tokenizer(path)

@@ -17,7 +17,7 @@ from qadapter_kernels.training.data import (
     shipped_data_path,
     tokenize_preference,
 )
-from qadapter_kernels.app.make_preferences import satisfies_preference
+from qadapter_kernels.preferences import satisfies_lowercase as satisfies_preference
 
 from training_helpers import smollm2_tokenizer, tiny_tokenizer
 

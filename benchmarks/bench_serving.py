@@ -111,10 +111,16 @@ def time_generate(model, prompts, concurrency: tuple[int, ...], new: int, reps: 
 
 
 def _weight_bytes(model) -> int:
+    """Distinct tensor storages, plus the linear weights vLLM's CPU backend repacked into oneDNN /
+    packed-GEMM handles (it leaves an empty ``weight`` parameter behind): each such module once,
+    at its logical size, so a module the adapter stream reuses is counted once, as it is stored."""
     storages = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    return sum(storages.values())
+    repacked = sum(m.input_size_per_partition * m.output_size_per_partition * m.weight.element_size()
+                   for m in model.modules()
+                   if hasattr(m, "cpu_linear") and getattr(m, "weight", None) is not None and m.weight.numel() == 0)
+    return sum(storages.values()) + repacked
 
 
 def time_vllm(source: dict, prompts, concurrency: tuple[int, ...], new: int, reps: int) -> tuple[Timing, int]:

@@ -201,7 +201,9 @@ def served(smollm2, tmp_path_factory):
     base = AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32)
     qa = save_adapter(folder, base, alpha_tilde=ALPHA_TILDE, alpha_0=ALPHA_0, base_model=str(smollm2)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2))
-    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    # As a chat (the model is an instruct model): a bare prompt often gets EOS at once, adapter or not.
+    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False)) for p in PROMPTS]
     return qa, folder, tokenizer, prompts
 
 

@@ -207,6 +207,14 @@ def served(smollm2, tmp_path_factory):
     return qa, folder, tokenizer, prompts
 
 
+@pytest.fixture(scope="module")
+def references(served):
+    """Greedy tokens of generate, adapter on and off, computed before any engine runs in this process."""
+    qa, _, tokenizer, prompts = served
+    return (reference_greedy(qa, prompts, tokenizer.eos_token_id),
+            reference_greedy(qa, prompts, tokenizer.eos_token_id, adapter=False))
+
+
 def _until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
@@ -232,17 +240,16 @@ def vllm_greedy(llm, prompts: list[list[int]], eos: int) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def adapter_llm(vllm, served):
-    qa, folder, _, _ = served
+    _, folder, _, _ = served
     llm = vllm.LLM(**engine_arguments(folder), **ENGINE_OPTIONS)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
 
-def test_offline_greedy_equals_generate(served, adapter_llm):
-    qa, _, tokenizer, prompts = served
-    expected = reference_greedy(qa, prompts, tokenizer.eos_token_id)
-    # Not vacuous: the adapter changes what the base model would say.
-    assert expected != reference_greedy(qa, prompts, tokenizer.eos_token_id, adapter=False)
+def test_offline_greedy_equals_generate(served, references, adapter_llm):
+    _, _, tokenizer, prompts = served
+    expected, base_only = references
+    assert expected != base_only, "not vacuous: the adapter must change what the base model says"
     assert vllm_greedy(adapter_llm, prompts, tokenizer.eos_token_id) == expected
 
 
@@ -284,8 +291,8 @@ def test_logprobs_and_sampled_first_tokens_follow_the_combined_policy(served, ad
     assert worst < 5, f"a token's frequency is {worst:.1f} sigma off the combined policy"
 
 
-def test_adapter_off_equals_plain_vllm(vllm, served, smollm2, adapter_llm):
-    qa, folder, tokenizer, prompts = served
+def test_adapter_off_equals_plain_vllm(vllm, served, references, smollm2, adapter_llm):
+    _, folder, tokenizer, prompts = served
     eos = tokenizer.eos_token_id
     adapter_llm.llm_engine.engine_core.shutdown()  # one engine at a time on this machine
     off = vllm.LLM(**engine_arguments(folder, enabled=False), **ENGINE_OPTIONS)
@@ -299,7 +306,7 @@ def test_adapter_off_equals_plain_vllm(vllm, served, smollm2, adapter_llm):
         assert vllm_greedy(plain, prompts, eos) == tokens_off
     finally:
         plain.llm_engine.engine_core.shutdown()
-    assert tokens_off == reference_greedy(qa, prompts, eos, adapter=False)
+    assert tokens_off == references[1]
 
 
 def _free_port() -> int:
@@ -314,9 +321,9 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_openai_server_greedy_equals_generate(served, tmp_path):
+def test_openai_server_greedy_equals_generate(served, references, tmp_path):
     pytest.importorskip("vllm")
-    qa, folder, tokenizer, prompts = served
+    _, folder, tokenizer, prompts = served
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     env = {**os.environ, **ENGINE_ENV}
@@ -334,7 +341,7 @@ def test_openai_server_greedy_equals_generate(served, tmp_path):
                 break
             except OSError:
                 time.sleep(2)
-        expected = reference_greedy(qa, prompts, tokenizer.eos_token_id)
+        expected = references[0]
         for prompt, tokens in zip(prompts, expected):
             reply = _post(f"http://127.0.0.1:{port}/v1/completions",
                           {"model": folder.name, "prompt": prompt, "max_tokens": MAX_NEW_TOKENS, "temperature": 0,

@@ -263,11 +263,18 @@ def combined_log_probs(qa: QAdapterModel, prompt: list[int]) -> torch.Tensor:
     return ((q + ALPHA_0 * base.log_softmax(-1)) / ALPHA_TILDE).log_softmax(-1)
 
 
-def test_logprobs_and_sampled_first_tokens_follow_the_combined_policy(served, adapter_llm):
+@pytest.fixture(scope="module")
+def first_token_log_probs(served):
+    """log pi~ after the second prompt, computed before any engine runs in this process."""
+    qa, _, _, prompts = served
+    return combined_log_probs(qa, prompts[1])
+
+
+def test_logprobs_and_sampled_first_tokens_follow_the_combined_policy(served, first_token_log_probs, adapter_llm):
     from vllm import SamplingParams
 
-    qa, _, _, prompts = served
-    expected_log_probs = combined_log_probs(qa, prompts[1])
+    _, _, _, prompts = served
+    expected_log_probs = first_token_log_probs
     top = SamplingParams(temperature=1.0, max_tokens=1, logprobs=8)
     (first,) = adapter_llm.generate([{"prompt_token_ids": prompts[1]}], top, use_tqdm=False)
     served_log_probs = first.outputs[0].logprobs[0]

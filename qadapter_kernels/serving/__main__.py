@@ -1,0 +1,67 @@
+"""``python -m qadapter_kernels.serving serve --adapter DIR [options] [-- vLLM server options]``
+
+Serves a saved Q-Adapter OpenAI-compatibly: checks the adapter and base model, then replaces this
+process with vLLM's API server (``python -m vllm.entrypoints.openai.api_server``; same PID, so a
+caller stops it by PID) loading the plug-in's model class. Options after ``--`` (or any option
+this command does not know) go to the vLLM server unchanged, e.g. ``--dtype float32
+--max-model-len 2048 --enforce-eager``. The served model name defaults to the adapter folder's name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from .settings import engine_arguments
+
+__all__ = ["build_parser", "main", "server_command"]
+
+PROG = "qadapter serve"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1].strip())
+    p.add_argument("--adapter", required=True, help="folder saved by QAdapterModel.save_pretrained / qadapter train")
+    p.add_argument("--base-model", help="transformers folder or .gguf file (default: the one the adapter records)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--alpha-tilde", type=float, help="override the adapter's alpha_tilde for this server")
+    p.add_argument("--alpha-0", type=float, help="override the adapter's alpha_0 for this server")
+    p.add_argument("--no-adapter", action="store_true",
+                   help="serve the base model alone through the plug-in (for side-by-side comparisons)")
+    return p
+
+
+def server_command(args: argparse.Namespace, vllm_args: Sequence[str]) -> list[str]:
+    """The API server's argv for parsed ``args``; raises ValueError for a bad adapter or base model."""
+    engine = engine_arguments(args.adapter, args.base_model, enabled=not args.no_adapter,
+                              alpha_tilde=args.alpha_tilde, alpha_0=args.alpha_0)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", engine["model"],
+               "--tokenizer", engine["tokenizer"], "--hf-overrides", json.dumps(engine["hf_overrides"]),
+               "--host", args.host, "--port", str(args.port)]
+    if "--served-model-name" not in vllm_args:
+        command += ["--served-model-name", os.path.basename(os.path.normpath(args.adapter))]
+    return command + list(vllm_args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "serve":
+        print("usage: python -m qadapter_kernels.serving serve --adapter DIR [options]", file=sys.stderr)
+        return 2
+    parser = build_parser()
+    args, vllm_args = parser.parse_known_args(argv[1:])
+    vllm_args = [a for a in vllm_args if a != "--"]
+    try:
+        command = server_command(args, vllm_args)
+    except (OSError, ValueError, TypeError) as e:
+        parser.exit(2, f"{PROG}: error: {e}\n")
+    sys.stdout.flush()
+    os.execv(command[0], command)
+    return 0  # not reached: execv replaces the process
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""A base model as vLLM loads it: a plain transformers folder with safetensors weights.
+
+vLLM reads config.json + *.safetensors. The embedded SmolLM2 is a quantised GGUF file, so it is
+dequantised once (fp32) into a cache folder and reused. The folder is written beside its final
+name and renamed into place, so an interrupted export never leaves a half-written model behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+__all__ = ["plain_checkpoint", "is_plain_checkpoint"]
+
+CACHE_ENV = "QADAPTER_CACHE_DIR"
+
+
+def is_plain_checkpoint(path: Path) -> bool:
+    """True for a folder with a config.json and safetensors weights (what vLLM loads as is)."""
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _gguf_file(path: Path) -> Path | None:
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise ValueError(f"{path} holds several .gguf files; name the one to serve")
+        return found[0] if found else None
+    return None
+
+
+def _cache_root() -> Path:
+    root = os.environ.get(CACHE_ENV)
+    return Path(root) if root else Path.home() / ".cache" / "qadapter_kernels" / "vllm"
+
+
+def plain_checkpoint(model_path: str | os.PathLike) -> Path:
+    """``model_path`` itself when vLLM can load it, else its dequantised fp32 export (cached).
+
+    Raises ValueError when the path is neither a transformers folder with safetensors weights
+    nor a GGUF file (pickled ``.bin`` weights are refused: nothing is unpickled).
+    """
+    path = Path(model_path).expanduser().resolve()
+    if is_plain_checkpoint(path):
+        return path
+    gguf = _gguf_file(path)
+    if gguf is None:
+        raise ValueError(f"base model {path}: not a transformers folder with safetensors weights, nor a .gguf file")
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = _cache_root() / f"{gguf.stem}-{key}"
+    if is_plain_checkpoint(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.saving-{uuid.uuid4().hex[:12]}"
+    try:
+        _export_gguf(gguf, staging)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process exported the same file first: keep its copy
+            if not is_plain_checkpoint(target):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _export_gguf(gguf: Path, out: Path) -> None:
+    """Dequantises ``gguf`` to fp32 and saves model + tokenizer as a plain folder at ``out``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a model built from the
+    # same config without the quantisation marker.
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(str(out), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))

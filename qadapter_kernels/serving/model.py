@@ -1,0 +1,150 @@
+"""The vLLM model class: a Llama that decodes from the Q-Adapter's customised policy.
+
+One forward runs two streams over the same tokens: the base stream (vLLM's own ``LlamaModel``)
+and the adapter stream, which walks the SAME decoder layers (every base weight is used in place,
+never copied) adding the LoRA deltas, and attends through its own ``Attention`` modules, so vLLM
+allocates it a KV cache of its own (same block table: prefix caching covers both streams). The
+model returns ``h_c = (h_q + alpha_0 * h_b) / alpha_tilde`` and ``compute_logits`` applies the
+shared LM head once: ``W h_c`` equals the customised policy's logits up to a per-row constant
+(DESIGN.md §2b; Llama's head has no bias), so vLLM's sampler, log-probs, penalties and OpenAI
+server act on the customised policy unchanged.
+
+Selected through the HF config (``engine.engine_arguments`` builds the override):
+``architectures = ["QAdapterLlamaForCausalLM"]`` and ``qadapter = {"adapter": DIR, "alpha_tilde":
+..., "alpha_0": ..., "enabled": bool}``. The alphas are fixed per engine (a request cannot change
+them: both are folded into the hidden state before the sampler sees anything).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaModel
+from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
+from vllm.sequence import IntermediateTensors
+
+from .adapter import LoraPair, load_served_adapter
+from .settings import ServingSettings, check_base_config, llama_shapes
+
+__all__ = ["QAdapterLlamaForCausalLM"]
+
+
+def _with_lora(out: torch.Tensor, x: torch.Tensor, pair: LoraPair | None) -> torch.Tensor:
+    if pair is None:
+        return out
+    return out + F.linear(F.linear(x, pair.a), pair.b)
+
+
+class _AdapterStream(nn.Module):
+    """The adapter stream's own attention layers (its KV caches) and LoRA; no base weight."""
+
+    def __init__(self, vllm_config: VllmConfig, layers: nn.ModuleList, prefix: str):
+        super().__init__()
+        self.attn = nn.ModuleList()
+        for index, layer in enumerate(layers):
+            base = layer.self_attn.attn
+            # Same geometry as the base layer's attention; a distinct prefix gives it its own cache.
+            self.attn.append(Attention(
+                base.num_heads, base.head_size, base.impl.scale, num_kv_heads=base.num_kv_heads,
+                cache_config=vllm_config.cache_config, quant_config=None,
+                per_layer_sliding_window=base.sliding_window, attn_type=base.attn_type,
+                prefix=f"{prefix}.layers.{index}.self_attn.attn"))
+        self.lora: dict[tuple[int, str], LoraPair] = {}
+
+    def set_lora(self, lora: dict[tuple[int, str], LoraPair], device: torch.device) -> None:
+        """Installs the fused LoRA pairs as buffers (so they move and count with the model's state)."""
+        self.lora = {}
+        for (layer, projection), pair in lora.items():
+            a, b = pair.a.to(device), pair.b.to(device)
+            self.register_buffer(f"lora_{layer}_{projection}_a", a, persistent=False)
+            self.register_buffer(f"lora_{layer}_{projection}_b", b, persistent=False)
+            self.lora[(layer, projection)] = LoraPair(a, b)
+
+    def forward(self, model: LlamaModel, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        # A fresh embedding (the caller passes its own copy of inputs_embeds): the base stream's
+        # fused residual norms update their inputs in place.
+        hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        residual = None
+        for index, layer in enumerate(model.layers):
+            hidden, residual = self._layer(index, layer, positions, hidden, residual)
+        hidden, _ = model.norm(hidden, residual)
+        return hidden
+
+    def _layer(self, index: int, layer: LlamaDecoderLayer, positions: torch.Tensor, hidden: torch.Tensor,
+               residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # LlamaDecoderLayer.forward with the LoRA deltas added to each projection's output.
+        if residual is None:
+            residual, hidden = hidden, layer.input_layernorm(hidden)
+        else:
+            hidden, residual = layer.input_layernorm(hidden, residual)
+        attn = layer.self_attn
+        qkv = _with_lora(attn.qkv_proj(hidden)[0], hidden, self.lora.get((index, "qkv_proj")))
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(positions, q, k)
+        context = self.attn[index](q, k, v)
+        hidden = _with_lora(attn.o_proj(context)[0], context, self.lora.get((index, "o_proj")))
+        hidden, residual = layer.post_attention_layernorm(hidden, residual)
+        mlp = layer.mlp
+        gate_up = _with_lora(mlp.gate_up_proj(hidden)[0], hidden, self.lora.get((index, "gate_up_proj")))
+        activated = mlp.act_fn(gate_up)
+        hidden = _with_lora(mlp.down_proj(activated)[0], activated, self.lora.get((index, "down_proj")))
+        return hidden, residual
+
+
+class QAdapterLlamaForCausalLM(nn.Module):
+    """vLLM model class for a Llama base model plus a saved Q-Adapter (see the module docstring)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        check_base_config(config)
+        if get_tensor_model_parallel_world_size() != 1 or get_pp_group().world_size != 1:
+            raise NotImplementedError("the Q-Adapter vLLM plug-in runs on one device (tensor and pipeline "
+                                      "parallel size 1)")
+        if vllm_config.quant_config is not None:
+            raise NotImplementedError("the Q-Adapter vLLM plug-in needs an unquantised base model")
+        self.settings = ServingSettings.from_hf_config(config)
+        self.config = config
+        self.model = LlamaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        # Read and checked now, so a bad adapter fails before any weight or cache is allocated.
+        self.served = load_served_adapter(self.settings.adapter, llama_shapes(config), vllm_config.model_config.dtype)
+        self.policy = self.settings.policy(self.served.policy)
+        self.adapter_stream = (_AdapterStream(vllm_config, self.model.layers, maybe_prefix(prefix, "qadapter"))
+                               if self.settings.enabled else None)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        adapter_embeds = inputs_embeds.clone() if inputs_embeds is not None else None
+        base_hidden = self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if self.adapter_stream is None:
+            return base_hidden
+        adapter_hidden = self.adapter_stream(self.model, input_ids, positions, adapter_embeds)
+        alpha_tilde, alpha_0 = self.policy.alpha_tilde, self.policy.alpha_0
+        return (adapter_hidden + alpha_0 * base_hidden) / alpha_tilde
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The base checkpoint through vLLM's loader; then the LoRA, moved next to the base weights."""
+        loaded = AutoWeightsLoader(self).load_weights(weights)
+        if self.adapter_stream is not None:
+            self.adapter_stream.set_lora(self.served.lora, self.model.embed_tokens.weight.device)
+        return loaded

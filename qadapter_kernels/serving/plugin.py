@@ -1,0 +1,18 @@
+"""The ``vllm.general_plugins`` entry point: registers the Q-Adapter model class with vLLM.
+
+vLLM calls ``register`` in every process it starts (API server, engine core, workers); the class
+is named by its import path, so vLLM imports it only where a model is built.
+"""
+from __future__ import annotations
+
+__all__ = ["ARCHITECTURE", "register"]
+
+ARCHITECTURE = "QAdapterLlamaForCausalLM"
+
+
+def register() -> None:
+    """Makes ``ARCHITECTURE`` known to ``vllm.ModelRegistry`` (idempotent)."""
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "qadapter_kernels.serving.model:QAdapterLlamaForCausalLM")

@@ -1,0 +1,366 @@
+"""Serving a Q-Adapter with vLLM (issue 13).
+
+The first part runs everywhere: the adapter folder is read and checked without vLLM (fused LoRA
+pairs against peft, clear errors). The second part needs vLLM (its own venv, .ci/vllm_setup.sh)
+and skips cleanly without it: on the embedded SmolLM2 in fp32, greedy completions of the plug-in
+(offline ``vllm.LLM`` and the OpenAI server) equal ``QAdapterModel.generate(temperature=0)`` token
+for token; its log-probs and sampled first tokens follow the combined policy; with the adapter
+off it equals plain vLLM.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import peft
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qadapter_kernels.serving.adapter import load_served_adapter
+from qadapter_kernels.serving.settings import ServingSettings, check_base_config, engine_arguments, llama_shapes
+from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    fields = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, head_dim=16)
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def save_adapter(folder, causal_lm, target_modules=ALL_MODULES, seed: int = 0, scale: float = 0.02,
+                 **config) -> QAdapterModel:
+    """A Q-Adapter with random LoRA B (a fresh one has B = 0, i.e. no effect), saved to ``folder``."""
+    qa = QAdapterModel(causal_lm, QAdapterConfig(target_modules=tuple(target_modules), **config))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in qa.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    qa.save_pretrained(folder)
+    return qa
+
+
+# ----------------------------------------------------------------------------- without vLLM
+
+
+@pytest.mark.parametrize("modules", [ALL_MODULES, ("q_proj", "v_proj"), ("k_proj", "up_proj", "down_proj")])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_fused_lora_pairs_equal_peft(tmp_path, modules, rslora):
+    torch.manual_seed(1)
+    config = tiny_llama_config()
+    base = LlamaForCausalLM(config).eval()
+    qa = QAdapterModel(base, QAdapterConfig(target_modules=modules, lora_r=4, lora_alpha=7)).eval()
+    if rslora:
+        qa.peft_model.peft_config["default"].use_rslora = True
+        for module in qa.peft_model.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                module.scaling["default"] = 7 / math.sqrt(4)
+    with torch.no_grad():
+        for name, param in qa.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    qa.save_pretrained(tmp_path / "a")
+    served = load_served_adapter(tmp_path / "a", llama_shapes(config), torch.float64)
+    x = torch.randn(5, config.hidden_size, dtype=torch.float64)
+    xi = torch.randn(5, config.intermediate_size, dtype=torch.float64)
+    layers = qa.base_causal_lm.model.layers
+    fused_parts = {"qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj"), x),
+                   "o_proj": ("self_attn", ("o_proj",), x), "gate_up_proj": ("mlp", ("gate_proj", "up_proj"), x),
+                   "down_proj": ("mlp", ("down_proj",), xi)}
+    for index, layer in enumerate(layers):
+        for fused, (block, parts, inp) in fused_parts.items():
+            expected = []
+            for part in parts:
+                module = getattr(getattr(layer, block), part)
+                if part in modules:
+                    delta = module(inp.float()).double() - module.base_layer(inp.float()).double()
+                else:
+                    delta = torch.zeros(inp.shape[0], module.out_features, dtype=torch.float64)
+                expected.append(delta)
+            expected = torch.cat(expected, dim=-1)
+            pair = served.lora.get((index, fused))
+            if not any(p in modules for p in parts):
+                assert pair is None, (index, fused)
+                continue
+            actual = (inp @ pair.a.T) @ pair.b.T
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=f"layer {index} {fused}")
+    assert served.policy.alpha_tilde == QAdapterConfig().alpha_tilde
+
+
+def test_lora_on_unsupported_module_is_refused(tmp_path):
+    save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()), target_modules=("q_proj", "lm_head"))
+    with pytest.raises(ValueError, match="lm_head.*does not support"):
+        load_served_adapter(tmp_path / "a", llama_shapes(tiny_llama_config()))
+
+
+def test_adapter_of_another_base_is_refused(tmp_path):
+    save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()))
+    with pytest.raises(ValueError, match="another base model"):
+        load_served_adapter(tmp_path / "a", llama_shapes(tiny_llama_config(hidden_size=32, head_dim=8)))
+    with pytest.raises(ValueError, match="layers: it was trained for another base model"):
+        load_served_adapter(tmp_path / "a", llama_shapes(tiny_llama_config(num_hidden_layers=1)))
+
+
+def test_recorded_base_of_another_model_is_refused(tmp_path):
+    trained_on, served = tmp_path / "trained_on", tmp_path / "served"
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(trained_on)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=130)).save_pretrained(served)
+    save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()), base_model=str(trained_on))
+    assert engine_arguments(tmp_path / "a")["model"] == str(trained_on.resolve())
+    with pytest.raises(ValueError, match="vocab_size 128 .* != 130"):
+        engine_arguments(tmp_path / "a", served)
+
+
+def test_dora_is_refused(tmp_path):
+    save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()))
+    peft_config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**peft_config, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        load_served_adapter(tmp_path / "a", llama_shapes(tiny_llama_config()))
+
+
+@pytest.mark.parametrize("field, value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.5)])
+def test_logits_changed_after_the_head_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"after the LM head \\({field}"):
+        check_base_config({"model_type": "llama", field: value})
+    with pytest.raises(ValueError, match="serves .*'llama'.* 'gpt2'"):
+        check_base_config({"model_type": "gpt2"})
+
+
+def test_settings_round_trip_and_policy_overrides(tmp_path):
+    save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()), alpha_tilde=0.8, alpha_0=0.3)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    engine = engine_arguments(tmp_path / "a", tmp_path / "base", alpha_0=0.5)
+    settings = ServingSettings.from_hf_config(engine["hf_overrides"])
+    saved = load_served_adapter(tmp_path / "a", llama_shapes(tiny_llama_config())).policy
+    assert (saved.alpha_tilde, saved.alpha_0) == (0.8, 0.3)
+    assert (settings.policy(saved).alpha_tilde, settings.policy(saved).alpha_0) == (0.8, 0.5)
+    with pytest.raises(ValueError, match="alpha_tilde"):
+        engine_arguments(tmp_path / "a", tmp_path / "base", alpha_tilde=0.0)
+    with pytest.raises(ValueError, match="unknown fields"):
+        ServingSettings.from_hf_config({"qadapter": {"adapter": "x", "alpha": 1}})
+
+
+def test_serve_command_reports_a_bad_adapter_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "qadapter_kernels.serving", "serve", "--adapter",
+                             str(tmp_path / "missing"), "--base-model", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("qadapter serve: error: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- with vLLM (its own venv)
+
+# Small, bounded engines: 1 GiB of KV cache, no thread pinning (the CPUs are shared), the engine
+# in this process (no engine subprocess to leak), no compilation (minutes on 2 cores).
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+              "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=16, seed=0)
+PROMPTS = ["Hi", "What is the capital of France?",
+           "Write two sentences about the sea at night, the wind, and a small boat far from the shore."]
+MAX_NEW_TOKENS = 12
+ALPHA_TILDE, ALPHA_0 = 0.8, 0.3
+SERVER_START_S = 600
+
+
+@pytest.fixture(scope="module")
+def vllm():
+    module = pytest.importorskip("vllm")
+    os.environ.update(ENGINE_ENV)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smollm2(vllm):
+    """The embedded SmolLM2-135M-Instruct as a plain fp32 folder (exported once, cached)."""
+    from pathlib import Path
+
+    from training_helpers import SMOLLM2_GGUF, smollm2_folder
+
+    from qadapter_kernels.serving import plain_checkpoint
+
+    return plain_checkpoint(Path(smollm2_folder()) / SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="module")
+def served(smollm2, tmp_path_factory):
+    """A Q-Adapter with random LoRA B on every projection, saved, and its prompts' token ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("serving") / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32)
+    qa = save_adapter(folder, base, alpha_tilde=ALPHA_TILDE, alpha_0=ALPHA_0, base_model=str(smollm2)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2))
+    # As a chat (the model is an instruct model): a bare prompt often gets EOS at once, adapter or not.
+    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False)) for p in PROMPTS]
+    return qa, folder, tokenizer, prompts
+
+
+@pytest.fixture(scope="module")
+def references(served):
+    """Greedy tokens of generate, adapter on and off, computed before any engine runs in this process."""
+    qa, _, tokenizer, prompts = served
+    return (reference_greedy(qa, prompts, tokenizer.eos_token_id),
+            reference_greedy(qa, prompts, tokenizer.eos_token_id, adapter=False))
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def reference_greedy(qa: QAdapterModel, prompts: list[list[int]], eos: int, adapter: bool = True) -> list[list[int]]:
+    """``QAdapterModel.generate(temperature=0)`` on the left-padded batch, new tokens per prompt."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = qa.generate(ids, mask, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, eos_token_id=eos,
+                          pad_token_id=eos, adapter=adapter)
+    return [_until_eos(row[width:].tolist(), eos) for row in out]
+
+
+def vllm_greedy(llm, prompts: list[list[int]], eos: int) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS), use_tqdm=False)
+    return [_until_eos(list(o.outputs[0].token_ids), eos) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def adapter_llm(vllm, served):
+    _, folder, _, _ = served
+    llm = vllm.LLM(**engine_arguments(folder), **ENGINE_OPTIONS)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def test_offline_greedy_equals_generate(served, references, adapter_llm):
+    _, _, tokenizer, prompts = served
+    expected, base_only = references
+    assert expected != base_only, "not vacuous: the adapter must change what the base model says"
+    assert vllm_greedy(adapter_llm, prompts, tokenizer.eos_token_id) == expected
+
+
+def combined_log_probs(qa: QAdapterModel, prompt: list[int]) -> torch.Tensor:
+    """log pi~ of the token after ``prompt``: (Q + alpha_0 log_softmax(L)) / alpha_tilde, normalised."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        q = qa.base_causal_lm(input_ids=ids).logits[0, -1].double()
+        with qa.peft_model.disable_adapter():
+            base = qa.base_causal_lm(input_ids=ids).logits[0, -1].double()
+    return ((q + ALPHA_0 * base.log_softmax(-1)) / ALPHA_TILDE).log_softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def first_token_log_probs(served):
+    """log pi~ after the second prompt, computed before any engine runs in this process."""
+    qa, _, _, prompts = served
+    return combined_log_probs(qa, prompts[1])
+
+
+def test_logprobs_and_sampled_first_tokens_follow_the_combined_policy(served, first_token_log_probs, adapter_llm):
+    from vllm import SamplingParams
+
+    _, _, _, prompts = served
+    expected_log_probs = first_token_log_probs
+    top = SamplingParams(temperature=1.0, max_tokens=1, logprobs=8)
+    (first,) = adapter_llm.generate([{"prompt_token_ids": prompts[1]}], top, use_tqdm=False)
+    served_log_probs = first.outputs[0].logprobs[0]
+    assert len(served_log_probs) >= 8
+    for token, entry in served_log_probs.items():
+        assert abs(entry.logprob - expected_log_probs[token].item()) < 1e-3, token
+
+    # Sampled first tokens: top_k keeps the support small enough to check every token's frequency.
+    draws, top_k = 500, 12
+    kept = expected_log_probs.topk(top_k)
+    expected = torch.zeros_like(expected_log_probs)
+    expected[kept.indices] = kept.values.softmax(-1)
+    params = [SamplingParams(temperature=1.0, top_k=top_k, max_tokens=1, seed=1000 + i) for i in range(draws)]
+    outputs = adapter_llm.generate([{"prompt_token_ids": prompts[1]}] * draws, params, use_tqdm=False)
+    counts = torch.bincount(torch.tensor([o.outputs[0].token_ids[0] for o in outputs]),
+                            minlength=expected.numel()).double()
+    assert int(counts[expected == 0].sum()) == 0, "a sampled token lies outside the top-k support"
+    empirical = counts / draws
+    sigma = (expected * (1 - expected) / draws).sqrt()
+    worst = ((empirical - expected).abs() / (sigma + 1e-12))[expected > 0].max().item()
+    assert worst < 5, f"a token's frequency is {worst:.1f} sigma off the combined policy"
+
+
+def test_adapter_off_equals_plain_vllm(vllm, served, references, smollm2, adapter_llm):
+    _, folder, tokenizer, prompts = served
+    eos = tokenizer.eos_token_id
+    adapter_llm.llm_engine.engine_core.shutdown()  # one engine at a time on this machine
+    off = vllm.LLM(**engine_arguments(folder, enabled=False), **ENGINE_OPTIONS)
+    try:
+        tokens_off = vllm_greedy(off, prompts, eos)
+    finally:
+        off.llm_engine.engine_core.shutdown()
+        del off
+    plain = vllm.LLM(model=str(smollm2), **ENGINE_OPTIONS)
+    try:
+        assert vllm_greedy(plain, prompts, eos) == tokens_off
+    finally:
+        plain.llm_engine.engine_core.shutdown()
+    assert tokens_off == references[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+
+def test_openai_server_greedy_equals_generate(served, references, tmp_path):
+    pytest.importorskip("vllm")
+    _, folder, tokenizer, prompts = served
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    env = {**os.environ, **ENGINE_ENV}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "qadapter_kernels.serving", "serve", "--adapter", str(folder), "--port", str(port),
+         "--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "8"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(2)
+        expected = references[0]
+        for prompt, tokens in zip(prompts, expected):
+            reply = _post(f"http://127.0.0.1:{port}/v1/completions",
+                          {"model": folder.name, "prompt": prompt, "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
+                           "return_token_ids": True})
+            choice = reply["choices"][0]
+            assert choice["token_ids"] is not None and _until_eos(choice["token_ids"], tokenizer.eos_token_id) == tokens
+            assert choice["text"] == tokenizer.decode(choice["token_ids"], skip_special_tokens=True)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()

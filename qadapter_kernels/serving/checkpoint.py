@@ -12,6 +12,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from ..loading import find_model_files, load_base_model, load_tokenizer
+
 __all__ = ["plain_checkpoint", "is_plain_checkpoint"]
 
 CACHE_ENV = "QADAPTER_CACHE_DIR"
@@ -20,17 +22,6 @@ CACHE_ENV = "QADAPTER_CACHE_DIR"
 def is_plain_checkpoint(path: Path) -> bool:
     """True for a folder with a config.json and safetensors weights (what vLLM loads as is)."""
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
-def _gguf_file(path: Path) -> Path | None:
-    if path.suffix == ".gguf" and path.is_file():
-        return path
-    if path.is_dir() and not (path / "config.json").exists():
-        found = sorted(path.glob("*.gguf"))
-        if len(found) > 1:
-            raise ValueError(f"{path} holds several .gguf files; name the one to serve")
-        return found[0] if found else None
-    return None
 
 
 def _cache_root() -> Path:
@@ -47,9 +38,10 @@ def plain_checkpoint(model_path: str | os.PathLike) -> Path:
     path = Path(model_path).expanduser().resolve()
     if is_plain_checkpoint(path):
         return path
-    gguf = _gguf_file(path)
-    if gguf is None:
+    files = find_model_files(path)  # the package's one rule (several .gguf files are an error)
+    if files.gguf is None:
         raise ValueError(f"base model {path}: not a transformers folder with safetensors weights, nor a .gguf file")
+    gguf = files.path
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = _cache_root() / f"{gguf.stem}-{key}"
@@ -71,13 +63,15 @@ def plain_checkpoint(model_path: str | os.PathLike) -> Path:
 
 def _export_gguf(gguf: Path, out: Path) -> None:
     """Dequantises ``gguf`` to fp32 and saves model + tokenizer as a plain folder at ``out``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import copy
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_base_model(gguf)
     # A GGUF-loaded model refuses save_pretrained: copy its weights into a model built from the
     # same config without the quantisation marker.
-    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32
@@ -85,4 +79,4 @@ def _export_gguf(gguf: Path, out: Path) -> None:
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
     plain.save_pretrained(str(out), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
+    load_tokenizer(gguf).save_pretrained(str(out))

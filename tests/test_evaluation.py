@@ -10,7 +10,8 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import qadapter_kernels as qk  # noqa: E402
-from qadapter_kernels.evaluation import PolicyScorer, checkers, make_tasks, metrics  # noqa: E402
+from qadapter_kernels.app import make_tasks  # noqa: E402
+from qadapter_kernels.evaluation import PolicyScorer, checkers, metrics  # noqa: E402
 from qadapter_kernels.evaluation.lm_eval_cli import SHIPPED_TASKS_DIR, lm_eval_arguments, main  # noqa: E402
 from qadapter_kernels.evaluation.lm_eval_model import QAdapterLM  # noqa: E402
 from qadapter_kernels.training import QAdapterConfig, QAdapterModel, shipped_data_path  # noqa: E402

@@ -11,9 +11,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..preferences import PREFERENCE_CHECKERS
-from .make_tasks import PREFERENCE_FILE, RETENTION_FILE, TASKS_DIR
 
-__all__ = ["CASE_STYLES", "PREFERENCE_CHECKERS", "case_variants", "predicted_options", "preference_process_results",
+# Where the shipped task data lives (written by ``python3 -m qadapter_kernels.app.make_tasks``).
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+RETENTION_FILE = "qadapter_retention.jsonl"
+PREFERENCE_FILE = "qadapter_pref_lowercase.jsonl"
+
+__all__ = ["PREFERENCE_FILE", "RETENTION_FILE", "TASKS_DIR", "CASE_STYLES", "PREFERENCE_CHECKERS", "case_variants", "predicted_options", "preference_process_results",
            "read_task_records", "retention_choices", "retention_process_results"]
 
 

@@ -1,6 +1,6 @@
 """Generates the shipped evaluation tasks: a knowledge-retention probe and a preference-satisfaction set.
 
-    python3 -m qadapter_kernels.evaluation.make_tasks            # rewrites qadapter_kernels/evaluation/tasks/*.jsonl
+    python3 -m qadapter_kernels.app.make_tasks            # rewrites qadapter_kernels/evaluation/tasks/*.jsonl
 
 ``qadapter_retention.jsonl``: general-knowledge multiple-choice items (four options each) from
 categories the shipped ``lowercase`` preference data never asks about (chemical symbols,
@@ -26,14 +26,12 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..evaluation.checkers import PREFERENCE_FILE, RETENTION_FILE, TASKS_DIR
 from ..jsonl import write_jsonl_atomic
 
 __all__ = ["SEED", "build_retention_items", "build_preference_prompts", "write_tasks"]
 
 SEED = 20261201
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-RETENTION_FILE = "qadapter_retention.jsonl"
-PREFERENCE_FILE = "qadapter_pref_lowercase.jsonl"
 OPTIONS_PER_ITEM = 4
 
 CHEMICAL_SYMBOLS = [

@@ -256,7 +256,7 @@ def _add_train(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="qadapter", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,demo,serve}")
     _add_train(sub)
 
     ev = sub.add_parser("eval", help="held-out pair accuracy and margin of an adapter", formatter_class=HelpFormatter,
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-stream", action="store_true", help="do not print a single answer token by token")
     gen.set_defaults(handler=run_generate)
 
+    # Listed here for --help; `main` hands the whole command line to the serving module, whose options
+    # end in vLLM's own server options (needs vLLM: `bash .ci/vllm_setup.sh VENV`).
+    sub.add_parser("serve", help="serve an adapter OpenAI-compatibly with vLLM (qadapter serve --help)")
     demo = sub.add_parser("demo", help="the end-to-end demo (README's main job)", formatter_class=HelpFormatter)
     add_demo_arguments(demo)
     return parser
@@ -292,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qadapter`` console script; returns 0 or exits with status 2 (130 when interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from ..serving.__main__ import main as serve
+
+        return serve(argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     args.argv = argv

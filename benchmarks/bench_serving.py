@@ -18,7 +18,7 @@ vLLM lives in its own venv (.ci/vllm_setup.sh): run this script with that venv's
 another python it re-runs itself with ``$QADAPTER_VLLM_PYTHON`` when that is set, else says it
 skipped and exits 0 (so ``run_all.sh`` passes in the main environment)::
 
-    /work/venvs/vllm/bin/python benchmarks/bench_serving.py [--quick] [--reps N] [--out DIR] [--no-plot]
+    ~/.cache/qadapter_kernels/vllm-venv/bin/python benchmarks/bench_serving.py [--quick] [--reps N] [--out DIR] [--no-plot]
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ SPEC is ``count`` (run normally, then print how often each point was reached, as
 line of stderr) or ``SIGNAL@POINT:N``: at the N-th time POINT is reached, the process sends
 SIGNAL (KILL, INT or TERM) to itself. Points:
 
+- ``load``: loading the tokenizer, while the command is still starting (before any training);
 - ``step``: the start of a training step;
 - ``write``: ``torch.save`` (optimizer, scheduler, RNG states); the signal comes after HALF of
   the file is written, so a kill leaves a truncated file;
@@ -26,10 +27,11 @@ import peft.peft_model
 import safetensors.torch
 import torch
 
+from qadapter_kernels.app import train as train_command
 from qadapter_kernels.app.cli import main
 from qadapter_kernels.training.trainer import QAdapterTrainer
 
-POINTS = ("step", "write", "tensors", "replace", "rename", "rmtree")
+POINTS = ("load", "step", "write", "tensors", "replace", "rename", "rmtree")
 reached: Counter = Counter()
 fault: tuple[str, int, int] | None = None  # (point, n, signal)
 
@@ -76,6 +78,7 @@ def _safetensors_bytes(original, tensors, filename, metadata=None):
 
 
 def install() -> None:
+    _wrap(train_command, "load_tokenizer", "load")
     _wrap(QAdapterTrainer, "training_step", "step")
     _wrap(torch, "save", "write", _torch_bytes)
     _wrap(peft.peft_model, "safe_save_file", "tensors", _safetensors_bytes)  # peft's own import of it

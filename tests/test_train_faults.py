@@ -16,6 +16,8 @@ def setup(tmp_path_factory):
 # Each point in the order an uninterrupted run reaches it (fault_runner.py): per checkpoint, torch.save
 # writes the optimizer, scheduler and RNG states; safetensors the adapter; os.rename publishes it.
 @pytest.mark.parametrize("spec", [
+    "INT@load:1",       # Ctrl-C while starting: it stops before training, writes nothing, and the rerun trains
+    "TERM@load:1",      # the same for SIGTERM
     "KILL@write:1",     # inside the first checkpoint's optimizer.pt (half written): nothing to resume yet
     "KILL@tensors:2",   # inside the second checkpoint's adapter file: resume from checkpoint-2
     "KILL@replace:8",   # inside the final adapter's save

@@ -13,6 +13,7 @@ import shlex
 import time
 from pathlib import Path
 
+from ..signal_latch import SignalLatch
 from ..training.checkpoints import TRAINER_STATE_NAME
 from .common import (UserError, build_dataset, check_writable_folder, config_from_args, load_base, load_tokenizer,
                      resolve_data_path, resolve_model_path)
@@ -96,6 +97,13 @@ def _training_arguments(args: argparse.Namespace, eval_set):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    # Armed before the heavy imports and the loading: a signal during them is recorded and handled
+    # below, at a safe point, instead of interrupting an import or a write wherever it lands.
+    with SignalLatch() as latch:
+        return _train(args, latch)
+
+
+def _train(args: argparse.Namespace, latch: SignalLatch) -> int:
     import transformers
 
     from ..training.data import PreferenceCollator
@@ -143,11 +151,15 @@ def run_train(args: argparse.Namespace) -> int:
         check_free_space(output_dir, trainable * _BYTES_PER_TRAINABLE_PARAMETER + _CHECKPOINT_OVERHEAD_BYTES)
         training_args = _training_arguments(args, eval_set)
     except UserError:
-        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
-            output_dir.rmdir()
+        _remove_if_empty(output_dir, created)
         raise
+    if latch.received is not None:
+        _remove_if_empty(output_dir, created)
+        print(f"stopped by signal {latch.received} before training started: nothing was trained or written",
+              flush=True)
+        return 128 + latch.received
     write_record(output_dir, record)  # the folder is this run's from now on
-    stop = StopOnSignal()
+    stop = StopOnSignal(latch)
     trainer = QAdapterTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                               data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                               run_record=record, callbacks=[stop])
@@ -156,8 +168,7 @@ def run_train(args: argparse.Namespace) -> int:
     elif args.resume_from_checkpoint:
         print("no complete checkpoint of this run yet: starting at step 0", flush=True)
     start = time.perf_counter()
-    with stop:
-        result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+    result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
     seconds = time.perf_counter() - start
     if stop.received is not None and result.global_step < trainer.state.max_steps:
         print(f"stopped by signal {stop.received} at step {result.global_step}; a resumable checkpoint is in "
@@ -172,6 +183,12 @@ def run_train(args: argparse.Namespace) -> int:
         print("held-out: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                        if isinstance(v, float)), flush=True)
     return 0
+
+
+def _remove_if_empty(output_dir: Path, created: bool) -> None:
+    """Removes the output folder this run created when nothing was put in it."""
+    if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+        output_dir.rmdir()
 
 
 def _finish_without_training(output_dir: Path, plan, record: dict, tokenizer) -> int:

@@ -1,0 +1,42 @@
+"""SIGINT/SIGTERM recorded for the work to stop at its next safe point, not wherever they land.
+
+A signal handled the default way raises ``KeyboardInterrupt`` at whatever line runs: in the middle
+of a save, or of an import of a native module (which then cannot be imported again in the process).
+The latch only records the first signal; the program checks ``received`` where stopping is safe.
+Standard library only, so it can be armed before the heavy imports.
+"""
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+__all__ = ["SignalLatch"]
+
+
+class SignalLatch:
+    """A context manager (main thread only): inside it, the first SIGINT or SIGTERM sets ``received``;
+    a second one raises ``KeyboardInterrupt`` (the user insists). The previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "SignalLatch":
+        self.received = None
+        self._previous = {s: signal.signal(s, self._first) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _first(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        for s in self.SIGNALS:
+            signal.signal(s, self._second)
+
+    def _second(self, signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt

@@ -7,32 +7,19 @@ import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from . import ops  # noqa: F401  (loads the op schemas, CPU kernels and CUDA registrations)
 from . import reference
-from .api import (
-    combined_log_probs_from_hidden,
-    combined_logits,
-    combined_sample,
-    combined_sample_from_hidden,
-    fused_linear_qadapter_loss,
-    qadapter_loss,
-    residual_q_values,
-)
+from . import api
+from .api import *  # noqa: F401,F403  (the public functions: their list is api.__all__)
 from .outputs import QAdapterLossOutput
 from .params import PolicyParams, QAdapterParams, RewardVariant, SamplingParams
 
 __all__ = [
+    *api.__all__,
     "PolicyParams",
     "QAdapterLossOutput",
     "QAdapterParams",
     "RewardVariant",
     "SamplingParams",
-    "combined_log_probs_from_hidden",
-    "combined_logits",
-    "combined_sample",
-    "combined_sample_from_hidden",
-    "fused_linear_qadapter_loss",
-    "qadapter_loss",
     "reference",
-    "residual_q_values",
 ]
 __version__ = "0.1.0"
 

@@ -2,8 +2,11 @@
 
 Rows: the base model; SFT on the chosen answers; DPO (sigmoid, reference = adapter off) at two
 betas; Q-Adapter (bellman) over alpha_0 in {0.01, 0.1, 0.5, 1.0, 2.0} x alpha_tilde in {1.0, 0.5};
-Q-Adapter "official" at the authors' setting. Every trained row is trained once per seed;
-``--rows`` runs a subset.
+Q-Adapter "official" at the authors' setting; and two rows that change one more setting (the
+length normalisation, the regulariser). Q-Adapter rows state every setting they use (the grid's
+``length_norm`` is ``GRID_LENGTH_NORM``), so the table does not change meaning when a library
+default does. Every trained row is trained once per seed; ``--rows`` runs a subset, ``--shard K/N``
+every N-th trained row (run N shards side by side, one thread each, then ``--merge`` their JSON).
 Columns (``qadapter_kernels.evaluation.metrics``):
 
 - pref %: greedy answers to the held-out prompts of the shipped "lowercase" preference that satisfy it;
@@ -41,6 +44,11 @@ ALPHA_0_GRID = (0.01, 0.1, 0.5, 1.0, 2.0)
 ALPHA_TILDE_GRID = (1.0, 0.5)
 DPO_BETAS = (0.1, 0.5)
 AUTHORS = dict(alpha_tilde=1.0, alpha_0=0.01)  # the setting both reward variants are compared at
+GRID_LENGTH_NORM = "none"  # "response" (per-token mean) barely moves the margin in this budget: see EXTRA_ROWS
+GRID_BETA = 0.1
+# One setting changed against the grid's row at the same alphas: what the defaults' choice also rests on.
+EXTRA_ROWS = (("length_norm=response", dict(alpha_tilde=1.0, alpha_0=0.01, length_norm="response")),
+              ("beta=0.01", dict(alpha_tilde=1.0, alpha_0=1.0, beta=0.01)))
 METRICS = ("pref", "pair_acc", "retention", "retention_pct_base", "kl", "train_s")
 
 
@@ -55,9 +63,9 @@ class Sizes:
     max_new_tokens: int
 
 
-# Sized for about an hour on 2 CPU cores with one seed (an estimate from per-step costs, not a measured run);
-# add seeds for the rows that matter with --rows ... --reps 3.
-FULL = Sizes(steps=30, batch=4, retention_items=100, pref_prompts=40, heldout_pairs=40, kl_prompts=12,
+# The demo's budget (40 steps of 4 pairs), so the defaults chosen here are the demo's. About an hour on
+# 2 CPU cores for one seed as two shards side by side; add seeds for the rows that matter with --rows ... --reps 3.
+FULL = Sizes(steps=40, batch=4, retention_items=100, pref_prompts=40, heldout_pairs=40, kl_prompts=12,
              max_new_tokens=40)
 QUICK = Sizes(steps=3, batch=2, retention_items=24, pref_prompts=6, heldout_pairs=8, kl_prompts=4, max_new_tokens=8)
 
@@ -83,11 +91,15 @@ def planned_rows(only: list[str] | None = None) -> list[Row]:
     """Every row, or those whose name starts with one of ``only`` (the base row always: it is the reference)."""
     rows = [Row("base", "base"), Row("SFT", "sft")]
     rows += [Row(f"DPO beta={b}", "dpo", {"beta": b}) for b in DPO_BETAS]
+    grid = {"variant": "bellman", "length_norm": GRID_LENGTH_NORM, "beta": GRID_BETA}
     for alpha_tilde, alpha_0 in [(t, a) for t in ALPHA_TILDE_GRID for a in ALPHA_0_GRID]:
         rows.append(Row(f"Q-Adapter a~={alpha_tilde} a0={alpha_0}", "qadapter",
-                        {"alpha_tilde": alpha_tilde, "alpha_0": alpha_0, "variant": "bellman"}))
+                        {**grid, "alpha_tilde": alpha_tilde, "alpha_0": alpha_0}))
     rows.append(Row(f"Q-Adapter official a~={AUTHORS['alpha_tilde']} a0={AUTHORS['alpha_0']}", "qadapter",
-                    {**AUTHORS, "variant": "official"}))
+                    {**grid, **AUTHORS, "variant": "official"}))
+    for label, settings in EXTRA_ROWS:
+        rows.append(Row(f"Q-Adapter a~={settings['alpha_tilde']} a0={settings['alpha_0']} {label}", "qadapter",
+                        {**grid, **settings}))
     if only:
         rows = [r for r in rows if r.method == "base" or any(r.name.startswith(prefix) for prefix in only)]
     return rows
@@ -197,10 +209,9 @@ def run(args, sizes: Sizes) -> list[Row]:
     data["kl_pairs"] = metrics.base_answers(base_scorer, kl_prompts, max_new_tokens=sizes.max_new_tokens)
 
     rows = planned_rows(args.rows.split(";") if args.rows else None)
-    if args.no_length_norm:
-        for row in rows:
-            if row.method == "qadapter":
-                row.settings["length_norm"] = False
+    if args.shard:
+        index, count = args.shard
+        rows = [rows[0]] + rows[1:][index - 1::count]
     seeds = list(range(args.reps or 1))
     for row in rows:
         for seed in seeds[:1] if row.method == "base" else seeds:
@@ -210,8 +221,13 @@ def run(args, sizes: Sizes) -> list[Row]:
             model, seconds = train_row(row, fresh, tokenizer, train_examples, budget)
             result = measure(model.to(args.device), tokenizer, row.method != "base", data, base_scorer, sizes)
             result["train_s"] = seconds
+            result["seed"] = seed
             row.runs.append(result)
             print(f"{row.name} seed {seed}: " + ", ".join(f"{k}={v:.3g}" for k, v in result.items()), flush=True)
+            if args.out:  # what finished survives a later row's failure or an interrupted run
+                partial = Path(args.out) / "forgetting_partial.jsonl"
+                with open(partial, "a") as f:
+                    f.write(json.dumps({"row": row.name, **result}) + "\n")
     base_retention = rows[0].runs[0]["retention"]
     for row in rows:
         for result in row.runs:
@@ -229,14 +245,18 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
-def markdown(rows: list[Row], title: str, info: dict, seeds: int) -> str:
+def markdown(rows: list[Row], title: str, meta: dict, seeds: int) -> str:
+    info = meta["machine"]
     def cell(summary, metric, digits):
         s = summary[metric]
         return f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if s["n"] > 1 else "")
 
     lines = [f"## {title}", "",
              f"{info['device_name']}, torch {info['torch']}, {info['cpu_threads']} threads, {info['date']}; "
-             f"mean ± sample std over {seeds} seed(s) for trained rows (base: deterministic).", "",
+             f"mean ± sample std over {seeds} seed(s) for trained rows (base: deterministic).",
+             f"Every method: {meta['steps']} steps of {meta['batch']} pairs, the same LoRA and learning rate. "
+             f"Q-Adapter rows: bellman, length_norm={GRID_LENGTH_NORM}, beta={GRID_BETA} unless the row says "
+             "otherwise.", "",
              "| row | pref % | pair acc % | retention % (chance 25) | retention % of base "
              "| KL(base‖model) nats/token | train s |",
              "|---|---|---|---|---|---|---|"]
@@ -287,9 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("retention_items", "pref_prompts", "heldout_pairs", "kl_prompts"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int,
                             help=f"subset size (default {getattr(FULL, name)}; quick {getattr(QUICK, name)})")
-    parser.add_argument("--no-length-norm", action="store_true",
-                        help="Q-Adapter rows with length_norm=False (the demo's setting), not the library default")
+    parser.add_argument("--shard", type=shard_spec, help="K/N: only every N-th trained row from the K-th (1-based)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="write the tables of these shards' JSON outputs as one run (nothing is trained)")
     args = parser.parse_args(argv)
+    if args.merge:
+        return write_outputs(*merge_runs(args.merge), args)
     try:
         import lm_eval  # noqa: F401  (the task files' scoring is shared with the lm-eval plug-in)
         import trl  # noqa: F401
@@ -303,25 +326,60 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows = run(args, sizes)
     info["wall_s"] = time.perf_counter() - start
-    name = "forgetting_quick" if args.quick else "forgetting"
-    title = "Does it forget? " + ("(quick smoke run: tiny random model, numbers meaningless)" if args.quick
+    meta = {"name": "forgetting_quick" if args.quick else "forgetting", "machine": info, "sizes": sizes.__dict__,
+            "steps": args.steps or sizes.steps, "batch": args.batch or sizes.batch, "quick": bool(args.quick)}
+    return write_outputs(rows, meta, args)
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 1/2, got {text!r}") from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"K/N needs 1 <= K <= N, got {text!r}")
+    return index, count
+
+
+def merge_runs(paths: list[str]) -> tuple[list[Row], dict]:
+    """The rows of several outputs of one configuration (shards, extra seeds) as one run, in the planned
+    order; a (row, seed) measured twice is kept once (the first file's)."""
+    payloads = [json.loads(Path(p).read_text()) for p in paths]
+    keys = ("sizes", "steps", "batch", "quick")
+    for path, payload in zip(paths[1:], payloads[1:]):
+        if any(payload[k] != payloads[0][k] for k in keys):
+            raise SystemExit(f"bench_forgetting: error: {path} was run with other {'/'.join(keys)} than {paths[0]}")
+    merged: dict[str, Row] = {}
+    for payload in payloads:
+        for record in payload["rows"]:
+            row = merged.setdefault(record["name"], Row(record["name"], record["method"], record["settings"]))
+            seen = {run["seed"] for run in row.runs}
+            row.runs += [run for run in record["runs"] if run["seed"] not in seen]
+    order = {row.name: i for i, row in enumerate(planned_rows())}
+    rows = sorted(merged.values(), key=lambda r: order.get(r.name, len(order)))
+    meta = {k: payloads[0][k] for k in ("name", *keys)}
+    meta["machine"] = {**payloads[0]["machine"], "wall_s": sum(p["machine"]["wall_s"] for p in payloads),
+                       "merged_from": [str(p) for p in paths]}
+    return rows, meta
+
+
+def write_outputs(rows: list[Row], meta: dict, args) -> int:
+    name, info = meta["name"], meta["machine"]
+    title = "Does it forget? " + ("(quick smoke run: tiny random model, numbers meaningless)" if meta["quick"]
                                   else "SmolLM2-135M-Instruct, preference 'lowercase'")
-    seeds = args.reps or 1
+    seeds = max(len(r.runs) for r in rows)
     out = Path(args.out) if args.out else default_out_dir(args.device)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(rows, title, info, seeds)
-    payload = {"name": name, "machine": info, "sizes": sizes.__dict__, "steps": args.steps or sizes.steps,
-               "batch": args.batch or sizes.batch, "length_norm": False if args.no_length_norm else "library default",
-               "seeds": seeds, "rows": [{"name": r.name, "method": r.method, "settings": r.settings, "runs": r.runs,
-                                         "summary": r.summary()} for r in rows]}
+    md = markdown(rows, title, meta, seeds)
+    payload = {**meta, "seeds": seeds, "rows": [{"name": r.name, "method": r.method, "settings": r.settings,
+                                                 "runs": r.runs, "summary": r.summary()} for r in rows]}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / f"{name}.md").write_text(md)
     if not args.no_plot:
         plot(rows, out / f"{name}.png", title)
     print(md)
-    print(f"wrote {out / name}.{{json,md{',png' if not args.no_plot else ''}}} in {info['wall_s']:.0f} s")
+    print(f"wrote {out / name}.{{json,md{',png' if not args.no_plot else ''}}} ({info['wall_s']:.0f} s of runs)")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -39,3 +39,38 @@ def test_pareto_front_and_spread():
     assert pareto_front(points) == [4, 3, 0]
     assert spread(list(range(10)), 3) == [0, 3, 6] and spread([1, 2], None) == [1, 2]
     assert [r.name for r in planned_rows(["SFT"])] == ["base", "SFT"]
+
+
+def _payload(rows, wall_s=1.0):
+    return {"name": "forgetting", "sizes": {"steps": 1}, "steps": 1, "batch": 2, "quick": False,
+            "machine": {"wall_s": wall_s}, "rows": rows}
+
+
+def _record(name, method, seeds, pref):
+    runs = [{"seed": s, "pref": pref + s, "pair_acc": 0.0, "retention": 50.0, "retention_pct_base": 100.0,
+             "kl": 0.0, "train_s": 1.0} for s in seeds]
+    return {"name": name, "method": method, "settings": {}, "runs": runs}
+
+
+def test_merge_joins_shards_and_seeds_in_planned_order(tmp_path):
+    from bench_forgetting import merge_runs, shard_spec
+
+    qa = "Q-Adapter a~=1.0 a0=1.0"
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    c = tmp_path / "c.json"
+    a.write_text(json.dumps(_payload([_record("base", "base", [0], 0.0), _record(qa, "qadapter", [0], 10.0)])))
+    b.write_text(json.dumps(_payload([_record("base", "base", [0], 0.0), _record("SFT", "sft", [0], 20.0)], 2.0)))
+    c.write_text(json.dumps(_payload([_record(qa, "qadapter", [0, 1, 2], 99.0)])))
+    rows, meta = merge_runs([str(a), str(b), str(c)])
+    assert [r.name for r in rows] == ["base", "SFT", qa]
+    assert [run["pref"] for run in rows[2].runs] == [10.0, 100.0, 101.0]  # seed 0 kept from the first file
+    assert rows[2].summary()["pref"]["n"] == 3 and meta["machine"]["wall_s"] == 4.0
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**_payload([]), "steps": 2}))
+    with pytest.raises(SystemExit, match="other sizes/steps/batch/quick"):
+        merge_runs([str(a), str(other)])
+    assert shard_spec("2/3") == (2, 3)
+    for bad in ("0/2", "3/2", "x"):
+        with pytest.raises(Exception, match="K/N"):
+            shard_spec(bad)

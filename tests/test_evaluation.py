@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import qadapter_kernels as qk  # noqa: E402
 from qadapter_kernels.app import make_tasks  # noqa: E402
 from qadapter_kernels.evaluation import PolicyScorer, checkers, metrics  # noqa: E402
-from qadapter_kernels.evaluation.lm_eval_cli import SHIPPED_TASKS_DIR, lm_eval_arguments, main  # noqa: E402
+from qadapter_kernels.evaluation.lm_eval_cli import SHIPPED_TASKS_DIR, lm_eval_arguments  # noqa: E402
 from qadapter_kernels.evaluation.lm_eval_model import QAdapterLM  # noqa: E402
 from qadapter_kernels.training import QAdapterConfig, QAdapterModel, shipped_data_path  # noqa: E402
 from qadapter_kernels.training.data import tokenize_preference  # noqa: E402
@@ -170,9 +170,11 @@ def test_loads_a_saved_adapter_and_a_base_only_model(saved, tokenizer):
 
 
 def test_lm_eval_command_line_runs_the_plug_in(saved, tmp_path):
+    from qadapter_kernels.app.cli import main as qadapter
+
     base_dir, adapter_dir, _ = saved
-    main(["run", "--model", "qadapter", "--model_args", f"adapter={adapter_dir},base_model={base_dir}",
-          "--tasks", "qadapter_retention", "--limit", "3", "--output_path", str(tmp_path)])
+    assert qadapter(["lm-eval", "run", "--model", "qadapter", "--model_args", f"adapter={adapter_dir},base_model={base_dir}",
+          "--tasks", "qadapter_retention", "--limit", "3", "--output_path", str(tmp_path)]) == 0
     (results,) = tmp_path.rglob("results_*.json")
     scores = json.loads(results.read_text())["results"]["qadapter_retention"]
     assert 0.0 <= scores["acc,none"] <= 1.0

@@ -256,7 +256,7 @@ def _add_train(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="qadapter", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,demo,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,demo,serve,lm-eval}")
     _add_train(sub)
 
     ev = sub.add_parser("eval", help="held-out pair accuracy and margin of an adapter", formatter_class=HelpFormatter,
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed here for --help; `main` hands the whole command line to the serving module, whose options
     # end in vLLM's own server options (needs vLLM: `bash .ci/vllm_setup.sh VENV`).
     sub.add_parser("serve", help="serve an adapter OpenAI-compatibly with vLLM (qadapter serve --help)")
+    # Likewise: the rest of the command line is lm-eval's own (run / ls / validate), with the model registered.
+    sub.add_parser("lm-eval", help="lm-eval's command line with the qadapter model and the shipped tasks "
+                                   "(qadapter lm-eval run --model qadapter --model_args adapter=DIR --tasks ...)")
     demo = sub.add_parser("demo", help="the end-to-end demo (README's main job)", formatter_class=HelpFormatter)
     add_demo_arguments(demo)
     return parser
@@ -299,6 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..serving.__main__ import main as serve
 
         return serve(argv)
+    if argv[:1] == ["lm-eval"]:
+        from ..evaluation.lm_eval_cli import main as lm_eval
+
+        lm_eval(argv[1:])
+        return 0
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     args.argv = argv

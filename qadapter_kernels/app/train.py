@@ -17,8 +17,8 @@ from ..signal_latch import SignalLatch
 from ..training.checkpoints import TRAINER_STATE_NAME
 from .common import (UserError, build_dataset, check_writable_folder, config_from_args, load_base, load_tokenizer,
                      resolve_data_path, resolve_model_path)
-from .run_folder import (adapter_is_published, check_free_space, data_sha256, file_sha256, plan_run, publish_final_adapter,
-                         write_record)
+from .run_folder import (adapter_is_published, check_free_space, data_sha256, file_sha256, plan_run,
+                         publish_final_adapter, write_record)
 
 __all__ = ["resume_command", "run_record", "run_train"]
 

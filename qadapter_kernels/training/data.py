@@ -193,8 +193,9 @@ def tokenize_preference(
     response is the rest of the rendered conversation (its end-of-turn tokens included); without
     one, prompt and responses are encoded separately, a BOS in front when the tokenizer uses one
     and EOS after each response; so is an HH-RLHF-style string (``PreferenceExample.preformatted``),
-    whatever the tokenizer: it already holds its dialogue format. A prompt longer than ``max_prompt_length`` keeps (behind the BOS,
-    when the tokenizer always starts with one) its first and last tokens, half the budget each
+    whatever the tokenizer: it already holds its dialogue format. A prompt longer than
+    ``max_prompt_length`` keeps (behind the BOS, when the tokenizer always starts with one) its
+    first and last tokens, half the budget each
     (``prompt_truncation="both_ends"``: the start defines the task, the end is where the answer
     follows), or its last tokens only (``"tail"``). Then each response keeps its first
     ``max_length - len(prompt)`` tokens.
@@ -221,85 +222,9 @@ class _TokenColumn:
         return self.ids[self.offsets[index]:self.offsets[index + 1]].tolist()
 
 
-def _summary(kept: int, total: int, counts: dict[str, int]) -> str:
-    dropped = [f"{counts[k]} ({why})" for k, why in _DROP_REASONS.items() if k in counts]
-    cut = [f"{counts[k]} {what}" for k, what in (("prompt_cut", "prompts"), ("response_cut", "responses"))
-           if k in counts]
-    return f"kept {kept} of {total}; dropped {', '.join(dropped) or 'none'}; truncated {', '.join(cut) or 'none'}"
-
-
-class PreferenceDataset(Dataset):
-    """Every pair of a source tokenized once, up front (like TRL's trainers); pairs that teach
-    nothing are dropped, and every cut and drop is counted.
-
-    ``data``: anything ``training.sources.open_preferences`` reads (a path, a dataset name, a list
-    of rows or PreferenceExample objects, a ``datasets`` object; ``split`` picks a split). Rows are
-    read one at a time and the token ids kept in flat int32 arrays, so a large source is never
-    held as Python objects. ``total``: pairs read; ``dropped``: pairs dropped; ``counts``: how many
-    pairs each event of ``tokenize_with_report`` hit; ``summary()``: one line saying all of it. A
-    warning is logged when pairs are dropped or more than ``TRUNCATION_WARNING_FRACTION`` of them
-    are cut. Raises ``PreferenceDataError`` naming the first bad row.
-    """
-
-    def __init__(
-        self,
-        data: Source,
-        tokenizer,
-        max_length: int = DEFAULT_MAX_LENGTH,
-        max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
-        prompt_truncation: str = "both_ends",
-        *,
-        split: str | None = None,
-    ) -> None:
-        _check_limits(max_length, max_prompt_length, prompt_truncation)
-        self._columns = (_TokenColumn(), _TokenColumn(), _TokenColumn())
-        self.total: int = 0
-        self.counts: dict[str, int] = {}
-        cut = 0
-        for example in open_preferences(data, split):
-            pair, events = tokenize_with_report(example, tokenizer, max_length, max_prompt_length, prompt_truncation)
-            self.total += 1
-            for event in events:
-                self.counts[event] = self.counts.get(event, 0) + 1
-            if pair is not None:
-                for column, ids in zip(self._columns, (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)):
-                    column.append(ids)
-                cut += bool(events & {"prompt_cut", "response_cut"})
-        self._length = len(self._columns[0].offsets) - 1
-        self.dropped: int = self.total - self._length
-        limits = f"(max_length={max_length}, max_prompt_length={max_prompt_length})"
-        if self.dropped:
-            reasons = ", ".join(f"{self.counts[k]} {why}" for k, why in _DROP_REASONS.items() if k in self.counts)
-            logger.warning("dropped %d of %d preference pairs: %s %s", self.dropped, self.total, reasons, limits)
-        if cut > TRUNCATION_WARNING_FRACTION * self.total:
-            logger.warning("truncated %d of the %d preference pairs kept %s: raise the limits to keep them whole",
-                           cut, self._length, limits)
-        if not self._length:
-            raise ValueError(f"no preference pair left out of {self.total} after tokenization")
-
-    def summary(self) -> str:
-        """``"kept K of N; dropped ...; cut ..."``: every kind of drop and truncation, with its count."""
-        return _summary(self._length, self.total, self.counts)
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index: int) -> TokenizedPair:
-        if index < 0:
-            index += self._length
-        if not 0 <= index < self._length:
-            raise IndexError(f"pair {index} out of range for {self._length} pairs")
-        return TokenizedPair(*(column[index] for column in self._columns))
-
-
-class PreferenceStream(IterableDataset):
-    """Pairs tokenized as they are read, for a source read once (a ``datasets.IterableDataset``) or
-    too large to tokenize up front; pairs that teach nothing are skipped.
-
-    Each DataLoader worker tokenizes every ``num_workers``-th row. ``counts`` and ``summary()``
-    describe the rows read so far in this process. With the Trainer, give ``max_steps``: a stream
-    has no length.
-    """
+class _TokenizedPairs:
+    """What the dataset and the stream share: the source, the limits, tokenizing one pair at a time
+    and counting what happened to it. ``_ready()`` runs at the end of construction."""
 
     def __init__(
         self,
@@ -315,25 +240,94 @@ class PreferenceStream(IterableDataset):
         self.rows = open_preferences(data, split)
         self.tokenizer = tokenizer
         self.limits = (max_length, max_prompt_length, prompt_truncation)
-        self.read, self.kept = 0, 0
+        self.total, self.kept, self.cut = 0, 0, 0
         self.counts: dict[str, int] = {}
+        self._ready()
+
+    def _ready(self) -> None:
+        pass
+
+    def _tokenize(self, example: PreferenceExample) -> TokenizedPair | None:
+        pair, events = tokenize_with_report(example, self.tokenizer, *self.limits)
+        self.total += 1
+        for event in events:
+            self.counts[event] = self.counts.get(event, 0) + 1
+        if pair is not None:
+            self.kept += 1
+            self.cut += bool(events & {"prompt_cut", "response_cut"})
+        return pair
+
+    def summary(self) -> str:
+        """``"kept K of N; dropped ...; cut ..."``: every kind of drop and truncation, with its count
+        (for a stream: of the rows read so far in this process)."""
+        dropped = [f"{self.counts[k]} ({why})" for k, why in _DROP_REASONS.items() if k in self.counts]
+        cut = [f"{self.counts[k]} {what}" for k, what in (("prompt_cut", "prompts"), ("response_cut", "responses"))
+               if k in self.counts]
+        return (f"kept {self.kept} of {self.total}; dropped {', '.join(dropped) or 'none'}; "
+                f"truncated {', '.join(cut) or 'none'}")
+
+
+class PreferenceDataset(_TokenizedPairs, Dataset):
+    """Every pair of a source tokenized once, up front (like TRL's trainers); pairs that teach
+    nothing are dropped, and every cut and drop is counted.
+
+    ``data``: anything ``training.sources.open_preferences`` reads (a path, a dataset name, a list
+    of rows or PreferenceExample objects, a ``datasets`` object; ``split`` picks a split). Rows are
+    read one at a time and the token ids kept in flat int32 arrays, so a large source is never
+    held as Python objects. ``total``: pairs read; ``dropped``: pairs dropped; ``counts``: how many
+    pairs each event of ``tokenize_with_report`` hit; ``summary()``: one line saying all of it. A
+    warning is logged when pairs are dropped or more than ``TRUNCATION_WARNING_FRACTION`` of them
+    are cut. Raises ``PreferenceDataError`` naming the first bad row.
+    """
+
+    def _ready(self) -> None:
+        self._columns = (_TokenColumn(), _TokenColumn(), _TokenColumn())
+        for example in self.rows:
+            pair = self._tokenize(example)
+            if pair is not None:
+                for column, ids in zip(self._columns, (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)):
+                    column.append(ids)
+        self.rows = None  # read once; what stays is plain arrays (picklable for DataLoader workers)
+        self.dropped: int = self.total - self.kept
+        limits = f"(max_length={self.limits[0]}, max_prompt_length={self.limits[1]})"
+        if self.dropped:
+            reasons = ", ".join(f"{self.counts[k]} {why}" for k, why in _DROP_REASONS.items() if k in self.counts)
+            logger.warning("dropped %d of %d preference pairs: %s %s", self.dropped, self.total, reasons, limits)
+        if self.cut > TRUNCATION_WARNING_FRACTION * self.total:
+            logger.warning("truncated %d of the %d preference pairs kept %s: raise the limits to keep them whole",
+                           self.cut, self.kept, limits)
+        if not self.kept:
+            raise ValueError(f"no preference pair left out of {self.total} after tokenization")
+
+    def __len__(self) -> int:
+        return self.kept
+
+    def __getitem__(self, index: int) -> TokenizedPair:
+        if index < 0:
+            index += self.kept
+        if not 0 <= index < self.kept:
+            raise IndexError(f"pair {index} out of range for {self.kept} pairs")
+        return TokenizedPair(*(column[index] for column in self._columns))
+
+
+class PreferenceStream(_TokenizedPairs, IterableDataset):
+    """Pairs tokenized as they are read, for a source read once (a ``datasets.IterableDataset``) or
+    too large to tokenize up front; pairs that teach nothing are skipped. Same arguments as
+    ``PreferenceDataset``.
+
+    Each DataLoader worker tokenizes every ``num_workers``-th row. ``counts`` and ``summary()``
+    describe the rows read so far in this process. With the Trainer, give ``max_steps``: a stream
+    has no length.
+    """
 
     def __iter__(self) -> Iterator[TokenizedPair]:
         worker = get_worker_info()
         for index, example in enumerate(self.rows):
             if worker is not None and index % worker.num_workers != worker.id:
                 continue
-            pair, events = tokenize_with_report(example, self.tokenizer, *self.limits)
-            self.read += 1
-            for event in events:
-                self.counts[event] = self.counts.get(event, 0) + 1
+            pair = self._tokenize(example)
             if pair is not None:
-                self.kept += 1
                 yield pair
-
-    def summary(self) -> str:
-        """Like ``PreferenceDataset.summary``, for the rows read so far."""
-        return _summary(self.kept, self.read, self.counts)
 
 
 def as_preference_dataset(

@@ -383,3 +383,29 @@ def test_tokenized_pairs_are_stored_compactly(tmp_path, plain_tok):
     pairs = [dataset[i] for i in range(n)]
     assert pairs[n - 1] == tokenize_preference(PreferenceExample(*rows[-1].values()), plain_tok)
     assert held < python_size(pairs) / 4, (held, python_size(pairs))
+
+
+# ---------------------------------------------------------------- with the Trainer
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_the_trainer_trains_on_any_source(tmp_path, tok, streaming):
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qadapter_kernels.training import QAdapterConfig, QAdapterModel, QAdapterTrainer
+
+    rows = [{"chosen": f"{HOW} I am fine {i}", "rejected": f"{HOW} I hate you {i}"} for i in range(4)]
+    write_parquet(tmp_path / "hh.parquet", rows)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                        pad_token_id=tok.pad_token_id))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
+                                          use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = QAdapterTrainer(model=QAdapterModel(base, QAdapterConfig()), args=args,
+                              train_dataset=as_preference_dataset(tmp_path / "hh.parquet", tok, streaming=streaming),
+                              data_collator=PreferenceCollator.for_tokenizer(tok))
+    trainer.train()
+    losses = [entry["train_loss"] for entry in trainer.state.log_history if "train_loss" in entry]
+    assert trainer.state.global_step == 2 and len(losses) == 1 and torch.isfinite(torch.tensor(losses[0]))

@@ -77,17 +77,15 @@ class _JsonLines:
 
     def __init__(self, buffer: Union[bytes, mmap.mmap], path: Path) -> None:
         self.buffer, self.path = buffer, path
-        self.starts, self.ends, self.numbers = array("q"), array("q"), array("q")
+        self.starts, self.ends = array("q"), array("q")
         start = len(BOM) if buffer[:len(BOM)] == BOM else 0
-        number = 1
         while start < len(buffer):
             end = buffer.find(b"\n", start)
             end = len(buffer) if end < 0 else end
             if buffer[start:end].strip():
                 self.starts.append(start)
                 self.ends.append(end)
-                self.numbers.append(number)
-            start, number = end + 1, number + 1
+            start = end + 1
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -104,7 +102,9 @@ class _JsonLines:
             raise ValueError(f"invalid JSON: {e.msg} (column {e.colno})") from None
 
     def location(self, index: int) -> str:
-        return f"{self.path}:{self.numbers[index]}"
+        # Counted only when an error needs it: no per-line array held for the good case.
+        line = self.buffer[:self.starts[index]].count(b"\n") + 1
+        return f"{self.path}:{line}"
 
     def iter_rows(self) -> Iterator[Any]:
         return (self.row(i) for i in range(len(self)))

@@ -199,6 +199,15 @@ def test_datasets_objects(tok):
     assert stream.summary() == "kept 2 of 2; dropped none; truncated none"
 
 
+def test_a_pandas_dataframe():
+    import pandas
+
+    frame = pandas.DataFrame([*STRING_ROWS, {"prompt": "Hi", "chosen": "yes", "rejected": " "}])
+    assert load_preferences(frame.iloc[:2]) == STRING_EXAMPLES
+    with pytest.raises(PreferenceDataError, match="^DataFrame: row 2: 'rejected' is an empty string"):
+        load_preferences(frame)
+
+
 def test_already_tokenized_datasets_pass_through(tok):
     dataset = as_preference_dataset(STRING_ROWS, tok)
     assert as_preference_dataset(dataset, tok) is dataset

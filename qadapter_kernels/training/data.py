@@ -344,8 +344,8 @@ def as_preference_dataset(
 
     ``data``: a path (``.jsonl``, ``.jsonl.gz``, ``.json``, ``.json.gz``, ``.parquet``, ``.csv``, or a
     ``Dataset.save_to_disk`` folder), a dataset name in the local Hugging Face cache, a list of row
-    dicts or PreferenceExample objects, a ``datasets`` ``Dataset`` / ``DatasetDict`` (``split``) /
-    ``IterableDataset``, in TRL's explicit- or implicit-prompt format, strings or conversations. A
+    dicts or PreferenceExample objects, a pandas DataFrame, a ``datasets`` ``Dataset`` /
+    ``DatasetDict`` (``split``) / ``IterableDataset``, in TRL's explicit- or implicit-prompt format, strings or conversations. A
     ``PreferenceDataset`` or ``PreferenceStream`` is returned as it is. A one-pass source, or
     ``streaming=True``, gives a ``PreferenceStream`` (tokenized as read); anything else a
     ``PreferenceDataset`` (tokenized now). Bad rows raise ``PreferenceDataError`` naming the row.

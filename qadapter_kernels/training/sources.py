@@ -289,7 +289,8 @@ def open_preferences(source: Source, split: str | None = None) -> PreferenceRows
     ``source``: a file (``.jsonl``, ``.jsonl.gz``, ``.json`` (an array or JSON Lines), ``.json.gz``,
     ``.parquet``, ``.csv``; UTF-8, a BOM allowed), a folder written by ``Dataset.save_to_disk``, the
     name of a dataset in the local Hugging Face cache, a list of row dicts or PreferenceExample objects,
-    a ``datasets`` ``Dataset`` / ``DatasetDict`` / ``IterableDataset``, or an iterable of rows.
+    a ``datasets`` ``Dataset`` / ``DatasetDict`` / ``IterableDataset``, a pandas DataFrame, or an
+    iterable of rows.
     ``split``: the split of a ``DatasetDict`` or a cached dataset (None: its only split, else "train").
     An ``IterableDataset`` or other one-pass iterable gives a ``PreferenceRowStream``.
     """
@@ -305,6 +306,9 @@ def open_preferences(source: Source, split: str | None = None) -> PreferenceRows
             raise FileNotFoundError(f"preference data file not found: {path}")
     elif "datasets" in sys.modules and type(source).__module__.startswith("datasets"):
         rows = _from_datasets(source, split, type(source).__name__)
+    elif "pandas" in sys.modules and isinstance(source, sys.modules["pandas"].DataFrame):
+        # Iterating a DataFrame gives its column names: its rows are what a user means.
+        rows = PreferenceRows(_ListRows(source.to_dict("records"), "DataFrame: "), "DataFrame")
     elif isinstance(source, Sequence) and not isinstance(source, (bytes, bytearray)):
         rows = PreferenceRows(_ListRows(source, ""), "the rows given")
     elif isinstance(source, Iterable) and not isinstance(source, (dict, bytes, bytearray, io.IOBase)):

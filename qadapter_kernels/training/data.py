@@ -1,32 +1,34 @@
-"""Preference data: loading, tokenisation and batching for Q-Adapter training.
+"""Preference data: tokenisation and batching for Q-Adapter training.
 
-Data are JSON Lines in the TRL convention: each line holds ``prompt``, ``chosen`` and ``rejected``,
-either all strings or all lists of chat messages ``{"role", "content"}`` (then ``prompt`` is the
-conversation before the answer and ``chosen``/``rejected`` hold the assistant message(s)).
-
-A batch of B pairs becomes 2B rows, chosen rows first, right-padded, with ``loss_mask`` True
-exactly on response tokens (docs/DESIGN.md §2): the contract of ``QAdapterModel.compute_loss``.
+Rows come from ``training.sources`` (files, saved or cached datasets, Python objects) in any of
+TRL's formats (``training.examples``); ``as_preference_dataset`` turns any of them into a torch
+dataset of ``TokenizedPair``. A batch of B pairs becomes 2B rows, chosen rows first,
+right-padded, with ``loss_mask`` True exactly on response tokens (docs/DESIGN.md §2): the contract
+of ``QAdapterModel.compute_loss``.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from .examples import Message, PreferenceDataError, PreferenceExample, Turns, is_preformatted
+from .sources import PreferenceRowStream, Source, load_preferences, open_preferences
 
 __all__ = [
     "PreferenceCollator",
     "PreferenceDataError",
     "PreferenceDataset",
     "PreferenceExample",
+    "PreferenceStream",
     "TokenizedPair",
     "PROMPT_TRUNCATIONS",
+    "as_preference_dataset",
     "encode_prompt",
     "load_preferences",
     "shipped_data_path",
@@ -36,16 +38,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Message = dict[str, str]
-Turns = Union[str, list[Message]]
-
-FIELDS = ("prompt", "chosen", "rejected")
-ROLES = ("system", "user", "assistant")
 _DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-
-
-class PreferenceDataError(ValueError):
-    """A preference file holds a bad line; the message starts with ``path:line_number:``."""
 
 
 def shipped_data_path(split: str = "train", name: str = "lowercase") -> Path:
@@ -54,97 +47,6 @@ def shipped_data_path(split: str = "train", name: str = "lowercase") -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no shipped preference data at {path}")
     return path
-
-
-def _check_turns(field: str, value: Any) -> None:
-    if isinstance(value, str):
-        if not value.strip():
-            raise ValueError(f"{field!r} is an empty string")
-        return
-    if not isinstance(value, list):
-        raise ValueError(f"{field!r} must be a string or a list of messages, got {type(value).__name__}")
-    if not value:
-        raise ValueError(f"{field!r} is an empty list of messages")
-    for i, message in enumerate(value):
-        where = f"{field!r}[{i}]"
-        if not isinstance(message, dict):
-            raise ValueError(f"{where} must be a message object, got {type(message).__name__}")
-        for key in ("role", "content"):
-            if key not in message:
-                raise ValueError(f"{where} has no {key!r}")
-            if not isinstance(message[key], str):
-                raise ValueError(f"{where}[{key!r}] must be a string, got {type(message[key]).__name__}")
-        if message["role"] not in ROLES:
-            raise ValueError(f"{where}['role'] must be one of {', '.join(ROLES)}, got {message['role']!r}")
-        if not message["content"].strip():
-            raise ValueError(f"{where}['content'] is an empty string")
-
-
-@dataclass(frozen=True)
-class PreferenceExample:
-    """One preference pair; constructing it validates the fields (``ValueError`` says what is wrong)."""
-
-    prompt: Turns
-    chosen: Turns
-    rejected: Turns
-
-    def __post_init__(self) -> None:
-        for field in FIELDS:
-            _check_turns(field, getattr(self, field))
-        kinds = {isinstance(getattr(self, field), str) for field in FIELDS}
-        if len(kinds) != 1:
-            raise ValueError("'prompt', 'chosen' and 'rejected' must all be strings or all be message lists")
-        if self.conversational:
-            if self.prompt[-1]["role"] != "user":
-                raise ValueError(f"'prompt' must end with a user message, got {self.prompt[-1]['role']!r}")
-            for field in ("chosen", "rejected"):
-                for i, message in enumerate(getattr(self, field)):
-                    if message["role"] != "assistant":
-                        raise ValueError(f"{field!r}[{i}] must be an assistant message, got {message['role']!r}")
-
-    @property
-    def conversational(self) -> bool:
-        return not isinstance(self.prompt, str)
-
-
-def load_preferences(path: str | os.PathLike) -> list[PreferenceExample]:
-    """Read a JSON Lines preference file, validating every line.
-
-    Blank lines are skipped; keys besides prompt/chosen/rejected are ignored. Raises
-    ``PreferenceDataError`` (``"path:line: what is wrong"``) on a bad line or a file without
-    examples, ``FileNotFoundError`` when the file does not exist.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference data file not found: {path}")
-    examples = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            def fail(what: str) -> PreferenceDataError:
-                return PreferenceDataError(f"{path}:{number}: {what}")
-
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise fail(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise fail(f"invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise fail(f"expected a JSON object, got {type(obj).__name__}")
-            missing = [k for k in FIELDS if k not in obj]
-            if missing:
-                raise fail(f"missing key(s) {', '.join(map(repr, missing))}")
-            try:
-                examples.append(PreferenceExample(*(obj[k] for k in FIELDS)))
-            except ValueError as e:
-                raise fail(str(e)) from None
-    if not examples:
-        raise PreferenceDataError(f"{path}: no preference examples (the file is empty)")
-    return examples
 
 
 @dataclass(frozen=True)
@@ -156,25 +58,26 @@ class TokenizedPair:
     rejected_ids: list[int]
 
 
-def _adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts a BOS in front of a plain text it encodes."""
+def _bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts in front of a plain text it encodes (None: it puts none).
+    Asked once per pair: it costs a tokenizer call."""
     bos = tokenizer.bos_token_id
     ids = tokenizer("a")["input_ids"]
-    return bos is not None and bool(ids) and ids[0] == bos
+    return bos if bos is not None and ids[:1] == [bos] else None
 
 
-def _with_one_bos(ids: list[int], tokenizer) -> list[int]:
-    if _adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
-        return [tokenizer.bos_token_id, *ids]
+def _with_one_bos(ids: list[int], bos: int | None) -> list[int]:
+    if bos is not None and ids[:1] != [bos]:
+        return [bos, *ids]
     return ids
 
 
-def _render(tokenizer, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+def _render(tokenizer, messages: list[Message], add_generation_prompt: bool, bos: int | None) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     # The template writes its own special tokens (BOS included, when it has one): encoding with
     # add_special_tokens=True would add a second BOS, the authors' pitfall. A template without
     # BOS for a tokenizer that uses one gets exactly one.
-    return _with_one_bos(tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer)
+    return _with_one_bos(tokenizer(text, add_special_tokens=False)["input_ids"], bos)
 
 
 def encode_prompt(prompt: Turns, tokenizer) -> list[int]:
@@ -182,26 +85,32 @@ def encode_prompt(prompt: Turns, tokenizer) -> list[int]:
 
     With a chat template: the conversation (a plain string becomes one user turn) rendered with
     ``add_generation_prompt=True``, one BOS. Without: the text with one BOS when the tokenizer
-    uses one. Generation feeds these ids, so the adapter decodes from the states it was trained on.
+    uses one. A string already in HH-RLHF's dialogue format (``examples.is_preformatted``: it ends
+    with ``"\n\nAssistant:"``) is plain text even with a chat template. Generation feeds these
+    ids, so the adapter decodes from the states it was trained on.
     """
-    if getattr(tokenizer, "chat_template", None):
+    return _encode_prompt(prompt, tokenizer, _bos(tokenizer))
+
+
+def _encode_prompt(prompt: Turns, tokenizer, bos: int | None) -> list[int]:
+    if getattr(tokenizer, "chat_template", None) and not is_preformatted(prompt):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return _render(tokenizer, messages, add_generation_prompt=True)
+        return _render(tokenizer, messages, True, bos)
     if not isinstance(prompt, str):
         raise ValueError("conversational prompts need a tokenizer with a chat template")
-    return _with_one_bos(tokenizer(prompt, add_special_tokens=False)["input_ids"], tokenizer)
+    return _with_one_bos(tokenizer(prompt, add_special_tokens=False)["input_ids"], bos)
 
 
-def _chat_tokens(example: PreferenceExample, tokenizer) -> tuple[list[int], list[int], list[int]]:
+def _chat_tokens(example: PreferenceExample, tokenizer, bos: int | None) -> tuple[list[int], list[int], list[int]]:
     if example.conversational:
         prompt, responses = example.prompt, (example.chosen, example.rejected)
     else:  # plain strings become one user turn and one assistant turn
         prompt = [{"role": "user", "content": example.prompt}]
         responses = ([{"role": "assistant", "content": r}] for r in (example.chosen, example.rejected))
-    prompt_ids = encode_prompt(prompt, tokenizer)
+    prompt_ids = _encode_prompt(prompt, tokenizer, bos)
     out = [prompt_ids]
     for response in responses:
-        full = _render(tokenizer, [*prompt, *response], add_generation_prompt=False)
+        full = _render(tokenizer, [*prompt, *response], False, bos)
         if full[: len(prompt_ids)] != prompt_ids:
             raise ValueError(
                 "the chat template does not render the prompt (with add_generation_prompt=True) as a "
@@ -211,7 +120,7 @@ def _chat_tokens(example: PreferenceExample, tokenizer) -> tuple[list[int], list
     return out[0], out[1], out[2]
 
 
-def _plain_tokens(example: PreferenceExample, tokenizer) -> tuple[list[int], list[int], list[int]]:
+def _plain_tokens(example: PreferenceExample, tokenizer, bos: int | None) -> tuple[list[int], list[int], list[int]]:
     if example.conversational:
         raise ValueError("conversational examples need a tokenizer with a chat template")
 
@@ -219,19 +128,22 @@ def _plain_tokens(example: PreferenceExample, tokenizer) -> tuple[list[int], lis
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    prompt_ids = encode_prompt(example.prompt, tokenizer)
+    prompt_ids = _encode_prompt(example.prompt, tokenizer, bos)
     # Responses end with EOS so that the model learns where an answer stops.
     return prompt_ids, encode(example.chosen) + eos, encode(example.rejected) + eos
 
 
 PROMPT_TRUNCATIONS = ("both_ends", "tail")
+# Token budgets of a pair (prompt + response) and of its prompt, unless the caller sets them.
+DEFAULT_MAX_LENGTH = 512
+DEFAULT_MAX_PROMPT_LENGTH = 256
 # Above this fraction of cut pairs the dataset warns: the data no longer say what the file says.
 TRUNCATION_WARNING_FRACTION = 0.1
 
 
-def _cut_prompt(prompt_ids: list[int], tokenizer, max_prompt_length: int, how: str) -> list[int]:
+def _cut_prompt(prompt_ids: list[int], bos: int | None, max_prompt_length: int, how: str) -> list[int]:
     # A BOS the tokenizer always uses stays: the model never saw text without it.
-    head = prompt_ids[:1] if _adds_bos(tokenizer) and prompt_ids[0] == tokenizer.bos_token_id else []
+    head = prompt_ids[:1] if bos is not None and prompt_ids[0] == bos else []
     body, keep = prompt_ids[len(head):], max_prompt_length - len(head)
     if how == "tail":
         return head + (body[-keep:] if keep else [])
@@ -241,22 +153,29 @@ def _cut_prompt(prompt_ids: list[int], tokenizer, max_prompt_length: int, how: s
     return head + body[:start] + (body[len(body) - (keep - start):] if keep > start else [])
 
 
-def tokenize_with_report(example: PreferenceExample, tokenizer, max_length: int = 512, max_prompt_length: int = 256,
+def _check_limits(max_length: int, max_prompt_length: int, prompt_truncation: str) -> None:
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if prompt_truncation not in PROMPT_TRUNCATIONS:
+        raise ValueError(f"prompt_truncation must be one of {PROMPT_TRUNCATIONS}, got {prompt_truncation!r}")
+
+
+def tokenize_with_report(example: PreferenceExample, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
+                         max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
                          prompt_truncation: str = "both_ends") -> tuple[TokenizedPair | None, frozenset[str]]:
     """``tokenize_preference`` plus what happened to the pair: a set of ``"prompt_cut"``,
     ``"response_cut"``, and for a dropped pair (None) one of ``"identical"`` (chosen equals rejected
     in the data), ``"identical_after_cut"``, ``"empty_after_cut"``."""
-    if max_length < 1 or max_prompt_length < 1:
-        raise ValueError(f"max_length and max_prompt_length must be >= 1, got {max_length}, {max_prompt_length}")
-    if prompt_truncation not in PROMPT_TRUNCATIONS:
-        raise ValueError(f"prompt_truncation must be one of {PROMPT_TRUNCATIONS}, got {prompt_truncation!r}")
+    _check_limits(max_length, max_prompt_length, prompt_truncation)
     if example.chosen == example.rejected:
         return None, frozenset({"identical"})
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    prompt_ids, chosen_ids, rejected_ids = (_chat_tokens if chat else _plain_tokens)(example, tokenizer)
+    chat = bool(getattr(tokenizer, "chat_template", None)) and not example.preformatted
+    bos = _bos(tokenizer)
+    prompt_ids, chosen_ids, rejected_ids = (_chat_tokens if chat else _plain_tokens)(example, tokenizer, bos)
     events = set()
     if len(prompt_ids) > max_prompt_length:
-        prompt_ids = _cut_prompt(prompt_ids, tokenizer, max_prompt_length, prompt_truncation)
+        prompt_ids = _cut_prompt(prompt_ids, bos, max_prompt_length, prompt_truncation)
         events.add("prompt_cut")
     budget = max(max_length - len(prompt_ids), 0)
     if len(chosen_ids) > budget or len(rejected_ids) > budget:
@@ -270,8 +189,8 @@ def tokenize_with_report(example: PreferenceExample, tokenizer, max_length: int 
 
 
 def tokenize_preference(
-    example: PreferenceExample, tokenizer, max_length: int = 512, max_prompt_length: int = 256,
-    prompt_truncation: str = "both_ends",
+    example: PreferenceExample, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
+    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH, prompt_truncation: str = "both_ends",
 ) -> TokenizedPair | None:
     """Tokenize one pair; ``None`` when the pair teaches nothing (drop it): chosen equals rejected,
     before or after truncation, or truncation leaves a response empty.
@@ -279,8 +198,10 @@ def tokenize_preference(
     With a chat template the prompt is rendered with ``add_generation_prompt=True`` and each
     response is the rest of the rendered conversation (its end-of-turn tokens included); without
     one, prompt and responses are encoded separately, a BOS in front when the tokenizer uses one
-    and EOS after each response. A prompt longer than ``max_prompt_length`` keeps (behind the BOS,
-    when the tokenizer always starts with one) its first and last tokens, half the budget each
+    and EOS after each response; so is an HH-RLHF-style string (``PreferenceExample.preformatted``),
+    whatever the tokenizer: it already holds its dialogue format. A prompt longer than
+    ``max_prompt_length`` keeps (behind the BOS, when the tokenizer always starts with one) its
+    first and last tokens, half the budget each
     (``prompt_truncation="both_ends"``: the start defines the task, the end is where the answer
     follows), or its last tokens only (``"tail"``). Then each response keeps its first
     ``max_length - len(prompt)`` tokens.
@@ -293,55 +214,154 @@ _DROP_REASONS = {"identical": "chosen equals rejected in the data",
                  "empty_after_cut": "a response would be empty after truncation"}
 
 
-class PreferenceDataset(Dataset):
-    """Pairs tokenized eagerly; pairs that teach nothing are dropped, and every cut and drop is counted.
+class _TokenColumn:
+    """Lists of token ids stored flat (int32) with offsets: no Python object per token or per row."""
 
-    ``dropped``: pairs dropped; ``counts``: how many pairs each event of ``tokenize_with_report``
-    hit; ``summary()``: one line saying all of it. A warning is logged when pairs are dropped or
-    more than ``TRUNCATION_WARNING_FRACTION`` of them are cut.
-    """
+    def __init__(self) -> None:
+        self.ids, self.offsets = array("i"), array("q", [0])
+
+    def append(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+        self.offsets.append(len(self.ids))
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self.ids[self.offsets[index]:self.offsets[index + 1]].tolist()
+
+
+class _TokenizedPairs:
+    """What the dataset and the stream share: the source, the limits, tokenizing one pair at a time
+    and counting what happened to it. ``_ready()`` runs at the end of construction."""
 
     def __init__(
         self,
-        examples: Sequence[PreferenceExample],
+        data: Source,
         tokenizer,
-        max_length: int = 512,
-        max_prompt_length: int = 256,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
         prompt_truncation: str = "both_ends",
+        *,
+        split: str | None = None,
     ) -> None:
-        reports = [tokenize_with_report(e, tokenizer, max_length, max_prompt_length, prompt_truncation)
-                   for e in examples]
-        self.pairs: list[TokenizedPair] = [p for p, _ in reports if p is not None]
-        self.total: int = len(reports)
-        self.dropped: int = self.total - len(self.pairs)
+        _check_limits(max_length, max_prompt_length, prompt_truncation)
+        self.rows = open_preferences(data, split)
+        self.tokenizer = tokenizer
+        self.limits = (max_length, max_prompt_length, prompt_truncation)
+        self.total, self.kept, self.cut = 0, 0, 0
         self.counts: dict[str, int] = {}
-        for _, events in reports:
-            for event in events:
-                self.counts[event] = self.counts.get(event, 0) + 1
-        limits = f"(max_length={max_length}, max_prompt_length={max_prompt_length})"
-        if self.dropped:
-            reasons = ", ".join(f"{self.counts[k]} {why}" for k, why in _DROP_REASONS.items() if k in self.counts)
-            logger.warning("dropped %d of %d preference pairs: %s %s", self.dropped, self.total, reasons, limits)
-        cut = sum(1 for pair, events in reports if pair is not None and events & {"prompt_cut", "response_cut"})
-        if cut > TRUNCATION_WARNING_FRACTION * self.total:
-            logger.warning("truncated %d of the %d preference pairs kept %s: raise the limits to keep them whole",
-                           cut, len(self.pairs), limits)
-        if not self.pairs:
-            raise ValueError(f"no preference pair left out of {self.total} after tokenization")
+        self._ready()
+
+    def _ready(self) -> None:
+        pass
+
+    def _tokenize(self, example: PreferenceExample) -> TokenizedPair | None:
+        pair, events = tokenize_with_report(example, self.tokenizer, *self.limits)
+        self.total += 1
+        for event in events:
+            self.counts[event] = self.counts.get(event, 0) + 1
+        if pair is not None:
+            self.kept += 1
+            self.cut += bool(events & {"prompt_cut", "response_cut"})
+        return pair
 
     def summary(self) -> str:
-        """``"kept K of N; dropped ...; cut ..."``: every kind of drop and truncation, with its count."""
+        """``"kept K of N; dropped ...; cut ..."``: every kind of drop and truncation, with its count
+        (for a stream: of the rows read so far in this process)."""
         dropped = [f"{self.counts[k]} ({why})" for k, why in _DROP_REASONS.items() if k in self.counts]
         cut = [f"{self.counts[k]} {what}" for k, what in (("prompt_cut", "prompts"), ("response_cut", "responses"))
                if k in self.counts]
-        return (f"kept {len(self.pairs)} of {self.total}; dropped {', '.join(dropped) or 'none'}; "
+        return (f"kept {self.kept} of {self.total}; dropped {', '.join(dropped) or 'none'}; "
                 f"truncated {', '.join(cut) or 'none'}")
 
+
+class PreferenceDataset(_TokenizedPairs, Dataset):
+    """Every pair of a source tokenized once, up front (like TRL's trainers); pairs that teach
+    nothing are dropped, and every cut and drop is counted.
+
+    ``data``: anything ``training.sources.open_preferences`` reads (a path, a dataset name, a list
+    of rows or PreferenceExample objects, a ``datasets`` object; ``split`` picks a split). Rows are
+    read one at a time and the token ids kept in flat int32 arrays, so a large source is never
+    held as Python objects. ``total``: pairs read; ``dropped``: pairs dropped; ``counts``: how many
+    pairs each event of ``tokenize_with_report`` hit; ``summary()``: one line saying all of it. A
+    warning is logged when pairs are dropped or more than ``TRUNCATION_WARNING_FRACTION`` of them
+    are cut. Raises ``PreferenceDataError`` naming the first bad row.
+    """
+
+    def _ready(self) -> None:
+        self._columns = (_TokenColumn(), _TokenColumn(), _TokenColumn())
+        for example in self.rows:
+            pair = self._tokenize(example)
+            if pair is not None:
+                for column, ids in zip(self._columns, (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)):
+                    column.append(ids)
+        self.rows = None  # read once; what stays is plain arrays (picklable for DataLoader workers)
+        self.dropped: int = self.total - self.kept
+        limits = f"(max_length={self.limits[0]}, max_prompt_length={self.limits[1]})"
+        if self.dropped:
+            reasons = ", ".join(f"{self.counts[k]} {why}" for k, why in _DROP_REASONS.items() if k in self.counts)
+            logger.warning("dropped %d of %d preference pairs: %s %s", self.dropped, self.total, reasons, limits)
+        if self.cut > TRUNCATION_WARNING_FRACTION * self.total:
+            logger.warning("truncated %d of the %d preference pairs kept %s: raise the limits to keep them whole",
+                           self.cut, self.kept, limits)
+        if not self.kept:
+            raise ValueError(f"no preference pair left out of {self.total} after tokenization")
+
     def __len__(self) -> int:
-        return len(self.pairs)
+        return self.kept
 
     def __getitem__(self, index: int) -> TokenizedPair:
-        return self.pairs[index]
+        if index < 0:
+            index += self.kept
+        if not 0 <= index < self.kept:
+            raise IndexError(f"pair {index} out of range for {self.kept} pairs")
+        return TokenizedPair(*(column[index] for column in self._columns))
+
+
+class PreferenceStream(_TokenizedPairs, IterableDataset):
+    """Pairs tokenized as they are read, for a source read once (a ``datasets.IterableDataset``) or
+    too large to tokenize up front; pairs that teach nothing are skipped. Same arguments as
+    ``PreferenceDataset``.
+
+    Each DataLoader worker tokenizes every ``num_workers``-th row. ``counts`` and ``summary()``
+    describe the rows read so far in this process. With the Trainer, give ``max_steps``: a stream
+    has no length.
+    """
+
+    def __iter__(self) -> Iterator[TokenizedPair]:
+        worker = get_worker_info()
+        for index, example in enumerate(self.rows):
+            if worker is not None and index % worker.num_workers != worker.id:
+                continue
+            pair = self._tokenize(example)
+            if pair is not None:
+                yield pair
+
+
+def as_preference_dataset(
+    data: Source | PreferenceDataset | PreferenceStream,
+    tokenizer,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
+    *,
+    prompt_truncation: str = "both_ends",
+    split: str | None = None,
+    streaming: bool = False,
+) -> PreferenceDataset | PreferenceStream:
+    """Any preference data as a torch dataset of ``TokenizedPair`` (what ``PreferenceCollator`` batches).
+
+    ``data``: a path (``.jsonl``, ``.jsonl.gz``, ``.json``, ``.json.gz``, ``.parquet``, ``.csv``, or a
+    ``Dataset.save_to_disk`` folder), a dataset name in the local Hugging Face cache, a list of row
+    dicts or PreferenceExample objects, a pandas DataFrame, a ``datasets`` ``Dataset`` /
+    ``DatasetDict`` (``split``) / ``IterableDataset``, in TRL's explicit- or implicit-prompt format, strings or conversations. A
+    ``PreferenceDataset`` or ``PreferenceStream`` is returned as it is. A one-pass source, or
+    ``streaming=True``, gives a ``PreferenceStream`` (tokenized as read); anything else a
+    ``PreferenceDataset`` (tokenized now). Bad rows raise ``PreferenceDataError`` naming the row.
+    """
+    if isinstance(data, (PreferenceDataset, PreferenceStream)):
+        return data
+    rows = open_preferences(data, split)
+    if streaming or isinstance(rows, PreferenceRowStream):
+        return PreferenceStream(rows, tokenizer, max_length, max_prompt_length, prompt_truncation)
+    return PreferenceDataset(rows, tokenizer, max_length, max_prompt_length, prompt_truncation)
 
 
 class PreferenceCollator:
@@ -359,6 +379,14 @@ class PreferenceCollator:
             raise ValueError(f"pad_to must be None or an int >= 2, got {pad_to!r}")
         self.pad_token_id = pad_token_id
         self.pad_to = pad_to
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, pad_to: int | None = None) -> "PreferenceCollator":
+        """A collator padding with the tokenizer's pad token, else its EOS (padding is masked out)."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token: give PreferenceCollator a pad_token_id")
+        return cls(pad, pad_to)
 
     def __call__(self, pairs: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
         if not pairs:

@@ -31,7 +31,8 @@ class QAdapterLogitsProcessor(LogitsProcessor):
     ``adapters``: ``{name: weight}`` composes adapters loaded in ``base`` (a ``QAdapterModel``), as
     ``QAdapterModel.generate(adapters=...)`` does: the ``scores`` are taken as the active adapter's Q
     (weight 0 when it is not named), and the processor's own pass runs the other named adapters and
-    the base model as row groups of one forward.
+    the base model as row groups of one forward. What transformers' own processors did to the scores
+    (a -inf ban) is then scaled by the active adapter's weight, and lost where that weight is 0.
 
     Limits: one processor per ``generate`` call (it holds that call's cache); greedy or
     multinomial sampling only (no beam search, assisted or contrastive decoding,

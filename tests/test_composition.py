@@ -259,3 +259,13 @@ def test_logits_processor_adapters_need_a_qadapter_model(model):
         QAdapterLogitsProcessor(model.base_causal_lm, adapters={"a": 1.0})
     with pytest.raises(ValueError, match="no adapter named 'z'"):
         QAdapterLogitsProcessor(model, adapters={"z": 1.0})
+
+
+def test_a_zero_weight_turns_off_an_adapter_whose_logits_ban_a_token():
+    """0 * -inf would be NaN: a row where the adapter is off must not see its -inf."""
+    composed = composition({"x": torch.tensor([0.0, 1.0]), "y": 1.0}, 2, torch.device("cpu"),
+                           PolicyParams(alpha_tilde=ALPHA_TILDE, alpha_0=ALPHA_0))
+    banned = torch.tensor([[0.5, -float("inf"), 1.0]] * 2)
+    other = torch.tensor([[0.1, 0.2, 0.3]] * 2)
+    q = composed.q_logits([banned, other], torch.zeros(2, 3))
+    assert torch.equal(q[0], other[0]) and q[1, 1] == -float("inf") and not q.isnan().any()

@@ -84,11 +84,15 @@ class Composition:
         return total / self.mass.to(dtype)[:, None]
 
     def q_logits(self, adapter_logits: Sequence[torch.Tensor], base_logits: torch.Tensor) -> torch.Tensor:
-        """sum_i w_i Q_i [B, V] (zeros when no adapter carries weight), in fp32 (fp64 for fp64 logits)."""
+        """sum_i w_i Q_i [B, V] (zeros when no adapter carries weight), in fp32 (fp64 for fp64 logits).
+
+        A weight of 0 turns its adapter off in that row even where its logits are -inf (not 0 * -inf = NaN).
+        """
         dtype = torch.promote_types(base_logits.dtype, torch.float32)
         total = torch.zeros(base_logits.shape, dtype=dtype, device=base_logits.device)
         for weight, logits in zip(self.weights, adapter_logits):
-            total = total + weight.to(dtype) * logits.to(dtype)
+            weight = weight.to(dtype)
+            total = total + torch.where(weight != 0, weight * logits.to(dtype), 0.0)
         return total
 
     def head_sampling(self, per_row: RowSampling) -> RowSampling:

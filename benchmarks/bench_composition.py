@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forgetting import quick_model_and_tokenizer, spread  # noqa: E402
 from runner import add_common_arguments, default_out_dir, machine_info  # noqa: E402
 
-PAIR = ("lowercase", "signoff")  # the natural pair: each is checkable, and they can hold together
+PAIR = ("lowercase", "signoff")  # the pair the README reports
 
 
 @dataclasses.dataclass(frozen=True)

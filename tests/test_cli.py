@@ -141,6 +141,52 @@ def test_generate_needs_an_adapter_folder(tmp_path, capsys):
     assert "qadapter_config.json" in err
 
 
+@pytest.fixture(scope="module")
+def second_adapter_dir(tmp_path_factory, model_dir, data_file):
+    out = tmp_path_factory.mktemp("trained_b") / "adapter"
+    assert main(["train", "--data", str(data_file), "--output-dir", str(out), "--model", str(model_dir),
+                 "--max-steps", "2", "--batch-size", "2", "--lr", "5e-2", "--seed", "7", "--save-steps", "100",
+                 "--max-length", "64"]) == 0
+    return out
+
+
+def test_generate_composes_weighted_adapters(adapter_dir, second_adapter_dir, capsys):
+    common = ["generate", "--prompt", "Name a fast animal.", "--prompt", "Describe the dog.", "--max-new-tokens", "6",
+              "--temperature", "0", "--no-stream"]
+    capsys.readouterr()
+    outputs = []
+    for adapters in ([str(adapter_dir)], [f"{adapter_dir}:1", f"{second_adapter_dir}:0"],
+                     [f"{adapter_dir}:0.5", f"{second_adapter_dir}:1.5"], [str(adapter_dir), str(second_adapter_dir)]):
+        assert main(common + [a for path in adapters for a in ("--adapter", path)]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]  # weight 0 turns the second adapter off; weight 1 is the adapter alone
+    assert outputs[2].count(">>> ") == outputs[3].count(">>> ") == 2
+
+
+@pytest.mark.parametrize("weights, message", [
+    ((":x", ""), "expected DIR or DIR:WEIGHT"),
+    ((":nan", ""), "WEIGHT must be finite"),
+    ((":-1", ":0"), "sum(weights) + alpha_0 > 0"),
+])
+def test_generate_bad_adapter_weights_exit_2(adapter_dir, second_adapter_dir, capsys, weights, message):
+    err = run_error(capsys, ["generate", "--prompt", "hi", "--adapter", f"{adapter_dir}{weights[0]}",
+                             "--adapter", f"{second_adapter_dir}{weights[1]}"])
+    assert message in err
+
+
+def test_generate_refuses_adapters_of_another_base(tmp_path, adapter_dir, data_file, capsys):
+    from cli_helpers import save_tiny_llama
+
+    other_model = tmp_path / "other_model"
+    save_tiny_llama(other_model, seed=1)
+    other = tmp_path / "other"
+    assert main(["train", "--data", str(data_file), "--output-dir", str(other), "--model", str(other_model),
+                 "--max-steps", "1", "--batch-size", "2", "--lora-r", "4", "--save-steps", "100",
+                 "--max-length", "64"]) == 0
+    err = run_error(capsys, ["generate", "--prompt", "hi", "--adapter", str(adapter_dir), "--adapter", str(other)])
+    assert "trained on base model" in err
+
+
 def test_demo_runs_end_to_end(tmp_path, model_dir, capsys):
     out_dir = tmp_path / "demo"
     assert main(["demo", "--model", str(model_dir), "--output-dir", str(out_dir), "--max-steps", "2",

@@ -103,21 +103,24 @@ def _tiny_model():
     return QAdapterModel(LlamaForCausalLM(config), QAdapterConfig())
 
 
-def test_one_sync_per_decoded_token():
+@pytest.mark.parametrize("adapters", [None, {"default": torch.tensor([1.0, 0.5])}], ids=["one", "composed"])
+def test_one_sync_per_decoded_token(adapters):
     """generate validated the sampling parameters at the start and again inside the sampler for
     every token, then synced once more for "all finished?": now the parameters are checked once and
-    each token costs one sync (a row the sampler could not draw from, and whether any row goes on)."""
+    each token costs one sync (a row the sampler could not draw from, and whether any row goes on).
+    Composed adapters' weights are checked once, up front, too."""
     model = _tiny_model().eval()
     prompt = torch.tensor([[1, 5, 9, 4], [1, 7, 3, 8]])
     counts = {}
     for steps in (3, 9):
         with HostSyncs() as syncs:
             out = model.generate(prompt, max_new_tokens=steps, top_p=torch.tensor([0.9, 0.8]), top_k=20,
-                                 generator=0, eos_token_id=[])
+                                 generator=0, eos_token_id=[], adapters=adapters)
         assert out.shape[1] == prompt.shape[1] + steps
         counts[steps] = syncs.count
     assert counts[9] - counts[3] == 9 - 3, counts  # exactly one per token
-    assert counts[3] <= 3 + 5, counts  # plus a few up-front checks of the prompt and the parameters
+    # plus a few up-front checks of the prompt and the parameters (and one of the composed weights)
+    assert counts[3] <= 3 + 5 + (adapters is not None), counts
 
 
 def test_one_sync_per_training_step():

@@ -2,7 +2,7 @@
 
     qadapter train    --data DATA --output-dir DIR [--model PATH] [options]
     qadapter eval     --data DATA [--adapter DIR] [--model PATH] [options]
-    qadapter generate --adapter DIR --prompt TEXT [--prompt TEXT ...] [--compare] [sampling options]
+    qadapter generate --adapter DIR[:WEIGHT] [--adapter ...] --prompt TEXT [--prompt TEXT ...] [--compare] [options]
     qadapter demo     [--output-dir DIR] [--max-steps N]     (the README's main job, see demo.py)
 
 ``--data`` takes preference data in any of TRL's formats (see ``qadapter_kernels.training.sources``):
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,13 +69,15 @@ def adapter_tokenizer(adapter: str | None, model_path: Path):
     return load_tokenizer(model_path)
 
 
-def load_adapter(adapter: str, base):
+def load_adapter(adapter: str | dict[str, str], base):
+    """``QAdapterModel.from_pretrained`` of a folder (or of ``{name: folder}`` to compose); ``UserError`` on failure."""
     from ..training.model import QAdapterModel
 
     try:
         return QAdapterModel.from_pretrained(adapter, base_model=base)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the adapter at {adapter}: {e}") from None
+        where = adapter if isinstance(adapter, str) else ", ".join(adapter.values())
+        raise UserError(f"cannot load the adapter at {where}: {e}") from None
 
 
 def batch_independent(config, max_length: int):
@@ -161,20 +164,55 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
                 top_p=args.top_p, min_p=args.min_p, generator=args.seed, stop_strings=args.stop or None)
 
 
+def adapter_weights(values: list[str]) -> tuple[list[str], list[float] | None]:
+    """The folders and weights of ``--adapter DIR[:WEIGHT]`` (repeated); weights None for one plain DIR.
+
+    A value that names an existing path is a folder even if it holds ':'; a missing weight is 1.
+    """
+    folders, weights = [], []
+    for value in values:
+        folder, colon, weight = value.rpartition(":")
+        if not colon or not folder or Path(value).exists():
+            folders.append(value)
+            weights.append(None)
+            continue
+        try:
+            number = float(weight)
+        except ValueError:
+            raise UserError(f"--adapter {value}: expected DIR or DIR:WEIGHT with a number as WEIGHT") from None
+        if not math.isfinite(number):
+            raise UserError(f"--adapter {value}: WEIGHT must be finite")
+        folders.append(folder)
+        weights.append(number)
+    if len(values) == 1 and weights[0] is None:
+        return folders, None
+    return folders, [1.0 if w is None else w for w in weights]
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from ..decoding.streams import UnsupportedPeftError
 
     if not all(p.strip() for p in args.prompt):
         raise UserError("--prompt must not be empty")
     kwargs = sampling_kwargs(args)
-    saved = saved_adapter_config(args.adapter)
-    model_path = adapter_model_path(args.adapter, args.model, saved)
-    tokenizer = adapter_tokenizer(args.adapter, model_path)
-    model = load_adapter(args.adapter, load_base(model_path))
+    folders, weights = adapter_weights(args.adapter)
+    saved = [saved_adapter_config(folder) for folder in folders]
+    model_path = adapter_model_path(folders[0], args.model, saved[0])
+    tokenizer = adapter_tokenizer(folders[0], model_path)
+    if weights is None:
+        model = load_adapter(folders[0], load_base(model_path))
+    else:  # several adapters (or a weighted one) composed at decode
+        names = [f"adapter{i}" for i in range(len(folders))]
+        model = load_adapter(dict(zip(names, folders)), load_base(model_path))
+        kwargs["adapters"] = dict(zip(names, weights))
     try:
         _print_answers(args, model, tokenizer, kwargs)
     except UnsupportedPeftError as e:
         raise UserError(f"{e} (--two-pass)") from None
+    except ValueError as e:  # composed weights: e.g. every weight 0 with alpha_0 = 0
+        if "adapters" not in kwargs:
+            raise
+        raise UserError(str(e)) from None
     return 0
 
 
@@ -276,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=HelpFormatter,
                          description="Sample answers from the Q-Adapter policy (Q + alpha_0 log_softmax(L)) / "
                                      "alpha_tilde; --compare shows the base model's answers beside them.")
-    gen.add_argument("--adapter", required=True, help="folder written by 'qadapter train'")
+    gen.add_argument("--adapter", required=True, action="append", metavar="DIR[:WEIGHT]",
+                     help="folder written by 'qadapter train'; repeat to compose adapters trained on the same base "
+                          "(pi~ ∝ exp((sum_i WEIGHT_i Q_i + alpha_0 log pi_1) / alpha_tilde), an approximation of "
+                          "training on the weighted sum of their preferences); WEIGHT defaults to 1, 0 turns one off")
     gen.add_argument("--model", help="base model (default: the one recorded in the adapter folder)")
     gen.add_argument("--prompt", action="append", required=True,
                      help="a user message (repeat for a batch; chat template applied when the model has one)")

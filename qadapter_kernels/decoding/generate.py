@@ -6,10 +6,13 @@ forward over a mixed batch (adapter rows and base rows, one KV cache; ``streams.
 ``combined_sample_from_hidden`` applies the LM head once, to the combined hidden state h_c
 (docs/DESIGN.md §1 (the logit identity)); no logits row is stored. Where that identity does not hold (``logit_identity.py``:
 softcapped or scaled logits, a LoRA on the head) each stream's logits row comes from the whole
-causal LM and ``combined_sample`` combines them, with a warning saying why.
+causal LM and ``combined_sample`` combines them, with a warning saying why. With ``adapters=`` several
+adapters are composed (``composition.py``): K + 1 row groups in the one forward, one head product on
+their mixed hidden state.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 from collections.abc import Sequence
@@ -20,6 +23,7 @@ from ..api.checks import tile_budget
 from ..api.unchecked import as_generator, check_sampling_parameters, sample_hidden_rows, sample_logits_rows
 from ..ops.backend import resolve_backend
 from ..params import PolicyParams
+from .composition import check_adapter_weights, composition
 from .cpu_linear import few_row_linears
 from .logit_identity import identity_break
 from .streams import BaseOnlyStreams, MixedBatchStreams, TwoPassStreams, prompt_positions
@@ -130,6 +134,7 @@ def generate(
     two_pass: bool = False,
     adapter: bool = True,
     streamer=None,
+    adapters: dict | None = None,
 ) -> torch.Tensor:
     """Samples continuations from a ``QAdapterModel``'s customised policy; see ``QAdapterModel.generate``."""
     head = model.lm_head
@@ -156,10 +161,18 @@ def generate(
     config = model.qadapter_config
     policy = (PolicyParams(config.alpha_tilde, config.alpha_0) if adapter else PolicyParams(alpha_tilde=1.0, alpha_0=0.0)).validated()
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    composed = None
+    if adapters is not None:
+        if not adapter:
+            raise ValueError("adapters= composes adapters; it cannot be combined with adapter=False")
+        composed = composition(check_adapter_weights(adapters, model.adapter_names), rows, device, policy)
+        head_rows = composed.head_sampling(per_row)
+        streams_cls = functools.partial(streams_cls, adapter_names=composed.names)
     broken = identity_break(model)
     if broken is not None:
-        warnings.warn(f"generate samples from two logits rows per token, not one LM-head product on the combined "
-                      f"hidden state: {broken}", stacklevel=3)
+        warnings.warn(f"generate samples from {'each stream' if composed else 'two'} logits rows per token, not one "
+                      f"LM-head product on the combined hidden state: {broken}", stacklevel=3)
+    mode = "logits" if broken is not None else "heads" if two_pass else "mixed"
 
     was_training = model.training
     model.eval()  # peft refuses mixed-adapter batches in training mode; dropout off
@@ -172,7 +185,9 @@ def generate(
             unfinished = torch.ones(rows, dtype=torch.bool, device=device)
             new_tokens = []
             for step in range(max_new_tokens):
-                if broken is None:  # two_pass keeps the authors' two head products too
+                if composed is not None:
+                    tokens = composed.sample(hidden, weight, bias, per_row, head_rows, generator, backend, budget, mode)
+                elif broken is None:  # two_pass keeps the authors' two head products too
                     tokens = sample_hidden_rows(*(h.to(weight.dtype) for h in hidden), weight, bias, policy, per_row,
                                                 generator, backend, budget, two_stream=two_pass)
                 else:

@@ -6,7 +6,8 @@ from transformers import DynamicCache, LogitsProcessor
 
 from ..api import combined_logits
 from ..params import PolicyParams, resolve
-from .streams import cache_keyword, prompt_positions
+from .composition import check_adapter_weights, composition
+from .streams import BASE_ADAPTER_NAME, cache_keyword, mixed_batch_hooks, prompt_positions
 
 __all__ = ["QAdapterLogitsProcessor"]
 
@@ -27,6 +28,11 @@ class QAdapterLogitsProcessor(LogitsProcessor):
     ``base``: a ``QAdapterModel`` (its base pass is its own model with the adapter switched off;
     alphas default to its config) or any causal LM to use as pi_1 (alphas default to 1.0, 0.01).
     ``attention_mask``: the prompt's mask, needed for left-padded batches (None: no padding).
+    ``adapters``: ``{name: weight}`` composes adapters loaded in ``base`` (a ``QAdapterModel``), as
+    ``QAdapterModel.generate(adapters=...)`` does: the ``scores`` are taken as the active adapter's Q
+    (weight 0 when it is not named), and the processor's own pass runs the other named adapters and
+    the base model as row groups of one forward. What transformers' own processors did to the scores
+    (a -inf ban) is then scaled by the active adapter's weight, and lost where that weight is 0.
 
     Limits: one processor per ``generate`` call (it holds that call's cache); greedy or
     multinomial sampling only (no beam search, assisted or contrastive decoding,
@@ -36,7 +42,7 @@ class QAdapterLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, base, alpha_tilde: float | None = None, alpha_0: float | None = None,
-                 attention_mask: torch.Tensor | None = None):
+                 attention_mask: torch.Tensor | None = None, adapters: dict | None = None):
         config = getattr(base, "qadapter_config", None)
         self._qadapter = base if config is not None else None
         self._causal_lm = base.base_causal_lm if config is not None else base
@@ -49,12 +55,18 @@ class QAdapterLogitsProcessor(LogitsProcessor):
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
             raise ValueError("attention_mask must be the prompt's [B, T] mask or None")
         self._prompt_mask = attention_mask
+        if adapters is not None and self._qadapter is None:
+            raise TypeError("adapters= needs a QAdapterModel as base (the model that holds the adapters)")
+        self._adapters = None if adapters is None else check_adapter_weights(adapters, base.adapter_names)
+        self._composition = None
+        self._groups: tuple[str, ...] = (BASE_ADAPTER_NAME,)  # the row groups of the processor's own forward
         self._keyword = cache_keyword(self._causal_lm)
         self._cache = None
         self._mask = None
         self._seen = 0
 
-    def _base_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _own_logits(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The last logits row of each of ``self._groups`` (the base model's last)."""
         rows, length = input_ids.shape
         if self._cache is None:
             mask = self._prompt_mask if self._prompt_mask is not None else torch.ones_like(input_ids)
@@ -70,16 +82,31 @@ class QAdapterLogitsProcessor(LogitsProcessor):
             last = self._mask.sum(-1, keepdim=True) - 1
             self._mask = torch.cat([self._mask, self._mask.new_ones(rows, length - self._seen)], 1)
             positions = last + torch.arange(1, length - self._seen + 1, device=input_ids.device)
-        new = input_ids[:, self._seen:]
+        groups = len(self._groups)
+        new, mask, positions = (t.repeat(groups, 1) for t in (input_ids[:, self._seen:], self._mask, positions))
         self._seen = length
-        kwargs = dict(attention_mask=self._mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+        kwargs = dict(attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                       **{self._keyword: self._cache})
         if self._qadapter is None:
-            return self._causal_lm(new, **kwargs).logits[:, -1]
-        with self._qadapter.peft_model.disable_adapter():
-            return self._causal_lm(new, **kwargs).logits[:, -1]
+            return (self._causal_lm(new, **kwargs).logits[:, -1],)
+        peft_model = self._qadapter.peft_model
+        route = (peft_model.disable_adapter() if groups == 1
+                 else mixed_batch_hooks(peft_model, [name for name in self._groups for _ in range(rows)]))
+        with route:
+            return self._causal_lm(new, **kwargs).logits[:, -1].split(rows)
+
+    def _compose(self, input_ids: torch.Tensor) -> None:
+        """At the first call (the batch size is known): the composition and the row groups it needs."""
+        self._composition = composition(self._adapters, input_ids.shape[0], input_ids.device, self.policy)
+        active = self._qadapter.peft_model.active_adapter
+        self._groups = (*(name for name in self._composition.names if name != active), BASE_ADAPTER_NAME)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        base_logits = self._base_logits(input_ids)
+        if self._adapters is not None and self._composition is None:
+            self._compose(input_ids)
+        *own, base_logits = self._own_logits(input_ids)
+        if self._composition is not None:
+            by_name = dict(zip(self._groups, own)) | {self._qadapter.peft_model.active_adapter: scores}
+            scores = self._composition.q_logits([by_name[name] for name in self._composition.names], base_logits)
         return combined_logits(scores, base_logits.to(scores.dtype), self.policy)

@@ -3,15 +3,18 @@
 Each class holds the KV cache(s) of one ``generate`` call and is used as a context manager
 around the whole loop. ``step`` takes the tokens new since the last step ([B, n]: the prompt
 at the first step, one token after that), the attention mask over everything so far and the
-positions of the new tokens, and returns ``(adapter_hidden, base_hidden)``, each [B, H]: the
-decoder's final (normalised) hidden states at the last position, which the LM head reads; or,
-built with ``logits=True``, the whole causal LM's logits rows [B, V] there (for models whose
-logits the head alone does not give: ``logit_identity.py``).
+positions of the new tokens, and returns one tensor per stream, the adapters' first and the base
+model's last: ``(adapter_hidden, base_hidden)`` for the model's own adapter, or
+``(*adapter_hiddens, base_hidden)`` for the named ``adapter_names`` of a composition
+(``composition.py``). Each is [B, H]: the decoder's final (normalised) hidden states at the last
+position, which the LM head reads; or, built with ``logits=True``, the whole causal LM's logits
+rows [B, V] there (for models whose logits the head alone does not give: ``logit_identity.py``).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Sequence
 
 import peft
 import torch
@@ -77,16 +80,19 @@ class _Streams(contextlib.ExitStack):
 
 
 class MixedBatchStreams(_Streams):
-    """Both streams in ONE forward over 2B rows and one KV cache.
+    """Every stream in ONE forward over (K + 1) B rows and one KV cache.
 
-    Rows 0..B-1 run with the adapter, rows B..2B-1 as peft's ``"__base__"``: the two passes share
-    every weight but the LoRA deltas, so each weight is read once per token instead of twice.
+    Rows ``i B .. (i + 1) B - 1`` run with adapter ``adapter_names[i]`` (default: the model's active
+    adapter), the last B rows as peft's ``"__base__"``: the streams share every weight but the LoRA
+    deltas, so each weight is read once per token instead of K + 1 times.
     """
 
-    def __init__(self, model, rows: int, logits: bool = False):
+    def __init__(self, model, rows: int, logits: bool = False, adapter_names: Sequence[str] | None = None):
         super().__init__(model, caches=1, logits=logits)
         self._rows = rows
-        self._names = [model.peft_model.active_adapter] * rows + [BASE_ADAPTER_NAME] * rows
+        groups = (*_adapters(model, adapter_names), BASE_ADAPTER_NAME)
+        self._groups = len(groups)
+        self._names = [name for name in groups for _ in range(rows)]
 
     def __enter__(self):
         super().__enter__()
@@ -94,20 +100,30 @@ class MixedBatchStreams(_Streams):
         self.enter_context(mixed_batch_hooks(self._peft_model, self._names))
         return self
 
-    def step(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        both = (torch.cat([t, t]) for t in (input_ids, attention_mask, position_ids))
-        hidden = self._last_hidden(0, *both)
-        return hidden[: self._rows], hidden[self._rows:]
+    def step(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, ...]:
+        repeated = (t.repeat(self._groups, 1) for t in (input_ids, attention_mask, position_ids))
+        return tuple(self._last_hidden(0, *repeated).split(self._rows))
 
 
 class TwoPassStreams(_Streams):
-    """The authors' scheme: a forward with the adapter and one without, each with its own cache."""
+    """The authors' scheme: one forward per adapter and one without, each with its own cache."""
 
-    def __init__(self, model, rows: int, logits: bool = False):
-        super().__init__(model, caches=2, logits=logits)
+    def __init__(self, model, rows: int, logits: bool = False, adapter_names: Sequence[str] | None = None):
+        self._names = _adapters(model, adapter_names)
+        super().__init__(model, caches=len(self._names) + 1, logits=logits)
+        self._active = model.peft_model.active_adapter
+        self._rows = rows
 
-    def step(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._last_hidden(0, *inputs), self._base_hidden(1, *inputs)
+    def _adapter_hidden(self, index: int, *inputs) -> torch.Tensor:
+        name = self._names[index]
+        if name == self._active:  # the adapter a plain forward runs: no private peft hook needed
+            return self._last_hidden(index, *inputs)
+        with mixed_batch_hooks(self._peft_model, [name] * self._rows):
+            return self._last_hidden(index, *inputs)
+
+    def step(self, *inputs) -> tuple[torch.Tensor, ...]:
+        adapters = tuple(self._adapter_hidden(i, *inputs) for i in range(len(self._names)))
+        return (*adapters, self._base_hidden(len(self._names), *inputs))
 
 
 class BaseOnlyStreams(_Streams):
@@ -119,3 +135,7 @@ class BaseOnlyStreams(_Streams):
     def step(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self._base_hidden(0, *inputs)
         return hidden, hidden
+
+
+def _adapters(model, adapter_names: Sequence[str] | None) -> tuple[str, ...]:
+    return (model.peft_model.active_adapter,) if adapter_names is None else tuple(adapter_names)

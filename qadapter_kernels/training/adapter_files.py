@@ -41,9 +41,11 @@ def saved_tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_adapter_state(peft_model: peft.PeftModel, weights: Path) -> None:
-    """The file holds exactly the adapter's tensors, each with its shape (ValueError naming the first few)."""
-    expected = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(peft_model).items()}
+def check_adapter_state(peft_model: peft.PeftModel, weights: Path, adapter_name: str = "default") -> None:
+    """The file holds exactly the tensors of adapter ``adapter_name``, each with its shape (ValueError
+    naming the first few)."""
+    state = peft.get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     found = saved_tensor_shapes(weights)
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -55,7 +57,7 @@ def check_adapter_state(peft_model: peft.PeftModel, weights: Path) -> None:
         raise ValueError(f"{weights} does not match this adapter and base model: " + "; ".join(parts))
 
 
-def check_finite_lora(peft_model: peft.PeftModel, weights: Path) -> None:
+def check_finite_lora(peft_model: peft.PeftModel, weights: Path, adapter_name: str = "default") -> None:
     for name, param in peft_model.named_parameters():
-        if "lora_" in name and not bool(torch.isfinite(param).all()):
+        if "lora_" in name and f".{adapter_name}." in name and not bool(torch.isfinite(param).all()):
             raise ValueError(f"{weights} holds non-finite (NaN or inf) LoRA weights: {name}")

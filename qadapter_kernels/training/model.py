@@ -10,6 +10,7 @@ import dataclasses
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import peft
@@ -75,6 +76,8 @@ class QAdapterModel(torch.nn.Module):
             self.peft_model = causal_lm
         else:
             self.peft_model = peft.get_peft_model(causal_lm, config.lora_config())
+        # The config of every loaded adapter; the active one's is ``qadapter_config``.
+        self.adapter_configs = {self.peft_model.active_adapter: config}
         for param in self.lm_head.parameters():  # frozen even if the caller had it trainable
             param.requires_grad_(False)
 
@@ -90,6 +93,11 @@ class QAdapterModel(torch.nn.Module):
     def base_causal_lm(self) -> PreTrainedModel:
         """The wrapped transformers model (with the LoRA layers injected)."""
         return self.peft_model.get_base_model()
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The adapters loaded in this model: the trained (active) one first, then ``load_adapter``'s."""
+        return tuple(self.adapter_configs)
 
     @property
     def decoder(self) -> torch.nn.Module:
@@ -132,7 +140,8 @@ class QAdapterModel(torch.nn.Module):
                  top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
                  generator: torch.Generator | int | None = None, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, stop_strings: str | list[str] | None = None, tokenizer=None,
-                 two_pass: bool = False, adapter: bool = True, streamer=None) -> torch.Tensor:
+                 two_pass: bool = False, adapter: bool = True, streamer=None,
+                 adapters: dict[str, float | torch.Tensor] | None = None) -> torch.Tensor:
         """Samples from the customised policy ``(Q + alpha_0 * log_softmax(L)) / alpha_tilde``.
 
         Returns ``[B, T + n]`` token ids like transformers' ``generate``: the prompt (with its
@@ -156,13 +165,19 @@ class QAdapterModel(torch.nn.Module):
             adapter: False samples from the base model alone (adapter off), for side-by-side comparisons.
             streamer: an object with ``put(ids)`` and ``end()`` (e.g. ``transformers.TextStreamer``)
                 that receives the prompt, then each step's new tokens ``[B]``.
+            adapters: ``{name: weight}`` composes several loaded adapters (``adapter_names``):
+                ``pi~ ∝ exp((sum_i w_i Q_i + alpha_0 log pi_1) / alpha_tilde)``, an approximation of an
+                adapter trained on the weighted sum of their preferences. A weight is a number or a
+                per-row ``[B]`` tensor; 0 turns that adapter off (all 0: the base policy at temperature
+                ``alpha_tilde / alpha_0``); every row needs ``sum(weights) + alpha_0 > 0``. One forward
+                over K + 1 row groups per token and one head product (docs/DESIGN.md §1).
         """
         from ..decoding import generate
 
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, min_p=min_p, generator=generator, eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
-                        two_pass=two_pass, adapter=adapter, streamer=streamer)
+                        two_pass=two_pass, adapter=adapter, streamer=streamer, adapters=adapters)
 
     def generate_text(self, tokenizer, prompts: str | list, **kwargs) -> str | list[str]:
         """``generate`` with strings: prompt(s) in, the new text(s) out.
@@ -208,8 +223,13 @@ class QAdapterModel(torch.nn.Module):
         staging.mkdir()
         try:
             # No embedding-layer copy: the vocabulary is never resized (and peft's check for it warns on every save).
+            active = self.peft_model.active_adapter
             self.peft_model.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True,
-                                            save_embedding_layers=False)
+                                            save_embedding_layers=False, selected_adapters=[active])
+            if active != "default":  # peft writes any other adapter name into a sub-folder of that name
+                for path in list((staging / active).iterdir()):
+                    os.replace(path, staging / path.name)
+                (staging / active).rmdir()
             (staging / QADAPTER_CONFIG_NAME).write_text(self.qadapter_config.to_json())
             files = sorted(staging.iterdir(), key=lambda p: p.name == QADAPTER_CONFIG_NAME)  # our config last
             for path in files:
@@ -226,36 +246,94 @@ class QAdapterModel(torch.nn.Module):
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
         """Loads the LoRA weights of a saved folder into this model (resume; safetensors only)."""
         weights = adapter_weights_file(Path(directory))
-        check_adapter_state(self.peft_model, weights)
-        peft.set_peft_model_state_dict(self.peft_model, safetensors.torch.load_file(str(weights)))
-        check_finite_lora(self.peft_model, weights)
+        active = self.peft_model.active_adapter
+        check_adapter_state(self.peft_model, weights, active)
+        peft.set_peft_model_state_dict(self.peft_model, safetensors.torch.load_file(str(weights)), adapter_name=active)
+        check_finite_lora(self.peft_model, weights, active)
+
+    def load_adapter(self, directory: str | os.PathLike, name: str) -> None:
+        """Loads another saved Q-Adapter, frozen, as adapter ``name``, for composing at decode
+        (``generate(adapters={...})``). It must have been trained on the same base model (the path
+        recorded in its ``qadapter_config.json``) with the same alpha_tilde and alpha_0 as this
+        model: the composed policy has one of each. Safetensors only.
+        """
+        if not isinstance(name, str) or not name or "." in name or name == "__base__":
+            raise ValueError(f"name must be a non-empty adapter name without '.' (not '__base__'), got {name!r}")
+        if name in self.adapter_configs:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        directory = Path(directory)
+        config, weights = _read_saved_adapter(directory)
+        self._check_composable(directory, config)
+        try:
+            self.peft_model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:  # peft: a size or type mismatch
+            raise ValueError(f"{directory} does not fit the base model: {str(e).strip().splitlines()[0]}") from None
+        self.adapter_configs[name] = config
+        try:
+            check_adapter_state(self.peft_model, weights, name)
+            check_finite_lora(self.peft_model, weights, name)
+        except ValueError:
+            self.peft_model.delete_adapter(name)
+            del self.adapter_configs[name]
+            raise
+
+    def _check_composable(self, directory: Path, config: QAdapterConfig) -> None:
+        base, own = config.base_model, self.qadapter_config.base_model
+        if base is None or own is None or os.path.realpath(os.path.expanduser(base)) != os.path.realpath(
+                os.path.expanduser(own)):
+            raise ValueError(f"{directory} was trained on base model {base!r}, this model's base is {own!r}: "
+                             "adapters compose only on the base model they were trained on")
+        for field in ("alpha_tilde", "alpha_0"):
+            if getattr(config, field) != getattr(self.qadapter_config, field):
+                raise ValueError(f"{directory} has {field}={getattr(config, field)}, this model "
+                                 f"{getattr(self.qadapter_config, field)}: the composed policy has one {field}")
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike,
+    def from_pretrained(cls, directory: str | os.PathLike | Mapping[str, str | os.PathLike],
                         base_model: str | os.PathLike | PreTrainedModel | None = None) -> "QAdapterModel":
         """Loads a folder written by ``save_pretrained``; the adapter is trainable.
 
         ``base_model``: a path, or a loaded causal LM (modified in place); None loads the path
         recorded at save time. Nothing is unpickled: adapter weights must be safetensors.
+        ``directory`` may also be ``{name: folder, ...}`` (adapters to compose at decode): the first
+        is loaded as above under its name, the others with ``load_adapter`` (same base, same alphas).
         """
-        directory = Path(directory)
-        config_file = directory / QADAPTER_CONFIG_NAME
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: not a folder written by QAdapterModel.save_pretrained")
-        config = QAdapterConfig.from_json(config_file.read_text())
-        weights = adapter_weights_file(directory)
-        saved_tensor_shapes(weights)  # a truncated or foreign file fails here, before the base model loads
+        if isinstance(directory, Mapping):
+            if not directory:
+                raise ValueError("directory must be a folder or a non-empty {name: folder} dict")
+            (name, first), *others = directory.items()
+            model = cls._load(Path(first), base_model, name)
+            for other_name, other in others:
+                model.load_adapter(other, other_name)
+            return model
+        return cls._load(Path(directory), base_model, "default")
+
+    @classmethod
+    def _load(cls, directory: Path, base_model, adapter_name: str) -> "QAdapterModel":
+        config, weights = _read_saved_adapter(directory)
         if base_model is None:
             if config.base_model is None:
-                raise ValueError(f"{config_file} records no base model: pass base_model=")
+                raise ValueError(f"{directory / QADAPTER_CONFIG_NAME} records no base model: pass base_model=")
             base_model = config.base_model
         if isinstance(base_model, (str, os.PathLike)):
             config = dataclasses.replace(config, base_model=str(base_model))
             base_model = load_base_model(base_model)
         try:
-            peft_model = peft.PeftModel.from_pretrained(base_model, str(directory), is_trainable=True)
+            peft_model = peft.PeftModel.from_pretrained(base_model, str(directory), adapter_name=adapter_name,
+                                                        is_trainable=True)
         except (RuntimeError, KeyError, TypeError) as e:  # peft: a size mismatch, a malformed adapter_config.json
             raise ValueError(f"{directory} does not fit the base model: {str(e).strip().splitlines()[0]}") from None
-        check_adapter_state(peft_model, weights)  # peft only warns about missing or unexpected keys
-        check_finite_lora(peft_model, weights)
+        check_adapter_state(peft_model, weights, adapter_name)  # peft only warns about missing or unexpected keys
+        check_finite_lora(peft_model, weights, adapter_name)
         return cls(peft_model, config)
+
+
+def _read_saved_adapter(directory: Path) -> tuple[QAdapterConfig, Path]:
+    """The config and the weights file of a ``save_pretrained`` folder, checked before any model loads."""
+    config_file = directory / QADAPTER_CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: not a folder written by QAdapterModel.save_pretrained")
+    config = QAdapterConfig.from_json(config_file.read_text())
+    weights = adapter_weights_file(directory)
+    saved_tensor_shapes(weights)  # a truncated or foreign file fails here, before the base model loads
+    return config, weights

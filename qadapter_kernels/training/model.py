@@ -71,6 +71,8 @@ class QAdapterModel(torch.nn.Module):
         if config.base_model is None and getattr(base, "name_or_path", ""):
             config = dataclasses.replace(config, base_model=str(base.name_or_path))
         self.qadapter_config = config
+        # Read by accelerate's FSDP transformer auto-wrap policy: one shard group per decoder layer.
+        self._no_split_modules = list(getattr(base, "_no_split_modules", None) or [])
         if isinstance(causal_lm, peft.PeftModel):
             self.peft_model = causal_lm
         else:

@@ -10,10 +10,13 @@ gradient, and after the same AdamW steps the LoRA weights agree up to float summ
 The logged per-step "loss" of the 2-process run is the Trainer's all-gather mean over
 processes, hence comparable to the 1-process batch loss step by step.
 
-FSDP runs through the shipped accelerate config (qadapter_kernels/accelerate_configs/fsdp.yaml,
-FSDP2): its gradients are reduce-scattered instead of all-reduced, so the same equality holds. Its
-checkpoints resume to the uninterrupted run's adapter, and its saved folder loads unsharded.
+FSDP and DeepSpeed run through the shipped accelerate configs (qadapter_kernels/accelerate_configs/: FSDP2, ZeRO-2,
+ZeRO-3): gradients are reduce-scattered instead of all-reduced, so the same equality holds; their
+checkpoints resume to the uninterrupted run's adapter, and the saved folder loads unsharded. The
+DeepSpeed tests run where deepspeed is installed (it is optional: ``pip install deepspeed``, CPU
+build with ``DS_BUILD_OPS=0``); DeepSpeed's CPU accelerator uses gloo.
 """
+import importlib.util
 import json
 import os
 import socket
@@ -162,3 +165,18 @@ def test_fsdp_adapter_loads_unsharded(single_process, fsdp_run):
     with torch.no_grad():
         got, want = model(**batch), reference(**batch)
     torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="deepspeed is not installed (optional: pip install deepspeed; on CPU DS_BUILD_OPS=0)")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_one_process_and_resumes(single_process, tmp_path, stage):
+    config = f"deepspeed_zero{stage}.yaml"
+    trained = accelerate_launch(config, tmp_path / "out", tmp_path, "--save-steps", "2")
+    assert_same_training(trained, single_process, distributed_type="DEEPSPEED")
+    checkpoint = tmp_path / "out" / "trainer" / "checkpoint-2"
+    assert checkpoints.is_complete(checkpoint)
+    resumed = accelerate_launch(config, tmp_path / "resumed", tmp_path, "--resume", str(checkpoint))
+    for name, weight in trained["lora"].items():
+        torch.testing.assert_close(resumed["lora"][name], weight, atol=0, rtol=0, msg=name)
+

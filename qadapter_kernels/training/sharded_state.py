@@ -1,4 +1,4 @@
-"""The adapter's weights of a model sharded by FSDP: gathered whole for a save, loaded whole on resume.
+"""Whole weights from a sharded model: the adapter for a save and a resume, the LM head for the loss.
 
 Under FSDP every parameter is a shard (a DTensor under FSDP2), so the adapter cannot be read
 from or written into the live parameters directly. accelerate's own FSDP save gathers the whole
@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from .adapter_files import adapter_weights_file, check_adapter_state, check_finite_tensors
 
-__all__ = ["gather_adapter_state", "load_adapter_state"]
+__all__ = ["gather_adapter_state", "load_adapter_state", "whole_parameters"]
 
 
 def gather_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -43,3 +43,23 @@ def load_adapter_state(peft_model: peft.PeftModel, directory: str | Path) -> Non
     names = _parameter_names(peft_model)
     state = {names[key]: tensor for key, tensor in saved.items()}
     set_model_state_dict(peft_model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def whole_parameters(*params: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``params`` whole, for a computation outside their module's forward (the fused loss reads the LM head).
+
+    DeepSpeed ZeRO-3 partitions parameters, gathers one for the forward of a module that holds
+    it and frees it afterwards, also under a tensor autograd saved for the backward. So each
+    partitioned parameter (one with DeepSpeed's ``ds_id``) is copied whole, without grad (only
+    frozen parameters may go through here), gathered first unless it is gathered already (a tied
+    LM head is, by the embedding). Other parameters (plain, or FSDP's, which keeps the root
+    group's parameters gathered from forward to backward) are returned as they are.
+    """
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        return params
+    from deepspeed.runtime.zero import GatheredParameters, ZeroParamStatus  # DeepSpeed partitioned them
+
+    missing = [p for p in partitioned if p.ds_status != ZeroParamStatus.AVAILABLE]
+    with GatheredParameters(missing, enabled=bool(missing)):
+        return tuple(None if p is None else p.detach().clone() if hasattr(p, "ds_id") else p for p in params)

@@ -29,6 +29,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from cli_helpers import save_tiny_llama, write_pairs
 from distributed_train_script import PairDataset, tiny_causal_lm
 from qadapter_kernels.training import checkpoints
 from qadapter_kernels.training.model import QAdapterModel
@@ -180,3 +181,24 @@ def test_deepspeed_zero_matches_one_process_and_resumes(single_process, tmp_path
     for name, weight in trained["lora"].items():
         torch.testing.assert_close(resumed["lora"][name], weight, atol=0, rtol=0, msg=name)
 
+
+def test_qadapter_train_under_accelerate_launch(tmp_path):
+    """The command line as the README launches it: one gloo group of 2, the folder claimed once."""
+    model, data, out = tmp_path / "model", tmp_path / "pairs.jsonl", tmp_path / "run"
+    save_tiny_llama(model)
+    write_pairs(data)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+           "-m", "qadapter_kernels.app.cli", "train", "--data", str(data), "--output-dir", str(out),
+           "--model", str(model), "--max-steps", "2", "--batch-size", "1", "--lora-r", "4", "--save-steps", "1",
+           "--save-total-limit", "1", "--max-length", "64"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count("trained 2 steps") == 2, proc.stdout  # both processes ran the whole run
+    checkpoint = out / "checkpoint-2"
+    assert checkpoints.is_complete(checkpoint)
+    # One RNG state per process: the two trained as one data-parallel group, not each alone.
+    assert sorted(p.name for p in checkpoint.glob("rng_state*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert json.loads((out / checkpoints.RUN_RECORD_NAME).read_text())["completed_steps"] == 2
+    assert checkpoints.leftovers(out) == []
+    QAdapterModel.from_pretrained(out)

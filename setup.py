@@ -57,7 +57,7 @@ setup(
     description="Fused CPU (C++) and GPU (Triton) kernels for Q-Adapter training and decoding",
     packages=find_packages(include=["qadapter_kernels", "qadapter_kernels.*"]),
     package_data={"qadapter_kernels": ["data/*/*.jsonl", "evaluation/tasks/*.yaml", "evaluation/tasks/*.jsonl",
-                                        "evaluation/tasks/utils.py"]},
+                                        "evaluation/tasks/utils.py", "accelerate_configs/*.yaml"]},
     entry_points={"console_scripts": ["qadapter=qadapter_kernels.app.cli:main"],
                   # vLLM loads this in every engine process: it registers the Q-Adapter model class.
                   "vllm.general_plugins": ["qadapter=qadapter_kernels.serving.plugin:register"]},

@@ -4,7 +4,9 @@ Run as one process (``python tests/distributed_train_script.py OUT --batch 2``) 
 launcher (``torchrun --nproc_per_node 2 tests/distributed_train_script.py OUT --batch 1``,
 ``accelerate launch ...``): the Trainer picks the distributed setup (gloo on CPU) up from the
 launcher's environment. The main process writes ``OUT/result.json`` (per-step logged losses,
-world size) and ``OUT/lora.safetensors`` (the final LoRA weights; ``lora_initial.safetensors``: before training).
+world size) and ``OUT/lora_initial.safetensors`` (the LoRA weights before training); every process saves
+the trained adapter with ``trainer.save_model(OUT/adapter)`` (under FSDP that gathers the shards).
+``--save-steps N`` adds Trainer checkpoints (``OUT/trainer/checkpoint-N``), ``--resume CKPT`` resumes from one.
 
 Everything that could make the 1-process and 2-process runs differ is pinned: the model is
 built from a fixed seed (and DDP broadcasts rank 0's parameters anyway), LoRA dropout is 0,
@@ -20,6 +22,7 @@ import os
 import weakref
 from pathlib import Path
 
+import peft
 import safetensors.torch
 import torch
 import transformers
@@ -42,12 +45,17 @@ PAIRS = 2
 PROMPT_LEN, RESPONSE_LEN = 5, 6
 
 
-def tiny_model() -> QAdapterModel:
+def tiny_causal_lm() -> LlamaForCausalLM:
+    """The base model, the same on every call (fixed seed)."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
                          tie_word_embeddings=True, initializer_range=0.1, pad_token_id=PAD)
-    model = QAdapterModel(LlamaForCausalLM(config), QAdapterConfig(lora_dropout=0.0, beta=0.05))
+    return LlamaForCausalLM(config)
+
+
+def tiny_model() -> QAdapterModel:
+    model = QAdapterModel(tiny_causal_lm(), QAdapterConfig(lora_dropout=0.0, beta=0.05))
     gen = torch.Generator().manual_seed(1)  # peft starts LoRA B at zero: make the adapter matter
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -78,33 +86,65 @@ class PairDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def shard_with_fsdp_on_cpu() -> None:
+    """Lets ``accelerate launch --config_file .../fsdp.yaml`` shard with FSDP on a CPU-only gloo group.
+
+    accelerate selects FSDP only when the process group runs on an accelerator (CUDA, XPU, ...);
+    on CPU it silently falls back to DDP (MULTI_CPU). This turns that fallback into FSDP with the
+    plugin accelerate built from the launcher's settings; everything after it (accelerate's
+    fully_shard wrapping, the Trainer's FSDP save and resume paths) is the code a GPU run executes.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original_init = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init
+
+
+def fsdp_groups(model: torch.nn.Module) -> list[str]:
+    """Names of the modules FSDP2 shards as one group each ("" is the root)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
+
+
 def train(args: argparse.Namespace) -> weakref.ref:
-    """Trains and writes the results; returns a weak reference to the (DDP-wrapped) model trained."""
+    """Trains and writes the results; returns a weak reference to the (DDP/FSDP-wrapped) model trained."""
     model = tiny_model()
-    initial = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    initial = {n: t.detach().clone() for n, t in peft.get_peft_model_state_dict(model.peft_model).items()}
+    # accelerate enables DeepSpeed only when not told to use the CPU; DeepSpeed's CPU accelerator then runs on gloo.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     training_args = transformers.TrainingArguments(
         output_dir=str(args.out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch,
-        learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-        train_sampling_strategy="sequential", use_cpu=True, report_to=[], seed=0, dataloader_num_workers=0,
+        learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        train_sampling_strategy="sequential", use_cpu=not deepspeed, report_to=[], seed=0, dataloader_num_workers=0,
         disable_tqdm=True, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
     trainer = QAdapterTrainer(model=model, args=training_args, train_dataset=PairDataset(), data_collator=collate_pairs)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(args.resume) if args.resume else None)
+    # Every process takes part: under FSDP the adapter's shards are gathered for the save.
+    trainer.save_model(str(args.out / "adapter"))
 
     world_size = trainer.accelerator.num_processes
     # pairs per optimizer step must be the same in every configuration compared
     assert world_size * args.batch == PAIRS, (world_size, args.batch)
     if trainer.accelerator.is_main_process:
-        args.out.mkdir(parents=True, exist_ok=True)
         # The Trainer's logged "loss" is gathered and averaged over processes (and our extra
         # metrics are reduced the same way), so it is comparable to the 1-process batch loss.
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-        lora = {n: p.detach().contiguous() for n, p in trainer.accelerator.unwrap_model(trainer.model)
-                .named_parameters() if "lora_" in n}
-        safetensors.torch.save_file(lora, str(args.out / "lora.safetensors"))
         safetensors.torch.save_file(initial, str(args.out / "lora_initial.safetensors"))
         (args.out / "result.json").write_text(json.dumps({
             "world_size": world_size, "distributed_type": str(trainer.accelerator.distributed_type),
+            "fsdp_groups": fsdp_groups(trainer.model),
             "steps": [e["step"] for e in logs], "loss": [e["loss"] for e in logs],
             "pref_loss": [e["pref_loss"] for e in logs], "reg_loss": [e["reg_loss"] for e in logs],
         }, indent=2))
@@ -118,6 +158,10 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--batch", type=int, required=True, help="pairs per process and step")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
+    parser.add_argument("--resume", type=Path, help="a checkpoint folder to resume from")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+        shard_with_fsdp_on_cpu()
     wrapped = train(parser.parse_args())
     # Teardown order matters. DDP's Reducer holds a reference to the gloo group, and Python frees
     # the Reducer with the GIL held. Were it the group's last holder (after destroy_process_group),
@@ -126,7 +170,7 @@ def main() -> None:
     # at exit. So the DDP model is freed first, while the group is still registered; then the
     # group goes through destroy_process_group, whose binding releases the GIL when it frees it.
     gc.collect()
-    if wrapped() is not None and torch.distributed.is_initialized():
+    if isinstance(wrapped(), torch.nn.parallel.DistributedDataParallel) and torch.distributed.is_initialized():
         raise RuntimeError("the DDP-wrapped model outlived its trainer: the gloo teardown could deadlock")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # leave together: a peer exiting early can abort (SIGABRT) in gloo

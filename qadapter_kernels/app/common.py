@@ -18,7 +18,7 @@ from ..params import PRESETS, QAdapterParams
 __all__ = [
     "ArgumentParser", "HelpFormatter", "UserError", "add_param_arguments", "build_dataset", "check_writable_file",
     "check_writable_folder", "config_from_args", "evaluate_pairs", "finite_float", "load_base", "load_tokenizer",
-    "positive_float", "positive_int", "resolve_data_path", "resolve_model_path", "side_by_side",
+    "on_main_process", "positive_float", "positive_int", "resolve_data_path", "resolve_model_path", "side_by_side",
 ]
 
 
@@ -240,6 +240,26 @@ def check_writable_folder(folder: str | os.PathLike, flag: str) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write in {flag} {folder}: {e.strerror or e}") from None
+
+
+def on_main_process(work):
+    """``work()`` run by the main process alone; every process of the launched group returns its result,
+    or raises its ``UserError``. Without a process group it is just ``work()``."""
+    import torch.distributed as dist
+
+    grouped = dist.is_available() and dist.is_initialized()
+    box = [None]
+    if not grouped or dist.get_rank() == 0:
+        try:
+            box = [(work(), None)]
+        except UserError as e:
+            box = [(None, str(e))]
+    if grouped:
+        dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def check_writable_file(path: str | os.PathLike, flag: str) -> None:

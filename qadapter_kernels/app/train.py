@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from ..signal_latch import SignalLatch
 from ..training.checkpoints import TRAINER_STATE_NAME
 from .common import (UserError, build_dataset, check_writable_folder, config_from_args, load_base, load_tokenizer,
-                     resolve_data_path, resolve_model_path)
+                     on_main_process, resolve_data_path, resolve_model_path)
 from .run_folder import (adapter_is_published, check_free_space, data_sha256, file_sha256, plan_run,
                          publish_final_adapter, write_record)
 
@@ -77,10 +78,15 @@ def resume_command(argv: list[str]) -> str:
     return "qadapter " + shlex.join(argv)
 
 
-def _training_arguments(args: argparse.Namespace, eval_set):
+def _training_arguments(args: argparse.Namespace, with_eval: bool):
+    """The Trainer's arguments; under a launcher (``accelerate launch``, ``torchrun``) building them joins
+    the process group."""
     import torch
     import transformers
 
+    # Without a GPU, processes started by a launcher form a gloo group only when told to use the CPU
+    # (otherwise each would train alone); DeepSpeed, whose CPU accelerator runs gloo itself, is the exception.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     try:
         return transformers.TrainingArguments(
             output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.epochs,
@@ -88,9 +94,9 @@ def _training_arguments(args: argparse.Namespace, eval_set):
             gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
             lr_scheduler_type=args.lr_scheduler, weight_decay=0.0, seed=args.seed, logging_steps=args.logging_steps,
             save_steps=args.save_steps, save_total_limit=args.save_total_limit, bf16=args.bf16, report_to=[],
-            eval_strategy="steps" if eval_set is not None and args.eval_steps else "no",
+            eval_strategy="steps" if with_eval and args.eval_steps else "no",
             eval_steps=args.eval_steps or None, remove_unused_columns=False, dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
+            dataloader_pin_memory=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available() and not deepspeed,
         )
     except ValueError as e:
         raise UserError(str(e).strip().splitlines()[0]) from None
@@ -126,15 +132,24 @@ def _train(args: argparse.Namespace, latch: SignalLatch) -> int:
     output_dir = Path(args.output_dir)
     record = run_record(args, model_path, data_path, config)
     target = _target_steps(args)
-    plan = plan_run(output_dir, record, args.resume_from_checkpoint, args.overwrite, target)
-    created = not output_dir.exists()
-    check_writable_folder(output_dir, "--output-dir")  # creates the folder
+    training_args = _training_arguments(args, with_eval=args.eval_data is not None)
+    main_process = training_args.process_index == 0
+
+    def prepare_folder():
+        plan = plan_run(output_dir, record, args.resume_from_checkpoint, args.overwrite, target)
+        created = not output_dir.exists()
+        check_writable_folder(output_dir, "--output-dir")  # creates the folder
+        return plan, created
+
+    # The output folder is read, cleaned and claimed once, by the main process; the others wait for its plan.
+    plan, created = on_main_process(prepare_folder)
+    created = created and main_process
     try:
         tokenizer = load_tokenizer(model_path)
         if plan.removed:
             print("removed what interrupted saves left: " + ", ".join(p.name for p in plan.removed), flush=True)
         if plan.finished_at is not None:
-            return _finish_without_training(output_dir, plan, record, tokenizer)
+            return _finish_without_training(output_dir, plan, record, tokenizer) if main_process else 0
         train_set = build_dataset(args.data, tokenizer, args.max_length, args.max_prompt_length,
                                   prompt_truncation=args.prompt_truncation)
         eval_set = (build_dataset(args.eval_data, tokenizer, args.max_length, args.max_prompt_length,
@@ -149,7 +164,6 @@ def _train(args: argparse.Namespace, latch: SignalLatch) -> int:
             raise UserError(f"cannot put the adapter on {model_path}: {e}") from None
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         check_free_space(output_dir, trainable * _BYTES_PER_TRAINABLE_PARAMETER + _CHECKPOINT_OVERHEAD_BYTES)
-        training_args = _training_arguments(args, eval_set)
     except UserError:
         _remove_if_empty(output_dir, created)
         raise
@@ -158,7 +172,8 @@ def _train(args: argparse.Namespace, latch: SignalLatch) -> int:
         print(f"stopped by signal {latch.received} before training started: nothing was trained or written",
               flush=True)
         return 128 + latch.received
-    write_record(output_dir, record)  # the folder is this run's from now on
+    if main_process:
+        write_record(output_dir, record)  # the folder is this run's from now on
     stop = StopOnSignal(latch)
     trainer = QAdapterTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                               data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
@@ -175,7 +190,8 @@ def _train(args: argparse.Namespace, latch: SignalLatch) -> int:
               f"{output_dir}. Resume with:\n  {resume_command(args.argv)}", flush=True)
         return 128 + stop.received
     trainer.save_model(args.output_dir)  # adapter (QAdapterModel.save_pretrained) + tokenizer + record
-    write_record(output_dir, record, completed_steps=result.global_step)
+    if main_process:
+        write_record(output_dir, record, completed_steps=result.global_step)
     print(f"trained {result.global_step} steps in {seconds:.1f} s "
           f"(train loss {result.training_loss:.4f}); adapter saved to {args.output_dir}", flush=True)
     if eval_set is not None:

@@ -2,6 +2,7 @@
 (names and shapes) as the adapter it is loaded into, and finite values."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import peft
@@ -9,7 +10,7 @@ import safetensors
 import torch
 
 __all__ = ["ADAPTER_WEIGHTS_NAME", "adapter_weights_file", "check_adapter_state", "check_finite_lora",
-           "saved_tensor_shapes"]
+           "check_finite_tensors", "saved_tensor_shapes"]
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLED_ADAPTER_NAME = "adapter_model.bin"
@@ -58,6 +59,12 @@ def check_adapter_state(peft_model: peft.PeftModel, weights: Path, adapter_name:
 
 
 def check_finite_lora(peft_model: peft.PeftModel, weights: Path, adapter_name: str = "default") -> None:
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name and f".{adapter_name}." in name and not bool(torch.isfinite(param).all()):
+    check_finite_tensors(((n, p) for n, p in peft_model.named_parameters()
+                          if "lora_" in n and f".{adapter_name}." in n), weights)
+
+
+def check_finite_tensors(named: Iterable[tuple[str, torch.Tensor]], weights: Path) -> None:
+    """ValueError naming the first tensor loaded from ``weights`` that holds NaN or inf."""
+    for name, tensor in named:
+        if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{weights} holds non-finite (NaN or inf) LoRA weights: {name}")

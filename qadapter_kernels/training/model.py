@@ -24,6 +24,7 @@ from ..loading import load_base_model
 from ..outputs import QAdapterLossOutput
 from .adapter_files import adapter_weights_file, check_adapter_state, check_finite_lora, saved_tensor_shapes
 from .config import QAdapterConfig
+from .sharded_state import whole_parameters
 
 QADAPTER_CONFIG_NAME = "qadapter_config.json"
 
@@ -72,6 +73,8 @@ class QAdapterModel(torch.nn.Module):
         if config.base_model is None and getattr(base, "name_or_path", ""):
             config = dataclasses.replace(config, base_model=str(base.name_or_path))
         self.qadapter_config = config
+        # Read by accelerate's FSDP transformer auto-wrap policy: one shard group per decoder layer.
+        self._no_split_modules = list(getattr(base, "_no_split_modules", None) or [])
         if isinstance(causal_lm, peft.PeftModel):
             self.peft_model = causal_lm
         else:
@@ -119,7 +122,7 @@ class QAdapterModel(torch.nn.Module):
         with torch.no_grad(), self.peft_model.disable_adapter():
             base_hidden = self.final_hidden_states(input_ids, attention_mask)
         head = self.lm_head
-        weight, bias = head.weight, getattr(head, "bias", None)
+        weight, bias = whole_parameters(head.weight, getattr(head, "bias", None))
         # Under autocast the hidden states may come out in another dtype than the head's weight.
         return fused_linear_qadapter_loss(
             adapter_hidden.to(weight.dtype), base_hidden.to(weight.dtype), weight, input_ids, loss_mask,

@@ -12,9 +12,12 @@ from typing import Any
 
 import torch
 import transformers
+from accelerate.utils import save_fsdp_optimizer
+from transformers.trainer import SCHEDULER_NAME
 
 from . import checkpoints
 from .model import QAdapterModel
+from .sharded_state import gather_adapter_state, load_adapter_state
 
 # Logged per window, in this order; evaluation metrics get the Trainer's "eval_" prefix.
 METRIC_NAMES = ("pref_loss", "reg_loss", "accuracy", "chosen_score", "rejected_score", "margin")
@@ -144,13 +147,33 @@ class QAdapterTrainer(transformers.Trainer):
             checkpoints.rotate_checkpoints(run_dir, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        # The Trainer's FSDP save gathers the whole model, frozen base included; the adapter is enough.
+        self._save(output_dir, state_dict=gather_adapter_state(self.model))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # The Trainer would also write the whole model, frozen base included (pytorch_model_fsdp.bin) to
+        # every checkpoint; resume reads the adapter from adapter_model.safetensors instead.
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                            output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # their sharded states load their own way
+        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if self.is_deepspeed_enabled:  # its engine loads its own checkpoint files
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.accelerator.unwrap_model(model if model is not None else self.model).load_adapter_weights(
-            resume_from_checkpoint)
+        if self.is_fsdp_enabled:  # every process loads the whole adapter into its shards
+            return load_adapter_state(unwrapped.peft_model, resume_from_checkpoint)
+        unwrapped.load_adapter_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if self.is_deepspeed_enabled:
             return super()._load_best_model()
-        self.accelerator.unwrap_model(self.model).load_adapter_weights(self.state.best_model_checkpoint)
+        self._load_from_checkpoint(self.state.best_model_checkpoint)

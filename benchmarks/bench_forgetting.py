@@ -1,7 +1,9 @@
 """Does it forget? Q-Adapter against SFT and DPO with the same LoRA, budget and data (issue 9).
 
 Rows: the base model; SFT on the chosen answers; DPO (sigmoid, reference = adapter off) at two
-betas; Q-Adapter (bellman) over alpha_0 in {0.01, 0.1, 0.5, 1.0, 2.0} x alpha_tilde in {1.0, 0.5};
+betas; Q-Adapter (bellman) over alpha_0 in {0.01, 0.1, 0.5, 1.0, 2.0} x alpha_tilde in {1.0, 1 + alpha_0}
+(with ``alpha_tilde = 1 + alpha_0`` a fresh adapter decodes exactly the base model: its policy is the
+base model's at temperature ``alpha_tilde / (1 + alpha_0)``; at 0.01 the two values coincide);
 Q-Adapter "official" at the authors' setting; and two rows that change one more setting (the
 length normalisation, the regulariser). Q-Adapter rows state every setting they use (the grid's
 ``length_norm`` is ``GRID_LENGTH_NORM``), so the table does not change meaning when a library
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import add_common_arguments, default_out_dir, machine_info  # noqa: E402
 
 ALPHA_0_GRID = (0.01, 0.1, 0.5, 1.0, 2.0)
-ALPHA_TILDE_GRID = (1.0, 0.5)
+ALPHA_TILDE_GRID = (1.0, "1+a0")  # a number, or the calibrated 1 + alpha_0
 DPO_BETAS = (0.1, 0.5)
 AUTHORS = dict(alpha_tilde=1.0, alpha_0=0.01)  # the setting both reward variants are compared at
 GRID_LENGTH_NORM = "none"  # "response" (per-token mean) barely moves the margin in this budget: see EXTRA_ROWS
@@ -93,6 +95,10 @@ def planned_rows(only: list[str] | None = None) -> list[Row]:
     rows += [Row(f"DPO beta={b}", "dpo", {"beta": b}) for b in DPO_BETAS]
     grid = {"variant": "bellman", "length_norm": GRID_LENGTH_NORM, "beta": GRID_BETA}
     for alpha_tilde, alpha_0 in [(t, a) for t in ALPHA_TILDE_GRID for a in ALPHA_0_GRID]:
+        if alpha_tilde == "1+a0":
+            alpha_tilde = round(1.0 + alpha_0, 6)
+            if alpha_tilde == 1.01:  # the grid's alpha_tilde = 1 row already, to a percent
+                continue
         rows.append(Row(f"Q-Adapter a~={alpha_tilde} a0={alpha_0}", "qadapter",
                         {**grid, "alpha_tilde": alpha_tilde, "alpha_0": alpha_0}))
     rows.append(Row(f"Q-Adapter official a~={AUTHORS['alpha_tilde']} a0={AUTHORS['alpha_0']}", "qadapter",

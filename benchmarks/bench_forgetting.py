@@ -252,6 +252,22 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
+# How the defaults are chosen from a run: among the Q-Adapter rows that keep the base model's knowledge
+# (mean retention at least this % of base: the probe's own spread is about 3% of its score), the highest
+# preference satisfaction, then the higher held-out pair accuracy, then the lower KL.
+KEEPS_KNOWLEDGE_PCT = 97.0
+
+
+def recommended(rows: list[Row]) -> Row | None:
+    """The Q-Adapter row the selection rule above picks, or None when no row keeps the knowledge."""
+    keeping = [r for r in rows if r.method == "qadapter" and r.runs
+               and r.summary()["retention_pct_base"]["mean"] >= KEEPS_KNOWLEDGE_PCT]
+    if not keeping:
+        return None
+    return max(keeping, key=lambda r: (r.summary()["pref"]["mean"], r.summary()["pair_acc"]["mean"],
+                                       -r.summary()["kl"]["mean"]))
+
+
 def markdown(rows: list[Row], title: str, meta: dict, seeds: int) -> str:
     info = meta["machine"]
     def cell(summary, metric, digits):
@@ -271,6 +287,10 @@ def markdown(rows: list[Row], title: str, meta: dict, seeds: int) -> str:
         s = row.summary()
         lines.append(f"| {row.name} | {cell(s, 'pref', 1)} | {cell(s, 'pair_acc', 1)} | {cell(s, 'retention', 1)} | "
                      f"{cell(s, 'retention_pct_base', 1)} | {cell(s, 'kl', 4)} | {cell(s, 'train_s', 1)} |")
+    pick = recommended(rows)
+    lines += ["", f"Selection rule: among Q-Adapter rows with retention >= {KEEPS_KNOWLEDGE_PCT:g}% of base, the highest "
+              "preference satisfaction (then pair accuracy, then lower KL): "
+              + (f"**{pick.name}** ({pick.settings})." if pick else "no row qualifies.")]
     return "\n".join(lines) + "\n"
 
 
@@ -378,7 +398,8 @@ def write_outputs(rows: list[Row], meta: dict, args) -> int:
     out = Path(args.out) if args.out else default_out_dir(args.device)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, title, meta, seeds)
-    payload = {**meta, "seeds": seeds, "rows": [{"name": r.name, "method": r.method, "settings": r.settings,
+    pick = recommended(rows)
+    payload = {**meta, "seeds": seeds, "recommended": pick.name if pick else None, "rows": [{"name": r.name, "method": r.method, "settings": r.settings,
                                                  "runs": r.runs, "summary": r.summary()} for r in rows]}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / f"{name}.md").write_text(md)

@@ -218,7 +218,7 @@ def run(args, sizes: Sizes) -> list[Row]:
     if args.shard:
         index, count = args.shard
         rows = [rows[0]] + rows[1:][index - 1::count]
-    seeds = list(range(args.reps or 1))
+    seeds = args.seeds or list(range(args.reps or 1))
     for row in rows:
         for seed in seeds[:1] if row.method == "base" else seeds:
             steps = args.steps or sizes.steps
@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("retention_items", "pref_prompts", "heldout_pairs", "kl_prompts"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int,
                             help=f"subset size (default {getattr(FULL, name)}; quick {getattr(QUICK, name)})")
+    parser.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")],
+                        help="these seeds (comma-separated) for the trained rows instead of 0..reps-1: add seeds "
+                             "to an earlier run, then --merge")
     parser.add_argument("--shard", type=shard_spec, help="K/N: only every N-th trained row from the K-th (1-based)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="write the tables of these shards' JSON outputs as one run (nothing is trained)")

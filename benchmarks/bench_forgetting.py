@@ -384,7 +384,8 @@ def merge_runs(paths: list[str]) -> tuple[list[Row], dict]:
         for record in payload["rows"]:
             row = merged.setdefault(record["name"], Row(record["name"], record["method"], record["settings"]))
             seen = {run["seed"] for run in row.runs}
-            row.runs += [run for run in record["runs"] if run["seed"] not in seen]
+            if row.method != "base" or not row.runs:  # base is deterministic: measured once
+                row.runs += [run for run in record["runs"] if run["seed"] not in seen]
     order = {row.name: i for i, row in enumerate(planned_rows())}
     rows = sorted(merged.values(), key=lambda r: order.get(r.name, len(order)))
     meta = {k: payloads[0][k] for k in ("name", *keys)}

@@ -1,7 +1,9 @@
 """Does it forget? Q-Adapter against SFT and DPO with the same LoRA, budget and data (issue 9).
 
 Rows: the base model; SFT on the chosen answers; DPO (sigmoid, reference = adapter off) at two
-betas; Q-Adapter (bellman) over alpha_0 in {0.01, 0.1, 0.5, 1.0, 2.0} x alpha_tilde in {1.0, 0.5};
+betas; Q-Adapter (bellman) over alpha_0 in {0.01, 0.1, 0.5, 1.0, 2.0} x alpha_tilde in {1.0, 1 + alpha_0}
+(with ``alpha_tilde = 1 + alpha_0`` a fresh adapter decodes exactly the base model: its policy is the
+base model's at temperature ``alpha_tilde / (1 + alpha_0)``; at 0.01 the two values coincide);
 Q-Adapter "official" at the authors' setting; and two rows that change one more setting (the
 length normalisation, the regulariser). Q-Adapter rows state every setting they use (the grid's
 ``length_norm`` is ``GRID_LENGTH_NORM``), so the table does not change meaning when a library
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import add_common_arguments, default_out_dir, machine_info  # noqa: E402
 
 ALPHA_0_GRID = (0.01, 0.1, 0.5, 1.0, 2.0)
-ALPHA_TILDE_GRID = (1.0, 0.5)
+ALPHA_TILDE_GRID = (1.0, "1+a0")  # a number, or the calibrated 1 + alpha_0
 DPO_BETAS = (0.1, 0.5)
 AUTHORS = dict(alpha_tilde=1.0, alpha_0=0.01)  # the setting both reward variants are compared at
 GRID_LENGTH_NORM = "none"  # "response" (per-token mean) barely moves the margin in this budget: see EXTRA_ROWS
@@ -93,6 +95,10 @@ def planned_rows(only: list[str] | None = None) -> list[Row]:
     rows += [Row(f"DPO beta={b}", "dpo", {"beta": b}) for b in DPO_BETAS]
     grid = {"variant": "bellman", "length_norm": GRID_LENGTH_NORM, "beta": GRID_BETA}
     for alpha_tilde, alpha_0 in [(t, a) for t in ALPHA_TILDE_GRID for a in ALPHA_0_GRID]:
+        if alpha_tilde == "1+a0":
+            alpha_tilde = round(1.0 + alpha_0, 6)
+            if alpha_tilde == 1.01:  # the grid's alpha_tilde = 1 row already, to a percent
+                continue
         rows.append(Row(f"Q-Adapter a~={alpha_tilde} a0={alpha_0}", "qadapter",
                         {**grid, "alpha_tilde": alpha_tilde, "alpha_0": alpha_0}))
     rows.append(Row(f"Q-Adapter official a~={AUTHORS['alpha_tilde']} a0={AUTHORS['alpha_0']}", "qadapter",
@@ -212,7 +218,7 @@ def run(args, sizes: Sizes) -> list[Row]:
     if args.shard:
         index, count = args.shard
         rows = [rows[0]] + rows[1:][index - 1::count]
-    seeds = list(range(args.reps or 1))
+    seeds = args.seeds or list(range(args.reps or 1))
     for row in rows:
         for seed in seeds[:1] if row.method == "base" else seeds:
             steps = args.steps or sizes.steps
@@ -246,6 +252,22 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
+# How the defaults are chosen from a run: among the Q-Adapter rows that keep the base model's knowledge
+# (mean retention at least this % of base: the probe's own spread is about 3% of its score), the highest
+# preference satisfaction, then the higher held-out pair accuracy, then the lower KL.
+KEEPS_KNOWLEDGE_PCT = 97.0
+
+
+def recommended(rows: list[Row]) -> Row | None:
+    """The Q-Adapter row the selection rule above picks, or None when no row keeps the knowledge."""
+    keeping = [r for r in rows if r.method == "qadapter" and r.runs
+               and r.summary()["retention_pct_base"]["mean"] >= KEEPS_KNOWLEDGE_PCT]
+    if not keeping:
+        return None
+    return max(keeping, key=lambda r: (r.summary()["pref"]["mean"], r.summary()["pair_acc"]["mean"],
+                                       -r.summary()["kl"]["mean"]))
+
+
 def markdown(rows: list[Row], title: str, meta: dict, seeds: int) -> str:
     info = meta["machine"]
     def cell(summary, metric, digits):
@@ -265,6 +287,10 @@ def markdown(rows: list[Row], title: str, meta: dict, seeds: int) -> str:
         s = row.summary()
         lines.append(f"| {row.name} | {cell(s, 'pref', 1)} | {cell(s, 'pair_acc', 1)} | {cell(s, 'retention', 1)} | "
                      f"{cell(s, 'retention_pct_base', 1)} | {cell(s, 'kl', 4)} | {cell(s, 'train_s', 1)} |")
+    pick = recommended(rows)
+    lines += ["", f"Selection rule: among Q-Adapter rows with retention >= {KEEPS_KNOWLEDGE_PCT:g}% of base, the highest "
+              "preference satisfaction (then pair accuracy, then lower KL): "
+              + (f"**{pick.name}** ({pick.settings})." if pick else "no row qualifies.")]
     return "\n".join(lines) + "\n"
 
 
@@ -308,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("retention_items", "pref_prompts", "heldout_pairs", "kl_prompts"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int,
                             help=f"subset size (default {getattr(FULL, name)}; quick {getattr(QUICK, name)})")
+    parser.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")],
+                        help="these seeds (comma-separated) for the trained rows instead of 0..reps-1: add seeds "
+                             "to an earlier run, then --merge")
     parser.add_argument("--shard", type=shard_spec, help="K/N: only every N-th trained row from the K-th (1-based)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="write the tables of these shards' JSON outputs as one run (nothing is trained)")
@@ -355,7 +384,8 @@ def merge_runs(paths: list[str]) -> tuple[list[Row], dict]:
         for record in payload["rows"]:
             row = merged.setdefault(record["name"], Row(record["name"], record["method"], record["settings"]))
             seen = {run["seed"] for run in row.runs}
-            row.runs += [run for run in record["runs"] if run["seed"] not in seen]
+            if row.method != "base" or not row.runs:  # base is deterministic: measured once
+                row.runs += [run for run in record["runs"] if run["seed"] not in seen]
     order = {row.name: i for i, row in enumerate(planned_rows())}
     rows = sorted(merged.values(), key=lambda r: order.get(r.name, len(order)))
     meta = {k: payloads[0][k] for k in ("name", *keys)}
@@ -372,7 +402,8 @@ def write_outputs(rows: list[Row], meta: dict, args) -> int:
     out = Path(args.out) if args.out else default_out_dir(args.device)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, title, meta, seeds)
-    payload = {**meta, "seeds": seeds, "rows": [{"name": r.name, "method": r.method, "settings": r.settings,
+    pick = recommended(rows)
+    payload = {**meta, "seeds": seeds, "recommended": pick.name if pick else None, "rows": [{"name": r.name, "method": r.method, "settings": r.settings,
                                                  "runs": r.runs, "summary": r.summary()} for r in rows]}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / f"{name}.md").write_text(md)

@@ -74,3 +74,16 @@ def test_merge_joins_shards_and_seeds_in_planned_order(tmp_path):
     for bad in ("0/2", "3/2", "x"):
         with pytest.raises(Exception, match="K/N"):
             shard_spec(bad)
+
+
+def test_the_selection_rule_keeps_knowledge_first():
+    from bench_forgetting import Row, recommended
+
+    def row(name, method, pref, retention_pct, kl=0.1):
+        return Row(name, method, runs=[{"pref": pref, "pair_acc": 50.0, "retention": 70.0,
+                                        "retention_pct_base": retention_pct, "kl": kl, "train_s": 1.0}])
+
+    rows = [row("base", "base", 5, 100), row("SFT", "sft", 90, 100), row("forgets", "qadapter", 95, 80),
+            row("keeps", "qadapter", 60, 98), row("keeps, less", "qadapter", 40, 101)]
+    assert recommended(rows).name == "keeps"
+    assert recommended(rows[:3]) is None

@@ -64,7 +64,8 @@ class QAdapterTrainingArguments(transformers.TrainingArguments):
     """
 
     max_length: int = field(default=_LIMITS.max_length, metadata={"help": "tokens per prompt + response"})
-    max_prompt_length: int = field(default=_LIMITS.max_prompt_length, metadata={"help": "prompt tokens kept"})
+    max_prompt_length: int | None = field(default=None, metadata={
+        "help": "prompt tokens kept (None: SequenceLimits' default, at most half of max_length)"})
     prompt_truncation: str = field(default=PROMPT_TRUNCATIONS[0], metadata={
         "help": "which prompt tokens a long prompt keeps", "choices": list(PROMPT_TRUNCATIONS)})
     tile_budget_mb: float | None = field(
@@ -86,6 +87,9 @@ class QAdapterTrainingArguments(transformers.TrainingArguments):
         params = self.qadapter_params  # normalised: "official" -> RewardVariant.OFFICIAL, True -> "padded"
         for f in dataclasses.fields(QAdapterParams):
             setattr(self, f.name, getattr(params, f.name))
+        if self.max_prompt_length is None:  # a DPO script often sets max_length alone: leave room for responses
+            half = self.max_length // 2 if isinstance(self.max_length, int) else self.max_length
+            self.max_prompt_length = min(_LIMITS.max_prompt_length, half)
         limits = SequenceLimits(self.max_length, self.max_prompt_length).validated()
         self.max_length, self.max_prompt_length = limits.max_length, limits.max_prompt_length
         if self.prompt_truncation not in PROMPT_TRUNCATIONS:

@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 # The training and decode layers need transformers and peft: loaded on first use, so the
 # kernels import without them.
-_TRAINING_NAMES = ("QAdapterConfig", "QAdapterModel", "QAdapterTrainer")
+_TRAINING_NAMES = ("QAdapterConfig", "QAdapterModel", "QAdapterTrainer", "QAdapterTrainingArguments")
 _DECODING_NAMES = ("QAdapterLogitsProcessor",)
 
 

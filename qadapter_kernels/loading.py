@@ -1,10 +1,11 @@
 """Finding and loading a base model and its tokenizer: one rule for the library and the command line.
 
 A model is a local transformers folder (``config.json`` and safetensors weights), a ``.gguf``
-file, or a folder without ``config.json`` holding exactly ONE ``.gguf`` file (several are an
-error listing them: taking the first would pick one by the file system's order). Nothing is
-downloaded. Every failure to read what the user pointed at is a ``ModelLoadError`` (a
-``ValueError``) naming the path, so callers report one line instead of a library's traceback.
+file, a folder without ``config.json`` holding exactly ONE ``.gguf`` file (several are an error
+listing them: taking the first would pick one by the file system's order), or the name of a model
+already in the local Hugging Face cache (``"org/model"``, found offline). Nothing is downloaded.
+Every failure to read what the user pointed at is a ``ModelLoadError`` (a ``ValueError``) naming
+the path, so callers report one line instead of a library's traceback.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_GGUF", "ModelLoadError", "ModelFiles", "default_model_path", "find_model_files",
-           "load_base_model", "load_model_and_tokenizer", "load_tokenizer"]
+__all__ = ["DEFAULT_GGUF", "ModelLoadError", "ModelFiles", "cached_model_folder", "default_model_path",
+           "find_model_files", "load_base_model", "load_model_and_tokenizer", "load_tokenizer"]
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -50,11 +51,27 @@ def default_model_path() -> Path:
     return path
 
 
+def cached_model_folder(name: str) -> Path | None:
+    """The folder of model ``name`` ("org/model") in the local Hugging Face cache, or None (offline:
+    a model not downloaded before is not found, never fetched)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=name, local_files_only=True))
+    except (HFValidationError, LocalEntryNotFoundError, OSError):
+        return None
+
+
 def find_model_files(path: str | os.PathLike) -> ModelFiles:
     """Applies the rule of the module docstring; ``ModelLoadError`` says what is missing or ambiguous."""
     path = Path(path)
     if not path.exists():
-        raise ModelLoadError(f"model not found: {path} (pass a local folder or .gguf file; nothing is downloaded)")
+        cached = cached_model_folder(str(path))
+        if cached is None:
+            raise ModelLoadError(f"model not found: {path} (pass a local folder or .gguf file, or the name of a "
+                                 "model already in the Hugging Face cache; nothing is downloaded)")
+        path = cached
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf model: pass a model folder or a .gguf file")

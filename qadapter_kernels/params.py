@@ -144,6 +144,25 @@ class SamplingParams:
         return dataclasses.replace(self, **_validate_fields(self))
 
 
+@dataclass(frozen=True)
+class SequenceLimits:
+    """How much of a preference pair training sees: tokens per prompt + response, and prompt tokens kept
+    (a longer prompt is cut first, then the responses; ``training.data.tokenize_preference``)."""
+
+    max_length: int = 512
+    max_prompt_length: int = 256
+
+    def validated(self):
+        checked = dataclasses.replace(self, **_validate_fields(self))
+        if checked.max_prompt_length >= checked.max_length:
+            raise ValueError(f"max_prompt_length must be < max_length (a response needs room), got "
+                             f"{checked.max_prompt_length} >= {checked.max_length}")
+        return checked
+
+
+# The learning rate of the authors' training code (docs/DESIGN.md §1) for the LoRA Q-function.
+LEARNING_RATE = 3e-4
+
 # (low, high, low_open) of each real field; int, bool and enum fields have their own checks. The
 # samplers read these too, to range-check per-row tensors.
 RANGES: dict[str, tuple[float, float, bool]] = {
@@ -155,7 +174,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "top_p": (0.0, 1.0, True),
     "min_p": (0.0, 1.0 - 1e-12, False),
 }
-INT_RANGES: dict[str, tuple[int, int]] = {"top_k": (0, 2**62)}
+INT_RANGES: dict[str, tuple[int, int]] = {"top_k": (0, 2**62), "max_length": (1, 2**62), "max_prompt_length": (1, 2**62)}
 
 
 def _validate_fields(params) -> dict[str, Any]:

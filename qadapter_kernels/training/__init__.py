@@ -12,6 +12,7 @@ from .data import (
     tokenize_preference,
 )
 from ..loading import load_base_model
+from .arguments import QAdapterTrainingArguments
 from .config import QAdapterConfig
 from .model import QAdapterModel
 from .trainer import QAdapterTrainer

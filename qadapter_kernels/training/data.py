@@ -6,6 +6,7 @@ dataset of ``TokenizedPair``. A batch of B pairs becomes 2B rows, chosen rows fi
 right-padded, with ``loss_mask`` True exactly on response tokens (docs/DESIGN.md §2): the contract
 of ``QAdapterModel.compute_loss``.
 """
+from ..params import SequenceLimits
 from __future__ import annotations
 
 import logging
@@ -135,8 +136,8 @@ def _plain_tokens(example: PreferenceExample, tokenizer, bos: int | None) -> tup
 
 PROMPT_TRUNCATIONS = ("both_ends", "tail")
 # Token budgets of a pair (prompt + response) and of its prompt, unless the caller sets them.
-DEFAULT_MAX_LENGTH = 512
-DEFAULT_MAX_PROMPT_LENGTH = 256
+DEFAULT_MAX_LENGTH = SequenceLimits.max_length  # one definition: params.SequenceLimits
+DEFAULT_MAX_PROMPT_LENGTH = SequenceLimits.max_prompt_length
 # Above this fraction of cut pairs the dataset warns: the data no longer say what the file says.
 TRUNCATION_WARNING_FRACTION = 0.1
 

@@ -10,21 +10,40 @@ import os
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 import transformers
 from accelerate.utils import save_fsdp_optimizer
 from transformers.trainer import SCHEDULER_NAME
 
 from . import checkpoints
+from .arguments import QAdapterTrainingArguments
+from .data import PreferenceCollator
 from .model import QAdapterModel
 from .sharded_state import gather_adapter_state, load_adapter_state
+from .trainer_inputs import ModelSource, default_tokenizer, qadapter_model_from, tokenized_preferences
 
 # Logged per window, in this order; evaluation metrics get the Trainer's "eval_" prefix.
 METRIC_NAMES = ("pref_loss", "reg_loss", "accuracy", "chosen_score", "rejected_score", "margin")
 
 
 class QAdapterTrainer(transformers.Trainer):
-    """A ``transformers.Trainer`` whose model is a ``QAdapterModel``.
+    """A ``transformers.Trainer`` that trains a Q-Adapter; called like TRL's ``DPOTrainer``::
+
+        QAdapterTrainer(model="org/model", args=QAdapterTrainingArguments(output_dir=...),
+                        train_dataset=rows, processing_class=tokenizer, peft_config=LoraConfig(...))
+
+    ``model``: a model path or name (local folder, ``.gguf`` file, or a model in the local Hugging
+    Face cache), a transformers causal LM (modified in place: peft injects the LoRA), a
+    ``peft.PeftModel`` holding the LoRA, or a ``QAdapterModel``. ``peft_config``: the LoRA to put on
+    a base model (default: ``QAdapterConfig``'s); the saved folder records it (peft's
+    ``adapter_config.json`` in full, ``qadapter_config.json`` its r, alpha, dropout and modules).
+    ``args``: a ``QAdapterTrainingArguments`` sets the hyper-parameters (over a ``QAdapterModel``'s
+    own); plain ``TrainingArguments`` leave them to the model's ``QAdapterConfig``.
+    Without ``data_collator`` the datasets may be preference files, sequences of rows
+    (``prompt``/``chosen``/``rejected``) or ``datasets.Dataset``s: they are tokenised with
+    ``processing_class`` (loaded from ``model`` when that is a path) within the arguments' limits
+    and batched by ``PreferenceCollator``. With a ``data_collator`` they are used as given.
 
     Batches are dicts with ``input_ids``, ``attention_mask`` and ``loss_mask`` of 2B rows,
     chosen first (docs/DESIGN.md §2). Besides ``loss`` it logs ``pref_loss``, ``reg_loss``,
@@ -42,17 +61,31 @@ class QAdapterTrainer(transformers.Trainer):
     # The loss is a per-batch mean: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model: QAdapterModel | None = None, *args: Any, run_record: dict | None = None,
-                 **kwargs: Any):
-        if not isinstance(model, QAdapterModel):
-            raise TypeError(f"QAdapterTrainer needs a QAdapterModel, got {type(model).__name__}")
+    def __init__(self, model: ModelSource | None = None, args: transformers.TrainingArguments | None = None,
+                 data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
+                 processing_class: Any = None, *, peft_config: peft.LoraConfig | None = None,
+                 run_record: dict | None = None, **kwargs: Any):
+        if model is None:
+            raise TypeError("QAdapterTrainer needs model= (a model name or path, a causal LM, a PeftModel or a "
+                            "QAdapterModel)")
+        is_qadapter_args = isinstance(args, QAdapterTrainingArguments)
+        model_source = model
+        model = qadapter_model_from(model, args.qadapter_config() if is_qadapter_args else None, peft_config)
+        if data_collator is None:
+            if processing_class is None:
+                processing_class = default_tokenizer(model_source)
+            train_dataset = tokenized_preferences(train_dataset, processing_class, "train_dataset", args)
+            eval_dataset = tokenized_preferences(eval_dataset, processing_class, "eval_dataset", args)
+            if processing_class is None:
+                raise ValueError("without data_collator, QAdapterTrainer needs processing_class= (the tokenizer) to pad")
+            data_collator = PreferenceCollator.for_tokenizer(processing_class)
         self.run_record = run_record
         # While a checkpoint is written: the staging folder standing in for the output folder.
         self._checkpoint_run_dir: Path | None = None
         # Running sums of METRIC_NAMES per split ("train", "eval") since the last log, and batch counts.
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_counts: dict[str, int] = {}
-        super().__init__(model, *args, **kwargs)
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):

@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=TASKS_DIR, help=f"output folder (default: {TASKS_DIR})")
     args = parser.parse_args(argv)
     for name, path in write_tasks(args.out).items():
-        print(f"{name}: {len(path.read_text().splitlines())} items -> {path}")
+        print(f"{name}: {len(path.read_text().splitlines())} items -> {path}" if path.suffix == ".jsonl" else
+              f"{name} -> {path}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ default does. Every trained row is trained once per seed; ``--rows`` runs a subs
 every N-th trained row (run N shards side by side, one thread each, then ``--merge`` their JSON).
 Columns (``qadapter_kernels.evaluation.metrics``):
 
-- pref %: greedy answers to the held-out prompts of the shipped "lowercase" preference that satisfy it;
+- pref %: greedy answers to the held-out prompts of the shipped preference (``--preference``, default
+  ``lowercase``) that satisfy it;
 - pair acc: held-out pairs where the policy gives the chosen response the higher log-likelihood;
 - retention: the shipped knowledge probe (chance 0.25; case is not counted), and as % of base;
 - KL: mean per-token KL(base || model) along the base model's own greedy answers to out-of-domain
@@ -21,10 +22,10 @@ Columns (``qadapter_kernels.evaluation.metrics``):
 Means over seeds with the spread (sample std; min-max in the JSON). The full run uses the embedded
 SmolLM2-135M-Instruct; ``--quick`` a tiny random Llama with a tokenizer trained here on the shipped
 text (every method trained and scored once, small subsets: a smoke run, its numbers mean nothing).
-Outputs ``forgetting[_quick].{json,md,png}``; the plot is preference satisfaction against retention
+Outputs ``forgetting[_NAME][_quick].{json,md,png}`` (``_NAME`` for a preference other than the default); the plot is preference satisfaction against retention
 (% of base), one point per row, the Pareto front drawn.
 
-    python benchmarks/bench_forgetting.py [--quick] [--reps SEEDS] [--steps N] [--out DIR] [--no-plot]
+    python benchmarks/bench_forgetting.py [--quick] [--preference NAME] [--reps SEEDS] [--steps N] [--out DIR]
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from qadapter_kernels.preferences import DEFAULT_PREFERENCE, PREFERENCE_CHECKERS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import add_common_arguments, default_out_dir, machine_info  # noqa: E402
 
@@ -48,6 +51,7 @@ DPO_BETAS = (0.1, 0.5)
 AUTHORS = dict(alpha_tilde=1.0, alpha_0=0.01)  # the setting both reward variants are compared at
 GRID_LENGTH_NORM = "none"  # "response" (per-token mean) barely moves the margin in this budget: see EXTRA_ROWS
 GRID_BETA = 0.1
+PARTIAL_NAME = "forgetting_partial.jsonl"  # each finished (row, seed) as it finishes, until the run's outputs exist
 # One setting changed against the grid's row at the same alphas: what the defaults' choice also rests on.
 EXTRA_ROWS = (("length_norm=response", dict(alpha_tilde=1.0, alpha_0=0.01, length_norm="response")),
               ("beta=0.01", dict(alpha_tilde=1.0, alpha_0=1.0, beta=0.01)))
@@ -183,13 +187,6 @@ def measure(model, tokenizer, adapter: bool, data: dict, base_scorer, sizes: Siz
     }
 
 
-def spread(records: list, n: int | None) -> list:
-    """``n`` records evenly spaced through ``records`` (every category of a sorted file), or all for None."""
-    if n is None or n >= len(records):
-        return list(records)
-    return [records[i * len(records) // n] for i in range(n)]
-
-
 def run(args, sizes: Sizes) -> list[Row]:
     from qadapter_kernels.baselines import TrainingBudget
     from qadapter_kernels.evaluation import PolicyScorer, metrics
@@ -197,8 +194,8 @@ def run(args, sizes: Sizes) -> list[Row]:
     from qadapter_kernels.loading import default_model_path, load_model_and_tokenizer
     from qadapter_kernels.training import QAdapterConfig, QAdapterModel, load_preferences, shipped_data_path
 
-    train_examples = load_preferences(shipped_data_path("train"))
-    heldout = load_preferences(shipped_data_path("heldout"))
+    train_examples = load_preferences(shipped_data_path("train", args.preference))
+    heldout = load_preferences(shipped_data_path("heldout", args.preference))
     retention = read_task_records("retention")
     if args.quick:
         texts = [str(e.prompt) + str(e.chosen) + str(e.rejected) for e in train_examples]
@@ -207,11 +204,12 @@ def run(args, sizes: Sizes) -> list[Row]:
     else:
         base_model, tokenizer = load_model_and_tokenizer(args.model or default_model_path())
     fresh = FreshModels(base_model.to(args.device))
-    data = {"heldout": spread(heldout, sizes.heldout_pairs), "retention": spread(retention, sizes.retention_items),
-            "pref_prompts": spread(read_task_records("preference"), sizes.pref_prompts)}
+    data = {"heldout": metrics.evenly_spaced(heldout, sizes.heldout_pairs),
+            "retention": metrics.evenly_spaced(retention, sizes.retention_items),
+            "pref_prompts": metrics.evenly_spaced(read_task_records("preference", args.preference), sizes.pref_prompts)}
     base = QAdapterModel(fresh.get(), QAdapterConfig()).to(args.device)
     base_scorer = PolicyScorer(base, tokenizer, adapter=False, batch_size=16)
-    kl_prompts = [r["question"] for r in spread(retention, sizes.kl_prompts)]
+    kl_prompts = [r["question"] for r in metrics.evenly_spaced(retention, sizes.kl_prompts)]
     data["kl_pairs"] = metrics.base_answers(base_scorer, kl_prompts, max_new_tokens=sizes.max_new_tokens)
 
     rows = planned_rows(args.rows.split(";") if args.rows else None)
@@ -231,7 +229,7 @@ def run(args, sizes: Sizes) -> list[Row]:
             row.runs.append(result)
             print(f"{row.name} seed {seed}: " + ", ".join(f"{k}={v:.3g}" for k, v in result.items()), flush=True)
             if args.out:  # what finished survives a later row's failure or an interrupted run
-                partial = Path(args.out) / "forgetting_partial.jsonl"
+                partial = Path(args.out) / PARTIAL_NAME
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 with open(partial, "a") as f:
                     f.write(json.dumps({"row": row.name, **result}) + "\n")
@@ -340,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", type=shard_spec, help="K/N: only every N-th trained row from the K-th (1-based)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="write the tables of these shards' JSON outputs as one run (nothing is trained)")
+    parser.add_argument("--preference", choices=sorted(PREFERENCE_CHECKERS), default=DEFAULT_PREFERENCE,
+                        help=f"the shipped preference trained and scored (default {DEFAULT_PREFERENCE})")
     args = parser.parse_args(argv)
     if args.merge:
         return write_outputs(*merge_runs(args.merge), args)
@@ -356,9 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows = run(args, sizes)
     info["wall_s"] = time.perf_counter() - start
-    meta = {"name": "forgetting_quick" if args.quick else "forgetting", "machine": info, "sizes": sizes.__dict__,
-            "steps": args.steps or sizes.steps, "batch": args.batch or sizes.batch, "quick": bool(args.quick)}
-    return write_outputs(rows, meta, args)
+    # Another preference's results go next to the default's, never over them.
+    name = "forgetting" + ("" if args.preference == DEFAULT_PREFERENCE else f"_{args.preference}")
+    meta = {"name": name + ("_quick" if args.quick else ""), "preference": args.preference, "machine": info,
+            "sizes": sizes.__dict__, "steps": args.steps or sizes.steps, "batch": args.batch or sizes.batch,
+            "quick": bool(args.quick)}
+    status = write_outputs(rows, meta, args)
+    if args.out:  # the whole run is in the outputs now
+        (Path(args.out) / PARTIAL_NAME).unlink(missing_ok=True)
+    return status
 
 
 def shard_spec(text: str) -> tuple[int, int]:
@@ -375,7 +381,9 @@ def merge_runs(paths: list[str]) -> tuple[list[Row], dict]:
     """The rows of several outputs of one configuration (shards, extra seeds) as one run, in the planned
     order; a (row, seed) measured twice is kept once (the first file's)."""
     payloads = [json.loads(Path(p).read_text()) for p in paths]
-    keys = ("sizes", "steps", "batch", "quick")
+    for payload in payloads:  # outputs from before --preference existed are the default's
+        payload.setdefault("preference", DEFAULT_PREFERENCE)
+    keys = ("sizes", "steps", "batch", "quick", "preference")
     for path, payload in zip(paths[1:], payloads[1:]):
         if any(payload[k] != payloads[0][k] for k in keys):
             raise SystemExit(f"bench_forgetting: error: {path} was run with other {'/'.join(keys)} than {paths[0]}")
@@ -397,14 +405,15 @@ def merge_runs(paths: list[str]) -> tuple[list[Row], dict]:
 def write_outputs(rows: list[Row], meta: dict, args) -> int:
     name, info = meta["name"], meta["machine"]
     title = "Does it forget? " + ("(quick smoke run: tiny random model, numbers meaningless)" if meta["quick"]
-                                  else "SmolLM2-135M-Instruct, preference 'lowercase'")
+                                  else f"SmolLM2-135M-Instruct, preference '{meta['preference']}'")
     seeds = max(len(r.runs) for r in rows)
     out = Path(args.out) if args.out else default_out_dir(args.device)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, title, meta, seeds)
     pick = recommended(rows)
-    payload = {**meta, "seeds": seeds, "recommended": pick.name if pick else None, "rows": [{"name": r.name, "method": r.method, "settings": r.settings,
-                                                 "runs": r.runs, "summary": r.summary()} for r in rows]}
+    payload = {**meta, "seeds": seeds, "recommended": pick.name if pick else None,
+               "rows": [{"name": r.name, "method": r.method, "settings": r.settings, "runs": r.runs,
+                         "summary": r.summary()} for r in rows]}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / f"{name}.md").write_text(md)
     if not args.no_plot:

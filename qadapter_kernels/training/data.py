@@ -311,6 +311,9 @@ class PreferenceDataset(Dataset):
     ) -> None:
         reports = [tokenize_with_report(e, tokenizer, max_length, max_prompt_length, prompt_truncation)
                    for e in examples]
+        # The limits the pairs were cut to (part of a cached base pass's key, training.base_cache).
+        self.tokenization = {"max_length": max_length, "max_prompt_length": max_prompt_length,
+                             "prompt_truncation": prompt_truncation}
         self.pairs: list[TokenizedPair] = [p for p, _ in reports if p is not None]
         self.total: int = len(reports)
         self.dropped: int = self.total - len(self.pairs)

@@ -42,6 +42,7 @@ GATED = [
     ("generation_quick", "mixed_batch", "x two_pass tok/s", ">="),
     ("generation_quick", "mixed_batch", "x base_alone tok/s", ">="),
     ("training_step_quick", "qadapter_kernels", "x authors step", "<="),
+    ("cached_step_quick", "cached", "x uncached step", "<="),
 ]
 
 

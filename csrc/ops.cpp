@@ -43,17 +43,21 @@ TORCH_LIBRARY(qadapter, m) {
   // L = base_hidden @ W.T (+ bias) exist one [tile_rows x tile_vocab] tile at a time. With
   // with_expected, also returns E = softmax(y) @ W ([N, H]; [0, H] otherwise), from which the
   // backward gets grad(adapter_hidden) = grad_q_taken * W[a] + grad_values * E.
+  // base_lse: [N] LSE(L) from a cached base pass; then y = W h_c + b' is the only head product
+  // per tile (h_c = (adapter_hidden + alpha_0 * base_hidden) / alpha_tilde) and L is never formed.
   m.def(
       "fused_linear_residual_q_values(Tensor adapter_hidden, Tensor base_hidden, Tensor weight, "
       "Tensor? bias, Tensor actions, float alpha_tilde, float alpha_0, int tile_rows, int tile_vocab, "
-      "bool with_expected) -> (Tensor values, Tensor q_taken, Tensor lse_y, Tensor expected)");
+      "bool with_expected, Tensor? base_lse=None) -> (Tensor values, Tensor q_taken, Tensor lse_y, "
+      "Tensor expected)");
   // Gradients of adapter_hidden, weight and bias, each computed only where output_mask says so
   // (an empty tensor otherwise); weight and bias recompute the logits tiles.
   m.def(
       "fused_linear_residual_q_values_backward(Tensor grad_values, Tensor grad_q_taken, "
       "Tensor adapter_hidden, Tensor base_hidden, Tensor weight, Tensor? bias, Tensor actions, "
       "Tensor lse_y, Tensor expected, float alpha_tilde, float alpha_0, int tile_rows, int tile_vocab, "
-      "bool[3] output_mask) -> (Tensor grad_adapter_hidden, Tensor grad_weight, Tensor grad_bias)");
+      "bool[3] output_mask, Tensor? base_lse=None) -> (Tensor grad_adapter_hidden, Tensor grad_weight, "
+      "Tensor grad_bias)");
   // Decoding (DESIGN.md §2): the combined policy's logits (Q + alpha_0 * log_softmax(L)) / alpha_tilde.
   m.def("combined_logits(Tensor q_logits, Tensor base_logits, float alpha_tilde, float alpha_0) -> Tensor");
   // One token per row from the combined policy after temperature -> top_k -> top_p -> min_p

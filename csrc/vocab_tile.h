@@ -76,52 +76,55 @@ struct OnlineLse {
 // Folds one tile of both streams into their running logsumexps. Returns the factor by which
 // quantities accumulated against the old y-max must be rescaled; when `probs` is given, writes
 // exp(y - new y-max) there (softmax numerators, for an expectation accumulated alongside).
+// With l == nullptr the tile is y itself (one stream: the base model's LSE came from a cached
+// pass, DESIGN.md §1) and lse_l is left alone; pass Combine(1, 0) then.
 template <typename acc_t>
 acc_t fold_tile(const acc_t* q, const acc_t* l, int64_t n, const Combine<acc_t>& combine,
                 OnlineLse<acc_t>& lse_y, OnlineLse<acc_t>& lse_l, acc_t* probs = nullptr) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t kVec = Vec::size();
   const int64_t n_vec = n - n % kVec;
+  const bool two = l != nullptr;
   const auto vmax = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
   const auto vsum = [](Vec& a, Vec& b) { return a + b; };
+  const auto y_at = [&](int64_t i) { return two ? combine(q[i], l[i]) : q[i]; };
+  const auto y_vec = [&](int64_t i) { return two ? combine(Vec::loadu(q + i), Vec::loadu(l + i)) : Vec::loadu(q + i); };
   Vec max_y(-std::numeric_limits<acc_t>::infinity()), max_l = max_y;
   for (int64_t i = 0; i < n_vec; i += kVec) {
-    const Vec lv = Vec::loadu(l + i);
-    max_y = at::vec::maximum(max_y, combine(Vec::loadu(q + i), lv));
-    max_l = at::vec::maximum(max_l, lv);
+    max_y = at::vec::maximum(max_y, y_vec(i));
+    if (two) max_l = at::vec::maximum(max_l, Vec::loadu(l + i));
   }
   acc_t tile_max_y = at::vec::vec_reduce_all<acc_t>(vmax, max_y);
   acc_t tile_max_l = at::vec::vec_reduce_all<acc_t>(vmax, max_l);
   for (int64_t i = n_vec; i < n; ++i) {
-    tile_max_y = max_nan(tile_max_y, combine(q[i], l[i]));
-    tile_max_l = max_nan(tile_max_l, l[i]);
+    tile_max_y = max_nan(tile_max_y, y_at(i));
+    if (two) tile_max_l = max_nan(tile_max_l, l[i]);
   }
   const acc_t factor = lse_y.rescale_to(tile_max_y);
-  lse_l.rescale_to(tile_max_l);
+  if (two) lse_l.rescale_to(tile_max_l);
   const acc_t shift_y = lse_y.shift(), shift_l = lse_l.shift();
   const Vec v_shift_y(shift_y), v_shift_l(shift_l);
   Vec sum_y(0), sum_l(0);
   for (int64_t i = 0; i < n_vec; i += kVec) {
-    const Vec lv = Vec::loadu(l + i);
-    const Vec p = vexp<acc_t>(combine(Vec::loadu(q + i), lv) - v_shift_y);
+    const Vec p = vexp<acc_t>(y_vec(i) - v_shift_y);
     if (probs) p.store(probs + i);
     sum_y += p;
-    sum_l += vexp<acc_t>(lv - v_shift_l);
+    if (two) sum_l += vexp<acc_t>(Vec::loadu(l + i) - v_shift_l);
   }
   acc_t tile_sum_y = at::vec::vec_reduce_all<acc_t>(vsum, sum_y);
   acc_t tile_sum_l = at::vec::vec_reduce_all<acc_t>(vsum, sum_l);
   for (int64_t i = n_vec; i < n; ++i) {
-    const acc_t p = std::exp(combine(q[i], l[i]) - shift_y);
+    const acc_t p = std::exp(y_at(i) - shift_y);
     if (probs) probs[i] = p;
     tile_sum_y += p;
-    tile_sum_l += std::exp(l[i] - shift_l);
+    if (two) tile_sum_l += std::exp(l[i] - shift_l);
   }
   lse_y.sum += tile_sum_y;
-  lse_l.sum += tile_sum_l;
+  if (two) lse_l.sum += tile_sum_l;
   return factor;
 }
 
-// out = g_v * softmax(y) over one tile, given the row's final LSE(y).
+// out = g_v * softmax(y) over one tile, given the row's final LSE(y); l == nullptr: q is y (one stream).
 template <typename acc_t>
 void softmax_grad_tile(const acc_t* q, const acc_t* l, int64_t n, const Combine<acc_t>& combine, acc_t lse_y,
                        acc_t g_v, acc_t* out) {
@@ -130,9 +133,10 @@ void softmax_grad_tile(const acc_t* q, const acc_t* l, int64_t n, const Combine<
   const int64_t n_vec = n - n % kVec;
   const Vec v_g(g_v), v_lse(lse_y);
   for (int64_t i = 0; i < n_vec; i += kVec) {
-    (v_g * vexp<acc_t>(combine(Vec::loadu(q + i), Vec::loadu(l + i)) - v_lse)).store(out + i);
+    const Vec y = l ? combine(Vec::loadu(q + i), Vec::loadu(l + i)) : Vec::loadu(q + i);
+    (v_g * vexp<acc_t>(y - v_lse)).store(out + i);
   }
-  for (int64_t i = n_vec; i < n; ++i) out[i] = g_v * std::exp(combine(q[i], l[i]) - lse_y);
+  for (int64_t i = n_vec; i < n; ++i) out[i] = g_v * std::exp((l ? combine(q[i], l[i]) : q[i]) - lse_y);
 }
 
 }  // namespace qadapter

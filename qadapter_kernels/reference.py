@@ -29,14 +29,21 @@ def residual_q_values(
     base_logits: torch.Tensor,
     actions: torch.Tensor,
     params: PolicyParams | None = None,
+    *,
+    base_lse: torch.Tensor | None = None,
     **overrides,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft value V(s) and Q(s, a) per row: ``[..., V]`` logits -> two ``[...]`` tensors."""
+    """Soft value V(s) and Q(s, a) per row: ``[..., V]`` logits -> two ``[...]`` tensors.
+
+    ``base_lse``: ``[...]`` LSE(base_logits) as a cached base pass recorded it, used in place of
+    the one computed here (the value's ``- alpha_0 * LSE(L)`` term).
+    """
     p = resolve(PolicyParams, params, overrides)
     alpha_tilde, alpha_0 = p.alpha_tilde, p.alpha_0
     q, base = _acc(q_logits), _acc(base_logits)
     y = (q + alpha_0 * base) / alpha_tilde
-    values = alpha_tilde * torch.logsumexp(y, -1) - alpha_0 * torch.logsumexp(base, -1)
+    lse_l = torch.logsumexp(base, -1) if base_lse is None else base_lse.to(y.dtype)
+    values = alpha_tilde * torch.logsumexp(y, -1) - alpha_0 * lse_l
     q_taken = q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     return values, q_taken
 

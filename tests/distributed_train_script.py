@@ -28,6 +28,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qadapter_kernels.training.data import PreferenceCollator, TokenizedPair
 from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
 from qadapter_kernels.training.trainer import QAdapterTrainer
 from training_helpers import collate_pairs  # this script's folder is on sys.path
@@ -85,6 +86,15 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.items[i]
 
+    def tokenized(self) -> list[TokenizedPair]:
+        """The same pairs as TokenizedPair (what a cached base pass needs), for PreferenceCollator(PAD, pad_to=T)."""
+        pairs = []
+        for item in self.items:
+            ids, n = item["input_ids"], PROMPT_LEN + RESPONSE_LEN
+            pairs.append(TokenizedPair(ids[0, :PROMPT_LEN].tolist(), ids[0, PROMPT_LEN:n].tolist(),
+                                       ids[1, PROMPT_LEN:n].tolist()))
+        return pairs
+
 
 def shard_with_fsdp_on_cpu() -> None:
     """Lets ``accelerate launch --config_file .../fsdp.yaml`` shard with FSDP on a CPU-only gloo group.
@@ -129,7 +139,12 @@ def train(args: argparse.Namespace) -> weakref.ref:
         train_sampling_strategy="sequential", use_cpu=not deepspeed, report_to=[], seed=0, dataloader_num_workers=0,
         disable_tqdm=True, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
-    trainer = QAdapterTrainer(model=model, args=training_args, train_dataset=PairDataset(), data_collator=collate_pairs)
+    if args.cache_dir is None:
+        data, collator = PairDataset(), collate_pairs
+    else:  # the same batches, plus the cached base columns
+        data, collator = PairDataset().tokenized(), PreferenceCollator(PAD, pad_to=T)
+        training_args.precompute_base, training_args.base_cache_dir = True, str(args.cache_dir)
+    trainer = QAdapterTrainer(model=model, args=training_args, train_dataset=data, data_collator=collator)
     trainer.train(resume_from_checkpoint=str(args.resume) if args.resume else None)
     # Every process takes part: under FSDP the adapter's shards are gathered for the save.
     trainer.save_model(str(args.out / "adapter"))
@@ -160,6 +175,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
     parser.add_argument("--resume", type=Path, help="a checkpoint folder to resume from")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="train with a cached base pass kept here")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
         shard_with_fsdp_on_cpu()
     wrapped = train(parser.parse_args())

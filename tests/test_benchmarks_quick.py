@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
         ("bench_sampling.py", "sampling_quick",
          {"hf", "torch_sort", "qadapter_kernels", "hf_from_hidden", "from_hidden", "from_hidden_two_stream",
           "head_product"}),
+        ("bench_cached_step.py", "cached_step_quick", {"cached", "uncached"}),
     ],
 )
 def test_benchmark_quick(tmp_path, script, name, providers):

@@ -18,6 +18,7 @@ from .checks import (
     check_index_tensor,
     check_logits_pair,
     check_mask_tensor,
+    check_float_tensor,
     check_same_device,
     check_shape,
     finite_values_flag,
@@ -125,16 +126,18 @@ def qadapter_loss(
                                 "q_logits or base_logits")
 
 
-def fused_linear_values(ha, hb, lm_head_weight, lm_head_bias, actions, params, backend: str, budget_mb: float):
-    """(values, q_taken), each [N], from [N, H] hidden states and the LM head on a resolved backend; no checks."""
+def fused_linear_values(ha, hb, lm_head_weight, lm_head_bias, actions, params, backend: str, budget_mb: float,
+                        base_lse: torch.Tensor | None = None):
+    """(values, q_taken), each [N], from [N, H] hidden states and the LM head on a resolved backend; no checks.
+    ``base_lse``: [N] LSE of the base logits from a cached base pass (then one head product per tile)."""
     if backend == "torch":
         logits = lambda h: torch.nn.functional.linear(h, lm_head_weight, lm_head_bias)  # noqa: E731
-        return reference.residual_q_values(logits(ha), logits(hb).detach(), actions, params)
+        return reference.residual_q_values(logits(ha), logits(hb).detach(), actions, params, base_lse=base_lse)
     vocab, hidden = lm_head_weight.shape
     tile_rows, tile_vocab = plan_tiles(ha.shape[0], hidden, vocab, lm_head_weight.dtype, backend == "cpu", budget_mb)
     with_expected = torch.is_grad_enabled() and ha.requires_grad
     return fused_linear_rows(ha, hb, lm_head_weight, lm_head_bias, actions, params.alpha_tilde, params.alpha_0,
-                             tile_rows, tile_vocab, with_expected, through_dispatcher(backend, ha.device))
+                             tile_rows, tile_vocab, with_expected, through_dispatcher(backend, ha.device), base_lse)
 
 
 @with_param_keywords(QAdapterParams)
@@ -149,6 +152,7 @@ def fused_linear_qadapter_loss(
     *,
     backend: str | None = None,
     tile_budget_mb: float | None = None,
+    base_lse: torch.Tensor | None = None,
     **overrides,
 ) -> QAdapterLossOutput:
     """Q-Adapter loss straight from final hidden states and the shared, usually frozen, LM head.
@@ -167,6 +171,10 @@ def fused_linear_qadapter_loss(
         tile_budget_mb: scratch memory the logits tiles may take (default 64 MiB, or the
             ``QADAPTER_TILE_BUDGET_MB`` environment variable, read at each call). Larger tiles run
             bigger, faster matmuls; the budget bounds the extra memory, whatever V and N are.
+        base_lse: ``[2B, T]`` (or ``[2B*T]``) float ``LSE(base_hidden @ W.T + b)`` per position, as a
+            cached base pass recorded it (``training.base_cache``). With it the base logits are never
+            formed: each W tile needs one head product, on ``h_c = (adapter_hidden + alpha_0 *
+            base_hidden) / alpha_tilde`` (docs/DESIGN.md §1), instead of two. Never receives a gradient.
     """
     check_index_tensor("input_ids", input_ids)
     if input_ids.dim() != 2:
@@ -180,14 +188,24 @@ def fused_linear_qadapter_loss(
     )
     vocab, hidden = lm_head_weight.shape
     check_pair_batch(input_ids, loss_mask, "input_ids", rows, T, adapter_hidden.device)
+    if base_lse is not None:
+        check_float_tensor("base_lse", base_lse)
+        check_same_device("adapter_hidden", adapter_hidden.device, base_lse=base_lse)
+        if tuple(base_lse.shape) not in ((rows, T), (rows * T,)):
+            raise ValueError(f"base_lse must be [2B, T] = {[rows, T]} or [2B*T] = {[rows * T]} (from input_ids), "
+                             f"got {list(base_lse.shape)}")
     p = resolve(QAdapterParams, params, overrides)
     budget = tile_budget(tile_budget_mb)
     backend = resolve_backend(backend, adapter_hidden.device)
     flags = {} if value_checks_enabled(adapter_hidden.device) else None
     actions, bad_actions = next_token_actions(input_ids, vocab, flags)
     ha, hb = adapter_hidden.reshape(rows * T, hidden), base_hidden.detach().reshape(rows * T, hidden)
+    if base_lse is not None:
+        base_lse = base_lse.detach().reshape(rows * T)
+        if flags is not None:
+            flags["base_lse holds NaN or +-inf"] = ~torch.isfinite(base_lse).all()
     values, q_taken = fused_linear_values(ha, hb, lm_head_weight, lm_head_bias, actions.reshape(-1), p, backend,
-                                          budget)
+                                          budget, base_lse)
     q_taken = torch.where(bad_actions.reshape(-1), float("nan"), q_taken)
     return checked_pair_outputs(values.view(rows, T), q_taken.view(rows, T), loss_mask.bool(), p, backend, flags,
                                 "adapter_hidden, base_hidden or lm_head_weight")

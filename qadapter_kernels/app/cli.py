@@ -294,6 +294,13 @@ def _add_train(sub) -> None:
     train.add_argument("--save-total-limit", type=positive_int, default=2,
                        help="checkpoints kept (the newest; each holds the adapter and the optimizer state)")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    train.add_argument("--cache-base", action="store_true",
+                       help="run the base model (adapter off) over the data once, before training, into a "
+                            "memory-mapped cache (its size is printed first); each step then skips the base pass")
+    train.add_argument("--cache-dir", help="folder of the base cache (default: $QADAPTER_CACHE_DIR/base_cache, "
+                                           "else ~/.cache/qadapter_kernels/base_cache)")
+    train.add_argument("--cache-max-gb", type=positive_float,
+                       help="refuse a base cache larger than this many GB (10^9 bytes)")
     train.set_defaults(handler=run_train)
 
 

@@ -88,7 +88,7 @@ def _training_arguments(args: argparse.Namespace, with_eval: bool):
     # (otherwise each would train alone); DeepSpeed, whose CPU accelerator runs gloo itself, is the exception.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     try:
-        return transformers.TrainingArguments(
+        training_args = transformers.TrainingArguments(
             output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.epochs,
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
             gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
@@ -100,6 +100,11 @@ def _training_arguments(args: argparse.Namespace, with_eval: bool):
         )
     except ValueError as e:
         raise UserError(str(e).strip().splitlines()[0]) from None
+    # The cached base pass (training.base_cache), read by QAdapterTrainer.
+    training_args.precompute_base = args.cache_base
+    training_args.base_cache_dir = args.cache_dir
+    training_args.base_cache_max_gb = args.cache_max_gb
+    return training_args
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -112,12 +117,15 @@ def run_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, latch: SignalLatch) -> int:
     import transformers
 
+    from ..training.base_cache import BaseCacheTooLarge
     from ..training.data import PreferenceCollator
     from ..training.interrupt import StopOnSignal
     from ..training.model import QAdapterModel
     from ..training.trainer import QAdapterTrainer
 
     config = config_from_args(args)  # checked before anything slow
+    if not args.cache_base and (args.cache_max_gb is not None or args.cache_dir is not None):
+        raise UserError("--cache-max-gb and --cache-dir need --cache-base")
     try:
         transformers.SchedulerType(args.lr_scheduler)
     except ValueError:
@@ -183,7 +191,10 @@ def _train(args: argparse.Namespace, latch: SignalLatch) -> int:
     elif args.resume_from_checkpoint:
         print("no complete checkpoint of this run yet: starting at step 0", flush=True)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+    except BaseCacheTooLarge as e:
+        raise UserError(str(e)) from None
     seconds = time.perf_counter() - start
     if stop.received is not None and result.global_step < trainer.state.max_steps:
         print(f"stopped by signal {stop.received} at step {result.global_step}; a resumable checkpoint is in "

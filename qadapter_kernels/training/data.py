@@ -254,6 +254,9 @@ class _TokenizedPairs:
         self.tokenizer = tokenizer
         self.limits = (max_length, max_prompt_length, prompt_truncation)
         self.total, self.kept, self.cut = 0, 0, 0
+        # The limits the pairs were cut to (part of a cached base pass's key, training.base_cache).
+        self.tokenization = {"max_length": max_length, "max_prompt_length": max_prompt_length,
+                             "prompt_truncation": prompt_truncation}
         self.counts: dict[str, int] = {}
         self._ready()
 

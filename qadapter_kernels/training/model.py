@@ -115,26 +115,36 @@ class QAdapterModel(torch.nn.Module):
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out[0]  # last_hidden_state, whether the decoder returns a ModelOutput or a tuple
 
-    def compute_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     loss_mask: torch.Tensor) -> QAdapterLossOutput:
-        """The Q-Adapter loss of a batch of 2B rows (B chosen, then B rejected; docs/DESIGN.md §2)."""
+    def compute_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                     base_hidden: torch.Tensor | None = None, base_lse: torch.Tensor | None = None
+                     ) -> QAdapterLossOutput:
+        """The Q-Adapter loss of a batch of 2B rows (B chosen, then B rejected; docs/DESIGN.md §2).
+
+        ``base_hidden`` [2B, T, H] and ``base_lse`` [2B, T]: the base model's final hidden states
+        and LSE(L) from a cached base pass (``training.base_cache``), both or neither. With them the
+        base decoder pass is skipped and the loss forms one head product per tile instead of two.
+        """
+        if (base_hidden is None) != (base_lse is None):
+            raise ValueError("base_hidden and base_lse come together (a cached base pass gives both), got only "
+                             + ("base_hidden" if base_lse is None else "base_lse"))
         adapter_hidden = self.final_hidden_states(input_ids, attention_mask)
-        with torch.no_grad(), self.peft_model.disable_adapter():
-            base_hidden = self.final_hidden_states(input_ids, attention_mask)
+        if base_hidden is None:
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                base_hidden = self.final_hidden_states(input_ids, attention_mask)
         head = self.lm_head
         weight, bias = whole_parameters(head.weight, getattr(head, "bias", None))
         # Under autocast the hidden states may come out in another dtype than the head's weight.
         return fused_linear_qadapter_loss(
             adapter_hidden.to(weight.dtype), base_hidden.to(weight.dtype), weight, input_ids, loss_mask,
-            lm_head_bias=bias, tile_budget_mb=self.qadapter_config.tile_budget_mb,
+            lm_head_bias=bias, tile_budget_mb=self.qadapter_config.tile_budget_mb, base_lse=base_lse,
             **self.qadapter_config.loss_kwargs(),
         )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                loss_mask: torch.Tensor) -> QAdapterLossOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                base_hidden: torch.Tensor | None = None, base_lse: torch.Tensor | None = None) -> QAdapterLossOutput:
         """Same as ``compute_loss``; the explicit signature also tells ``transformers.Trainer``
-        which batch columns to keep (``loss_mask`` included)."""
-        return self.compute_loss(input_ids, attention_mask, loss_mask)
+        which batch columns to keep (``loss_mask`` and the cached base columns included)."""
+        return self.compute_loss(input_ids, attention_mask, loss_mask, base_hidden, base_lse)
 
     # ------------------------------------------------------------------ decoding
 

@@ -16,12 +16,15 @@ import transformers
 from accelerate.utils import save_fsdp_optimizer
 from transformers.trainer import SCHEDULER_NAME
 
-from . import checkpoints
+from . import base_cache, checkpoints
 from .arguments import QAdapterTrainingArguments
 from .data import PreferenceCollator
 from .model import QAdapterModel
 from .sharded_state import gather_adapter_state, load_adapter_state
 from .trainer_inputs import ModelSource, default_tokenizer, qadapter_model_from, tokenized_preferences
+
+# What a batch may hold for QAdapterModel.forward (the last two: from a cached base pass).
+BATCH_COLUMNS = ("input_ids", "attention_mask", "loss_mask", "base_hidden", "base_lse")
 
 # Logged per window, in this order; evaluation metrics get the Trainer's "eval_" prefix.
 METRIC_NAMES = ("pref_loss", "reg_loss", "accuracy", "chosen_score", "rejected_score", "margin")
@@ -56,6 +59,13 @@ class QAdapterTrainer(transformers.Trainer):
     written as ``qadapter_run.json`` beside every save, so a resume can tell its own checkpoints.
     ``evaluate()`` reports the same metrics with the ``eval_`` prefix; ``predict()`` returns the
     [B, 2] (chosen, rejected) scores as predictions.
+
+    A cached base pass (``training.base_cache``) is read from the training arguments:
+    ``precompute_base`` (default False), ``base_cache_dir`` (None: ``base_cache.default_cache_dir()``)
+    and ``base_cache_max_gb`` (None: no limit). With it, the first dataloader of each dataset
+    builds (or reuses) the cache, and every step skips the base decoder pass. Several processes:
+    the main process of each node builds the one shared file while the others wait
+    (``main_process_first``), then every process reads it memory-mapped.
     """
 
     # The loss is a per-batch mean: the Trainer divides it by the accumulation steps.
@@ -90,12 +100,43 @@ class QAdapterTrainer(transformers.Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
         # model(...) and not model.compute_loss(...): a DDP/FSDP wrapper must see the forward.
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    loss_mask=inputs["loss_mask"])
+        out = model(**{k: inputs[k] for k in BATCH_COLUMNS if k in inputs})
         self._accumulate_metrics(out, "train" if model.training else "eval")
         if return_outputs:
             return out.loss, {"chosen_scores": out.chosen_scores, "rejected_scores": out.rejected_scores}
         return out.loss
+
+    # ------------------------------------------------------------------ the cached base pass
+
+    def _with_base_cache(self, dataset):
+        """``dataset`` with its cached base rows attached (built once; the collator learns the columns)."""
+        if not getattr(self.args, "precompute_base", False) or dataset is None:
+            return dataset
+        if isinstance(dataset, base_cache.CachedBaseDataset):
+            return dataset
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        with self.args.main_process_first(desc="base cache"):
+            cache = base_cache.open_or_build(
+                model, dataset, tokenizer=self.processing_class, tokenization=getattr(dataset, "tokenization", None),
+                cache_dir=getattr(self.args, "base_cache_dir", None),
+                max_gb=getattr(self.args, "base_cache_max_gb", None),
+                batch_size=self.args.per_device_eval_batch_size, autocast=self.autocast_smart_context_manager,
+                log=print if self.is_local_process_zero() else lambda line: None)
+        if not isinstance(self.data_collator, base_cache.CachedBaseCollator):
+            self.data_collator = base_cache.CachedBaseCollator(self.data_collator)
+        return base_cache.CachedBaseDataset(dataset, cache)
+
+    def get_train_dataloader(self):
+        self.train_dataset = self._with_base_cache(self.train_dataset)
+        return super().get_train_dataloader()
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if isinstance(eval_dataset, str) or (eval_dataset is None and isinstance(self.eval_dataset, dict)):
+            return super().get_eval_dataloader(eval_dataset)  # named eval sets: uncached
+        if eval_dataset is None:
+            self.eval_dataset = self._with_base_cache(self.eval_dataset)
+            return super().get_eval_dataloader()
+        return super().get_eval_dataloader(self._with_base_cache(eval_dataset))
 
     def _accumulate_metrics(self, out, split: str) -> None:
         chosen, rejected = out.chosen_scores.detach(), out.rejected_scores.detach()

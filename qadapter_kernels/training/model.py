@@ -132,7 +132,8 @@ class QAdapterModel(torch.nn.Module):
                  top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
                  generator: torch.Generator | int | None = None, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, stop_strings: str | list[str] | None = None, tokenizer=None,
-                 two_pass: bool = False, adapter: bool = True, streamer=None) -> torch.Tensor:
+                 two_pass: bool = False, adapter: bool = True, streamer=None,
+                 return_log_probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Samples from the customised policy ``(Q + alpha_0 * log_softmax(L)) / alpha_tilde``.
 
         Returns ``[B, T + n]`` token ids like transformers' ``generate``: the prompt (with its
@@ -156,13 +157,18 @@ class QAdapterModel(torch.nn.Module):
             adapter: False samples from the base model alone (adapter off), for side-by-side comparisons.
             streamer: an object with ``put(ids)`` and ``end()`` (e.g. ``transformers.TextStreamer``)
                 that receives the prompt, then each step's new tokens ``[B]``.
+            return_log_probs: also return ``[B, n]`` fp32 log-probabilities of the new tokens under
+                the customised policy itself, ``log softmax(z)`` before temperature and filtering
+                (what scoring compares; the base policy's with ``adapter=False``), one fused LM-head
+                pass per token on the hidden states; 0 where a row had already ended (pad), so a
+                row's sum is its sequence's log-probability. Returns ``(ids, log_probs)`` then.
         """
         from ..decoding import generate
 
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, min_p=min_p, generator=generator, eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
-                        two_pass=two_pass, adapter=adapter, streamer=streamer)
+                        two_pass=two_pass, adapter=adapter, streamer=streamer, return_log_probs=return_log_probs)
 
     def generate_text(self, tokenizer, prompts: str | list, **kwargs) -> str | list[str]:
         """``generate`` with strings: prompt(s) in, the new text(s) out.

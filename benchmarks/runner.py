@@ -148,14 +148,19 @@ def achieved_gbps(bytes_moved: float, ms: float) -> float:
     return bytes_moved / (ms * 1e-3) / 1e9
 
 
-def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 2**30) -> float:
+def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 2**30, fresh_output: bool = False) -> float:
     """Measured device-memory copy bandwidth (read + write) in GB/s: the roofline for ops that
-    stream their inputs once. Times ``y.copy_(x)`` of ``nbytes`` with :func:`measure_time`."""
+    stream their inputs once. Times ``y.copy_(x)`` of ``nbytes`` with :func:`measure_time`.
+
+    ``fresh_output``: copy into a newly allocated ``y`` each call (``torch.empty_like(x).copy_(x)``),
+    what an op that returns a fresh tensor pays with the default allocator; on CPU that includes
+    the page faults of first touching freshly mapped memory."""
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
+    copy = (lambda: torch.empty_like(x).copy_(x)) if fresh_output else (lambda: y.copy_(x))
     # CUDA: do_bench budgets in ms; CPU: call counts (a 1 GiB copy takes ~0.1 s there).
     warmup, reps = (25, 200) if torch.device(device).type == "cuda" else (2, 10)
-    timing = measure_time(lambda: y.copy_(x), warmup=warmup, reps=reps, device=device)
+    timing = measure_time(copy, warmup=warmup, reps=reps, device=device)
     return achieved_gbps(2 * nbytes, timing.median_ms)
 
 

@@ -15,6 +15,7 @@
 
 #include "acc_type.h"
 #include "checks.h"
+#include "streaming_output.h"
 #include "vocab_tile.h"
 
 namespace qadapter {
@@ -151,7 +152,7 @@ at::Tensor residual_q_values_backward_cpu(
   const at::Tensor gv = grad_values.to(acc_dtype).contiguous();
   const at::Tensor gq = grad_q_taken.to(acc_dtype).contiguous();
   const at::Tensor lse = lse_y.to(acc_dtype).contiguous();
-  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor grad_q = empty_streaming_output(q.sizes(), q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "residual_q_values_backward_cpu", [&] {
     residual_q_values_backward_rows<scalar_t>(gv, gq, q, l, a, lse, alpha_tilde, alpha_0, grad_q);
   });

@@ -253,6 +253,7 @@ def test_generate_restores_the_training_mode(model):
     (dict(eos_token_id="</s>"), TypeError, "eos_token_id"),
     (dict(streamer=object()), TypeError, "streamer"),
     (dict(two_pass="yes"), TypeError, "two_pass"),
+    (dict(return_log_probs=1), TypeError, "return_log_probs"),
 ])
 def test_bad_arguments_name_the_argument(model, kwargs, error, match):
     call = dict(input_ids=torch.tensor([[3, 4, 5]]), max_new_tokens=2) | kwargs
@@ -299,3 +300,44 @@ def test_setup_pins_the_tested_peft_versions():
 
     setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
     assert f'"peft{TESTED_PEFT_VERSIONS}"' in setup
+
+
+@torch.no_grad()
+def two_stream_log_probs(model: QAdapterModel, out: torch.Tensor, mask: torch.Tensor, new: int, adapter: bool):
+    """log pi~ of each row's last ``new`` tokens: two uncached forwards per row (adapter on, off), fp64 combination."""
+    rows = []
+    for row in range(out.shape[0]):
+        ids = out[row, mask[row].bool().tolist() + [True] * new][None]
+        with model.peft_model.disable_adapter():
+            base = model.base_causal_lm(ids).logits[0, -new - 1:-1].double()
+        q = model.base_causal_lm(ids).logits[0, -new - 1:-1].double() if adapter else base
+        policy = dict(alpha_tilde=ALPHA_TILDE, alpha_0=ALPHA_0) if adapter else dict(alpha_tilde=1.0, alpha_0=0.0)
+        rows.append(reference.combined_log_probs(q, base, ids[0, -new:], **policy))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("two_pass, adapter", [(False, True), (True, True), (False, False)],
+                         ids=["mixed_batch", "two_pass", "base_only"])
+def test_return_log_probs_equal_the_two_stream_reference(model, two_pass, adapter):
+    """Per-token log-probs of the policy itself (not the temperature/top-k filtered draw), batch of
+    left-padded prompts; the same tokens as without return_log_probs."""
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(max_new_tokens=9, temperature=1.3, top_k=20, generator=5, eos_token_id=[], two_pass=two_pass,
+                  adapter=adapter)
+    out, log_probs = model.generate(ids, mask, return_log_probs=True, **kwargs)
+    assert torch.equal(out, model.generate(ids, mask, **kwargs))
+    assert log_probs.shape == (3, 9) and log_probs.dtype == torch.float32
+    expected = two_stream_log_probs(model, out, mask, 9, adapter)
+    torch.testing.assert_close(log_probs.double(), expected, rtol=0, atol=2e-5)
+
+
+def test_return_log_probs_are_zero_after_a_row_ends(model):
+    eos = naive_greedy(model, PROMPTS[0], 8)[2]  # row 0 ends at its first emission of it (at most its third token)
+    ids, mask = left_padded(PROMPTS)
+    out, log_probs = model.generate(ids, mask, max_new_tokens=8, temperature=0, eos_token_id=eos, pad_token_id=PAD,
+                                    return_log_probs=True)
+    ended = out[0, ids.shape[1]:].tolist().index(eos) + 1
+    assert log_probs.shape == (3, out.shape[1] - ids.shape[1]) and ended < log_probs.shape[1]
+    assert (log_probs[0, ended:] == 0).all() and (log_probs[1:] < 0).any()
+    expected = two_stream_log_probs(model, out[:1, : ids.shape[1] + ended], mask[:1], ended, True)
+    torch.testing.assert_close(log_probs[:1, :ended].double(), expected, rtol=0, atol=2e-5)

@@ -14,6 +14,7 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import qadapter_kernels as qk
+from qadapter_kernels import reference
 from qadapter_kernels.decoding.logit_identity import identity_break
 from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
 
@@ -125,3 +126,19 @@ def test_h_c_and_two_heads_draw_the_same_tokens_for_the_same_uniforms():
     kwargs = dict(max_new_tokens=12, temperature=torch.tensor([0.0, 0.6, 1.0, 1.0, 1.4, 0.9]), top_k=30, top_p=0.95,
                   min_p=0.01, eos_token_id=[], generator=11)
     assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, two_pass=True, **kwargs))
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_fallback_log_probs_are_the_real_logits_policy(case):
+    """return_log_probs where the identity breaks: log pi~ of the whole causal LM's two logits rows."""
+    model = FALLBACKS[case][0]()
+    prompt = PROMPTS[1]
+    with pytest.warns(UserWarning, match=FALLBACKS[case][1]):
+        out, log_probs = model.generate(torch.tensor([prompt]), max_new_tokens=6, temperature=1.0, generator=3,
+                                        eos_token_id=[], return_log_probs=True)
+    with torch.no_grad():
+        q = model.base_causal_lm(out).logits[0, len(prompt) - 1:-1].double()
+        with model.peft_model.disable_adapter():
+            base = model.base_causal_lm(out).logits[0, len(prompt) - 1:-1].double()
+    expected = reference.combined_log_probs(q, base, out[0, len(prompt):], alpha_tilde=ALPHA_TILDE, alpha_0=ALPHA_0)
+    torch.testing.assert_close(log_probs[0].double(), expected, rtol=0, atol=2e-5)

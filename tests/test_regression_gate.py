@@ -12,11 +12,12 @@ import regression_gate as gate  # noqa: E402
 CONFIG = {"B": 16, "V": 4096}
 
 
-def write_run(folder: Path, value: float) -> Path:
+def write_run(folder: Path, value: float, threads: int = gate.THREADS) -> Path:
     folder.mkdir()
     result = {"provider": "qadapter_kernels", "config": CONFIG, "dtype": "float32", "device": "cpu",
               "extra": {"x hf": value}}
-    (folder / "sampling_quick.json").write_text(json.dumps({"results": [result]}))
+    (folder / "sampling_quick.json").write_text(json.dumps({"machine": {"cpu_threads": threads},
+                                                            "results": [result]}))
     return folder
 
 
@@ -55,3 +56,11 @@ def test_the_committed_baseline_only_holds_gated_ratios():
     directions = {(n, p, m) for n, p, m, _ in gate.GATED}
     for key in json.loads(gate.BASELINE.read_text()):
         assert tuple(key.split("|", 3)[:3]) in directions, key
+
+
+def test_a_run_with_other_threads_is_not_compared(tmp_path, baseline, monkeypatch, capsys):
+    """Ratios of a run with another thread count than the baseline's fail as not measured."""
+    assert run_gate(monkeypatch, write_run(tmp_path / "run", 0.02), "--update") == 0
+    assert run_gate(monkeypatch, write_run(tmp_path / "other", 0.02, threads=gate.THREADS + 1)) == 1
+    out = capsys.readouterr().out
+    assert "threads" in out and "not measured" in out

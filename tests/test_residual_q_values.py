@@ -363,3 +363,29 @@ def test_neg_inf_q_at_taken_action_is_allowed_in_residual_q_values(backend, devi
     values, q_taken = qk.residual_q_values(q, args["base_logits"], args["actions"], backend=backend)
     assert q_taken[1, 2].item() == float("-inf") and torch.isfinite(values).all()
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_large_dq_is_huge_page_aligned_and_exact(dtype, seed):
+    """A dQ of 32 MiB or more comes from 2 MiB-aligned memory (transparent huge pages: no page
+    fault per 4 KiB on its first write) and is an ordinary tensor: same values as the reference,
+    accumulates over two backwards, resizes, and shows in the profiler's memory records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = 32000
+    n = -(-(32 << 20) // (vocab * torch.finfo(dtype).bits // 8))  # just past 32 MiB
+    q, base, actions = make_rows(n, vocab, seed=seed, dtype=dtype)
+    dq = compare_with_reference(q, base, actions, "cpu", "cpu", seed=seed)
+    assert dq.data_ptr() % (2 << 20) == 0
+    q_k = leaf(q)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(2):
+            qk.residual_q_values(q_k, base, actions, backend="cpu")[0].sum().backward()
+    allocated = [e.nbytes() for e in prof.profiler.kineto_results.events()
+                 if e.name() == "[memory]" and e.nbytes() >= dq.nbytes]
+    assert allocated, "the profiler saw no dQ-sized allocation"
+    once = q_k.grad.clone()
+    qk.residual_q_values(q_k, base, actions, backend="cpu")[0].sum().backward()
+    assert_close(q_k.grad, once * 1.5, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0, what="accumulated dQ")
+    q_k.grad.resize_(2 * n, vocab)  # storage that an allocator owns can grow
+    assert q_k.grad.shape == (2 * n, vocab)

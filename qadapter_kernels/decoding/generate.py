@@ -20,7 +20,14 @@ from collections.abc import Sequence
 import torch
 
 from ..api.checks import tile_budget
-from ..api.unchecked import as_generator, check_sampling_parameters, sample_hidden_rows, sample_logits_rows
+from .. import reference
+from ..api.unchecked import (
+    as_generator,
+    check_sampling_parameters,
+    log_probs_hidden_rows,
+    sample_hidden_rows,
+    sample_logits_rows,
+)
 from ..ops.backend import resolve_backend
 from ..params import PolicyParams
 from .composition import check_adapter_weights, composition
@@ -135,7 +142,8 @@ def generate(
     adapter: bool = True,
     streamer=None,
     adapters: dict | None = None,
-) -> torch.Tensor:
+    return_log_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Samples continuations from a ``QAdapterModel``'s customised policy; see ``QAdapterModel.generate``."""
     head = model.lm_head
     weight, bias = head.weight, getattr(head, "bias", None)
@@ -153,7 +161,7 @@ def generate(
         raise ValueError("pad_token_id is needed to fill rows that stop early, and the model defines none")
     if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
         raise TypeError("streamer must have put(token_ids) and end() methods (transformers' BaseStreamer)")
-    for name, flag in (("two_pass", two_pass), ("adapter", adapter)):
+    for name, flag in (("two_pass", two_pass), ("adapter", adapter), ("return_log_probs", return_log_probs)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     streams_cls = (TwoPassStreams if two_pass else MixedBatchStreams) if adapter else BaseOnlyStreams
@@ -165,6 +173,8 @@ def generate(
     if adapters is not None:
         if not adapter:
             raise ValueError("adapters= composes adapters; it cannot be combined with adapter=False")
+        if return_log_probs:
+            raise ValueError("return_log_probs is not supported with adapters= (composed decoding) yet")
         composed = composition(check_adapter_weights(adapters, model.adapter_names), rows, device, policy)
         head_rows = composed.head_sampling(per_row)
         streams_cls = functools.partial(streams_cls, adapter_names=composed.names)
@@ -183,7 +193,7 @@ def generate(
             positions = prompt_positions(mask)
             hidden = streams.step(input_ids, mask, positions)
             unfinished = torch.ones(rows, dtype=torch.bool, device=device)
-            new_tokens = []
+            new_tokens, log_probs = [], []
             for step in range(max_new_tokens):
                 if composed is not None:
                     tokens = composed.sample(hidden, weight, bias, per_row, head_rows, generator, backend, budget, mode)
@@ -192,6 +202,7 @@ def generate(
                                                 generator, backend, budget, two_stream=two_pass)
                 else:
                     tokens = sample_logits_rows(*hidden, policy, per_row, generator, backend)
+                finished_before = ~unfinished
                 undrawable = (tokens < 0) & unfinished  # the sampler's -1: no finite maximum in the row
                 if pad is not None:
                     tokens = torch.where(unfinished, tokens, pad)
@@ -203,6 +214,9 @@ def generate(
                     raise ValueError(f"adapter_hidden, base_hidden or lm_head_weight: row {first_undrawable} is all "
                                      f"-inf or holds NaN or +inf")
                 new_tokens.append(tokens)
+                if return_log_probs:
+                    log_probs.append(torch.where(finished_before, 0.0, _policy_log_probs(
+                        hidden, tokens, weight, bias, policy, broken is None, backend, budget)))
                 if streamer is not None:
                     streamer.put(tokens.cpu())
                 if stops is not None:
@@ -218,7 +232,19 @@ def generate(
         model.train(was_training)
     if streamer is not None:
         streamer.end()
-    return torch.cat([input_ids, torch.stack(new_tokens, 1)], 1)
+    out = torch.cat([input_ids, torch.stack(new_tokens, 1)], 1)
+    return (out, torch.stack(log_probs, 1)) if return_log_probs else out
+
+
+def _policy_log_probs(hidden, tokens, weight, bias, policy: PolicyParams, identity_holds: bool, backend: str,
+                      budget: float) -> torch.Tensor:
+    """log pi~(tokens) [B] fp32 of one step: one fused pass over the LM head on the hidden states
+    (``combined_log_probs_from_hidden``), or from the two logits rows where the identity breaks."""
+    if identity_holds:
+        return log_probs_hidden_rows(*(h.to(weight.dtype) for h in hidden), weight, bias, tokens, policy, backend,
+                                     budget).float()
+    q_logits, base_logits = (h.float() for h in hidden)
+    return reference.combined_log_probs(q_logits, base_logits, tokens, policy)
 
 
 def generate_text(model, tokenizer, prompts: str | Sequence, *, stop_strings: str | Sequence[str] | None = None,

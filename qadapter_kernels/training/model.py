@@ -154,7 +154,8 @@ class QAdapterModel(torch.nn.Module):
                  generator: torch.Generator | int | None = None, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, stop_strings: str | list[str] | None = None, tokenizer=None,
                  two_pass: bool = False, adapter: bool = True, streamer=None,
-                 adapters: dict[str, float | torch.Tensor] | None = None) -> torch.Tensor:
+                 adapters: dict[str, float | torch.Tensor] | None = None,
+                 return_log_probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Samples from the customised policy ``(Q + alpha_0 * log_softmax(L)) / alpha_tilde``.
 
         Returns ``[B, T + n]`` token ids like transformers' ``generate``: the prompt (with its
@@ -184,13 +185,19 @@ class QAdapterModel(torch.nn.Module):
                 per-row ``[B]`` tensor; 0 turns that adapter off (all 0: the base policy at temperature
                 ``alpha_tilde / alpha_0``); every row needs ``sum(weights) + alpha_0 > 0``. One forward
                 over K + 1 row groups per token and one head product (docs/DESIGN.md §1).
+            return_log_probs: also return ``[B, n]`` fp32 log-probabilities of the new tokens under
+                the customised policy itself, ``log softmax(z)`` before temperature and filtering
+                (what scoring compares; the base policy's with ``adapter=False``), one fused LM-head
+                pass per token on the hidden states; 0 where a row had already ended (pad), so a
+                row's sum is its sequence's log-probability. Returns ``(ids, log_probs)`` then.
         """
         from ..decoding import generate
 
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, min_p=min_p, generator=generator, eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
-                        two_pass=two_pass, adapter=adapter, streamer=streamer, adapters=adapters)
+                        two_pass=two_pass, adapter=adapter, streamer=streamer, adapters=adapters,
+                        return_log_probs=return_log_probs)
 
     def generate_text(self, tokenizer, prompts: str | list, **kwargs) -> str | list[str]:
         """``generate`` with strings: prompt(s) in, the new text(s) out.

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_forgetting import quick_model_and_tokenizer, spread  # noqa: E402
+from bench_forgetting import quick_model_and_tokenizer  # noqa: E402
 from runner import add_common_arguments, default_out_dir, machine_info  # noqa: E402
 
 PAIR = ("lowercase", "signoff")  # the pair the README reports
@@ -55,12 +55,13 @@ def weight_settings(count: int) -> list[tuple[float, ...]]:
 
 def heldout_prompts(preferences: list[str], total: int) -> list[str]:
     """``total`` user messages, spread evenly over each preference's held-out split in turn."""
+    from qadapter_kernels.evaluation import metrics
     from qadapter_kernels.training.data import load_preferences, shipped_data_path
 
     prompts = []
     for index, name in enumerate(preferences):
         share = total // len(preferences) + (index < total % len(preferences))
-        for example in spread(load_preferences(shipped_data_path("heldout", name)), share):
+        for example in metrics.evenly_spaced(load_preferences(shipped_data_path("heldout", name)), share):
             prompt = example.prompt
             prompts.append(prompt[-1]["content"] if isinstance(prompt, list) else prompt)
     return prompts

@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forgetting import FreshModels  # noqa: E402
 
-SETTINGS = {"defaults": {}, "length_norm=none": {"length_norm": "none"}}
+SETTINGS = {"defaults": {}, "length_norm=none": {"length_norm": "none"},
+            "length_norm=none beta=0.01": {"length_norm": "none", "beta": 0.01}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,7 +122,10 @@ class QAdapterParams(PolicyParams):
     gamma: float = 1.0
     beta: float = 0.1
     variant: RewardVariant = RewardVariant.BELLMAN
-    length_norm: LengthNorm = LengthNorm.RESPONSE
+    # From benchmarks/bench_forgetting.py (README "Does it forget?"): "response" divides the margin by
+    # the response length while the regulariser is a per-token mean, so in a short run the regulariser
+    # wins and nothing is learned; the sum learns, and is a property of the sequence as well.
+    length_norm: LengthNorm = LengthNorm.NONE
 
     @property
     def policy(self) -> PolicyParams:

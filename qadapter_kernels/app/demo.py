@@ -56,11 +56,10 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def demo_config():
-    """The default hyper-parameters without length normalisation: dividing the scores by T - 1
-    shrinks the preference term so much that 40 steps barely move it."""
+    """The library's defaults (chosen by benchmarks/bench_forgetting.py; README "Does it forget?")."""
     from ..training.config import QAdapterConfig
 
-    return dataclasses.replace(QAdapterConfig(), length_norm=False)
+    return QAdapterConfig()
 
 
 def _heldout_prompts(preference: str, count: int) -> list[str]:

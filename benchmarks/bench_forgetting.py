@@ -6,7 +6,8 @@ Q-Adapter "official" at the authors' setting. Every trained row is trained once 
 ``--rows`` runs a subset.
 Columns (``qadapter_kernels.evaluation.metrics``):
 
-- pref %: greedy answers to the held-out prompts of the shipped "lowercase" preference that satisfy it;
+- pref %: greedy answers to the held-out prompts of the shipped preference (``--preference``, default
+  ``lowercase``) that satisfy it;
 - pair acc: held-out pairs where the policy gives the chosen response the higher log-likelihood;
 - retention: the shipped knowledge probe (chance 0.25; case is not counted), and as % of base;
 - KL: mean per-token KL(base || model) along the base model's own greedy answers to out-of-domain
@@ -16,10 +17,10 @@ Columns (``qadapter_kernels.evaluation.metrics``):
 Means over seeds with the spread (sample std; min-max in the JSON). The full run uses the embedded
 SmolLM2-135M-Instruct; ``--quick`` a tiny random Llama with a tokenizer trained here on the shipped
 text (every method trained and scored once, small subsets: a smoke run, its numbers mean nothing).
-Outputs ``forgetting[_quick].{json,md,png}``; the plot is preference satisfaction against retention
+Outputs ``forgetting[_NAME][_quick].{json,md,png}`` (``_NAME`` for a preference other than the default); the plot is preference satisfaction against retention
 (% of base), one point per row, the Pareto front drawn.
 
-    python benchmarks/bench_forgetting.py [--quick] [--reps SEEDS] [--steps N] [--out DIR] [--no-plot]
+    python benchmarks/bench_forgetting.py [--quick] [--preference NAME] [--reps SEEDS] [--steps N] [--out DIR]
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from qadapter_kernels.preferences import DEFAULT_PREFERENCE, PREFERENCE_CHECKERS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import add_common_arguments, default_out_dir, machine_info  # noqa: E402
@@ -165,13 +168,6 @@ def measure(model, tokenizer, adapter: bool, data: dict, base_scorer, sizes: Siz
     }
 
 
-def spread(records: list, n: int | None) -> list:
-    """``n`` records evenly spaced through ``records`` (every category of a sorted file), or all for None."""
-    if n is None or n >= len(records):
-        return list(records)
-    return [records[i * len(records) // n] for i in range(n)]
-
-
 def run(args, sizes: Sizes) -> list[Row]:
     from qadapter_kernels.baselines import TrainingBudget
     from qadapter_kernels.evaluation import PolicyScorer, metrics
@@ -179,8 +175,8 @@ def run(args, sizes: Sizes) -> list[Row]:
     from qadapter_kernels.loading import default_model_path, load_model_and_tokenizer
     from qadapter_kernels.training import QAdapterConfig, QAdapterModel, load_preferences, shipped_data_path
 
-    train_examples = load_preferences(shipped_data_path("train"))
-    heldout = load_preferences(shipped_data_path("heldout"))
+    train_examples = load_preferences(shipped_data_path("train", args.preference))
+    heldout = load_preferences(shipped_data_path("heldout", args.preference))
     retention = read_task_records("retention")
     if args.quick:
         texts = [str(e.prompt) + str(e.chosen) + str(e.rejected) for e in train_examples]
@@ -189,11 +185,12 @@ def run(args, sizes: Sizes) -> list[Row]:
     else:
         base_model, tokenizer = load_model_and_tokenizer(args.model or default_model_path())
     fresh = FreshModels(base_model.to(args.device))
-    data = {"heldout": spread(heldout, sizes.heldout_pairs), "retention": spread(retention, sizes.retention_items),
-            "pref_prompts": spread(read_task_records("preference"), sizes.pref_prompts)}
+    data = {"heldout": metrics.evenly_spaced(heldout, sizes.heldout_pairs),
+            "retention": metrics.evenly_spaced(retention, sizes.retention_items),
+            "pref_prompts": metrics.evenly_spaced(read_task_records("preference", args.preference), sizes.pref_prompts)}
     base = QAdapterModel(fresh.get(), QAdapterConfig()).to(args.device)
     base_scorer = PolicyScorer(base, tokenizer, adapter=False, batch_size=16)
-    kl_prompts = [r["question"] for r in spread(retention, sizes.kl_prompts)]
+    kl_prompts = [r["question"] for r in metrics.evenly_spaced(retention, sizes.kl_prompts)]
     data["kl_pairs"] = metrics.base_answers(base_scorer, kl_prompts, max_new_tokens=sizes.max_new_tokens)
 
     rows = planned_rows(args.rows.split(";") if args.rows else None)
@@ -287,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("retention_items", "pref_prompts", "heldout_pairs", "kl_prompts"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int,
                             help=f"subset size (default {getattr(FULL, name)}; quick {getattr(QUICK, name)})")
+    parser.add_argument("--preference", choices=sorted(PREFERENCE_CHECKERS), default=DEFAULT_PREFERENCE,
+                        help=f"the shipped preference trained and scored (default {DEFAULT_PREFERENCE})")
     parser.add_argument("--no-length-norm", action="store_true",
                         help="Q-Adapter rows with length_norm=False (the demo's setting), not the library default")
     args = parser.parse_args(argv)
@@ -303,14 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows = run(args, sizes)
     info["wall_s"] = time.perf_counter() - start
-    name = "forgetting_quick" if args.quick else "forgetting"
+    # Another preference's results go next to the default's, never over them.
+    name = "forgetting" + ("" if args.preference == DEFAULT_PREFERENCE else f"_{args.preference}")
+    name += "_quick" if args.quick else ""
     title = "Does it forget? " + ("(quick smoke run: tiny random model, numbers meaningless)" if args.quick
-                                  else "SmolLM2-135M-Instruct, preference 'lowercase'")
+                                  else f"SmolLM2-135M-Instruct, preference '{args.preference}'")
     seeds = args.reps or 1
     out = Path(args.out) if args.out else default_out_dir(args.device)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, title, info, seeds)
-    payload = {"name": name, "machine": info, "sizes": sizes.__dict__, "steps": args.steps or sizes.steps,
+    payload = {"name": name, "preference": args.preference, "machine": info, "sizes": sizes.__dict__, "steps": args.steps or sizes.steps,
                "batch": args.batch or sizes.batch, "length_norm": False if args.no_length_norm else "library default",
                "seeds": seeds, "rows": [{"name": r.name, "method": r.method, "settings": r.settings, "runs": r.runs,
                                          "summary": r.summary()} for r in rows]}

@@ -11,15 +11,21 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("trl")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_forgetting import pareto_front, planned_rows, spread  # noqa: E402
+from bench_forgetting import pareto_front, planned_rows  # noqa: E402
+
+from qadapter_kernels.evaluation.metrics import evenly_spaced  # noqa: E402
 
 
-def test_quick_run_trains_and_scores_every_method(tmp_path):
+def run_quick(out: Path, *options: str) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_forgetting.py"), "--quick", "--device", "cpu",
-           "--out", str(tmp_path)]
+           "--out", str(out), *options]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1"}  # this checkout's package
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_quick_run_trains_and_scores_every_method(tmp_path):
+    run_quick(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {f"forgetting_quick.{ext}" for ext in ("json", "md", "png")}
     rows = json.loads((tmp_path / "forgetting_quick.json").read_text())["rows"]
     assert [r["name"] for r in rows] == [r.name for r in planned_rows()]
@@ -34,8 +40,17 @@ def test_quick_run_trains_and_scores_every_method(tmp_path):
     assert {dict(s)["variant"] for s in settings} == {"bellman", "official"}
 
 
+def test_another_preference_is_trained_on_and_written_apart(tmp_path):
+    run_quick(tmp_path, "--preference", "signoff", "--rows", "no such row", "--no-plot")
+    assert {p.name for p in tmp_path.iterdir()} == {"forgetting_signoff_quick.json", "forgetting_signoff_quick.md"}
+    payload = json.loads((tmp_path / "forgetting_signoff_quick.json").read_text())
+    assert payload["preference"] == "signoff" and [r["name"] for r in payload["rows"]] == ["base"]
+    # A random tiny model never ends an answer with the sign-off phrase.
+    assert payload["rows"][0]["runs"][0]["pref"] == 0.0
+
+
 def test_pareto_front_and_spread():
     points = [(100.0, 0.0), (90.0, 50.0), (80.0, 40.0), (95.0, 50.0), (50.0, 90.0)]
     assert pareto_front(points) == [4, 3, 0]
-    assert spread(list(range(10)), 3) == [0, 3, 6] and spread([1, 2], None) == [1, 2]
+    assert evenly_spaced(list(range(10)), 3) == [0, 3, 6] and evenly_spaced([1, 2], None) == [1, 2]
     assert [r.name for r in planned_rows(["SFT"])] == ["base", "SFT"]

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from qadapter_kernels.app.cli import main
-from qadapter_kernels.app.common import resolve_data_path
+from qadapter_kernels.app.common import UserError, resolve_data_path
+from qadapter_kernels.preferences import PREFERENCE_CHECKERS
 from qadapter_kernels.training.data import shipped_data_path
 from qadapter_kernels.training.model import QAdapterConfig
 
@@ -45,11 +46,31 @@ def test_eval_of_a_fresh_adapter(tmp_path, model_dir, data_file, capsys):
 def test_shipped_data_names():
     assert resolve_data_path("shipped") == shipped_data_path("train")
     assert resolve_data_path("shipped:heldout") == shipped_data_path("heldout")
+    for name in PREFERENCE_CHECKERS:
+        assert resolve_data_path(f"shipped:{name}") == shipped_data_path("train", name)
+        assert resolve_data_path(f"shipped:{name}:heldout") == shipped_data_path("heldout", name)
+        assert resolve_data_path(f"shipped:{name}:train").parent.name == name
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("shipped:nope", "no shipped preference 'nope'"),
+    ("shipped:", "no shipped preference ''"),
+    ("shipped:signoff:nope", "no shipped split 'nope'"),
+    ("shipped:heldout:signoff", "use shipped[:NAME][:SPLIT]"),
+    ("shipped:signoff:train:x", "use shipped[:NAME][:SPLIT]"),
+])
+def test_bad_shipped_data_names_the_choices(spec, message):
+    with pytest.raises(UserError) as caught:
+        resolve_data_path(spec)
+    assert message in str(caught.value)
+    if "preference" in message:  # the error lists what is shipped
+        assert all(name in str(caught.value) for name in PREFERENCE_CHECKERS)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--data", "/nonexistent/pairs.jsonl"], "data file not found"),
-    (["--data", "shipped:nope"], "no shipped split"),
+    (["--data", "shipped:nope"], "no shipped preference 'nope'"),
+    (["--data", "shipped:lowercase:nope"], "no shipped split 'nope'"),
     (["--gamma", "2"], "gamma"),
     (["--variant", "nope"], "--variant: invalid choice"),
     (["--lora-dropout", "1"], "lora_dropout"),

@@ -277,6 +277,21 @@ def test_preference_checker_scores_greedy_answers():
         checkers.preference_process_results({"prompt": "x", "preference": "shouting"}, ["A"])
 
 
+@pytest.mark.parametrize("preference", sorted(checkers.PREFERENCE_CHECKERS))
+def test_each_preference_task_holds_its_held_out_prompts_and_is_scored_by_its_checker(preference):
+    task = checkers.preference_task(preference)
+    docs = list(TaskManager(include_path=str(SHIPPED_TASKS_DIR)).load_task_or_group([task])[task].test_docs())
+    heldout = [json.loads(line) for line in shipped_data_path("heldout", preference).read_text().splitlines()]
+    assert [d["prompt"] for d in docs] == [h["prompt"][0]["content"] for h in heldout]
+    assert {d["preference"] for d in docs} == {preference}
+    for doc, pair in zip(docs[:20], heldout):
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert checkers.preference_process_results(doc, [chosen]) == {"satisfied": 1.0}
+        assert checkers.preference_process_results(doc, [rejected]) == {"satisfied": 0.0}
+    with pytest.raises(ValueError, match="preference must be one of"):
+        checkers.read_task_records("preference", "shouting")
+
+
 def test_shipped_tasks_run_through_lm_eval(model, tokenizer):
     """The shipped YAMLs load (package data, no path relative to the working directory) and score."""
     lm = QAdapterLM(model=model, tokenizer=tokenizer, batch_size=16, max_gen_toks=4)

@@ -12,11 +12,14 @@ from qadapter_kernels.training.data import (
     PreferenceDataError,
     PreferenceDataset,
     PreferenceExample,
+    SHIPPED_SPLITS,
     TokenizedPair,
     load_preferences,
     shipped_data_path,
     tokenize_preference,
 )
+from qadapter_kernels.preferences import (CONCISE_MAX_WORDS, DEFAULT_PREFERENCE, PREFERENCE_CHECKERS, SIGNOFF,
+                                          satisfies_concise, satisfies_signoff)
 from qadapter_kernels.preferences import satisfies_lowercase as satisfies_preference
 
 from training_helpers import smollm2_tokenizer, tiny_tokenizer
@@ -299,18 +302,42 @@ def test_satisfies_preference():
     assert not satisfies_preference("42") and not satisfies_preference("")
 
 
-def test_shipped_data_regenerates_byte_identically(tmp_path):
-    paths = make_preferences.write_splits(tmp_path)
-    for split in ("train", "heldout"):
-        assert paths[split].read_bytes() == shipped_data_path(split).read_bytes(), (
-            f"{split}.jsonl differs from the generator's output: "
+def test_signoff_and_concise_checkers():
+    assert satisfies_signoff(f"Paris.\n{SIGNOFF}") and satisfies_signoff(f"Paris. {SIGNOFF}  \n")
+    assert not satisfies_signoff("Paris.") and not satisfies_signoff(f"Paris.\n{SIGNOFF.lower()}")
+    assert not satisfies_signoff(f"{SIGNOFF} Paris.")  # at the end, not anywhere
+    assert satisfies_concise("Paris.") and satisfies_concise(" w" * CONCISE_MAX_WORDS)
+    assert not satisfies_concise(" w" * (CONCISE_MAX_WORDS + 1)) and not satisfies_concise("  \n")
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE_CHECKERS))
+def test_shipped_data_regenerates_byte_identically(tmp_path, name):
+    paths = make_preferences.write_splits(tmp_path, name)
+    for split in SHIPPED_SPLITS:
+        assert paths[split].read_bytes() == shipped_data_path(split, name).read_bytes(), (
+            f"{name}/{split}.jsonl differs from the generator's output: "
             "rerun python -m qadapter_kernels.app.make_preferences"
         )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
-def test_shipped_data_expresses_the_preference():
-    train, heldout = (load_preferences(shipped_data_path(split)) for split in ("train", "heldout"))
+def test_generator_writes_every_preference_or_the_one_named(tmp_path):
+    make_preferences.main(["--out", str(tmp_path), "--preference", "signoff"])
+    assert [p.name for p in tmp_path.iterdir()] == ["signoff"]
+    make_preferences.main(["--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(PREFERENCE_CHECKERS)
+    with pytest.raises(ValueError, match="preference must be one of"):
+        make_preferences.build_splits("shouting")
+
+
+def _shipped(name: str, split: str) -> list:
+    return load_preferences(shipped_data_path(split, name))
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE_CHECKERS))
+def test_shipped_data_expresses_the_preference(name):
+    satisfies = PREFERENCE_CHECKERS[name]
+    train, heldout = (_shipped(name, split) for split in SHIPPED_SPLITS)
     assert len(train) >= 300 and len(heldout) >= 80
     prompts = {name: [e.prompt[-1]["content"] for e in data] for name, data in (("train", train), ("heldout", heldout))}
     assert len(set(prompts["train"])) == len(train) and len(set(prompts["heldout"])) == len(heldout)
@@ -318,8 +345,25 @@ def test_shipped_data_expresses_the_preference():
     for example in train + heldout:
         assert example.conversational and len(example.chosen) == len(example.rejected) == 1
         chosen, rejected = example.chosen[0]["content"], example.rejected[0]["content"]
-        assert satisfies_preference(chosen) and not satisfies_preference(rejected)
-        assert chosen == rejected.lower()  # same answer: only the preference differs
+        assert satisfies(chosen) and not satisfies(rejected)
+
+
+def test_every_preference_shares_the_prompts_and_the_held_out_split():
+    for split in SHIPPED_SPLITS:
+        prompts = {name: [e.prompt for e in _shipped(name, split)] for name in PREFERENCE_CHECKERS}
+        assert all(p == prompts[DEFAULT_PREFERENCE] for p in prompts.values()), split
+
+
+def test_chosen_and_rejected_differ_only_by_the_preference():
+    rows = {name: _shipped(name, "train") + _shipped(name, "heldout") for name in PREFERENCE_CHECKERS}
+    for lower, sign, short in zip(rows["lowercase"], rows["signoff"], rows["concise"]):
+        plain = sign.rejected[0]["content"]
+        assert lower.rejected[0]["content"] == plain and lower.chosen[0]["content"] == plain.lower()
+        assert sign.chosen[0]["content"] == f"{plain}\n{SIGNOFF}"
+        # The concise answer is the plain answer's first sentence; the long one pads the plain answer.
+        concise, padded = short.chosen[0]["content"], short.rejected[0]["content"]
+        assert plain.startswith(concise) and padded.startswith(plain) and len(padded) > len(plain)
+        assert concise.endswith((".", "!", "?"))
 
 
 # ---------------------------------------------------------------- the real SmolLM2 tokenizer

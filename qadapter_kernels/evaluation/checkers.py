@@ -15,16 +15,22 @@ from ..preferences import PREFERENCE_CHECKERS
 # Where the shipped task data lives (written by ``python3 -m qadapter_kernels.app.make_tasks``).
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 RETENTION_FILE = "qadapter_retention.jsonl"
-PREFERENCE_FILE = "qadapter_pref_lowercase.jsonl"
 
-__all__ = ["PREFERENCE_FILE", "RETENTION_FILE", "TASKS_DIR", "CASE_STYLES", "PREFERENCE_CHECKERS", "case_variants", "predicted_options", "preference_process_results",
-           "read_task_records", "retention_choices", "retention_process_results"]
+__all__ = ["RETENTION_FILE", "TASKS_DIR", "CASE_STYLES", "PREFERENCE_CHECKERS", "case_variants", "predicted_options",
+           "preference_process_results", "preference_task", "read_task_records", "retention_choices",
+           "retention_process_results"]
 
 
+def preference_task(preference: str) -> str:
+    """The lm-eval task name of a shipped preference's satisfaction task (its files: ``<name>.{yaml,jsonl}``)."""
+    if preference not in PREFERENCE_CHECKERS:
+        raise ValueError(f"preference must be one of {sorted(PREFERENCE_CHECKERS)}, got {preference!r}")
+    return f"qadapter_pref_{preference}"
 
-def read_task_records(name: str) -> list[dict]:
-    """The records of a shipped task: ``"retention"`` or ``"preference"``."""
-    files = {"retention": RETENTION_FILE, "preference": PREFERENCE_FILE}
+
+def read_task_records(name: str, preference: str = "lowercase") -> list[dict]:
+    """The records of a shipped task: ``"retention"``, or ``"preference"`` (the satisfaction task of ``preference``)."""
+    files = {"retention": RETENTION_FILE, "preference": f"{preference_task(preference)}.jsonl"}
     if name not in files:
         raise ValueError(f"task must be one of {sorted(files)}, got {name!r}")
     lines = (Path(TASKS_DIR) / files[name]).read_text(encoding="utf-8").splitlines()

@@ -19,8 +19,8 @@ from ..training.data import PreferenceExample, encode_prompt, tokenize_preferenc
 from .checkers import PREFERENCE_CHECKERS, predicted_options, retention_choices
 from .policy_scoring import PolicyScorer
 
-__all__ = ["RETENTION_PROMPT", "base_answers", "mean_token_kl", "pair_accuracy", "preference_satisfaction",
-           "retention_accuracy", "retention_pairs"]
+__all__ = ["RETENTION_PROMPT", "base_answers", "evenly_spaced", "mean_token_kl", "pair_accuracy",
+           "preference_satisfaction", "retention_accuracy", "retention_correct", "retention_pairs"]
 
 # The doc_to_text of tasks/qadapter_retention.yaml; lm-eval joins it to a choice with one space.
 RETENTION_PROMPT = "Question: {question}\nAnswer:"
@@ -38,15 +38,27 @@ def retention_pairs(tokenizer, items: Sequence[dict]) -> list[tuple[list[int], l
     return pairs
 
 
-def retention_accuracy(scorer: PolicyScorer, items: Sequence[dict]) -> float:
-    """Fraction of items whose right option is picked on content (``checkers.predicted_options``); chance 1/4."""
+def evenly_spaced(records: Sequence, n: int | None) -> list:
+    """``n`` records evenly spaced through ``records`` (so every category of a sorted file), or all for None."""
+    if n is None or n >= len(records):
+        return list(records)
+    return [records[i * len(records) // n] for i in range(n)]
+
+
+def retention_correct(scorer: PolicyScorer, items: Sequence[dict]) -> list[bool]:
+    """Per item, whether its right option is picked on content (``checkers.predicted_options``); chance 1/4."""
     loglikelihoods = [ll for ll, _ in scorer.continuation_logprobs(retention_pairs(scorer.tokenizer, items))]
-    right, offset = 0, 0
+    correct, offset = [], 0
     for item in items:
         n = len(retention_choices(item))
-        right += predicted_options(item, loglikelihoods[offset:offset + n])[0] == item["target"]
+        correct.append(predicted_options(item, loglikelihoods[offset:offset + n])[0] == item["target"])
         offset += n
-    return right / len(items)
+    return correct
+
+
+def retention_accuracy(scorer: PolicyScorer, items: Sequence[dict]) -> float:
+    """Fraction of ``items`` whose right option is picked on content (``retention_correct``)."""
+    return sum(retention_correct(scorer, items)) / len(items)
 
 
 def preference_satisfaction(scorer: PolicyScorer, records: Sequence[dict], max_new_tokens: int = 48,

@@ -20,6 +20,8 @@ from typing import Any, Union
 import torch
 from torch.utils.data import Dataset
 
+from ..preferences import DEFAULT_PREFERENCE
+
 __all__ = [
     "PreferenceCollator",
     "PreferenceDataError",
@@ -27,6 +29,7 @@ __all__ = [
     "PreferenceExample",
     "TokenizedPair",
     "PROMPT_TRUNCATIONS",
+    "SHIPPED_SPLITS",
     "encode_prompt",
     "load_preferences",
     "shipped_data_path",
@@ -42,14 +45,17 @@ Turns = Union[str, list[Message]]
 FIELDS = ("prompt", "chosen", "rejected")
 ROLES = ("system", "user", "assistant")
 _DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# The splits every shipped preference has.
+SHIPPED_SPLITS = ("train", "heldout")
 
 
 class PreferenceDataError(ValueError):
     """A preference file holds a bad line; the message starts with ``path:line_number:``."""
 
 
-def shipped_data_path(split: str = "train", name: str = "lowercase") -> Path:
-    """Path of a preference file shipped with the package (``split`` is "train" or "heldout")."""
+def shipped_data_path(split: str = "train", name: str = DEFAULT_PREFERENCE) -> Path:
+    """Path of a preference file shipped with the package: ``split`` is one of ``SHIPPED_SPLITS``,
+    ``name`` one of ``preferences.PREFERENCE_CHECKERS``."""
     path = _DATA_DIR / name / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no shipped preference data at {path}")

@@ -14,5 +14,6 @@ def load_retention(**_metadata) -> datasets.DatasetDict:
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(read_task_records("retention"))})
 
 
-def load_preference(**_metadata) -> datasets.DatasetDict:
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(read_task_records("preference"))})
+def load_preference(preference: str = "lowercase", **_metadata) -> datasets.DatasetDict:
+    """A preference-satisfaction task's prompts; ``preference`` comes from the task YAML's ``dataset_kwargs``."""
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(read_task_records("preference", preference))})

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_forgetting import quick_model_and_tokenizer, spread  # noqa: E402
+from bench_forgetting import quick_model_and_tokenizer  # noqa: E402
 from runner import add_common_arguments, default_out_dir, machine_info  # noqa: E402
 
 # The pair the README reports. Their checkers exclude each other (the sign-off line has a capital H), so
@@ -60,6 +60,7 @@ def heldout_prompts(preferences: list[str], total: int) -> list[str]:
     (the shipped generators ask several preferences the same questions: each is asked once)."""
     from itertools import chain, zip_longest
 
+    from qadapter_kernels.evaluation.metrics import evenly_spaced
     from qadapter_kernels.training.data import load_preferences, shipped_data_path
 
     def user_message(prompt) -> str:
@@ -68,7 +69,7 @@ def heldout_prompts(preferences: list[str], total: int) -> list[str]:
     splits = [[user_message(e.prompt) for e in load_preferences(shipped_data_path("heldout", name))]
               for name in preferences]
     interleaved = (p for p in chain.from_iterable(zip_longest(*splits)) if p is not None)
-    return spread(list(dict.fromkeys(interleaved)), total)
+    return evenly_spaced(list(dict.fromkeys(interleaved)), total)
 
 
 def quick_model_folder(preferences: list[str], folder: Path) -> Path:

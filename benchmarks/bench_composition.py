@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forgetting import quick_model_and_tokenizer  # noqa: E402
 from runner import add_common_arguments, default_out_dir, machine_info  # noqa: E402
 
-PAIR = ("lowercase", "signoff")  # the pair the README reports
+# The pair the README reports. Their checkers exclude each other (the sign-off line has a capital H), so
+# the table shows how the weights trade one preference against the other.
+PAIR = ("lowercase", "signoff")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,17 +56,20 @@ def weight_settings(count: int) -> list[tuple[float, ...]]:
 
 
 def heldout_prompts(preferences: list[str], total: int) -> list[str]:
-    """``total`` user messages, spread evenly over each preference's held-out split in turn."""
-    from qadapter_kernels.evaluation import metrics
+    """``total`` distinct user messages spread evenly over the preferences' held-out splits, taken in turn
+    (the shipped generators ask several preferences the same questions: each is asked once)."""
+    from itertools import chain, zip_longest
+
+    from qadapter_kernels.evaluation.metrics import evenly_spaced
     from qadapter_kernels.training.data import load_preferences, shipped_data_path
 
-    prompts = []
-    for index, name in enumerate(preferences):
-        share = total // len(preferences) + (index < total % len(preferences))
-        for example in metrics.evenly_spaced(load_preferences(shipped_data_path("heldout", name)), share):
-            prompt = example.prompt
-            prompts.append(prompt[-1]["content"] if isinstance(prompt, list) else prompt)
-    return prompts
+    def user_message(prompt) -> str:
+        return prompt[-1]["content"] if isinstance(prompt, list) else prompt
+
+    splits = [[user_message(e.prompt) for e in load_preferences(shipped_data_path("heldout", name))]
+              for name in preferences]
+    interleaved = (p for p in chain.from_iterable(zip_longest(*splits)) if p is not None)
+    return evenly_spaced(list(dict.fromkeys(interleaved)), total)
 
 
 def quick_model_folder(preferences: list[str], folder: Path) -> Path:
@@ -128,11 +133,11 @@ def run(args, sizes: Sizes, work_dir: Path) -> dict:
         else:
             answers = model.generate_text(tokenizer, prompts, adapters=dict(zip(folders, weights)), **decode)
         rows.append({"weights": weights, "satisfied_pct": satisfaction(answers, args.preferences),
-                     "decode_s": time.perf_counter() - start, "answers": dict(zip(prompts, answers))})
+                     "decode_s": time.perf_counter() - start, "answers": answers})
         label = "base (adapters off)" if weights is None else str(weights)
         print(f"{label}: " + ", ".join(f"{k} {v:.0f}%" for k, v in rows[-1]["satisfied_pct"].items()), flush=True)
     config = model.qadapter_config
-    return {"preferences": args.preferences, "model": str(model_path or config.base_model), "prompts": len(prompts),
+    return {"preferences": args.preferences, "model": str(model_path or config.base_model), "prompts": prompts,
             "alpha_tilde": config.alpha_tilde, "alpha_0": config.alpha_0, "sizes": dataclasses.asdict(sizes),
             "train_s": train_s, "torch_threads": torch.get_num_threads(), "rows": rows}
 
@@ -140,7 +145,7 @@ def run(args, sizes: Sizes, work_dir: Path) -> dict:
 def markdown(result: dict, title: str, info: dict) -> str:
     names = result["preferences"]
     lines = [f"# {title}", "",
-             f"{result['prompts']} held-out prompts (spread over {', '.join(names)}), greedy, "
+             f"{len(result['prompts'])} distinct held-out prompts (spread over {', '.join(names)}), greedy, "
              f"{result['sizes']['max_new_tokens']} new tokens at most; adapters trained {result['sizes']['steps']} "
              f"steps x {result['sizes']['batch']} pairs each; alpha_tilde = {result['alpha_tilde']}, "
              f"alpha_0 = {result['alpha_0']}. Cells: % of answers the preference's checker accepts.", "",

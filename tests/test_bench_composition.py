@@ -28,4 +28,5 @@ def test_quick_run_trains_each_adapter_and_decodes_every_setting(tmp_path):
     for row in result["rows"]:
         assert set(row["satisfied_pct"]) == set(names)
         assert all(0 <= v <= 100 for v in row["satisfied_pct"].values())
-        assert len(row["answers"]) == result["prompts"]
+        assert len(row["answers"]) == len(result["prompts"])
+    assert len(set(result["prompts"])) == len(result["prompts"])

@@ -439,7 +439,7 @@ def test_two_gloo_processes_share_one_cache_and_train_like_one_uncached_process(
                               timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         result = json.loads((out / "result.json").read_text())
-        result["lora"] = safetensors.torch.load_file(str(out / "lora.safetensors"))
+        result["lora"] = safetensors.torch.load_file(str(out / "adapter" / "adapter_model.safetensors"))
         result["lora_initial"] = safetensors.torch.load_file(str(out / "lora_initial.safetensors"))
         runs[name] = result, proc.stdout
     assert_same_training(runs["ddp"][0], runs["single"][0])

@@ -211,11 +211,12 @@ def test_generate_refuses_adapters_of_another_base(tmp_path, adapter_dir, data_f
 def test_demo_runs_end_to_end(tmp_path, model_dir, capsys):
     out_dir = tmp_path / "demo"
     assert main(["demo", "--model", str(model_dir), "--output-dir", str(out_dir), "--max-steps", "2",
-                 "--batch-size", "2", "--prompts", "2", "--max-new-tokens", "4"]) == 0
+                 "--batch-size", "2", "--prompts", "2", "--max-new-tokens", "4", "--retention-items", "8",
+                 "--retention-questions", "1"]) == 0
     out = capsys.readouterr().out
     for phase in ("base model: answers to 2 held-out prompts", "held-out pair accuracy before training",
                   "training the Q-Adapter: 2 steps", "held-out pair accuracy after training",
                   "Q-Adapter: answers to the same prompts", "summary", "total"):
         assert phase in out, phase
-    assert out.count(">>> ") == 2
+    assert out.count(">>> ") == 2 + 1  # the held-out prompts, then the retention question, side by side
     assert (out_dir / "adapter_model.safetensors").is_file() and (out_dir / "qadapter_config.json").is_file()

@@ -243,8 +243,11 @@ def test_cpu_tile_budget_does_not_change_the_result(budget, seed):
     whole, whole_grads = run(qk.fused_linear_qadapter_loss, p, backend="cpu", **KEYWORDS)
     for name in LOSS_FIELDS:
         assert_close(getattr(tiled, name), getattr(whole, name), rtol=1e-5, atol=1e-6, what=name)
+    # Tiles change the fp32 summation order. atol scales with the gradients, which the default
+    # summed scores (length_norm="none") make up to T times larger than per-token means did.
     for name in ("adapter_hidden", "weight", "bias"):
-        assert_close(tiled_grads[name], whole_grads[name], rtol=1e-4, atol=1e-7, what=f"grad {name}")
+        atol = 4e-6 * float(whole_grads[name].abs().max())  # ~32 fp32 ulps of the largest entry
+        assert_close(tiled_grads[name], whole_grads[name], rtol=1e-4, atol=atol, what=f"grad {name}")
 
 
 def test_cpu_row_tiles_with_tail(seed):

@@ -155,7 +155,9 @@ def test_large_magnitudes(backend, device, dtype, variant, seed):
     batch = make_pair_batch(*small_shape(backend, device), seed=seed, offset=offset)
     eps = torch.finfo(torch.float32).eps
     grad_tol = dict(GRAD_TOL[dtype])
-    grad_tol["atol"] = 1e-5  # dQ at the taken actions carries 2 beta / n times the reward's rounding
+    # dQ at the taken actions carries 2 beta / n times the reward's rounding, plus, with summed
+    # scores (the default length_norm="none"), the margin's own rounding through the sigmoid.
+    grad_tol["atol"] = 3e-5
     check_loss(batch, backend, device, dtype=dtype, seed=seed, variant=variant,
                value_tol=dict(rtol=1e-5, atol=16 * eps * offset), grad_tol=grad_tol)
 

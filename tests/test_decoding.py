@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qadapter_kernels import QAdapterLogitsProcessor, reference
 from qadapter_kernels.decoding.cpu_linear import few_row_linears
-from qadapter_kernels.decoding.generate import _special_ids
+from qadapter_kernels.decoding.generate import special_token_ids
 from qadapter_kernels.training.data import encode_prompt
 from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
 from training_helpers import tiny_tokenizer
@@ -137,7 +137,7 @@ def test_eos_id_zero_from_the_generation_config_is_kept(model):
     saved = config.eos_token_id
     config.eos_token_id = 0  # a valid id, though falsy
     try:
-        assert _special_ids(model, None, None, None) == ([0], PAD)
+        assert special_token_ids(model, None, None, None) == ([0], PAD)
     finally:
         config.eos_token_id = saved
 

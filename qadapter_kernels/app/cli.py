@@ -238,7 +238,8 @@ def _print_answers(args: argparse.Namespace, model, tokenizer, kwargs: dict) -> 
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    from ..training.data import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PROMPT_LENGTH, PROMPT_TRUNCATIONS
+    from ..training.data import (DEFAULT_MAX_LENGTH, DEFAULT_MAX_PROMPT_LENGTH, DEFAULT_PROMPT_TRUNCATION,
+                                 PROMPT_TRUNCATIONS)
 
     p.add_argument("--data", required=True,
                    help="preference data: a .jsonl/.jsonl.gz/.json/.parquet/.csv file, a Dataset.save_to_disk folder, "
@@ -249,7 +250,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH, help="tokens per prompt+response")
     p.add_argument("--max-prompt-length", type=positive_int, default=DEFAULT_MAX_PROMPT_LENGTH,
                    help="prompt tokens kept")
-    p.add_argument("--prompt-truncation", choices=PROMPT_TRUNCATIONS, default=PROMPT_TRUNCATIONS[0],
+    p.add_argument("--prompt-truncation", choices=PROMPT_TRUNCATIONS, default=DEFAULT_PROMPT_TRUNCATION,
                    help="how a longer prompt is cut: both_ends keeps its start (what defines the task) and its "
                         "end (where the answer follows), tail keeps its end only")
     p.add_argument("--seed", type=int, default=42, help="random seed (LoRA initialisation, data order, dropout)")

@@ -35,7 +35,7 @@ from .cpu_linear import few_row_linears
 from .logit_identity import identity_break
 from .streams import BaseOnlyStreams, MixedBatchStreams, TwoPassStreams, prompt_positions
 
-__all__ = ["generate", "generate_text"]
+__all__ = ["generate", "generate_text", "special_token_ids"]
 
 
 def _check_prompt(input_ids, attention_mask, weight: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ def _token_ids(name: str, value) -> list[int]:
     return [int(v) for v in values]
 
 
-def _special_ids(model, tokenizer, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
+def special_token_ids(model, tokenizer, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
     """EOS ids and the pad id: given, else the model's generation config, else its config, else the tokenizer's."""
     sources = [getattr(model.base_causal_lm, "generation_config", None), model.base_causal_lm.config, tokenizer]
 
@@ -156,7 +156,7 @@ def generate(
     backend, budget = resolve_backend(None, device), tile_budget(None)
     generator = as_generator(generator, device)  # one generator for all steps: a seed is drawn from once
     stops = _StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
-    eos, pad = _special_ids(model, tokenizer, eos_token_id, pad_token_id)
+    eos, pad = special_token_ids(model, tokenizer, eos_token_id, pad_token_id)
     if pad is None and stops is not None:
         raise ValueError("pad_token_id is needed to fill rows that stop early, and the model defines none")
     if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):

@@ -14,7 +14,7 @@ import transformers
 
 from ..params import LEARNING_RATE, QAdapterParams, SequenceLimits, check_bool, check_scalar
 from .config import QAdapterConfig
-from .data import PROMPT_TRUNCATIONS
+from .data import DEFAULT_PROMPT_TRUNCATION, PROMPT_TRUNCATIONS
 
 __all__ = ["QAdapterTrainingArguments"]
 
@@ -66,7 +66,7 @@ class QAdapterTrainingArguments(transformers.TrainingArguments):
     max_length: int = field(default=_LIMITS.max_length, metadata={"help": "tokens per prompt + response"})
     max_prompt_length: int | None = field(default=None, metadata={
         "help": "prompt tokens kept (None: SequenceLimits' default, at most half of max_length)"})
-    prompt_truncation: str = field(default=PROMPT_TRUNCATIONS[0], metadata={
+    prompt_truncation: str = field(default=DEFAULT_PROMPT_TRUNCATION, metadata={
         "help": "which prompt tokens a long prompt keeps", "choices": list(PROMPT_TRUNCATIONS)})
     tile_budget_mb: float | None = field(
         default=QAdapterConfig.__dataclass_fields__["tile_budget_mb"].default,

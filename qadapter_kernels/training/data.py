@@ -30,6 +30,7 @@ __all__ = [
     "PreferenceExample",
     "PreferenceStream",
     "TokenizedPair",
+    "DEFAULT_PROMPT_TRUNCATION",
     "PROMPT_TRUNCATIONS",
     "SHIPPED_SPLITS",
     "as_preference_dataset",
@@ -141,6 +142,7 @@ def _plain_tokens(example: PreferenceExample, tokenizer, bos: int | None) -> tup
 
 
 PROMPT_TRUNCATIONS = ("both_ends", "tail")
+DEFAULT_PROMPT_TRUNCATION = PROMPT_TRUNCATIONS[0]
 # Token budgets of a pair (prompt + response) and of its prompt, unless the caller sets them.
 DEFAULT_MAX_LENGTH = SequenceLimits.max_length  # one definition: params.SequenceLimits
 DEFAULT_MAX_PROMPT_LENGTH = SequenceLimits.max_prompt_length
@@ -170,7 +172,7 @@ def _check_limits(max_length: int, max_prompt_length: int, prompt_truncation: st
 
 def tokenize_with_report(example: PreferenceExample, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
                          max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
-                         prompt_truncation: str = "both_ends") -> tuple[TokenizedPair | None, frozenset[str]]:
+                         prompt_truncation: str = DEFAULT_PROMPT_TRUNCATION) -> tuple[TokenizedPair | None, frozenset[str]]:
     """``tokenize_preference`` plus what happened to the pair: a set of ``"prompt_cut"``,
     ``"response_cut"``, and for a dropped pair (None) one of ``"identical"`` (chosen equals rejected
     in the data), ``"identical_after_cut"``, ``"empty_after_cut"``."""
@@ -197,7 +199,7 @@ def tokenize_with_report(example: PreferenceExample, tokenizer, max_length: int 
 
 def tokenize_preference(
     example: PreferenceExample, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
-    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH, prompt_truncation: str = "both_ends",
+    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH, prompt_truncation: str = DEFAULT_PROMPT_TRUNCATION,
 ) -> TokenizedPair | None:
     """Tokenize one pair; ``None`` when the pair teaches nothing (drop it): chosen equals rejected,
     before or after truncation, or truncation leaves a response empty.
@@ -245,7 +247,7 @@ class _TokenizedPairs:
         tokenizer,
         max_length: int = DEFAULT_MAX_LENGTH,
         max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
-        prompt_truncation: str = "both_ends",
+        prompt_truncation: str = DEFAULT_PROMPT_TRUNCATION,
         *,
         split: str | None = None,
     ) -> None:
@@ -352,7 +354,7 @@ def as_preference_dataset(
     max_length: int = DEFAULT_MAX_LENGTH,
     max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
     *,
-    prompt_truncation: str = "both_ends",
+    prompt_truncation: str = DEFAULT_PROMPT_TRUNCATION,
     split: str | None = None,
     streaming: bool = False,
 ) -> PreferenceDataset | PreferenceStream:

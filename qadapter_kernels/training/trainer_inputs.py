@@ -15,7 +15,7 @@ from ..loading import load_base_model, load_tokenizer
 from ..params import SequenceLimits
 from .arguments import QAdapterTrainingArguments
 from .config import QAdapterConfig
-from .data import PROMPT_TRUNCATIONS, PreferenceDataset, PreferenceStream, as_preference_dataset
+from .data import DEFAULT_PROMPT_TRUNCATION, PreferenceDataset, PreferenceStream, as_preference_dataset
 from .examples import PreferenceDataError
 from .model import QAdapterModel
 
@@ -105,7 +105,7 @@ def tokenized_preferences(data: object, tokenizer, name: str, args=None) -> torc
     if isinstance(args, QAdapterTrainingArguments):
         limits, truncation = SequenceLimits(args.max_length, args.max_prompt_length), args.prompt_truncation
     else:
-        limits, truncation = SequenceLimits(), PROMPT_TRUNCATIONS[0]
+        limits, truncation = SequenceLimits(), DEFAULT_PROMPT_TRUNCATION
     try:
         return as_preference_dataset(data, tokenizer, limits.max_length, limits.max_prompt_length,
                                      prompt_truncation=truncation)

@@ -251,3 +251,13 @@ def test_pair_loss_past_the_accumulation_range_matches_the_reference(beta):
     torch.testing.assert_close(reg, expected.reg_loss, equal_nan=True)
     torch.testing.assert_close(loss, expected.loss, equal_nan=True)
     torch.testing.assert_close(pref, expected.pref_loss, equal_nan=True)
+
+
+@pytest.mark.parametrize("op_name", ["fused_linear_residual_q_values", "fused_linear_residual_q_values_backward"])
+def test_a_wrong_cached_base_lse_raises_naming_it(op_name):
+    """base_lse (the cached base pass's LSE(L), optional) is checked like every other indexed size."""
+    arguments = valid_arguments(op_name)
+    assert isinstance(call(op_name, {**arguments, "base_lse": _randn(N, seed=21)}), tuple)  # valid with it
+    for what, wrong in wrong_versions(_randn(N, seed=21)):
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=r"\bbase_lse\b"):
+            call(op_name, {**arguments, "base_lse": wrong})

@@ -16,12 +16,13 @@
 namespace qadapter {
 namespace {
 
-enum class Variant { kBellman, kOfficial };
+enum class Variant { kBellman, kOfficial, kAdvantage };
 
 Variant parse_variant(std::string_view variant) {
   if (variant == "bellman") return Variant::kBellman;
   if (variant == "official") return Variant::kOfficial;
-  TORCH_CHECK_VALUE(false, "variant must be 'bellman' or 'official', got '", variant, "'");
+  if (variant == "advantage") return Variant::kAdvantage;
+  TORCH_CHECK_VALUE(false, "variant must be 'bellman', 'official' or 'advantage', got '", variant, "'");
 }
 
 // What a sequence's summed reward is divided by (params.LengthNorm): its own number of scored
@@ -54,11 +55,11 @@ struct RewardRule {
 
   bool scored(int64_t row, int64_t t) const {
     if (t >= T - 1) return false;
-    return mask[row * T + (variant == Variant::kBellman ? t + 1 : t)];
+    return mask[row * T + (variant == Variant::kOfficial ? t : t + 1)];
   }
   // Index of the value subtracted from Q[a_t] (times gamma), or -1 when it is 0 (terminal).
   int64_t bootstrap(int64_t row, int64_t t) const {
-    if (variant == Variant::kOfficial) return t;
+    if (variant != Variant::kBellman) return t;
     return (t + 2 < T && mask[row * T + t + 2]) ? t + 1 : -1;
   }
 };

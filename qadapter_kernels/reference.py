@@ -56,10 +56,10 @@ def next_token_actions(input_ids: torch.Tensor) -> torch.Tensor:
 def scored_positions(loss_mask: torch.Tensor, variant: RewardVariant | str) -> torch.Tensor:
     """[2B, T] bool: whether the action at position t enters the loss."""
     scored = torch.zeros_like(loss_mask)
-    if RewardVariant.parse(variant) is RewardVariant.BELLMAN:
-        scored[:, :-1] = loss_mask[:, 1:]
-    else:
+    if RewardVariant.parse(variant) is RewardVariant.OFFICIAL:
         scored[:, :-1] = loss_mask[:, :-1]
+    else:
+        scored[:, :-1] = loss_mask[:, 1:]
     return scored
 
 

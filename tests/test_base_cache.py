@@ -349,7 +349,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
-@pytest.mark.parametrize("variant", ["bellman", "official"])
+@pytest.mark.parametrize("variant", ["bellman", "official", "advantage"])
 def test_cached_step_equals_uncached_loss_and_lora_gradients(tokenizer, tmp_path, variant):
     """fp32, relative 1e-6: the loss outputs and every LoRA gradient of one step, with and without the cache."""
     model = tiny_qadapter(tokenizer)

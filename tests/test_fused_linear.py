@@ -377,7 +377,7 @@ def test_triton_interpreter_frozen_weight_and_default_budget(seed):
 # --------------------------------------------------------------------------- gradcheck
 
 
-@pytest.mark.parametrize("variant", ["bellman", "official"])
+@pytest.mark.parametrize("variant", ["bellman", "official", "advantage"])
 def test_gradcheck_cpu_fp64(variant, seed):
     """Numerical vs analytic gradients of every differentiable output; V = 70 gives a 64-column tile
     and a 6-column tail.

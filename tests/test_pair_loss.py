@@ -20,7 +20,7 @@ def pair_values(device, dtype=torch.float32, B=2, T=7, seed=0):
 
 
 @pytest.mark.parametrize("length_norm", ["response", "padded", "none"])
-@pytest.mark.parametrize("variant", ["bellman", "official"])
+@pytest.mark.parametrize("variant", ["bellman", "official", "advantage"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("device", OP_DEVICES)
 def test_opcheck_pair_loss(device, dtype, variant, length_norm):
@@ -30,7 +30,7 @@ def test_opcheck_pair_loss(device, dtype, variant, length_norm):
 
 
 @pytest.mark.parametrize("length_norm", ["response", "padded", "none"])
-@pytest.mark.parametrize("variant", ["bellman", "official"])
+@pytest.mark.parametrize("variant", ["bellman", "official", "advantage"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("device", OP_DEVICES)
 def test_opcheck_pair_loss_backward(device, dtype, variant, length_norm):
@@ -42,7 +42,7 @@ def test_opcheck_pair_loss_backward(device, dtype, variant, length_norm):
     torch.library.opcheck(OPS.pair_loss_backward, args)
 
 
-@pytest.mark.parametrize("variant", ["bellman", "official"])
+@pytest.mark.parametrize("variant", ["bellman", "official", "advantage"])
 @pytest.mark.parametrize("device", OP_DEVICES)
 def test_pair_loss_op_outputs(device, variant):
     """The op's extra outputs: rewards (0 where unscored) and num_scored, as the reference defines them."""

@@ -316,7 +316,7 @@ loss_parameters = st.fixed_dictionaries(dict(
     alpha_tilde=alpha_tildes, alpha_0=alpha_0s,
     gamma=st.one_of(st.just(1.0), st.floats(0.0, 1.0)).map(fp32_exact),
     beta=st.one_of(st.sampled_from([0.0, 0.1]), st.floats(0.0, 2.0)).map(fp32_exact),
-    variant=st.sampled_from(["bellman", "official"]),
+    variant=st.sampled_from(["bellman", "official", "advantage"]),
     length_norm=st.sampled_from(_length_norms()),
 ))
 
@@ -603,7 +603,7 @@ def test_direct_op_calls_never_crash(op_name, data):
         elif kind == "bool":
             args.append(data.draw(st.booleans()))
         elif kind == "str":
-            args.append(data.draw(st.sampled_from(["bellman", "official", "response", "padded", "none", "x"])))
+            args.append(data.draw(st.sampled_from(["bellman", "official", "advantage", "response", "padded", "none", "x"])))
         elif re.fullmatch(r"List\[bool\]|bool\[\d\]", kind):
             args.append([data.draw(st.booleans()) for _ in range(3)])
         else:

@@ -11,7 +11,7 @@ import torch
 
 import qadapter_kernels as qk
 from qadapter_kernels import reference
-from qadapter_kernels.params import LengthNorm
+from qadapter_kernels.params import LengthNorm, RewardVariant
 
 from helpers import (
     ALL_BACKENDS,
@@ -37,7 +37,7 @@ from helpers import (
     set_arg,
 )
 
-VARIANTS = ["bellman", "official"]
+VARIANTS = [v.value for v in RewardVariant]
 HYPER = {  # alpha_tilde, alpha_0, gamma, beta
     "defaults": dict(alpha_tilde=1.0, alpha_0=0.01, gamma=1.0, beta=0.1),
     "mixed": dict(alpha_tilde=0.5, alpha_0=0.3, gamma=0.9, beta=0.5),
@@ -311,6 +311,10 @@ def hand_expected(variant: str, length_norm) -> dict[str, float]:
         r_c = [Qc[0][0] - g * Vc[1], Qc[1][1] - g * Vc[2], Qc[2][1]]
         # rejected, mask F T T F, ids 2 1 0 0: t=0,1 scored; r_1's next state is padding: 0.
         r_r = [Qr[0][1] - g * Vr[1], Qr[1][0]]
+    elif variant == "advantage":
+        # bellman's scored actions (t=0,1,2 chosen; t=0,1 rejected), each with its own state's value.
+        r_c = [Qc[0][0] - g * Vc[0], Qc[1][1] - g * Vc[1], Qc[2][1] - g * Vc[2]]
+        r_r = [Qr[0][1] - g * Vr[0], Qr[1][0] - g * Vr[1]]
     else:
         # official: action t scored iff mask[t] (t < T-1), r_t = Q[a_t] - gamma V(s_t) (same state).
         # chosen: t=1 (a=x2=1), t=2 (a=x3=1); the first response token (t=0 action) never scored.
@@ -346,9 +350,9 @@ def test_hand_computed_example(backend, device, dtype, variant, length_norm):
     for name, value in expected.items():
         got = getattr(out, name)
         assert_close(got.reshape(()), torch.tensor(value, dtype=torch.float64), **tol, what=name)
-    # The two variants give different numbers here: the example does tell them apart.
-    other = hand_expected("official" if variant == "bellman" else "bellman", length_norm)
-    assert abs(other["loss"] - expected["loss"]) > 1e-2
+    # The variants give different numbers here: the example does tell them apart.
+    for other in set(VARIANTS) - {variant}:
+        assert abs(hand_expected(other, length_norm)["loss"] - expected["loss"]) > 1e-2
 
 
 # --------------------------------------------------------------------------- gradcheck (C++ path, fp64)
@@ -420,7 +424,7 @@ def _scores_in_batches(sequences, n_pairs: int, batch_size: int, backend: str, d
     return torch.cat(chosen), torch.cat(rejected)
 
 
-@pytest.mark.parametrize("variant", ["bellman"])
+@pytest.mark.parametrize("variant", ["bellman", "advantage"])
 @pytest.mark.parametrize("backend, device", ALL_BACKENDS)
 def test_default_scores_do_not_depend_on_the_batch(backend, device, variant):
     """Issue 14 item 5: with the default normalisation, the same pairs get the same scores whether
@@ -547,7 +551,7 @@ def _loss_fn(variant, backend):
 
 
 @pytest.mark.parametrize("backend", [None, "cpu"], ids=["default", "cpu"])
-@pytest.mark.parametrize("variant", ["bellman", "official"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_compile_fullgraph_loss_cpu(variant, backend, seed):
     """torch.compile(fullgraph=True) through qk.qadapter_loss(...).loss and its backward
     (inductor), equal to eager; and the captured graph calls the fused ops."""
@@ -595,7 +599,7 @@ def test_compile_fullgraph_every_output_cpu(seed):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["bellman", "official"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_compile_fullgraph_loss_cuda(variant, seed):
     torch._dynamo.reset()
     batch = make_pair_batch(2, 64, 32000, seed=seed).to("cuda")

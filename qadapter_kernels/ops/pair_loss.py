@@ -5,6 +5,7 @@ is x[t+1]; which actions are scored and which value bootstraps the reward depend
 
     bellman:  scored iff loss_mask[t+1];  r_t = Q[a_t] - gamma * V[t+1] * loss_mask[t+2]
     official: scored iff loss_mask[t];    r_t = Q[a_t] - gamma * V[t]
+    advantage: scored iff loss_mask[t+1]; r_t = Q[a_t] - gamma * V[t]
 
 Reads top-down: Triton kernels -> launchers -> CUDA registration, fake kernels, autograd ->
 the unchecked entry point.
@@ -22,6 +23,7 @@ from .registration import KernelVariant, pointers, register_differentiable_op, r
 
 # The kernels take the variant and the length normalisation as integer constexprs (their .code).
 _BELLMAN = tl.constexpr(RewardVariant.BELLMAN.code)
+_OFFICIAL = tl.constexpr(RewardVariant.OFFICIAL.code)
 _BY_RESPONSE = tl.constexpr(LengthNorm.RESPONSE.code)
 _BY_PADDED_WIDTH = tl.constexpr(LengthNorm.PADDED.code)
 
@@ -34,8 +36,9 @@ def _reward_layout(mask_row, t, T, VARIANT: tl.constexpr):
         scored = tl.load(mask_row + t + 1, mask=has_action, other=0) != 0
         counted = tl.load(mask_row + t + 2, mask=has_action & (t + 2 < T), other=0) != 0
         value_pos = t + 1
-    else:
-        scored = tl.load(mask_row + t, mask=has_action, other=0) != 0
+    else:  # official and advantage: the same state's value bootstraps the reward
+        scored_at = t if VARIANT == _OFFICIAL else t + 1
+        scored = tl.load(mask_row + scored_at, mask=has_action, other=0) != 0
         counted = has_action
         value_pos = t
     return scored, value_pos, counted
@@ -152,7 +155,7 @@ def _pair_bwd_kernel(
         g_r, _ = _reward_grad(t, g_score_norm, g_sq, mask_ptr + base, rewards_ptr + base,
                               grad_rewards_ptr + base, T, VARIANT)
         tl.store(grad_q_taken_ptr + base + t, g_r, mask=t < T)
-        # V[j] bootstraps r_{j-1} (bellman, while the response goes on) or r_j (official).
+        # V[j] bootstraps r_{j-1} (bellman, while the response goes on) or r_j (official, advantage).
         if VARIANT == _BELLMAN:
             g_prev, counted = _reward_grad(t - 1, g_score_norm, g_sq, mask_ptr + base, rewards_ptr + base,
                                            grad_rewards_ptr + base, T, VARIANT)

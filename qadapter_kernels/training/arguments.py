@@ -23,7 +23,7 @@ _PARAM_HELP = {
     "alpha_0": "weight of the base model's log-probabilities in the customised policy",
     "gamma": "Bellman discount of the residual reward",
     "beta": "weight of the squared-reward regulariser",
-    "variant": "which action a position scores: 'bellman' or the authors' 'official' (docs/DESIGN.md §2)",
+    "variant": "which action a position scores and which value bootstraps its reward: 'bellman', 'advantage' or the authors' 'official' (docs/DESIGN.md §2)",
     "length_norm": "score normalisation: 'response' (own scored actions), 'padded' (T - 1, the authors'), 'none'",
 }
 

@@ -9,7 +9,8 @@ from the base model at each position it scores or bootstraps from (docs/DESIGN.m
 Given both, the step skips the base decoder pass and forms only the combined logits ``W h_c + b'``
 (one head product per W tile instead of two). The positions are, per row, the last prompt token
 and every response token: ``bellman`` scores t when ``loss_mask[t + 1]`` and bootstraps from
-``V[t + 1]``; ``official`` scores and bootstraps at t when ``loss_mask[t]``; so neither reads a
+``V[t + 1]``; ``advantage`` scores the same t and bootstraps from ``V[t]``; ``official`` scores and
+bootstraps at t when ``loss_mask[t]``; so none reads a
 prompt position before the last one, nor padding. The collator puts zeros elsewhere, which the
 pair pass multiplies by zero.
 

@@ -1,8 +1,8 @@
 """Two preferences at once: Q-Adapters trained separately, composed at decode with weights (issue 12).
 
 Each shipped preference (``qadapter_kernels/data/<name>/``) gets its own Q-Adapter, trained with the
-demo's budget through ``qadapter train`` (40 steps x 4 pairs, constant learning rate, the demo's
-length normalisation). The adapters are then loaded into one model and decode together,
+demo's budget and settings through ``qadapter train`` (40 steps x 4 pairs, the library's learning
+rate with linear decay and its hyper-parameters). The adapters are then loaded into one model and decode together,
 
     pi~ ∝ exp((sum_i w_i Q_i + alpha_0 log pi_1) / alpha_tilde),
 
@@ -87,18 +87,15 @@ def quick_model_folder(preferences: list[str], folder: Path) -> Path:
 def train_adapter(name: str, folder: Path, model: Path | None, sizes: Sizes) -> float:
     """Trains ``name``'s adapter into ``folder`` with ``qadapter train`` unless it is there; returns seconds."""
     from qadapter_kernels.app.cli import main as qadapter
-    from qadapter_kernels.app.demo import demo_config
-    from qadapter_kernels.params import LengthNorm
     from qadapter_kernels.training.data import shipped_data_path
 
     if (folder / "qadapter_config.json").is_file():
         print(f"{name}: reusing the adapter in {folder}", flush=True)
         return 0.0
     start = time.perf_counter()
-    length_norm = LengthNorm.parse(demo_config().length_norm).value
     argv = ["train", "--data", str(shipped_data_path("train", name)), "--output-dir", str(folder),
-            "--max-steps", str(sizes.steps), "--batch-size", str(sizes.batch), "--lr-scheduler", "constant",
-            "--length-norm", length_norm, "--save-steps", str(10 * sizes.steps),
+            "--max-steps", str(sizes.steps), "--batch-size", str(sizes.batch),
+            "--save-steps", str(10 * sizes.steps),
             "--logging-steps", str(max(1, sizes.steps // 4))] + (["--model", str(model)] if model else [])
     if qadapter(argv) != 0:
         raise SystemExit(f"training the {name} adapter failed")

@@ -1,13 +1,15 @@
 """Does it forget? Q-Adapter against SFT and DPO with the same LoRA, budget and data (issue 9).
 
 Rows: the base model; SFT on the chosen answers; DPO (sigmoid, reference = adapter off) at two
-betas; Q-Adapter (bellman) over alpha_0 in {0.01, 0.1, 0.5, 1.0, 2.0} x alpha_tilde in {1.0, 1 + alpha_0}
+betas; Q-Adapter over alpha_0 in {0.01, 0.1, 0.5, 1.0, 2.0} x alpha_tilde in {1.0, 1 + alpha_0}
 (with ``alpha_tilde = 1 + alpha_0`` a fresh adapter decodes exactly the base model: its policy is the
-base model's at temperature ``alpha_tilde / (1 + alpha_0)``; at 0.01 the two values coincide);
-Q-Adapter "official" at the authors' setting; and two rows that change one more setting (the
-length normalisation, the regulariser). Q-Adapter rows state every setting they use (the grid's
-``length_norm`` is ``GRID_LENGTH_NORM``), so the table does not change meaning when a library
-default does. Every trained row is trained once per seed; ``--rows`` runs a subset, ``--shard K/N``
+base model's at temperature ``alpha_tilde / (1 + alpha_0)``; at 0.01 the two values coincide) with
+the reward variant, length normalisation and regulariser of ``GRID``; the other two reward variants
+at the authors' alphas; and two rows that change one more setting of ``GRID`` (the length
+normalisation, the regulariser). Q-Adapter rows state every setting they use, so the table does
+not change meaning when a library default does. Every method gets the same budget: steps, pairs per
+step, LoRA and learning rate (``TrainingBudget``: the library's ``LEARNING_RATE``, linear decay).
+Every trained row is trained once per seed; ``--rows`` runs a subset, ``--shard K/N``
 every N-th trained row (run N shards side by side, one thread each, then ``--merge`` their JSON).
 Columns (``qadapter_kernels.evaluation.metrics``):
 
@@ -40,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from qadapter_kernels.params import LEARNING_RATE
 from qadapter_kernels.preferences import DEFAULT_PREFERENCE, PREFERENCE_CHECKERS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,13 +51,12 @@ from runner import add_common_arguments, default_out_dir, machine_info  # noqa: 
 ALPHA_0_GRID = (0.01, 0.1, 0.5, 1.0, 2.0)
 ALPHA_TILDE_GRID = (1.0, "1+a0")  # a number, or the calibrated 1 + alpha_0
 DPO_BETAS = (0.1, 0.5)
-AUTHORS = dict(alpha_tilde=1.0, alpha_0=0.01)  # the setting both reward variants are compared at
-GRID_LENGTH_NORM = "none"  # "response" (per-token mean) barely moves the margin in this budget: see EXTRA_ROWS
-GRID_BETA = 0.1
+AUTHORS = dict(alpha_tilde=1.0, alpha_0=0.01)  # the alphas the reward variants are compared at
+# The grid's other settings: the library defaults this benchmark chose (params.QAdapterParams).
+GRID = dict(variant="advantage", length_norm="response", beta=0.1)
 PARTIAL_NAME = "forgetting_partial.jsonl"  # each finished (row, seed) as it finishes, until the run's outputs exist
-# One setting changed against the grid's row at the same alphas: what the defaults' choice also rests on.
-EXTRA_ROWS = (("length_norm=response", dict(alpha_tilde=1.0, alpha_0=0.01, length_norm="response")),
-              ("beta=0.01", dict(alpha_tilde=1.0, alpha_0=1.0, beta=0.01)))
+# One setting changed against the grid's row at the authors' alphas: what the defaults' choice also rests on.
+EXTRA_ROWS = (("length_norm=none", dict(length_norm="none")), ("beta=0.01", dict(beta=0.01)))
 METRICS = ("pref", "pair_acc", "retention", "retention_pct_base", "kl", "train_s")
 
 
@@ -66,14 +68,16 @@ class Sizes:
     pref_prompts: int | None
     heldout_pairs: int | None
     kl_prompts: int
-    max_new_tokens: int
+    answer_tokens: int  # per greedy answer scored for the preference: room for a whole answer and a closing line
+    kl_tokens: int  # per base-model answer the KL is measured along
 
 
 # The demo's budget (40 steps of 4 pairs), so the defaults chosen here are the demo's. About an hour on
 # 2 CPU cores for one seed as two shards side by side; add seeds for the rows that matter with --rows ... --reps 3.
 FULL = Sizes(steps=40, batch=4, retention_items=100, pref_prompts=40, heldout_pairs=40, kl_prompts=12,
-             max_new_tokens=40)
-QUICK = Sizes(steps=3, batch=2, retention_items=24, pref_prompts=6, heldout_pairs=8, kl_prompts=4, max_new_tokens=8)
+             answer_tokens=96, kl_tokens=40)
+QUICK = Sizes(steps=3, batch=2, retention_items=24, pref_prompts=6, heldout_pairs=8, kl_prompts=4, answer_tokens=8,
+              kl_tokens=8)
 
 
 @dataclass
@@ -97,19 +101,18 @@ def planned_rows(only: list[str] | None = None) -> list[Row]:
     """Every row, or those whose name starts with one of ``only`` (the base row always: it is the reference)."""
     rows = [Row("base", "base"), Row("SFT", "sft")]
     rows += [Row(f"DPO beta={b}", "dpo", {"beta": b}) for b in DPO_BETAS]
-    grid = {"variant": "bellman", "length_norm": GRID_LENGTH_NORM, "beta": GRID_BETA}
     for alpha_tilde, alpha_0 in [(t, a) for t in ALPHA_TILDE_GRID for a in ALPHA_0_GRID]:
         if alpha_tilde == "1+a0":
             alpha_tilde = round(1.0 + alpha_0, 6)
             if alpha_tilde == 1.01:  # the grid's alpha_tilde = 1 row already, to a percent
                 continue
         rows.append(Row(f"Q-Adapter a~={alpha_tilde} a0={alpha_0}", "qadapter",
-                        {**grid, "alpha_tilde": alpha_tilde, "alpha_0": alpha_0}))
-    rows.append(Row(f"Q-Adapter official a~={AUTHORS['alpha_tilde']} a0={AUTHORS['alpha_0']}", "qadapter",
-                    {**grid, **AUTHORS, "variant": "official"}))
+                        {**GRID, "alpha_tilde": alpha_tilde, "alpha_0": alpha_0}))
+    alphas = f"a~={AUTHORS['alpha_tilde']} a0={AUTHORS['alpha_0']}"
+    for variant in ("bellman", "official"):
+        rows.append(Row(f"Q-Adapter {variant} {alphas}", "qadapter", {**GRID, **AUTHORS, "variant": variant}))
     for label, settings in EXTRA_ROWS:
-        rows.append(Row(f"Q-Adapter a~={settings['alpha_tilde']} a0={settings['alpha_0']} {label}", "qadapter",
-                        {**grid, **settings}))
+        rows.append(Row(f"Q-Adapter {label} {alphas}", "qadapter", {**GRID, **AUTHORS, **settings}))
     if only:
         rows = [r for r in rows if r.method == "base" or any(r.name.startswith(prefix) for prefix in only)]
     return rows
@@ -178,7 +181,7 @@ def measure(model, tokenizer, adapter: bool, data: dict, base_scorer, sizes: Siz
     from qadapter_kernels.evaluation import PolicyScorer, metrics
 
     scorer = PolicyScorer(model, tokenizer, adapter=adapter, batch_size=16)
-    pref, _ = metrics.preference_satisfaction(scorer, data["pref_prompts"], max_new_tokens=sizes.max_new_tokens)
+    pref, _ = metrics.preference_satisfaction(scorer, data["pref_prompts"], max_new_tokens=sizes.answer_tokens)
     return {
         "pref": 100.0 * pref,
         "pair_acc": 100.0 * metrics.pair_accuracy(scorer, data["heldout"]),
@@ -210,7 +213,7 @@ def run(args, sizes: Sizes) -> list[Row]:
     base = QAdapterModel(fresh.get(), QAdapterConfig()).to(args.device)
     base_scorer = PolicyScorer(base, tokenizer, adapter=False, batch_size=16)
     kl_prompts = [r["question"] for r in metrics.evenly_spaced(retention, sizes.kl_prompts)]
-    data["kl_pairs"] = metrics.base_answers(base_scorer, kl_prompts, max_new_tokens=sizes.max_new_tokens)
+    data["kl_pairs"] = metrics.base_answers(base_scorer, kl_prompts, max_new_tokens=sizes.kl_tokens)
 
     rows = planned_rows(args.rows.split(";") if args.rows else None)
     if args.shard:
@@ -275,9 +278,10 @@ def markdown(rows: list[Row], title: str, meta: dict, seeds: int) -> str:
     lines = [f"## {title}", "",
              f"{info['device_name']}, torch {info['torch']}, {info['cpu_threads']} threads, {info['date']}; "
              f"mean ± sample std over {seeds} seed(s) for trained rows (base: deterministic).",
-             f"Every method: {meta['steps']} steps of {meta['batch']} pairs, the same LoRA and learning rate. "
-             f"Q-Adapter rows: bellman, length_norm={GRID_LENGTH_NORM}, beta={GRID_BETA} unless the row says "
-             "otherwise.", "",
+             f"Every method: {meta['steps']} steps of {meta['batch']} pairs, the same LoRA, learning rate "
+             f"{meta.get('learning_rate', 'as the library default')} (linear decay). "
+             f"Q-Adapter rows: {GRID['variant']}, length_norm={GRID['length_norm']}, beta={GRID['beta']} unless "
+             "the row says otherwise.", "",
              "| row | pref % | pair acc % | retention % (chance 25) | retention % of base "
              "| KL(base‖model) nats/token | train s |",
              "|---|---|---|---|---|---|---|"]
@@ -360,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "forgetting" + ("" if args.preference == DEFAULT_PREFERENCE else f"_{args.preference}")
     meta = {"name": name + ("_quick" if args.quick else ""), "preference": args.preference, "machine": info,
             "sizes": sizes.__dict__, "steps": args.steps or sizes.steps, "batch": args.batch or sizes.batch,
-            "quick": bool(args.quick)}
+            "learning_rate": LEARNING_RATE, "quick": bool(args.quick)}
     status = write_outputs(rows, meta, args)
     if args.out:  # the whole run is in the outputs now
         (Path(args.out) / PARTIAL_NAME).unlink(missing_ok=True)
@@ -383,9 +387,9 @@ def merge_runs(paths: list[str]) -> tuple[list[Row], dict]:
     payloads = [json.loads(Path(p).read_text()) for p in paths]
     for payload in payloads:  # outputs from before --preference existed are the default's
         payload.setdefault("preference", DEFAULT_PREFERENCE)
-    keys = ("sizes", "steps", "batch", "quick", "preference")
+    keys = ("sizes", "steps", "batch", "learning_rate", "quick", "preference")
     for path, payload in zip(paths[1:], payloads[1:]):
-        if any(payload[k] != payloads[0][k] for k in keys):
+        if any(payload.get(k) != payloads[0].get(k) for k in keys):
             raise SystemExit(f"bench_forgetting: error: {path} was run with other {'/'.join(keys)} than {paths[0]}")
     merged: dict[str, Row] = {}
     for payload in payloads:
@@ -396,7 +400,7 @@ def merge_runs(paths: list[str]) -> tuple[list[Row], dict]:
                 row.runs += [run for run in record["runs"] if run["seed"] not in seen]
     order = {row.name: i for i, row in enumerate(planned_rows())}
     rows = sorted(merged.values(), key=lambda r: order.get(r.name, len(order)))
-    meta = {k: payloads[0][k] for k in ("name", *keys)}
+    meta = {k: payloads[0].get(k) for k in ("name", *keys)}
     meta["machine"] = {**payloads[0]["machine"], "wall_s": sum(p["machine"]["wall_s"] for p in payloads),
                        "merged_from": [str(p) for p in paths]}
     return rows, meta

@@ -37,7 +37,7 @@ def test_quick_run_trains_and_scores_every_method(tmp_path):
     assert rows[0]["runs"][0]["kl"] == pytest.approx(0.0, abs=1e-6)  # base against itself
     settings = {tuple(sorted(r["settings"].items())) for r in rows if r["method"] == "qadapter"}
     assert {dict(s)["alpha_0"] for s in settings} == {0.01, 0.1, 0.5, 1.0, 2.0}
-    assert {dict(s)["variant"] for s in settings} == {"bellman", "official"}
+    assert {dict(s)["variant"] for s in settings} == {"bellman", "official", "advantage"}
 
 
 def test_another_preference_is_trained_on_and_written_apart(tmp_path):
@@ -83,7 +83,7 @@ def test_merge_joins_shards_and_seeds_in_planned_order(tmp_path):
     assert rows[2].summary()["pref"]["n"] == 3 and meta["machine"]["wall_s"] == 4.0
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**_payload([]), "steps": 2}))
-    with pytest.raises(SystemExit, match="other sizes/steps/batch/quick/preference"):
+    with pytest.raises(SystemExit, match="other sizes/steps/batch/learning_rate/quick/preference"):
         merge_runs([str(a), str(other)])
     assert shard_spec("2/3") == (2, 3)
     for bad in ("0/2", "3/2", "x"):

@@ -29,6 +29,7 @@ import time
 
 from .common import (add_param_arguments, build_dataset, config_from_args, evaluate_pairs, load_base, load_tokenizer,
                      positive_float, positive_int, resolve_data_path, resolve_model_path, side_by_side)
+from ..params import LEARNING_RATE
 from ..preferences import DEFAULT_PREFERENCE, PREFERENCE_CHECKERS, PREFERENCE_RULES
 
 __all__ = ["add_demo_arguments", "run_demo"]
@@ -45,11 +46,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="knowledge-retention probe items scored before and after (spread over its categories)")
     p.add_argument("--retention-questions", type=positive_int, default=3,
                    help="probe questions the base model gets right, answered before and after")
-    p.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens generated at most per answer")
+    p.add_argument("--max-new-tokens", type=positive_int, default=96,
+                   help="tokens generated at most per answer (room for a whole answer and a closing line)")
     g = p.add_argument_group("training (defaults: a brief run that learns the shipped preference)")
     g.add_argument("--max-steps", type=positive_int, default=40, help="optimizer steps")
     g.add_argument("--batch-size", type=positive_int, default=4, help="preference pairs per batch")
-    g.add_argument("--lr", type=positive_float, default=3e-4, help="learning rate")
+    g.add_argument("--lr", type=positive_float, default=LEARNING_RATE, help="learning rate (linear decay to 0)")
     g.add_argument("--seed", type=int, default=42, help="random seed")
     add_param_arguments(p, with_lora=False, defaults=demo_config())
     p.set_defaults(handler=run_demo)
@@ -162,7 +164,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     training_args = transformers.TrainingArguments(
         output_dir=output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, seed=args.seed,
+        learning_rate=args.lr, lr_scheduler_type="linear", weight_decay=0.0, seed=args.seed,
         logging_steps=max(args.max_steps // 4, 1), save_strategy="no", report_to=[], remove_unused_columns=False,
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
     trainer = QAdapterTrainer(model=model, args=training_args, train_dataset=train_set, data_collator=collator)

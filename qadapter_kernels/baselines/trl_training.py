@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..params import LEARNING_RATE
 from ..training import QAdapterConfig, QAdapterModel
 from ..training.data import PreferenceExample
 
@@ -29,7 +30,7 @@ class TrainingBudget:
 
     max_steps: int = 60
     batch_size: int = 4
-    learning_rate: float = 3e-4
+    learning_rate: float = LEARNING_RATE
     max_length: int = 512
     seed: int = 42
     logging_steps: int = 10

@@ -233,7 +233,8 @@ def test_help_states_the_defaults():
     train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert "--save-total-limit SAVE_TOTAL_LIMIT" in train_help and "(default: 2)" in train_help
     for flag, default in (("--alpha-0", "0.01"), ("--beta", "0.1"), ("--lora-r", "8"),
-                          ("--target-modules", "q_proj,v_proj"), ("--variant", "bellman")):
+                          ("--target-modules", "q_proj,v_proj"), ("--variant", "advantage"),
+                          ("--length-norm", "response"), ("--lr", "0.001")):
         block = train_help[train_help.index("\n  " + flag + " ") + 1:]
         assert f"(default: {default})" in " ".join(block.split("\n  -")[0].split()), flag
     assert "DESIGN.md" not in train_help

@@ -289,7 +289,7 @@ def _add_train(sub) -> None:
     train.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data")
     train.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
     train.add_argument("--lr", type=positive_float, default=LEARNING_RATE,
-                       help=f"learning rate (default {LEARNING_RATE:g}; the authors' code used 3e-4)")
+                       help=f"learning rate; the authors' code used 3e-4 (default: {LEARNING_RATE:g})")
     train.add_argument("--warmup-steps", type=int, default=0, help="steps of linear learning-rate warm-up")
     train.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name")
     train.add_argument("--logging-steps", type=positive_int, default=10, help="log the metrics every N steps")

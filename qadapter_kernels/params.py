@@ -169,6 +169,7 @@ class SequenceLimits:
 # The LoRA Q-function's learning rate (linear decay): at the authors' 3e-4 (docs/DESIGN.md §1) a short
 # run (the demo's 40 steps of 4 pairs) barely moves the policy; benchmarks/bench_forgetting.py.
 LEARNING_RATE = 1e-3
+LR_SCHEDULER = "linear"  # transformers' scheduler name: the rate decays linearly to 0
 
 # (low, high, low_open) of each real field; int, bool and enum fields have their own checks. The
 # samplers read these too, to range-check per-row tensors.

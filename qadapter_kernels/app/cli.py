@@ -33,7 +33,7 @@ from pathlib import Path
 from .common import (ArgumentParser, HelpFormatter, UserError, add_param_arguments, build_dataset,
                      check_writable_file, config_from_args, evaluate_pairs, finite_float, load_base, load_tokenizer,
                      positive_float, positive_int, resolve_data_path, resolve_model_path, side_by_side)
-from ..params import LEARNING_RATE
+from ..params import LEARNING_RATE, LR_SCHEDULER
 from .demo import add_demo_arguments
 from .train import resume_command, run_train
 
@@ -291,7 +291,7 @@ def _add_train(sub) -> None:
     train.add_argument("--lr", type=positive_float, default=LEARNING_RATE,
                        help=f"learning rate; the authors' code used 3e-4 (default: {LEARNING_RATE:g})")
     train.add_argument("--warmup-steps", type=int, default=0, help="steps of linear learning-rate warm-up")
-    train.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name")
+    train.add_argument("--lr-scheduler", default=LR_SCHEDULER, help="transformers scheduler name")
     train.add_argument("--logging-steps", type=positive_int, default=10, help="log the metrics every N steps")
     train.add_argument("--save-steps", type=positive_int, default=500, help="save a checkpoint every N steps")
     train.add_argument("--save-total-limit", type=positive_int, default=2,

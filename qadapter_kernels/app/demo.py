@@ -29,7 +29,7 @@ import time
 
 from .common import (add_param_arguments, build_dataset, config_from_args, evaluate_pairs, load_base, load_tokenizer,
                      positive_float, positive_int, resolve_data_path, resolve_model_path, side_by_side)
-from ..params import LEARNING_RATE
+from ..params import LEARNING_RATE, LR_SCHEDULER
 from ..preferences import DEFAULT_PREFERENCE, PREFERENCE_CHECKERS, PREFERENCE_RULES
 
 __all__ = ["add_demo_arguments", "run_demo"]
@@ -164,7 +164,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     training_args = transformers.TrainingArguments(
         output_dir=output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="linear", weight_decay=0.0, seed=args.seed,
+        learning_rate=args.lr, lr_scheduler_type=LR_SCHEDULER, weight_decay=0.0, seed=args.seed,
         logging_steps=max(args.max_steps // 4, 1), save_strategy="no", report_to=[], remove_unused_columns=False,
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
     trainer = QAdapterTrainer(model=model, args=training_args, train_dataset=train_set, data_collator=collator)

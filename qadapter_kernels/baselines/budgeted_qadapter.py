@@ -5,6 +5,7 @@ import tempfile
 
 import torch
 
+from ..params import LR_SCHEDULER
 from ..training import PreferenceCollator, PreferenceDataset, QAdapterConfig, QAdapterModel, QAdapterTrainer
 from ..training.data import PreferenceExample
 from .trl_training import TrainingBudget
@@ -23,7 +24,7 @@ def train_qadapter(causal_lm, tokenizer, examples: list[PreferenceExample], conf
     with tempfile.TemporaryDirectory() as scratch:
         args = transformers.TrainingArguments(
             output_dir=scratch, max_steps=budget.max_steps, per_device_train_batch_size=budget.batch_size,
-            learning_rate=budget.learning_rate, lr_scheduler_type="linear", weight_decay=0.0, seed=budget.seed,
+            learning_rate=budget.learning_rate, lr_scheduler_type=LR_SCHEDULER, weight_decay=0.0, seed=budget.seed,
             logging_steps=budget.logging_steps, save_strategy="no", report_to=[], bf16=False,
             remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
         QAdapterTrainer(model=model, args=args, train_dataset=dataset,

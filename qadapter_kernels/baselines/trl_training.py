@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..params import LEARNING_RATE
+from ..params import LEARNING_RATE, LR_SCHEDULER
 from ..training import QAdapterConfig, QAdapterModel
 from ..training.data import PreferenceExample
 
@@ -86,7 +86,7 @@ def train_baseline(method: str, causal_lm, tokenizer, examples: list[PreferenceE
     lora = (lora or QAdapterConfig()).validate()
     transformers.set_seed(budget.seed)  # the LoRA initialisation is random too
     common = dict(max_steps=budget.max_steps, per_device_train_batch_size=budget.batch_size,
-                  learning_rate=budget.learning_rate, lr_scheduler_type="linear", weight_decay=0.0,
+                  learning_rate=budget.learning_rate, lr_scheduler_type=LR_SCHEDULER, weight_decay=0.0,
                   seed=budget.seed, logging_steps=budget.logging_steps, save_strategy="no", report_to=[],
                   bf16=False, fp16=False, max_length=budget.max_length, dataloader_num_workers=0,
                   gradient_checkpointing=False,  # TRL turns it on by default; the Q-Adapter trainer does not use it

@@ -277,8 +277,11 @@ def test_logits_processor_bad_arguments(model):
 @pytest.mark.parametrize("change", ["missing", "no adapter_names"])
 def test_a_peft_without_the_mixed_batch_hook_is_a_clear_error(model, monkeypatch, change):
     """Without the private hook, mixed-batch decoding would silently run the base rows WITH the adapter."""
+    from qadapter_kernels.decoding import streams
     from qadapter_kernels.decoding.streams import TESTED_PEFT_VERSIONS, UnsupportedPeftError
 
+    # As for a model the sliced routing does not serve (a DoRA adapter, say): peft's hook is needed.
+    monkeypatch.setattr(streams, "sliced_lora_routing", lambda *args: None)
     lora_model = type(model.peft_model.base_model)
     for cls in lora_model.__mro__:
         if "_enable_peft_forward_hooks" in vars(cls):

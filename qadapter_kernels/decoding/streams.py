@@ -20,7 +20,8 @@ import peft
 import torch
 from transformers import DynamicCache
 
-BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in a mixed batch
+from .lora_rows import BASE_ADAPTER_NAME, sliced_lora_routing
+
 # The peft versions whose private mixed-batch hook (below) decoding was tested with; setup.py's pin.
 TESTED_PEFT_VERSIONS = ">=0.21,<0.22"
 
@@ -30,12 +31,17 @@ class UnsupportedPeftError(RuntimeError):
 
 
 def mixed_batch_hooks(peft_model, adapter_names: list[str]):
-    """peft's private ``_enable_peft_forward_hooks(adapter_names=...)``, checked before it is trusted.
+    """Row ``i`` of every forward in the block runs through adapter ``adapter_names[i]``.
 
-    It is what ``peft``'s own ``generate(adapter_names=...)`` uses, but it is private: when a peft
-    version lacks it (on the PeftModel or on the LoRA model it delegates to) or no longer takes
+    By slicing (``lora_rows.sliced_lora_routing``) where the rows form one block per adapter and every
+    LoRA layer is a plain one; otherwise through peft's private
+    ``_enable_peft_forward_hooks(adapter_names=...)``, checked before it is trusted. That hook is what
+    ``peft``'s own ``generate(adapter_names=...)`` uses, but it is private: when a peft version lacks it (on the PeftModel or on the LoRA model it delegates to) or no longer takes
     keyword arguments, a silent fallback would run every row WITH the adapter, so this raises.
     """
+    sliced = sliced_lora_routing(peft_model, adapter_names)
+    if sliced is not None:
+        return sliced
     hooks = []
     for owner in (peft_model, getattr(peft_model, "base_model", None)):
         hook = getattr(owner, "_enable_peft_forward_hooks", None)

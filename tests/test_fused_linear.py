@@ -175,7 +175,7 @@ GRAD_CASES = [  # (bias, w_grad, bias_grad)
 
 @pytest.mark.parametrize("bias, w_grad, bias_grad", GRAD_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant, length_norm", [("bellman", True), ("official", False)])
+@pytest.mark.parametrize("variant, length_norm", [("bellman", True), ("official", False), ("advantage", True)])
 def test_cpu_matches_reference_odd_shapes(variant, length_norm, dtype, bias, w_grad, bias_grad, seed):
     """H = 19, V = 203: not a multiple of any block; the tiny budget gives 64-column tiles and an
     11-column tail tile. Unequal responses with right padding (make_pair_batch's layout)."""
@@ -225,6 +225,7 @@ def test_cpu_fp64_margin_above_20(seed):
 @pytest.mark.parametrize("dtype, variant, bias", [
     pytest.param(torch.float32, "bellman", True, id="fp32-bellman-bias"),
     pytest.param(torch.bfloat16, "official", False, id="bf16-official"),
+    pytest.param(torch.bfloat16, "advantage", True, id="bf16-advantage-bias"),
     pytest.param(torch.float64, "bellman", False, id="fp64-bellman"),
 ])
 def test_cpu_matches_reference_realistic_shape(dtype, variant, bias, seed):

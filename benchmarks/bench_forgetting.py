@@ -10,7 +10,8 @@ normalisation, the regulariser). Q-Adapter rows state every setting they use, so
 not change meaning when a library default does. Every method gets the same budget: steps, pairs per
 step, LoRA and learning rate (``TrainingBudget``: the library's ``LEARNING_RATE``, linear decay).
 Every trained row is trained once per seed; ``--rows`` runs a subset, ``--shard K/N``
-every N-th trained row (run N shards side by side, one thread each, then ``--merge`` their JSON).
+every N-th trained row (run N shards side by side, one thread each, then ``--merge`` their JSON);
+``--jobs N`` does exactly that in one command (the full run on 2 cores: ``--jobs 2``).
 Columns (``qadapter_kernels.evaluation.metrics``):
 
 - pref %: greedy answers to the held-out prompts of the shipped preference (``--preference``, default
@@ -27,15 +28,19 @@ text (every method trained and scored once, small subsets: a smoke run, its numb
 Outputs ``forgetting[_NAME][_quick].{json,md,png}`` (``_NAME`` for a preference other than the default); the plot is preference satisfaction against retention
 (% of base), one point per row, the Pareto front drawn.
 
-    python benchmarks/bench_forgetting.py [--quick] [--preference NAME] [--reps SEEDS] [--steps N] [--out DIR]
+    python benchmarks/bench_forgetting.py [--quick] [--jobs N] [--preference NAME] [--reps SEEDS] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="these seeds (comma-separated) for the trained rows instead of 0..reps-1: add seeds "
                              "to an earlier run, then --merge")
     parser.add_argument("--shard", type=shard_spec, help="K/N: only every N-th trained row from the K-th (1-based)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the trained rows as this many shards side by side (each in its own process with "
+                             "cores/N threads), then merge them (default 1)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="write the tables of these shards' JSON outputs as one run (nothing is trained)")
     parser.add_argument("--preference", choices=sorted(PREFERENCE_CHECKERS), default=DEFAULT_PREFERENCE,
@@ -347,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.merge:
         return write_outputs(*merge_runs(args.merge), args)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs > 1 and not args.shard:
+        return run_shards(args, sys.argv[1:] if argv is None else argv)
     try:
         import lm_eval  # noqa: F401  (the task files' scoring is shared with the lm-eval plug-in)
         import trl  # noqa: F401
@@ -379,6 +391,49 @@ def shard_spec(text: str) -> tuple[int, int]:
     if not 1 <= index <= count:
         raise argparse.ArgumentTypeError(f"K/N needs 1 <= K <= N, got {text!r}")
     return index, count
+
+
+def run_shards(args, argv: list[str]) -> int:
+    """``--jobs N``: this script as N ``--shard K/N`` processes side by side (their output lines prefixed
+    ``[K/N]``), then their outputs merged. The shards write under ``<out>/forgetting_shards/``, kept only
+    when one fails (with the rows it finished in its partial file)."""
+    out = Path(args.out) if args.out else default_out_dir(args.device)
+    shard_root = out / "forgetting_shards"
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    start = time.perf_counter()
+    procs, pumps = [], []
+    for k in range(1, args.jobs + 1):
+        tag = f"{k}/{args.jobs}"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--jobs", "1", "--shard", tag, "--no-plot",
+               "--out", str(shard_root / str(k))]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        pump = threading.Thread(target=_prefix_lines, args=(proc.stdout, f"[{tag}] "), daemon=True)
+        pump.start()
+        procs.append(proc)
+        pumps.append(pump)
+    codes = [proc.wait() for proc in procs]
+    for pump in pumps:
+        pump.join()
+    failed = [k for k, code in enumerate(codes, 1) if code != 0]
+    if failed:
+        print(f"bench_forgetting: error: shard(s) {failed} of {args.jobs} failed; what they finished is in "
+              f"{shard_root}", file=sys.stderr)
+        return 1
+    name = "forgetting" + ("" if args.preference == DEFAULT_PREFERENCE else f"_{args.preference}")
+    name += "_quick" if args.quick else ""
+    rows, meta = merge_runs([str(shard_root / str(k) / f"{name}.json") for k in range(1, args.jobs + 1)])
+    meta["machine"] = {**meta["machine"], "wall_s": time.perf_counter() - start, "jobs": args.jobs,
+                       "shard_wall_s": meta["machine"]["wall_s"]}
+    del meta["machine"]["merged_from"]  # the shard folders are removed below
+    status = write_outputs(rows, meta, args)
+    shutil.rmtree(shard_root)
+    return status
+
+
+def _prefix_lines(stream, prefix: str) -> None:
+    for line in stream:
+        print(prefix + line, end="", flush=True)
 
 
 def merge_runs(paths: list[str]) -> tuple[list[Row], dict]:

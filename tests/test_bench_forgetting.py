@@ -25,9 +25,12 @@ def run_quick(out: Path, *options: str) -> None:
 
 
 def test_quick_run_trains_and_scores_every_method(tmp_path):
-    run_quick(tmp_path)
+    run_quick(tmp_path, "--jobs", "2")  # two shards side by side, merged: the full run's way on 2 cores
+    # The merged outputs only: the shards' folder is gone once they are merged.
     assert {p.name for p in tmp_path.iterdir()} == {f"forgetting_quick.{ext}" for ext in ("json", "md", "png")}
-    rows = json.loads((tmp_path / "forgetting_quick.json").read_text())["rows"]
+    payload = json.loads((tmp_path / "forgetting_quick.json").read_text())
+    assert payload["machine"]["jobs"] == 2 and payload["machine"]["wall_s"] > 0
+    rows = payload["rows"]
     assert [r["name"] for r in rows] == [r.name for r in planned_rows()]
     assert {r["method"] for r in rows} == {"base", "sft", "dpo", "qadapter"}
     for row in rows:

@@ -187,7 +187,8 @@ def generate(
     was_training = model.training
     model.eval()  # peft refuses mixed-adapter batches in training mode; dropout off
     try:
-        with few_row_linears(model.base_causal_lm), streams_cls(model, rows, logits=broken is not None) as streams:
+        with few_row_linears(model.base_causal_lm), streams_cls(
+                model, rows, max_length=input_ids.shape[1] + max_new_tokens, logits=broken is not None) as streams:
             if streamer is not None:
                 streamer.put(input_ids.cpu())
             positions = prompt_positions(mask)

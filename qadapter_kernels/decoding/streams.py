@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import peft
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
+from transformers import StaticCache
 
 from .lora_rows import BASE_ADAPTER_NAME, sliced_lora_routing
 
@@ -66,16 +67,25 @@ def cache_keyword(decoder: torch.nn.Module) -> str:
 
 
 class _Streams(contextlib.ExitStack):
-    def __init__(self, model, caches: int, logits: bool):
+    # The KV caches are static, allocated for ``max_length`` positions (prompt + new tokens): a
+    # DynamicCache concatenates every layer's keys and values at every token, copying the whole cache
+    # into a fresh allocation (SmolLM2's 30 layers, 16 rows, positions 128 to 256, 2 threads: 52 ms
+    # per token, against 0.35 ms to write the new position in place). The attention then spans all
+    # ``max_length`` positions: the mask passed to the model is padded with ones, which the causal
+    # mask hides until a position is written.
+    def __init__(self, model, caches: int, logits: bool, max_length: int):
         super().__init__()
         self._logits = logits
         self._forward = model.base_causal_lm if logits else model.decoder
         self._keyword = cache_keyword(self._forward)
-        self._caches = [DynamicCache(config=model.base_causal_lm.config) for _ in range(caches)]
+        self._max_length = max_length
+        self._caches = [StaticCache(config=model.base_causal_lm.config, max_cache_len=max_length)
+                        for _ in range(caches)]
         self._peft_model = model.peft_model
 
     def _last_hidden(self, cache: int, input_ids, attention_mask, position_ids) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if self._logits else {}
+        attention_mask = F.pad(attention_mask, (0, self._max_length - attention_mask.shape[1]), value=1)
         out = self._forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=True, **extra, **{self._keyword: self._caches[cache]})
         return (out.logits if self._logits else out[0])[:, -1]
@@ -93,8 +103,9 @@ class MixedBatchStreams(_Streams):
     deltas, so each weight is read once per token instead of K + 1 times.
     """
 
-    def __init__(self, model, rows: int, logits: bool = False, adapter_names: Sequence[str] | None = None):
-        super().__init__(model, caches=1, logits=logits)
+    def __init__(self, model, rows: int, max_length: int, logits: bool = False,
+                 adapter_names: Sequence[str] | None = None):
+        super().__init__(model, caches=1, logits=logits, max_length=max_length)
         self._rows = rows
         groups = (*_adapters(model, adapter_names), BASE_ADAPTER_NAME)
         self._groups = len(groups)
@@ -114,9 +125,10 @@ class MixedBatchStreams(_Streams):
 class TwoPassStreams(_Streams):
     """The authors' scheme: one forward per adapter and one without, each with its own cache."""
 
-    def __init__(self, model, rows: int, logits: bool = False, adapter_names: Sequence[str] | None = None):
+    def __init__(self, model, rows: int, max_length: int, logits: bool = False,
+                 adapter_names: Sequence[str] | None = None):
         self._names = _adapters(model, adapter_names)
-        super().__init__(model, caches=len(self._names) + 1, logits=logits)
+        super().__init__(model, caches=len(self._names) + 1, logits=logits, max_length=max_length)
         self._active = model.peft_model.active_adapter
         self._rows = rows
 
@@ -135,8 +147,8 @@ class TwoPassStreams(_Streams):
 class BaseOnlyStreams(_Streams):
     """The base model alone (adapter off); both "streams" are its hidden states."""
 
-    def __init__(self, model, rows: int, logits: bool = False):
-        super().__init__(model, caches=1, logits=logits)
+    def __init__(self, model, rows: int, max_length: int, logits: bool = False):
+        super().__init__(model, caches=1, logits=logits, max_length=max_length)
 
     def step(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self._base_hidden(0, *inputs)

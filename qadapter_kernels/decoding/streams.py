@@ -18,9 +18,8 @@ from collections.abc import Sequence
 
 import peft
 import torch
-import torch.nn.functional as F
-from transformers import StaticCache
 
+from .kv_cache import reserved_cache
 from .lora_rows import BASE_ADAPTER_NAME, sliced_lora_routing
 
 # The peft versions whose private mixed-batch hook (below) decoding was tested with; setup.py's pin.
@@ -67,25 +66,18 @@ def cache_keyword(decoder: torch.nn.Module) -> str:
 
 
 class _Streams(contextlib.ExitStack):
-    # The KV caches are static, allocated for ``max_length`` positions (prompt + new tokens): a
-    # DynamicCache concatenates every layer's keys and values at every token, copying the whole cache
-    # into a fresh allocation (SmolLM2's 30 layers, 16 rows, positions 128 to 256, 2 threads: 52 ms
-    # per token, against 0.35 ms to write the new position in place). The attention then spans all
-    # ``max_length`` positions: the mask passed to the model is padded with ones, which the causal
-    # mask hides until a position is written.
+    # One reserved-buffer KV cache per stream group (kv_cache.py): appends in place, no copy of the
+    # whole cache per token; ``max_length`` (prompt + new tokens) is the room it reserves.
     def __init__(self, model, caches: int, logits: bool, max_length: int):
         super().__init__()
         self._logits = logits
         self._forward = model.base_causal_lm if logits else model.decoder
         self._keyword = cache_keyword(self._forward)
-        self._max_length = max_length
-        self._caches = [StaticCache(config=model.base_causal_lm.config, max_cache_len=max_length)
-                        for _ in range(caches)]
+        self._caches = [reserved_cache(model.base_causal_lm.config, max_length) for _ in range(caches)]
         self._peft_model = model.peft_model
 
     def _last_hidden(self, cache: int, input_ids, attention_mask, position_ids) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if self._logits else {}
-        attention_mask = F.pad(attention_mask, (0, self._max_length - attention_mask.shape[1]), value=1)
         out = self._forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=True, **extra, **{self._keyword: self._caches[cache]})
         return (out.logits if self._logits else out[0])[:, -1]

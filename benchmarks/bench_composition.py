@@ -44,7 +44,7 @@ class Sizes:
     max_new_tokens: int
 
 
-FULL = Sizes(steps=40, batch=4, prompts=20, max_new_tokens=64)  # the demo's training budget
+FULL = Sizes(steps=40, batch=4, prompts=20, max_new_tokens=96)  # the demo's budget and answer length
 QUICK = Sizes(steps=2, batch=2, prompts=4, max_new_tokens=8)
 
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qadapter_kernels.decoding.lora_rows import row_blocks, sliced_lora_routing
-from qadapter_kernels.decoding.streams import BASE_ADAPTER_NAME
+from qadapter_kernels.decoding.lora_rows import BASE_ADAPTER_NAME, row_blocks, sliced_lora_routing
 
 
 def peft_model(dora: bool = False, seed: int = 0) -> peft.PeftModel:

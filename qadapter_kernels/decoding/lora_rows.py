@@ -10,8 +10,8 @@ adds its adapter's delta to a view of its block of rows instead: the same arithm
 vanilla LoRA (``lora_B(lora_A(dropout(x))) * scaling``, cast as peft casts), in the same order.
 
 Only where that is the whole story: every LoRA layer a plain ``peft`` ``lora.Linear``, unmerged,
-no DoRA or other variant among the adapters routed (with adapters disabled, as peft does, none). Anything else keeps peft's
-routing (``sliced_lora_routing`` returns None).
+no DoRA or other variant among the adapters routed (with adapters disabled, as peft does, none).
+Anything else keeps peft's routing (``sliced_lora_routing`` returns None).
 """
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ def sliced_lora_routing(peft_model, adapter_names: Sequence[str]) -> contextlib.
         raise ValueError(f"adapter_names: the model has no adapter {', '.join(map(repr, unknown))} "
                          f"(it has {', '.join(map(repr, peft_model.peft_config))})")
     blocks = row_blocks(adapter_names)
-    if len(blocks) != len(set(name for name, _, _ in blocks)):
+    names = {name for name, _, _ in blocks}
+    if len(blocks) != len(names):
         return None  # a name in two runs: not the stacked layout this serves
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
-    names = {name for name, _, _ in blocks}
     if any(type(m) is not LoraLinear or m.merged or "forward" in vars(m)
            or names & set(m.lora_variant) for m in layers):
         return None

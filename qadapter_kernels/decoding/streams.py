@@ -36,8 +36,9 @@ def mixed_batch_hooks(peft_model, adapter_names: list[str]):
     By slicing (``lora_rows.sliced_lora_routing``) where the rows form one block per adapter and every
     LoRA layer is a plain one; otherwise through peft's private
     ``_enable_peft_forward_hooks(adapter_names=...)``, checked before it is trusted. That hook is what
-    ``peft``'s own ``generate(adapter_names=...)`` uses, but it is private: when a peft version lacks it (on the PeftModel or on the LoRA model it delegates to) or no longer takes
-    keyword arguments, a silent fallback would run every row WITH the adapter, so this raises.
+    ``peft``'s own ``generate(adapter_names=...)`` uses, but it is private: when a peft version lacks it
+    (on the PeftModel or on the LoRA model it delegates to) or no longer takes keyword arguments, a
+    silent fallback would run every row WITH the adapter, so this raises.
     """
     sliced = sliced_lora_routing(peft_model, adapter_names)
     if sliced is not None:

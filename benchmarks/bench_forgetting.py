@@ -359,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.jobs > 1 and not args.shard:
         return run_shards(args, sys.argv[1:] if argv is None else argv)
+    if args.out and (Path(args.out) / PARTIAL_NAME).exists():  # appending to it would mix two runs
+        parser.error(f"--out {args.out} holds {PARTIAL_NAME}, the rows of an interrupted run: move it away "
+                     "(or choose another --out) to start a new run")
     try:
         import lm_eval  # noqa: F401  (the task files' scoring is shared with the lm-eval plug-in)
         import trl  # noqa: F401
@@ -372,15 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows = run(args, sizes)
     info["wall_s"] = time.perf_counter() - start
-    # Another preference's results go next to the default's, never over them.
-    name = "forgetting" + ("" if args.preference == DEFAULT_PREFERENCE else f"_{args.preference}")
-    meta = {"name": name + ("_quick" if args.quick else ""), "preference": args.preference, "machine": info,
+    meta = {"name": output_name(args), "preference": args.preference, "machine": info,
             "sizes": sizes.__dict__, "steps": args.steps or sizes.steps, "batch": args.batch or sizes.batch,
             "learning_rate": LEARNING_RATE, "quick": bool(args.quick)}
     status = write_outputs(rows, meta, args)
     if args.out:  # the whole run is in the outputs now
         (Path(args.out) / PARTIAL_NAME).unlink(missing_ok=True)
     return status
+
+
+def output_name(args) -> str:
+    """``forgetting[_NAME][_quick]``: another preference's results go next to the default's, never over them."""
+    name = "forgetting" + ("" if args.preference == DEFAULT_PREFERENCE else f"_{args.preference}")
+    return name + ("_quick" if args.quick else "")
 
 
 def shard_spec(text: str) -> tuple[int, int]:
@@ -420,8 +427,7 @@ def run_shards(args, argv: list[str]) -> int:
         print(f"bench_forgetting: error: shard(s) {failed} of {args.jobs} failed; what they finished is in "
               f"{shard_root}", file=sys.stderr)
         return 1
-    name = "forgetting" + ("" if args.preference == DEFAULT_PREFERENCE else f"_{args.preference}")
-    name += "_quick" if args.quick else ""
+    name = output_name(args)
     rows, meta = merge_runs([str(shard_root / str(k) / f"{name}.json") for k in range(1, args.jobs + 1)])
     meta["machine"] = {**meta["machine"], "wall_s": time.perf_counter() - start, "jobs": args.jobs,
                        "shard_wall_s_total": meta["machine"]["wall_s"]}

@@ -52,6 +52,24 @@ def test_another_preference_is_trained_on_and_written_apart(tmp_path):
     assert payload["rows"][0]["runs"][0]["pref"] == 0.0
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_an_interrupted_runs_partial_rows_are_never_appended_to(tmp_path, jobs):
+    """A folder holding an interrupted run's partial file is refused, the file left as it was (with
+    --jobs 2: in the shards' folder, which a failed run keeps)."""
+    folder = tmp_path / "forgetting_shards" / "1" if jobs == "2" else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / "forgetting_partial.jsonl"
+    partial.write_text('{"row": "SFT", "seed": 0}\n')
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_forgetting.py"), "--quick", "--device", "cpu",
+           "--out", str(tmp_path), "--jobs", jobs]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode != 0
+    assert "holds forgetting_partial.jsonl, the rows of an interrupted run" in proc.stdout + proc.stderr
+    assert partial.read_text() == '{"row": "SFT", "seed": 0}\n'
+    assert not (tmp_path / "forgetting_quick.json").exists()
+
+
 def test_pareto_front_and_spread():
     points = [(100.0, 0.0), (90.0, 50.0), (80.0, 40.0), (95.0, 50.0), (50.0, 90.0)]
     assert pareto_front(points) == [4, 3, 0]

@@ -155,8 +155,11 @@ def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 2**30, fresh_o
     ``fresh_output``: copy into a newly allocated ``y`` each call (``torch.empty_like(x).copy_(x)``),
     what an op that returns a fresh tensor pays with the default allocator; on CPU that includes
     the page faults of first touching freshly mapped memory."""
-    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
+    # Both written before timing: a never-touched CPU tensor is backed by the kernel's shared zero
+    # page, whose reads hit cache and would inflate the bandwidth (an earlier version of this
+    # function did that: 25-31 GB/s instead of ~19 on the 2-core development VM).
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.zeros_like(x)
     copy = (lambda: torch.empty_like(x).copy_(x)) if fresh_output else (lambda: y.copy_(x))
     # CUDA: do_bench budgets in ms; CPU: call counts (a 1 GiB copy takes ~0.1 s there).
     warmup, reps = (25, 200) if torch.device(device).type == "cuda" else (2, 10)

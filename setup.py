@@ -13,7 +13,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
-    "AVX2": ["-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],  # at::vec converts fp16 with F16C under AVX2
     "DEFAULT": [],
 }
 
@@ -32,7 +32,7 @@ def _cpu_capability() -> str:
         return "DEFAULT"
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
         return "AVX512"
-    if {"avx2", "fma"} <= flags:
+    if {"avx2", "fma", "f16c"} <= flags:
         return "AVX2"
     return "DEFAULT"
 

@@ -1,4 +1,5 @@
-// Huge-page backed allocation for large kernel outputs (see streaming_output.h for why).
+// Huge-page backed allocation for large kernel outputs, with the last freed block kept for the
+// next output of the same size (see streaming_output.h for why).
 #include "streaming_output.h"
 
 #include <ATen/EmptyTensor.h>
@@ -7,7 +8,9 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
 #include <new>
+#include <utility>
 
 namespace qadapter {
 namespace {
@@ -25,33 +28,63 @@ std::atomic<size_t> allocated_bytes{0};
 
 void report(void* data, int64_t delta) {
   // The profiler's memory records (benchmarks' peak-memory figures) see these blocks as they
-  // see the default CPU allocator's.
+  // see the default CPU allocator's: allocated when a tensor takes one, freed when it lets go,
+  // whether or not the pages go back to the system.
   if (c10::memoryProfilingEnabled()) {
     const size_t total = allocated_bytes.load();
     c10::reportMemoryUsageToProfiler(data, delta, total, total, c10::Device(c10::kCPU));
   }
 }
 
-void free_block(void* context) {
-  auto* block = static_cast<Block*>(context);
-  allocated_bytes -= block->bytes;
-  report(block->data, -static_cast<int64_t>(block->bytes));
+// The one block kept for reuse (nullptr: none), written pages and all.
+std::mutex kept_mutex;
+Block* kept = nullptr;
+
+void release(Block* block) {
+  if (block == nullptr) return;
   std::free(block->data);
   delete block;
 }
 
+void free_block(void* context) {
+  auto* block = static_cast<Block*>(context);
+  allocated_bytes -= block->bytes;
+  report(block->data, -static_cast<int64_t>(block->bytes));
+  Block* dropped;
+  {
+    std::lock_guard<std::mutex> lock(kept_mutex);
+    dropped = kept;
+    kept = block;
+  }
+  release(dropped);
+}
+
+Block* take_or_map(size_t bytes) {
+  Block* dropped;
+  {
+    std::lock_guard<std::mutex> lock(kept_mutex);
+    if (kept != nullptr && kept->bytes == bytes) {
+      return std::exchange(kept, nullptr);
+    }
+    // Another size: the kept block goes back to the system before a new one is mapped, so the
+    // process never holds more than it would without reuse plus one block.
+    dropped = std::exchange(kept, nullptr);
+  }
+  release(dropped);
+  void* data = nullptr;
+  TORCH_CHECK(bytes == 0 || posix_memalign(&data, kHugePage, bytes) == 0,
+              "qadapter: out of memory allocating ", bytes, " bytes");
+  // A hint: where THP is off or no huge page is free, the kernel falls back to 4 KiB pages.
+  if (bytes) madvise(data, bytes, MADV_HUGEPAGE);
+  return new Block{data, bytes};
+}
+
 struct HugePageAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
-    const size_t bytes = (n + kHugePage - 1) / kHugePage * kHugePage;
-    void* data = nullptr;
-    TORCH_CHECK(bytes == 0 || posix_memalign(&data, kHugePage, bytes) == 0,
-                "qadapter: out of memory allocating ", n, " bytes");
-    // A hint: where THP is off or no huge page is free, the kernel falls back to 4 KiB pages.
-    if (bytes) madvise(data, bytes, MADV_HUGEPAGE);
-    auto* block = new Block{data, bytes};
-    allocated_bytes += bytes;
-    report(data, static_cast<int64_t>(bytes));
-    return {data, block, &free_block, c10::Device(c10::kCPU)};
+    Block* block = take_or_map((n + kHugePage - 1) / kHugePage * kHugePage);
+    allocated_bytes += block->bytes;
+    report(block->data, static_cast<int64_t>(block->bytes));
+    return {block->data, block, &free_block, c10::Device(c10::kCPU)};
   }
   void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
 };

@@ -9,7 +9,11 @@ namespace qadapter {
 // glibc's malloc maps fresh pages for every allocation anyway) its memory is 2 MiB-aligned with
 // transparent huge pages requested (madvise; a no-op where THP is off): the first write of a fresh
 // 4 KiB-paged dQ faults once per page, which on the development VM made a 131 MB dQ cost 8x its
-// own streaming write (docs/DESIGN.md, "Memory traffic of the loss").
+// own streaming write. Even on huge pages the kernel zeroes fresh memory, a write pass of its own,
+// so the last such block freed is kept (one, whatever its size) and handed to the next request of
+// the same rounded size, pages already written: a training loop asks for one dQ of the same size
+// every step. A request of another size first returns the kept block to the system, so the process
+// holds at most one block beyond what live tensors use (docs/DESIGN.md, "Memory traffic of the loss").
 at::Tensor empty_streaming_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace qadapter

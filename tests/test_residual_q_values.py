@@ -365,6 +365,37 @@ def test_neg_inf_q_at_taken_action_is_allowed_in_residual_q_values(backend, devi
 
 
 
+def test_large_dq_reuses_the_last_freed_block_without_stale_values(seed):
+    """A freed dQ of 32 MiB or more is kept for the next one of the same size (a training loop
+    asks for one per step): the next backward gets the same memory, already written, and every
+    entry of it is new, prompt rows' exact zeros included. Another size gets other memory."""
+    vocab = 32000
+    n = -(-(32 << 20) // (vocab * 4))
+    q, base, actions = make_rows(n, vocab, seed=seed)
+    q_k = leaf(q)
+    values, q_taken = qk.residual_q_values(q_k, base, actions, backend="cpu")
+    (values.sum() + q_taken.sum()).backward()
+    first_ptr = q_k.grad.data_ptr()
+    q_k.grad = None  # frees the block: it is kept
+
+    live = torch.zeros(n, dtype=torch.bool)
+    live[::2] = True
+    w = torch.where(live, random_weights(n, seed).float(), 0.0)
+    q_r = leaf(q)
+    (qk.residual_q_values(q_k, base, actions, backend="cpu")[0] * w).sum().backward()
+    (reference.residual_q_values(q_r, base, actions)[0] * w).sum().backward()
+    assert q_k.grad.data_ptr() == first_ptr
+    assert (q_k.grad[~live] == 0).all()
+    assert_close(q_k.grad, q_r.grad, **GRAD_TOL[torch.float32], what="dQ in a reused block")
+
+    q_k.grad = None
+    wider = [torch.cat([t, t[:1]]) for t in (q, base, actions)]
+    wider_k, wider_r = leaf(wider[0]), leaf(wider[0])
+    qk.residual_q_values(wider_k, *wider[1:], backend="cpu")[0].sum().backward()
+    reference.residual_q_values(wider_r, *wider[1:])[0].sum().backward()
+    assert_close(wider_k.grad, wider_r.grad, **GRAD_TOL[torch.float32], what="dQ of another size")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_large_dq_is_huge_page_aligned_and_exact(dtype, seed):
     """A dQ of 32 MiB or more comes from 2 MiB-aligned memory (transparent huge pages: no page

@@ -6,6 +6,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "fast_exp.h"
+
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -31,15 +33,6 @@ acc_t max_nan(acc_t a, acc_t b) {
   return (std::isnan(a) || a > b) ? a : b;
 }
 
-template <typename acc_t>
-Vectorized<acc_t> vexp(const Vectorized<acc_t>& x) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return x.exp_u20();  // ~1e-6 relative: ample for a softmax normaliser
-  } else {
-    return x.exp();
-  }
-}
-
 // y = Q / alpha_tilde + (alpha_0 / alpha_tilde) * L.
 template <typename acc_t>
 struct Combine {
@@ -52,7 +45,9 @@ struct Combine {
   }
 };
 
-// Running logsumexp of one stream: sum of exp(x - max) over what has been folded in.
+// Running logsumexp of one stream: `sum` of exp(x - max) over what has been folded in. `max` is
+// the running maximum, or, after a single-pass fold (fold_tile), a reference point at most
+// log(count) above it; value() is the logsumexp either way.
 template <typename acc_t>
 struct OnlineLse {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
@@ -73,14 +68,12 @@ struct OnlineLse {
   acc_t value() const { return max + std::log(sum); }
 };
 
-// Folds one tile of both streams into their running logsumexps. Returns the factor by which
-// quantities accumulated against the old y-max must be rescaled; when `probs` is given, writes
-// exp(y - new y-max) there (softmax numerators, for an expectation accumulated alongside).
-// With l == nullptr the tile is y itself (one stream: the base model's LSE came from a cached
-// pass, DESIGN.md §1) and lse_l is left alone; pass Combine(1, 0) then.
+namespace detail {
+
+// The tile's max first, then exps against the new running max: always safe, two passes.
 template <typename acc_t>
-acc_t fold_tile(const acc_t* q, const acc_t* l, int64_t n, const Combine<acc_t>& combine,
-                OnlineLse<acc_t>& lse_y, OnlineLse<acc_t>& lse_l, acc_t* probs = nullptr) {
+acc_t fold_tile_two_pass(const acc_t* q, const acc_t* l, int64_t n, const Combine<acc_t>& combine,
+                         OnlineLse<acc_t>& lse_y, OnlineLse<acc_t>& lse_l, acc_t* probs) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t kVec = Vec::size();
   const int64_t n_vec = n - n % kVec;
@@ -121,6 +114,72 @@ acc_t fold_tile(const acc_t* q, const acc_t* l, int64_t n, const Combine<acc_t>&
   }
   lse_y.sum += tile_sum_y;
   if (two) lse_l.sum += tile_sum_l;
+  return factor;
+}
+
+}  // namespace detail
+
+// The single-pass fold below takes a tile's exps against the running reference point without
+// looking for the tile's max. A tile sum above e^64 (some entry far above the reference) sends the
+// tile to the two-pass fold; a running sum above e^32 moves the reference up to the current
+// logsumexp. Sums then stay below e^32 + e^64, far from fp32 overflow, and the reference never
+// sits more than log(V) above the true max, so nothing that matters underflows.
+template <typename acc_t>
+constexpr acc_t kMaxTileSum = acc_t(6.235149080811617e27);  // e^64
+template <typename acc_t>
+constexpr acc_t kRecentreAbove = acc_t(7.896296018268069e13);  // e^32
+
+// Folds one tile of both streams into their running logsumexps. Returns the factor by which
+// quantities accumulated against the old reference point of y must be rescaled; when `probs` is
+// given, writes exp(y - new reference) there (softmax numerators, for an expectation accumulated
+// alongside; OnlineLse::sum is their normaliser). With l == nullptr the tile is y itself (one
+// stream: the base model's LSE came from a cached pass, DESIGN.md §1) and lse_l is left alone;
+// pass Combine(1, 0) then.
+//
+// Without `probs`, once both reference points are finite, one pass over the tile does it: an exp
+// and an add per entry and stream, with no separate max pass and no vector max (the loss forward
+// is bound by exp throughput on CPU). A NaN reaches the sum, hence the row's LSE. Tiles before a
+// finite reference exists, and tiles whose sum exceeds the bound above, take the two-pass fold.
+// With `probs` (which callers may point at q itself, so an overwritten tile could not be folded
+// again) the fold is always two-pass: there the head product, not the exp, bounds the time.
+template <typename acc_t>
+acc_t fold_tile(const acc_t* q, const acc_t* l, int64_t n, const Combine<acc_t>& combine,
+                OnlineLse<acc_t>& lse_y, OnlineLse<acc_t>& lse_l, acc_t* probs = nullptr) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kVec = Vec::size();
+  const bool two = l != nullptr;
+  if (probs || !std::isfinite(lse_y.max) || (two && !std::isfinite(lse_l.max))) {
+    return detail::fold_tile_two_pass(q, l, n, combine, lse_y, lse_l, probs);
+  }
+  const int64_t n_vec = n - n % kVec;
+  const acc_t ref_y = lse_y.max, ref_l = lse_l.max;
+  // y is rounded exactly as in every other pass (the backward's exp(y - LSE(y)) among them), so
+  // that at large |y| (1e4: an ulp of 1e-3) the softmax stays consistent with its normaliser.
+  const auto y_vec = [&](int64_t i) { return two ? combine(Vec::loadu(q + i), Vec::loadu(l + i)) : Vec::loadu(q + i); };
+  const Vec v_ref_y(ref_y), v_ref_l(ref_l);
+  Vec sum_y(0), sum_l(0);
+  for (int64_t i = 0; i < n_vec; i += kVec) {
+    sum_y += vexp<acc_t>(y_vec(i) - v_ref_y);
+    if (two) sum_l += vexp<acc_t>(Vec::loadu(l + i) - v_ref_l);
+  }
+  const auto vsum = [](Vec& a, Vec& b) { return a + b; };
+  acc_t tile_sum_y = at::vec::vec_reduce_all<acc_t>(vsum, sum_y), tile_sum_l = at::vec::vec_reduce_all<acc_t>(vsum, sum_l);
+  for (int64_t i = n_vec; i < n; ++i) {
+    tile_sum_y += std::exp((two ? combine(q[i], l[i]) : q[i]) - ref_y);
+    if (two) tile_sum_l += std::exp(l[i] - ref_l);
+  }
+  // A NaN sum stays: it is what the two-pass fold would give, and it must reach the LSE.
+  const auto overflows = [](acc_t sum) { return sum > kMaxTileSum<acc_t>; };
+  if (overflows(tile_sum_y) || (two && overflows(tile_sum_l))) {
+    return detail::fold_tile_two_pass(q, l, n, combine, lse_y, lse_l, probs);
+  }
+  lse_y.sum += tile_sum_y;
+  if (two) lse_l.sum += tile_sum_l;
+  const auto recentre = [](OnlineLse<acc_t>& lse) {
+    return lse.sum > kRecentreAbove<acc_t> ? lse.rescale_to(lse.max + std::log(lse.sum)) : acc_t(1);
+  };
+  const acc_t factor = recentre(lse_y);
+  if (two) recentre(lse_l);
   return factor;
 }
 

@@ -251,6 +251,17 @@ def test_cpu_tile_budget_does_not_change_the_result(budget, seed):
         assert_close(tiled_grads[name], whole_grads[name], rtol=1e-4, atol=atol, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("budget", [TINY_BUDGET_MB, 0.5])
+def test_cpu_maximum_moving_along_the_vocabulary(budget, seed):
+    """Bias spikes past the first tiles move every row's running max: by 30 (exps taken against
+    the old max, then rescaled together with the softmax numerators that E accumulates) and by
+    200 (beyond the single-pass slack: that tile is folded again in two passes)."""
+    p = make_problem(2, 32, 64, 8000, seed=seed, bias=True)
+    p.bias[3000] += 30.0
+    p.bias[6000] += 200.0
+    check_against_reference(p, torch.float32, variant="bellman", tile_budget_mb=budget, **KEYWORDS)
+
+
 def test_cpu_row_tiles_with_tail(seed):
     """N = 2200 > 2048 rows: the C++ path tiles rows too (2048 + a 152-row tail)."""
     p = make_problem(1, 1100, 24, 150, seed=seed, bias=True)

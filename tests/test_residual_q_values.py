@@ -143,6 +143,50 @@ def test_large_magnitudes(backend, device, dtype, seed):
                            value_tol=dict(rtol=1e-6, atol=16 * eps * offset))
 
 
+def _rows_whose_max_moves(vocab: int, seed: int, dtype):
+    """Rows whose running maximum moves along the vocabulary in every way the tiled passes handle
+    differently: a jump far above everything before it (beyond the single-pass slack of 64), a
+    small jump, a masked (-inf or finfo.min) start, a steady climb, a 1e4 spike in one stream."""
+    q, base, actions = make_rows(7, vocab, seed=seed)
+    ramp = torch.linspace(-100.0, 100.0, vocab)
+    q[0, 5000] += 200.0
+    base[0, 5001] += 200.0
+    q[1, 3000] += 30.0
+    q[2, :2100] = base[2, :2100] = float("-inf")
+    q[3] += ramp
+    base[3] -= ramp
+    q[4, :2100] = base[4, :2100] = torch.finfo(torch.float32).min
+    base[5, 8000] = 1e4
+    q[6] -= ramp
+    base[6, 7000] += 100.0
+    actions[[2, 4]] = torch.randint(2100, vocab, (2,), generator=torch.Generator().manual_seed(seed))
+    return q.to(dtype), base.to(dtype), actions
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_maximum_moving_along_the_row(backend, device, dtype, seed):
+    """The C++ pass takes a tile's exps against the running max in the same pass that finds the
+    tile's max, and folds again in two passes when the tile's max is far above it; the Triton
+    pass rescales per block. Both must match the reference whichever way the max moves."""
+    vocab = 9000  # 9 C++ tiles, 3 Triton blocks
+    q, base, actions = _rows_whose_max_moves(vocab, seed, dtype)
+    eps = torch.finfo(torch.float32).eps
+    compare_with_reference(q, base, actions, backend, device, seed=seed, alpha_0=0.5,
+                           value_tol=dict(rtol=1e-6, atol=16 * eps * 1e4))
+
+
+@pytest.mark.parametrize("stream", ["q", "base"])
+def test_nan_in_a_later_tile_gives_nan_value_through_the_op(stream):
+    """The public API rejects NaN logits; the op called directly (no value checks) must still not
+    lose one: a NaN past the first tile, where the C++ pass folds in one pass without a max,
+    reaches that row's value, and only that row's."""
+    q, base, actions = make_rows(3, 9000, seed=0)
+    (q if stream == "q" else base)[1, 6000] = float("nan")
+    values, _, lse_y = torch.ops.qadapter.residual_q_values(q, base, actions, 1.0, 0.5)
+    assert torch.isnan(values[1]) and torch.isnan(lse_y[1]) and torch.isfinite(values[[0, 2]]).all()
+
+
 def _strided(kind: str, n: int, vocab: int, seed: int, device: str):
     """Views with unusual strides, built on the target device (a copy there would be contiguous)."""
     wide = [t.to(device) for t in make_rows(n, vocab + 11, seed=seed)]

@@ -24,9 +24,10 @@ inline Vectorized<float> exp_avx512(const Vectorized<float>& x_in) {
       1.2418578120734840f, 1.2968395546510096f, 1.3542555469368927f, 1.4142135623730951f, 1.4768261459394993f,
       1.5422108254079407f, 1.6104903319492543f, 1.6817928305074290f, 1.7562521603732995f, 1.8340080864093424f,
       1.9152065613971474f);
-  // -110 keeps k finite (-inf - -inf would be NaN) and still underflows to 0 (e^-110 < 2^-150).
-  // max(c, x) returns x when x is NaN, so NaN propagates.
-  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-110.f), x_in);
+  // [-110, 100] keeps 16 x / ln 2 and k finite (x = -inf or 1e38 would give inf - inf = NaN below)
+  // and still ends at exactly 0 (e^-110 < 2^-150) and inf (e^100 > 2^128). min(c, x) and max(c, x)
+  // return x when x is NaN, so NaN propagates.
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-110.f), _mm512_min_ps(_mm512_set1_ps(100.f), x_in));
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(23.083120654223414f)),  // 16 / ln 2
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // ln2/16 = hi + lo with hi on 12 significant bits, so k * hi is exact for |k| < 4096 (here |k| <= 2540).

@@ -5,7 +5,7 @@
 // [-ln2/32, ln2/32] (two-constant Cody-Waite reduction, so r keeps full precision for large |x|).
 // 2^(k/16) is a 16-entry table lookup in one register (vpermps on k's low 4 bits) times
 // 2^floor(k/16) applied by vscalefps, which also underflows to exactly 0 and overflows to inf;
-// e^r is a cubic (truncation error r^4/24 < 1e-8). About 10 instructions against exp_u20's 20,
+// e^r is a cubic (truncation error r^4/24 < 1e-8). About 12 instructions against exp_u20's 20,
 // with a few ulp of error instead of its ~20. Elsewhere exp_u20.
 #pragma once
 

@@ -137,6 +137,18 @@ def _untracked(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.detach() if t is not None and t.requires_grad else t
 
 
+def _base_for_fp32_kernels(base_logits: torch.Tensor, alpha_0: float) -> torch.Tensor:
+    """fp64 base logits as the fp32 kernels must read them. With ``alpha_0 = 0`` they enter only as
+    ``0 * L``, which is 0 for any finite fp64 value, a mask at ``finfo(float64).min`` included; cast
+    to fp32 such a value is -inf and ``0 * -inf`` NaN. So there finite values beyond fp32's range
+    saturate at its largest magnitude (with ``alpha_0 > 0`` the cast's -inf is what the fp64 result
+    rounds to anyway). Sampling and combined logits take no gradient in the base logits."""
+    if base_logits.dtype != torch.float64 or alpha_0 != 0:
+        return base_logits
+    largest = torch.finfo(torch.float32).max
+    return torch.where(torch.isfinite(base_logits), base_logits.clamp(-largest, largest), base_logits)
+
+
 def sample_logits_rows(q_logits, base_logits, policy: PolicyParams, per_row: RowSampling, generator,
                        backend: str) -> torch.Tensor:
     """One token per row of [B, V] logits on a resolved backend; -1 for a row without a finite maximum. No checks."""
@@ -150,8 +162,8 @@ def sample_logits_rows(q_logits, base_logits, policy: PolicyParams, per_row: Row
                                            policy, SamplingParams(*per_row), generator=generator)
         return torch.where(no_finite_max, -1, tokens)
     uniforms = draw_uniforms(q_logits.shape[0], q_logits.device, generator)
-    return sample_rows(q_logits, base_logits, uniforms, *per_row, policy.alpha_tilde, policy.alpha_0,
-                       through_dispatcher(backend, q_logits.device))
+    return sample_rows(q_logits, _base_for_fp32_kernels(base_logits, policy.alpha_0), uniforms, *per_row,
+                       policy.alpha_tilde, policy.alpha_0, through_dispatcher(backend, q_logits.device))
 
 
 def sample_hidden_rows(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, policy: PolicyParams,
@@ -197,8 +209,8 @@ def combined_logits(
     if backend == "torch":
         out = reference.combined_logits(q_logits, base_logits, p).float()
     else:
-        out = combined_logits_rows(q_logits, base_logits, p.alpha_tilde, p.alpha_0,
-                                   through_dispatcher(backend, q_logits.device))
+        out = combined_logits_rows(q_logits, _base_for_fp32_kernels(base_logits, p.alpha_0), p.alpha_tilde,
+                                   p.alpha_0, through_dispatcher(backend, q_logits.device))
     if value_checks_enabled(q_logits.device) and out.numel():
         # NaN or +inf anywhere, or a row of -inf, leaves a row without a finite maximum.
         raise_on_flags({nonfinite_message("q_logits or base_logits", p.alpha_0):

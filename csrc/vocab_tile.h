@@ -43,6 +43,13 @@ struct Combine {
   Vectorized<acc_t> operator()(const Vectorized<acc_t>& q, const Vectorized<acc_t>& l) const {
     return at::vec::fmadd(q, Vectorized<acc_t>(inv_at), l * Vectorized<acc_t>(scale));
   }
+  // y at entry i of a tile, rounded the same way by every pass (the softmax must stay consistent
+  // with its normaliser at |y| ~ 1e4, where an ulp is 1e-3); l == nullptr: the tile q is y itself.
+  acc_t y_at(const acc_t* q, const acc_t* l, int64_t i) const { return l ? (*this)(q[i], l[i]) : q[i]; }
+  Vectorized<acc_t> y_vec(const acc_t* q, const acc_t* l, int64_t i) const {
+    using Vec = Vectorized<acc_t>;
+    return l ? (*this)(Vec::loadu(q + i), Vec::loadu(l + i)) : Vec::loadu(q + i);
+  }
 };
 
 // Running logsumexp of one stream: `sum` of exp(x - max) over what has been folded in. `max` is
@@ -80,17 +87,15 @@ acc_t fold_tile_two_pass(const acc_t* q, const acc_t* l, int64_t n, const Combin
   const bool two = l != nullptr;
   const auto vmax = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
   const auto vsum = [](Vec& a, Vec& b) { return a + b; };
-  const auto y_at = [&](int64_t i) { return two ? combine(q[i], l[i]) : q[i]; };
-  const auto y_vec = [&](int64_t i) { return two ? combine(Vec::loadu(q + i), Vec::loadu(l + i)) : Vec::loadu(q + i); };
   Vec max_y(-std::numeric_limits<acc_t>::infinity()), max_l = max_y;
   for (int64_t i = 0; i < n_vec; i += kVec) {
-    max_y = at::vec::maximum(max_y, y_vec(i));
+    max_y = at::vec::maximum(max_y, combine.y_vec(q, l, i));
     if (two) max_l = at::vec::maximum(max_l, Vec::loadu(l + i));
   }
   acc_t tile_max_y = at::vec::vec_reduce_all<acc_t>(vmax, max_y);
   acc_t tile_max_l = at::vec::vec_reduce_all<acc_t>(vmax, max_l);
   for (int64_t i = n_vec; i < n; ++i) {
-    tile_max_y = max_nan(tile_max_y, y_at(i));
+    tile_max_y = max_nan(tile_max_y, combine.y_at(q, l, i));
     if (two) tile_max_l = max_nan(tile_max_l, l[i]);
   }
   const acc_t factor = lse_y.rescale_to(tile_max_y);
@@ -99,7 +104,7 @@ acc_t fold_tile_two_pass(const acc_t* q, const acc_t* l, int64_t n, const Combin
   const Vec v_shift_y(shift_y), v_shift_l(shift_l);
   Vec sum_y(0), sum_l(0);
   for (int64_t i = 0; i < n_vec; i += kVec) {
-    const Vec p = vexp<acc_t>(y_vec(i) - v_shift_y);
+    const Vec p = vexp<acc_t>(combine.y_vec(q, l, i) - v_shift_y);
     if (probs) p.store(probs + i);
     sum_y += p;
     if (two) sum_l += vexp<acc_t>(Vec::loadu(l + i) - v_shift_l);
@@ -107,7 +112,7 @@ acc_t fold_tile_two_pass(const acc_t* q, const acc_t* l, int64_t n, const Combin
   acc_t tile_sum_y = at::vec::vec_reduce_all<acc_t>(vsum, sum_y);
   acc_t tile_sum_l = at::vec::vec_reduce_all<acc_t>(vsum, sum_l);
   for (int64_t i = n_vec; i < n; ++i) {
-    const acc_t p = std::exp(y_at(i) - shift_y);
+    const acc_t p = std::exp(combine.y_at(q, l, i) - shift_y);
     if (probs) probs[i] = p;
     tile_sum_y += p;
     if (two) tile_sum_l += std::exp(l[i] - shift_l);
@@ -153,19 +158,16 @@ acc_t fold_tile(const acc_t* q, const acc_t* l, int64_t n, const Combine<acc_t>&
   }
   const int64_t n_vec = n - n % kVec;
   const acc_t ref_y = lse_y.max, ref_l = lse_l.max;
-  // y is rounded exactly as in every other pass (the backward's exp(y - LSE(y)) among them), so
-  // that at large |y| (1e4: an ulp of 1e-3) the softmax stays consistent with its normaliser.
-  const auto y_vec = [&](int64_t i) { return two ? combine(Vec::loadu(q + i), Vec::loadu(l + i)) : Vec::loadu(q + i); };
   const Vec v_ref_y(ref_y), v_ref_l(ref_l);
   Vec sum_y(0), sum_l(0);
   for (int64_t i = 0; i < n_vec; i += kVec) {
-    sum_y += vexp<acc_t>(y_vec(i) - v_ref_y);
+    sum_y += vexp<acc_t>(combine.y_vec(q, l, i) - v_ref_y);
     if (two) sum_l += vexp<acc_t>(Vec::loadu(l + i) - v_ref_l);
   }
   const auto vsum = [](Vec& a, Vec& b) { return a + b; };
   acc_t tile_sum_y = at::vec::vec_reduce_all<acc_t>(vsum, sum_y), tile_sum_l = at::vec::vec_reduce_all<acc_t>(vsum, sum_l);
   for (int64_t i = n_vec; i < n; ++i) {
-    tile_sum_y += std::exp((two ? combine(q[i], l[i]) : q[i]) - ref_y);
+    tile_sum_y += std::exp(combine.y_at(q, l, i) - ref_y);
     if (two) tile_sum_l += std::exp(l[i] - ref_l);
   }
   // A NaN sum stays: it is what the two-pass fold would give, and it must reach the LSE.
@@ -192,10 +194,9 @@ void softmax_grad_tile(const acc_t* q, const acc_t* l, int64_t n, const Combine<
   const int64_t n_vec = n - n % kVec;
   const Vec v_g(g_v), v_lse(lse_y);
   for (int64_t i = 0; i < n_vec; i += kVec) {
-    const Vec y = l ? combine(Vec::loadu(q + i), Vec::loadu(l + i)) : Vec::loadu(q + i);
-    (v_g * vexp<acc_t>(y - v_lse)).store(out + i);
+    (v_g * vexp<acc_t>(combine.y_vec(q, l, i) - v_lse)).store(out + i);
   }
-  for (int64_t i = n_vec; i < n; ++i) out[i] = g_v * std::exp((l ? combine(q[i], l[i]) : q[i]) - lse_y);
+  for (int64_t i = n_vec; i < n; ++i) out[i] = g_v * std::exp(combine.y_at(q, l, i) - lse_y);
 }
 
 }  // namespace qadapter

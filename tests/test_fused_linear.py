@@ -253,9 +253,9 @@ def test_cpu_tile_budget_does_not_change_the_result(budget, seed):
 
 @pytest.mark.parametrize("budget", [TINY_BUDGET_MB, 0.5])
 def test_cpu_maximum_moving_along_the_vocabulary(budget, seed):
-    """Bias spikes past the first tiles move every row's running max: by 30 (exps taken against
-    the old max, then rescaled together with the softmax numerators that E accumulates) and by
-    200 (beyond the single-pass slack: that tile is folded again in two passes)."""
+    """Bias spikes past the first tiles move every row's running max, by 30 and by 200: the
+    softmax numerators that E accumulates (the fused forward folds in two passes, writing them
+    over the logits tile) must be rescaled with the running sum each time."""
     p = make_problem(2, 32, 64, 8000, seed=seed, bias=True)
     p.bias[3000] += 30.0
     p.bias[6000] += 200.0

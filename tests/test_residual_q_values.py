@@ -145,7 +145,7 @@ def test_large_magnitudes(backend, device, dtype, seed):
 
 def _rows_whose_max_moves(vocab: int, seed: int, dtype):
     """Rows whose running maximum moves along the vocabulary in every way the tiled passes handle
-    differently: a jump far above everything before it (beyond the single-pass slack of 64), a
+    differently: a jump far above everything before it (a tile sum beyond e^64: two passes), a
     small jump, a masked (-inf or finfo.min) start, a steady climb, a 1e4 spike in one stream."""
     q, base, actions = make_rows(7, vocab, seed=seed)
     ramp = torch.linspace(-100.0, 100.0, vocab)
@@ -166,9 +166,9 @@ def _rows_whose_max_moves(vocab: int, seed: int, dtype):
 @pytest.mark.parametrize("dtype", DTYPES[:2])
 @pytest.mark.parametrize("backend, device", FUSED)
 def test_maximum_moving_along_the_row(backend, device, dtype, seed):
-    """The C++ pass takes a tile's exps against the running max in the same pass that finds the
-    tile's max, and folds again in two passes when the tile's max is far above it; the Triton
-    pass rescales per block. Both must match the reference whichever way the max moves."""
+    """The C++ pass takes a tile's exps against the running reference point in one pass, without
+    the tile's max, and folds again in two passes when the tile's sum shows an entry far above it;
+    the Triton pass rescales per block. Both must match the reference whichever way the max moves."""
     vocab = 9000  # 9 C++ tiles, 3 Triton blocks
     q, base, actions = _rows_whose_max_moves(vocab, seed, dtype)
     eps = torch.finfo(torch.float32).eps

@@ -1,4 +1,4 @@
-"""Two preferences at once: Q-Adapters trained separately, composed at decode with weights (issue 12).
+"""Two preferences at once: Q-Adapters trained separately, composed at decode with weights.
 
 Each shipped preference (``qadapter_kernels/data/<name>/``) gets its own Q-Adapter, trained with the
 demo's budget and settings through ``qadapter train`` (40 steps x 4 pairs, the library's learning

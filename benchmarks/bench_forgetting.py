@@ -1,4 +1,4 @@
-"""Does it forget? Q-Adapter against SFT and DPO with the same LoRA, budget and data (issue 9).
+"""Does it forget? Q-Adapter against SFT and DPO with the same LoRA, budget and data.
 
 Rows: the base model; SFT on the chosen answers; DPO (sigmoid, reference = adapter off) at two
 betas; Q-Adapter over alpha_0 in {0.01, 0.1, 0.5, 1.0, 2.0} x alpha_tilde in {1.0, 1 + alpha_0}

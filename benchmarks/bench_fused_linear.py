@@ -62,7 +62,7 @@ QUICK_SHAPES: list[Shape] = [(2, 64, 64, 4096)]
 EAGER, COMPILE, MATMUL, FUSED = "authors_eager", "authors_compile", "matmul_only", "qadapter_kernels"
 HEAVY_FLOP = 1e11  # GEMM FLOPs of one fwd+bwd above which CPU runs use few reps
 
-# The issue states the targets at N = 2B x T = 2x512; other shapes report the figure as INFO.
+# The performance targets are stated at N = 2B x T = 2x512; other shapes report the figure as INFO.
 TARGETS = [
     Target(FUSED, "peak/eager peak", "<=", 0.10, "cpu", where(shape="2x512")),
     Target(FUSED, "x compile", "<=", 1.8, "cpu", where(shape="2x512")),

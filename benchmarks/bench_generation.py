@@ -20,7 +20,7 @@ tokens/s = B x new tokens / (median wall time of the whole call, prefill include
 Configs: prompt 128 tokens, 128 new, B in {1, 8}, on a tiny random Llama (2 layers, hidden 256,
 vocab 32000) and SmolLM2-135M-Instruct (the embedded GGUF, fp32; CUDA: bf16). ``--quick``: the
 tiny model, prompt 16, 8 new tokens, B in {1, 2}.
-Targets (CPU): mixed_batch >= 1.4x two_pass tokens/s at batch 1; on SmolLM2 (issue 10) mixed_batch
+Targets (CPU): mixed_batch >= 1.4x two_pass tokens/s at batch 1; on SmolLM2 mixed_batch
 >= 0.95x base_alone tokens/s at batch 1 and >= 0.75x at batch 8 (batch 32 reported). Run from the repo root::
 
     python benchmarks/bench_generation.py [--quick] [--batches 1,8,32] [--device cpu|cuda] [--reps N] [--out DIR]
@@ -55,7 +55,7 @@ class Config:
     batches: tuple[int, ...]
     prompt: int
     new: int
-    targets: bool = True  # the issue's target is stated on this config (not on --quick's)
+    targets: bool = True  # the performance target is stated on this config (not on --quick's)
 
 
 TINY = Config("tiny Llama", random_llama_kwargs(256, 2, 32000, 4, 2, 512), (1, 8), 128, 128)

@@ -6,7 +6,7 @@
                         (C++ on CPU, Triton on CUDA)
 
 All three compute the same loss (the "official" variant, scores over T - 1); that is asserted before timing.
-Memory-traffic floor (issue 10): the bytes fwd+bwd must move (forward reads Q and L; backward reads
+Memory-traffic floor: the bytes fwd+bwd must move (forward reads Q and L; backward reads
 Q and L and writes dQ: 5x the bytes of Q) divided by the copy bandwidth of a same-size tensor copy
 (``y.copy_(x)``, x as large as Q, into an already-written y) measured in the same run with the same
 threads. ``x traffic floor`` is a provider's fwd+bwd time over that floor; ``GB/s`` its achieved

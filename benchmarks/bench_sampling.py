@@ -280,7 +280,7 @@ TARGETS = [
     Target(FUSED, "x hf", "<=", 0.1, "cpu", _stated(B=16, V=128256)),
     Target(FUSED, "x torch_sort", "<=", 0.2, "cuda", _stated()),
     Target(FUSED, "x flashinfer", "<=", 1.2, "cuda", _stated()),
-    # Issue 10: W read and multiplied once; filtering and the draw hide behind that product.
+    # Sampling on h_c: W read and multiplied once; filtering and the draw hide behind that product.
     Target(FROM_HIDDEN, "x head_product", "<=", 1.2, "cpu", _stated(B=16, V=128256)),
 ]
 

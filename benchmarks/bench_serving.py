@@ -1,4 +1,4 @@
-"""Serving a Q-Adapter with vLLM (issue 13): throughput, latency and resident weights.
+"""Serving a Q-Adapter with vLLM: throughput, latency and resident weights.
 
 Three ways to answer N concurrent requests (same prompts, greedy, exactly ``new`` tokens each):
 

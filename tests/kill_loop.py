@@ -1,4 +1,4 @@
-"""The 50-kill loop of issue 14: ``python3 tests/kill_loop.py [--kills 50] [--seed 0]`` from the repo root.
+"""The 50-kill resume loop: ``python3 tests/kill_loop.py [--kills 50] [--seed 0]`` from the repo root.
 
 Each round kills ``qadapter train`` at a random point, drawn half from the fault points of an
 uninterrupted run (inside saves included; fault_runner.py) with a random signal, half at a random

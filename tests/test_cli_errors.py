@@ -1,4 +1,4 @@
-"""Every user error of issue 14 ends as ONE line ``qadapter CMD: error: ...`` and exit status 2: bad
+"""Every user error ends as ONE line ``qadapter CMD: error: ...`` and exit status 2: bad
 model paths, broken or mismatched adapter files, flags that cannot work; plus the noise a user cannot
 act on, and ``eval`` scores that do not depend on --batch-size."""
 import json
@@ -88,7 +88,7 @@ def test_a_broken_adapter_file_is_one_line(adapter_copy, data_file, capsys, dama
 
 
 def test_an_adapter_with_renamed_modules_does_not_load(adapter_copy, data_file, capsys):
-    """Issue 14 item 3: q_proj keys renamed to k_proj loaded with half the LoRA missing (rc 0)."""
+    """q_proj keys renamed to k_proj used to load with half the LoRA missing (rc 0)."""
     weights = adapter_copy / "adapter_model.safetensors"
     tensors = safetensors.torch.load_file(str(weights))
     safetensors.torch.save_file({k.replace("q_proj", "k_proj"): v for k, v in tensors.items()}, str(weights))
@@ -191,12 +191,12 @@ def test_loading_a_gguf_shows_no_conversion_bar(capfd):
     assert "de-quantizing" not in capfd.readouterr().err
 
 
-# ----------------------------------------------------------------------------- item 5: eval and --batch-size
+# ----------------------------------------------------------------------------- eval and --batch-size
 
 
 @pytest.mark.parametrize("preset", [[], ["--preset", "authors"]], ids=["default", "authors"])
 def test_eval_does_not_depend_on_the_batch_size(tmp_path, model_dir, capsys, preset):
-    """Issue 14 item 5: scores divided by the padded batch width minus 1 gave a different mean margin
+    """Scores divided by the padded batch width minus 1 once gave a different mean margin
     for every --batch-size. Pairs of very different lengths make any dependence visible."""
     pairs = [(p, c * (i + 1), r * (i + 1)) for i, (p, c, r) in enumerate(PAIRS * 2)]
     data = tmp_path / "uneven.jsonl"

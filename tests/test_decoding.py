@@ -271,7 +271,7 @@ def test_logits_processor_bad_arguments(model):
         processor(torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 96))
 
 
-# --------------------------------------------------------------------------- peft's private hook (issue 11, 6b)
+# --------------------------------------------------------------------------- peft's private hook
 
 
 @pytest.mark.parametrize("change", ["missing", "no adapter_names"])

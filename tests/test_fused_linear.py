@@ -372,7 +372,7 @@ def test_triton_interpreter_matches_reference(B, T, H, V, dtype, bias, seed):
     assert interpreted("triton", "cpu")
     p = make_problem(B, T, H, V, seed=seed, bias=bias)
     variant = "bellman" if B == 1 else "official"
-    # Defect 4 (issue 11): fp64 inputs are computed in fp64 (they were computed in fp32 and returned
+    # fp64 inputs are computed in fp64 (they were computed in fp32 and returned
     # as fp64), so fp64 gets fp64 tolerances. Triton passes scalar arguments as fp32: the
     # hyper-parameters here are fp32-exact, so they cost nothing.
     check_against_reference(p, dtype, backend="triton", variant=variant, **FP32_EXACT_KEYWORDS)
@@ -713,14 +713,14 @@ def test_bad_input(case, backend, device):
         qk.fused_linear_qadapter_loss(**args, backend=backend)
 
 
-# --------------------------------------------------------------------------- backends agree (defect 4)
+# --------------------------------------------------------------------------- backends agree
 
 from qadapter_kernels.ops.fused_linear import fused_linear_rows  # noqa: E402
 
 
 @pytest.mark.parametrize("via_dispatcher", [True, False], ids=["cpu-op", "triton-interpreter"])
 def test_grad_weight_accumulates_in_fp32_across_chunks(via_dispatcher):
-    """Defect 4 (issue 11): grad(W) for bf16 weights summed over 96 one-row chunks. Every chunk adds
+    """grad(W) for bf16 weights summed over 96 one-row chunks. Every chunk adds
     a positive term, so a bf16 running sum loses the later ones (percent errors); accumulated in
     fp32 and cast once, only the final bf16 rounding remains."""
     if not via_dispatcher and not interpreted("triton", "cpu"):
@@ -742,7 +742,7 @@ def test_grad_weight_accumulates_in_fp32_across_chunks(via_dispatcher):
 
 @pytest.mark.parametrize("via_dispatcher", [False], ids=["triton-interpreter"])
 def test_out_of_range_action_gives_nan_and_no_one_hot_gradient(via_dispatcher):
-    """Defect 4 (issue 11): the Triton fused forward returned q_taken = 0 for an action outside
+    """The Triton fused forward used to return q_taken = 0 for an action outside
     [0, V) and its backward indexed W[a]; now q_taken is NaN there (as on every backend) and the
     backward adds no one-hot term for it (checks off: torch.compile / CUDA graphs)."""
     if not interpreted("triton", "cpu"):

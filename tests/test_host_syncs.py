@@ -1,4 +1,4 @@
-"""Host syncs on the hot paths (defect 5 of issue 11): one per public op call, one per training
+"""Host syncs on the hot paths: one per public op call, one per training
 step's loss, one per decoded token.
 
 A host sync is any read of a tensor's value into Python (``tolist``, ``item``, ``bool``, ``int``,

@@ -44,7 +44,7 @@ def test_no_op_or_api_module_imports_a_private_name_of_another():
 
 
 def test_malformed_tile_budget_variable_fails_at_the_call_not_at_import():
-    """Defect 6a: QADAPTER_TILE_BUDGET_MB was parsed when the package was imported."""
+    """QADAPTER_TILE_BUDGET_MB used to be parsed when the package was imported."""
     script = (
         "import torch, qadapter_kernels as qk\n"
         "ha = torch.randn(4, 8); w = torch.randn(11, 8)\n"

@@ -543,7 +543,7 @@ def sampler_cases(draw, row_counts, faults_drawn):
 @given(seed=seeds, dtype=dtypes, layout=layouts, kinds=value_kinds(), only_q_masked=st.booleans(),
        alpha_tilde=alpha_tildes, alpha_0=alpha_0s,
        case=sampler_cases([1, 2, 5], faults("nan", "+inf", *SAMPLING_FAULTS)))
-# Issue 11, defect 1: finfo.min masks in the sampled logits switched the Triton sampler's top-k off.
+# finfo.min masks in the sampled logits once switched the Triton sampler's top-k off.
 @example(seed=0, dtype=torch.float32, layout="contiguous", kinds=(3.0, ("finfo.min",), 0.3), only_q_masked=True,
          alpha_tilde=1.0, alpha_0=0.01, case=(6, 97, None, dict(temperature=1.0, top_k=1, top_p=1.0, min_p=0.0)))
 def test_combined_sample(seed, dtype, layout, kinds, only_q_masked, alpha_tilde, alpha_0, case):

@@ -390,7 +390,7 @@ def test_gradcheck_all_outputs(variant, length_norm):
     assert torch.autograd.gradcheck(f, (leaf(batch.q_logits),), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-# --------------------------------------------------------------------------- length normalisation (issue 14.5)
+# --------------------------------------------------------------------------- length normalisation
 
 
 def _ragged_pairs(n_pairs: int, prompt: int, max_response: int, vocab: int, seed: int):
@@ -427,7 +427,7 @@ def _scores_in_batches(sequences, n_pairs: int, batch_size: int, backend: str, d
 @pytest.mark.parametrize("variant", ["bellman", "advantage"])
 @pytest.mark.parametrize("backend, device", ALL_BACKENDS)
 def test_default_scores_do_not_depend_on_the_batch(backend, device, variant):
-    """Issue 14 item 5: with the default normalisation, the same pairs get the same scores whether
+    """With the default normalisation, the same pairs get the same scores whether
     they are evaluated 1, 3 or 10 at a time (padded to different widths).
 
     The "official" variant is left out by design: as in the authors' code it scores the action
@@ -496,7 +496,7 @@ def test_params_object_and_keywords_agree(backend, device):
         qk.qadapter_loss(*args, qk.SamplingParams(), backend=backend)
 
 
-# --------------------------------------------------------------------------- value checks off (defect 4)
+# --------------------------------------------------------------------------- value checks off
 
 
 def _checks_off(monkeypatch):
@@ -509,7 +509,7 @@ def _checks_off(monkeypatch):
 # The C++ kernel's empty-mask behaviour is the HARNESS helper's change (tests/test_direct_op_calls.py).
 @pytest.mark.parametrize("backend, device", [p for p in ALL_BACKENDS if p.values[0] != "cpu"])
 def test_empty_mask_with_checks_off_gives_nan(backend, device, monkeypatch):
-    """Defect 4 (issue 11): with no scored token and value checks off, every backend returns a NaN
+    """With no scored token and value checks off, every backend returns a NaN
     regulariser (0 / 0) instead of raising inside a kernel."""
     _checks_off(monkeypatch)
     batch = make_pair_batch(2, 6, 13, seed=2).to(device)
@@ -520,7 +520,7 @@ def test_empty_mask_with_checks_off_gives_nan(backend, device, monkeypatch):
 
 @pytest.mark.parametrize("backend, device", ALL_BACKENDS)
 def test_out_of_range_id_with_checks_off_gives_nan(backend, device, monkeypatch):
-    """Defect 4 (issue 11): an id outside [0, V) at a scored position gives q_taken = NaN, so a NaN
+    """An id outside [0, V) at a scored position gives q_taken = NaN, so a NaN
     loss, on every backend, with value checks off (nothing reads out of bounds, nothing raises)."""
     _checks_off(monkeypatch)
     batch = make_pair_batch(2, 6, 13, seed=2).to(device)

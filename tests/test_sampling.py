@@ -317,7 +317,7 @@ def test_triton_kernel_multi_tile_rows(seed):
 @pytest.mark.parametrize("filters", [dict(top_k=1), dict(top_k=4), dict(top_p=0.7), dict(top_k=6, top_p=0.8)],
                          ids=["top_k=1", "top_k=4", "top_p=0.7", "top_k=6+top_p=0.8"])
 def test_triton_kernel_with_finite_min_masks(filters, seed):
-    """Defect 1 (issue 11): rows masked with finfo(float32).min, as serving code does. The bisection
+    """Rows masked with finfo(float32).min, as serving code does. The bisection
     used to span ~3e38, so its threshold was meaningless and top-k/top-p were off; the Triton kernel
     must draw exactly what the C++ kernel (exact quickselect) draws from the same uniforms, and
     top_k=1 must be the argmax."""
@@ -686,7 +686,7 @@ def hidden_args():
 
 @pytest.mark.parametrize("backend, device", ALL_BACKENDS)
 def test_samplers_take_tensors_that_require_grad(backend, device):
-    """Defect 2 (issue 11): hidden states, an LM head or a bias that require grad (model.lm_head.weight,
+    """Hidden states, an LM head or a bias that require grad (model.lm_head.weight,
     as the README passes it), outside no_grad, sample like their detached copies and build no graph."""
     plain = {k: v.to(device) for k, v in hidden_args().items()}
     tracked = {k: v.clone().requires_grad_() for k, v in plain.items()}

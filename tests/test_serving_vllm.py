@@ -1,4 +1,4 @@
-"""Serving a Q-Adapter with vLLM (issue 13).
+"""Serving a Q-Adapter with vLLM.
 
 The first part runs everywhere: the adapter folder is read and checked without vLLM (fused LoRA
 pairs against peft, clear errors). The second part needs vLLM (its own venv, .ci/vllm_setup.sh)

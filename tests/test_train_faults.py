@@ -1,4 +1,4 @@
-"""Fault injection (issue 14): ``qadapter train`` killed at chosen points, including inside a save,
+"""Fault injection: ``qadapter train`` killed at chosen points, including inside a save,
 with SIGKILL, SIGINT and SIGTERM, then resumed. Every case checks that the final adapter equals an
 uninterrupted run's bit for bit, that no folder named as a checkpoint is ever incomplete, and that
 nothing is left behind. ``python3 tests/kill_loop.py`` runs the same check at random kill points.

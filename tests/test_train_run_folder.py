@@ -1,4 +1,4 @@
-"""``qadapter train`` and its output folder (issue 14): runs are never mixed, a finished run is not
+"""``qadapter train`` and its output folder: runs are never mixed, a finished run is not
 trained again, saves are whole or absent, the folder is checked before any compute, Ctrl-C saves a
 resumable checkpoint, checkpoints are few and small."""
 import json
@@ -35,7 +35,7 @@ def checkpoint_names(folder):
     return sorted(p.name for p in folder.iterdir() if checkpoints.checkpoint_step(p) is not None)
 
 
-# ----------------------------------------------------------------------------- item 1: a reused folder
+# ----------------------------------------------------------------------------- a reused folder
 
 
 def test_a_folder_holding_another_run_is_refused(tmp_path, model_dir, data_file, capsys):
@@ -86,7 +86,7 @@ def test_resume_takes_only_checkpoints_of_the_same_run(tmp_path, model_dir, data
     assert f"resuming from {out / 'checkpoint-2'}" in printed and "trained 3 steps" in printed
 
 
-# ----------------------------------------------------------------------------- item 2: a finished run
+# ----------------------------------------------------------------------------- a finished run
 
 
 def test_resuming_a_finished_run_has_nothing_to_do(tmp_path, model_dir, data_file, capsys):
@@ -101,7 +101,7 @@ def test_resuming_a_finished_run_has_nothing_to_do(tmp_path, model_dir, data_fil
     assert before["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
 
 
-# ----------------------------------------------------------------------------- item 6: a kill inside a save
+# ----------------------------------------------------------------------------- a kill inside a save
 
 
 def test_an_interrupted_checkpoint_save_leaves_no_checkpoint(tmp_path, model_dir, data_file, monkeypatch, capsys):
@@ -132,7 +132,7 @@ def test_an_interrupted_checkpoint_save_leaves_no_checkpoint(tmp_path, model_dir
 
 
 def test_resume_skips_an_incomplete_checkpoint_and_cleans_up(tmp_path, model_dir, data_file, capsys):
-    """The state issue 14 found after a kill: checkpoint-N with a 0-byte optimizer.pt and no trainer state,
+    """The state once found after a kill: checkpoint-N with a 0-byte optimizer.pt and no trainer state,
     and a staging folder; the resume takes the newest COMPLETE checkpoint, says so, removes the rest."""
     out = tmp_path / "out"
     argv = train_argv(model_dir, data_file, out, "--max-steps", "2", "--save-steps", "2")
@@ -150,7 +150,7 @@ def test_resume_skips_an_incomplete_checkpoint_and_cleans_up(tmp_path, model_dir
     assert checkpoints.leftovers(out) == [] and checkpoints.is_complete(out / "checkpoint-4")
 
 
-# ----------------------------------------------------------------------------- item 7: checked before compute
+# ----------------------------------------------------------------------------- checked before compute
 
 
 def test_an_unwritable_output_folder_fails_before_training(tmp_path, model_dir, data_file, capsys, monkeypatch):
@@ -170,7 +170,7 @@ def test_too_little_free_space_fails_before_training(tmp_path, model_dir, data_f
     assert not (tmp_path / "out").exists()  # the folder it created for the check is gone
 
 
-# ----------------------------------------------------------------------------- item 8: Ctrl-C
+# ----------------------------------------------------------------------------- Ctrl-C
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint_and_prints_the_command(tmp_path, model_dir, data_file, capsys,
@@ -221,7 +221,7 @@ def test_a_second_ctrl_c_aborts(tmp_path, model_dir, data_file, capsys, monkeypa
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
-# ----------------------------------------------------------------------------- item 9: disk
+# ----------------------------------------------------------------------------- disk
 
 
 def test_checkpoints_are_few_and_hold_no_tokenizer(tmp_path, model_dir, data_file):

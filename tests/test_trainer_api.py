@@ -1,4 +1,4 @@
-"""The TRL-style trainer API (issue 12 item 2): QAdapterTrainingArguments and QAdapterTrainer(model=..., ...)."""
+"""The TRL-style trainer API: QAdapterTrainingArguments and QAdapterTrainer(model=..., ...)."""
 from __future__ import annotations
 
 import dataclasses

@@ -188,7 +188,7 @@ def test_truncation_keeps_prompt_tail_then_cuts_responses(tok):
 
 def test_truncation_keeps_the_start_of_the_prompt_by_default(tok):
     """A cut prompt keeps what defines the task (its start: system message, question) and the
-    generation prompt at its end; only the middle goes (issue 14 item 4: it kept the tail only)."""
+    generation prompt at its end; only the middle goes (it used to keep the tail only)."""
     system = [{"role": "system", "content": "Answers written in lowercase are preferred."}]
     prompt = system + [{"role": "user", "content": LONG_PROMPT}]
     example = PreferenceExample(prompt, [{"role": "assistant", "content": "four"}],

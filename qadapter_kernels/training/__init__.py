@@ -1,4 +1,4 @@
-"""Training layer for Q-Adapter: preference data, model and trainer (issue 5)."""
+"""Training layer for Q-Adapter: preference data, model and trainer."""
 from .data import (
     PreferenceCollator,
     PreferenceDataError,

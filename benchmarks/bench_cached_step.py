@@ -28,7 +28,7 @@ import torch
 
 from qadapter_kernels.training import base_cache
 from qadapter_kernels.training.data import PreferenceCollator, TokenizedPair
-from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 from models import build_model, random_llama_kwargs
 from runner import DTYPES, BenchResult, add_common_arguments, default_out_dir, machine_info, measure_time, save_results
 from targets import Target, verdict_lines

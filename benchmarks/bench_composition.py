@@ -112,7 +112,7 @@ def run(args, sizes: Sizes, work_dir: Path) -> dict:
     import torch
 
     from qadapter_kernels.loading import load_tokenizer
-    from qadapter_kernels.training.model import QAdapterModel
+    from qadapter_kernels.model import QAdapterModel
 
     model_path = quick_model_folder(args.preferences, work_dir / "tiny_llama") if args.quick else args.model
     folders = {name: work_dir / name for name in args.preferences}

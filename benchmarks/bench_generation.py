@@ -35,7 +35,7 @@ from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWar
 
 from qadapter_kernels import reference
 from qadapter_kernels.decoding.streams import cache_keyword
-from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 from models import build_model, random_llama_kwargs, smollm2_folder
 from targets import Target, verdict_lines
 from runner import BenchResult, add_common_arguments, default_out_dir, machine_info, measure_time, save_results

@@ -62,7 +62,7 @@ def make_served_adapter(llama: dict | None, scratch: Path):
 
     from models import SMOLLM2_GGUF, smollm2_folder
     from qadapter_kernels.serving import plain_checkpoint
-    from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+    from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 
     if llama is None:
         if smollm2_folder() is None:

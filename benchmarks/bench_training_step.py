@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 
 from qadapter_kernels import fused_linear_qadapter_loss, reference
-from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 from models import build_model, random_llama_kwargs, smollm2_folder
 from targets import Target, verdict_lines
 from runner import (

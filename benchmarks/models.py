@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qadapter_kernels.loading import load_base_model
-from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

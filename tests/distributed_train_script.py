@@ -29,7 +29,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qadapter_kernels.training.data import PreferenceCollator, TokenizedPair
-from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 from qadapter_kernels.training.trainer import QAdapterTrainer
 from training_helpers import collate_pairs  # this script's folder is on sys.path
 

@@ -25,7 +25,7 @@ import qadapter_kernels as qk
 from qadapter_kernels import reference
 from qadapter_kernels.training import base_cache
 from qadapter_kernels.training.data import PreferenceCollator, PreferenceDataset, PreferenceExample
-from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 from qadapter_kernels.training.trainer import QAdapterTrainer
 
 from helpers import assert_close

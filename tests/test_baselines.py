@@ -10,7 +10,8 @@ from qadapter_kernels.baselines import TrainingBudget, train_baseline  # noqa: E
 from qadapter_kernels.baselines.__main__ import main as baselines_main  # noqa: E402
 from qadapter_kernels.evaluation import PolicyScorer  # noqa: E402
 from qadapter_kernels.training import QAdapterConfig, QAdapterModel  # noqa: E402
-from qadapter_kernels.training.data import PreferenceExample, encode_prompt  # noqa: E402
+from qadapter_kernels.prompts import encode_prompt  # noqa: E402
+from qadapter_kernels.training.data import PreferenceExample  # noqa: E402
 from training_helpers import tiny_tokenizer  # noqa: E402
 
 LORA = QAdapterConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0,

@@ -7,7 +7,7 @@ from qadapter_kernels.app.cli import main
 from qadapter_kernels.app.common import UserError, resolve_data_path
 from qadapter_kernels.preferences import PREFERENCE_CHECKERS
 from qadapter_kernels.training.data import shipped_data_path
-from qadapter_kernels.training.model import QAdapterConfig
+from qadapter_kernels.model import QAdapterConfig
 
 from cli_helpers import PAIRS, data_file, model_dir, run_error  # noqa: F401 (fixtures)
 

@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from qadapter_kernels.app.cli import main
-from qadapter_kernels.training.model import QAdapterModel
+from qadapter_kernels.model import QAdapterModel
 
 from cli_helpers import PAIRS, data_file, model_dir, run_error, save_tiny_llama, write_pairs  # noqa: F401
 

@@ -16,7 +16,7 @@ from qadapter_kernels import QAdapterLogitsProcessor, reference
 from qadapter_kernels.api.unchecked import RowSampling, sample_logits_rows
 from qadapter_kernels.decoding.composition import composition
 from qadapter_kernels.params import PolicyParams
-from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 
 PAD, EOS, VOCAB = 0, 2, 96
 ALPHA_TILDE, ALPHA_0 = 0.8, 0.5

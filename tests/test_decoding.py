@@ -13,8 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qadapter_kernels import QAdapterLogitsProcessor, reference
 from qadapter_kernels.decoding.cpu_linear import few_row_linears
 from qadapter_kernels.decoding.generate import special_token_ids
-from qadapter_kernels.training.data import encode_prompt
-from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+from qadapter_kernels.prompts import encode_prompt
+from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 from training_helpers import tiny_tokenizer
 
 PAD, EOS = 0, 2

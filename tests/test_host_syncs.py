@@ -94,7 +94,7 @@ def test_one_sync_per_sample_call(backend, device, per_row):
 def _tiny_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+    from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -32,7 +32,7 @@ import torch
 from cli_helpers import save_tiny_llama, write_pairs
 from distributed_train_script import PairDataset, tiny_causal_lm
 from qadapter_kernels.training import checkpoints
-from qadapter_kernels.training.model import QAdapterModel
+from qadapter_kernels.model import QAdapterModel
 from training_helpers import collate_pairs
 
 SCRIPT = Path(__file__).resolve().parent / "distributed_train_script.py"

@@ -11,7 +11,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from qadapter_kernels import qadapter_loss
-from qadapter_kernels.training.model import QAdapterConfig, QAdapterModel
+from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 from qadapter_kernels.training.trainer import METRIC_NAMES, QAdapterTrainer
 from training_helpers import collate_pairs
 

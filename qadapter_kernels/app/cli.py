@@ -45,7 +45,7 @@ __all__ = ["build_parser", "main"]
 
 def saved_adapter_config(adapter: str):
     """The ``QAdapterConfig`` saved in an adapter folder; ``UserError`` when there is none or it is bad."""
-    from ..training.model import QADAPTER_CONFIG_NAME, QAdapterConfig
+    from ..model import QADAPTER_CONFIG_NAME, QAdapterConfig
 
     config_file = Path(adapter) / QADAPTER_CONFIG_NAME
     if not config_file.is_file():
@@ -73,7 +73,7 @@ def adapter_tokenizer(adapter: str | None, model_path: Path):
 
 def load_adapter(adapter: str | dict[str, str], base):
     """``QAdapterModel.from_pretrained`` of a folder (or of ``{name: folder}`` to compose); ``UserError`` on failure."""
-    from ..training.model import QAdapterModel
+    from ..model import QAdapterModel
 
     try:
         return QAdapterModel.from_pretrained(adapter, base_model=base)
@@ -105,7 +105,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from ..training.data import PreferenceCollator
-    from ..training.model import QAdapterModel
+    from ..model import QAdapterModel
 
     if args.adapter is not None:
         saved = saved_adapter_config(args.adapter)

@@ -121,7 +121,7 @@ def add_param_arguments(parser: argparse.ArgumentParser, with_lora: bool = True,
     unless a flag overrides it. ``defaults``: the config whose values the help shows (None: the
     dataclasses' defaults).
     """
-    from ..training.config import QAdapterConfig
+    from ..model.config import QAdapterConfig
 
     defaults = defaults if defaults is not None else QAdapterConfig()
 
@@ -145,7 +145,7 @@ def add_param_arguments(parser: argparse.ArgumentParser, with_lora: bool = True,
 
 def config_from_args(args: argparse.Namespace, base=None):
     """A validated ``QAdapterConfig``: ``base`` (else the preset, else the defaults) with the flags given on top."""
-    from ..training.config import QAdapterConfig
+    from ..model.config import QAdapterConfig
 
     preset_name = getattr(args, "preset", None)
     if base is None or preset_name is not None:

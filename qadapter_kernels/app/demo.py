@@ -59,7 +59,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def demo_config():
     """The library's defaults (chosen by benchmarks/bench_forgetting.py; README "Does it forget?")."""
-    from ..training.config import QAdapterConfig
+    from ..model.config import QAdapterConfig
 
     return QAdapterConfig()
 
@@ -114,7 +114,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..evaluation.checkers import read_task_records
     from ..evaluation.metrics import evenly_spaced, retention_correct
     from ..training.data import PreferenceCollator
-    from ..training.model import QAdapterModel
+    from ..model import QAdapterModel
     from ..training.trainer import QAdapterTrainer
 
     total_start = time.perf_counter()

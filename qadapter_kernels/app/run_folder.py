@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..training import checkpoints
-from ..training.adapter_files import ADAPTER_WEIGHTS_NAME
-from ..training.model import QADAPTER_CONFIG_NAME
+from ..model.adapter_files import ADAPTER_WEIGHTS_NAME
+from ..model import QADAPTER_CONFIG_NAME
 from .common import UserError
 
 __all__ = ["ResumePlan", "adapter_is_published", "check_free_space", "data_sha256", "file_sha256", "plan_run",

@@ -120,7 +120,7 @@ def _train(args: argparse.Namespace, latch: SignalLatch) -> int:
     from ..training.base_cache import BaseCacheTooLarge
     from ..training.data import PreferenceCollator
     from ..training.interrupt import StopOnSignal
-    from ..training.model import QAdapterModel
+    from ..model import QAdapterModel
     from ..training.trainer import QAdapterTrainer
 
     config = config_from_args(args)  # checked before anything slow

@@ -30,6 +30,7 @@ from ..api.unchecked import (
 )
 from ..ops.backend import resolve_backend
 from ..params import PolicyParams
+from ..prompts import encode_prompt
 from .composition import check_adapter_weights, composition
 from .cpu_linear import few_row_linears
 from .logit_identity import identity_break
@@ -251,8 +252,6 @@ def _policy_log_probs(hidden, tokens, weight, bias, policy: PolicyParams, identi
 def generate_text(model, tokenizer, prompts: str | Sequence, *, stop_strings: str | Sequence[str] | None = None,
                   skip_special_tokens: bool = True, **kwargs) -> str | list[str]:
     """Strings in, strings out; see ``QAdapterModel.generate_text``."""
-    from ..training.data import encode_prompt
-
     single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
     batch = [prompts] if single else list(prompts)
     if not batch:

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..training.data import PreferenceExample, encode_prompt, tokenize_preference
+from ..prompts import encode_prompt
+from ..training.data import PreferenceExample, tokenize_preference
 from .checkers import PREFERENCE_CHECKERS, predicted_options, retention_choices
 from .policy_scoring import PolicyScorer
 

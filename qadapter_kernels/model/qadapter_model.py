@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..api import fused_linear_qadapter_loss
+from .. import decoding
 from ..decoding.logit_identity import NEUTRAL_VALUES, POST_HEAD_LOGIT_FIELDS
 from ..loading import load_base_model
 from ..outputs import QAdapterLossOutput
@@ -191,26 +192,22 @@ class QAdapterModel(torch.nn.Module):
                 pass per token on the hidden states; 0 where a row had already ended (pad), so a
                 row's sum is its sequence's log-probability. Returns ``(ids, log_probs)`` then.
         """
-        from ..decoding import generate
-
-        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, min_p=min_p, generator=generator, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
-                        two_pass=two_pass, adapter=adapter, streamer=streamer, adapters=adapters,
-                        return_log_probs=return_log_probs)
+        return decoding.generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator,
+                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop_strings=stop_strings,
+                                 tokenizer=tokenizer, two_pass=two_pass, adapter=adapter, streamer=streamer,
+                                 adapters=adapters, return_log_probs=return_log_probs)
 
     def generate_text(self, tokenizer, prompts: str | list, **kwargs) -> str | list[str]:
         """``generate`` with strings: prompt(s) in, the new text(s) out.
 
         ``prompts``: a string, a conversation (list of ``{"role", "content"}``), or a list of those.
-        Each is encoded as training encodes prompts (``training.data.encode_prompt``: the chat
+        Each is encoded as training encodes prompts (``prompts.encode_prompt``: the chat
         template with the generation prompt when the tokenizer has one), left-padded into one batch.
         The new tokens are decoded without special tokens and cut before the first stop string.
         ``kwargs``: those of ``generate``.
         """
-        from ..decoding import generate_text
-
-        return generate_text(self, tokenizer, prompts, **kwargs)
+        return decoding.generate_text(self, tokenizer, prompts, **kwargs)
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Called by ``transformers.Trainer`` for ``gradient_checkpointing=True``."""

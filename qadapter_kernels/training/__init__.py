@@ -13,6 +13,5 @@ from .data import (
 )
 from ..loading import load_base_model
 from .arguments import QAdapterTrainingArguments
-from .config import QAdapterConfig
-from .model import QAdapterModel
+from ..model import QAdapterConfig, QAdapterModel
 from .trainer import QAdapterTrainer

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from ..params import LEARNING_RATE, QAdapterParams, SequenceLimits, check_bool, check_scalar
-from .config import QAdapterConfig
+from ..model import QAdapterConfig
 from .data import DEFAULT_PROMPT_TRUNCATION, PROMPT_TRUNCATIONS
 
 __all__ = ["QAdapterTrainingArguments"]

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..params import SequenceLimits
-from .examples import Message, PreferenceDataError, PreferenceExample, Turns, is_preformatted
+from ..prompts import bos_token_id, encode_prompt, encode_prompt_with_bos, render_chat
+from .examples import PreferenceDataError, PreferenceExample
 from .sources import PreferenceRowStream, Source, load_preferences, open_preferences
 
 from ..preferences import DEFAULT_PREFERENCE
@@ -66,59 +67,16 @@ class TokenizedPair:
     rejected_ids: list[int]
 
 
-def _bos(tokenizer) -> int | None:
-    """The BOS id the tokenizer puts in front of a plain text it encodes (None: it puts none).
-    Asked once per pair: it costs a tokenizer call."""
-    bos = tokenizer.bos_token_id
-    ids = tokenizer("a")["input_ids"]
-    return bos if bos is not None and ids[:1] == [bos] else None
-
-
-def _with_one_bos(ids: list[int], bos: int | None) -> list[int]:
-    if bos is not None and ids[:1] != [bos]:
-        return [bos, *ids]
-    return ids
-
-
-def _render(tokenizer, messages: list[Message], add_generation_prompt: bool, bos: int | None) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    # The template writes its own special tokens (BOS included, when it has one): encoding with
-    # add_special_tokens=True would add a second BOS, the authors' pitfall. A template without
-    # BOS for a tokenizer that uses one gets exactly one.
-    return _with_one_bos(tokenizer(text, add_special_tokens=False)["input_ids"], bos)
-
-
-def encode_prompt(prompt: Turns, tokenizer) -> list[int]:
-    """The token ids of a prompt exactly as training sees it before a response.
-
-    With a chat template: the conversation (a plain string becomes one user turn) rendered with
-    ``add_generation_prompt=True``, one BOS. Without: the text with one BOS when the tokenizer
-    uses one. A string already in HH-RLHF's dialogue format (``examples.is_preformatted``: it ends
-    with ``"\n\nAssistant:"``) is plain text even with a chat template. Generation feeds these
-    ids, so the adapter decodes from the states it was trained on.
-    """
-    return _encode_prompt(prompt, tokenizer, _bos(tokenizer))
-
-
-def _encode_prompt(prompt: Turns, tokenizer, bos: int | None) -> list[int]:
-    if getattr(tokenizer, "chat_template", None) and not is_preformatted(prompt):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return _render(tokenizer, messages, True, bos)
-    if not isinstance(prompt, str):
-        raise ValueError("conversational prompts need a tokenizer with a chat template")
-    return _with_one_bos(tokenizer(prompt, add_special_tokens=False)["input_ids"], bos)
-
-
 def _chat_tokens(example: PreferenceExample, tokenizer, bos: int | None) -> tuple[list[int], list[int], list[int]]:
     if example.conversational:
         prompt, responses = example.prompt, (example.chosen, example.rejected)
     else:  # plain strings become one user turn and one assistant turn
         prompt = [{"role": "user", "content": example.prompt}]
         responses = ([{"role": "assistant", "content": r}] for r in (example.chosen, example.rejected))
-    prompt_ids = _encode_prompt(prompt, tokenizer, bos)
+    prompt_ids = encode_prompt_with_bos(prompt, tokenizer, bos)
     out = [prompt_ids]
     for response in responses:
-        full = _render(tokenizer, [*prompt, *response], False, bos)
+        full = render_chat(tokenizer, [*prompt, *response], False, bos)
         if full[: len(prompt_ids)] != prompt_ids:
             raise ValueError(
                 "the chat template does not render the prompt (with add_generation_prompt=True) as a "
@@ -136,7 +94,7 @@ def _plain_tokens(example: PreferenceExample, tokenizer, bos: int | None) -> tup
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    prompt_ids = _encode_prompt(example.prompt, tokenizer, bos)
+    prompt_ids = encode_prompt_with_bos(example.prompt, tokenizer, bos)
     # Responses end with EOS so that the model learns where an answer stops.
     return prompt_ids, encode(example.chosen) + eos, encode(example.rejected) + eos
 
@@ -180,7 +138,7 @@ def tokenize_with_report(example: PreferenceExample, tokenizer, max_length: int 
     if example.chosen == example.rejected:
         return None, frozenset({"identical"})
     chat = bool(getattr(tokenizer, "chat_template", None)) and not example.preformatted
-    bos = _bos(tokenizer)
+    bos = bos_token_id(tokenizer)
     prompt_ids, chosen_ids, rejected_ids = (_chat_tokens if chat else _plain_tokens)(example, tokenizer, bos)
     events = set()
     if len(prompt_ids) > max_prompt_length:

@@ -9,36 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
+
+from ..prompts import HH_ASSISTANT_MARKER, Turns, is_preformatted
 
 __all__ = [
     "FIELDS",
-    "HH_ASSISTANT_MARKER",
     "PreferenceDataError",
     "PreferenceExample",
     "example_from_row",
-    "is_preformatted",
     "split_implicit_prompt",
 ]
 
-Message = dict[str, str]
-Turns = Union[str, list[Message]]
-
 FIELDS = ("prompt", "chosen", "rejected")
 ROLES = ("system", "user", "assistant")
-# The turn marker of Anthropic HH-RLHF's raw text ("\n\nHuman: ...\n\nAssistant: ...").
-HH_ASSISTANT_MARKER = "\n\nAssistant:"
 
 
 class PreferenceDataError(ValueError):
     """A bad preference row; the message starts with where it is (``path:line:`` or ``row N:``)."""
-
-
-def is_preformatted(prompt: Turns) -> bool:
-    """Whether a string prompt is dialogue text already in HH-RLHF's format (it ends with the
-    ``"\\n\\nAssistant:"`` marker): it is encoded as plain text even with a chat template, since
-    wrapping it in one would nest two dialogue formats."""
-    return isinstance(prompt, str) and prompt.rstrip().endswith(HH_ASSISTANT_MARKER)
 
 
 def _check_turns(field: str, value: Any) -> None:

@@ -14,10 +14,9 @@ from transformers import PreTrainedModel
 from ..loading import load_base_model, load_tokenizer
 from ..params import SequenceLimits
 from .arguments import QAdapterTrainingArguments
-from .config import QAdapterConfig
+from ..model import QAdapterConfig, QAdapterModel
 from .data import DEFAULT_PROMPT_TRUNCATION, PreferenceDataset, PreferenceStream, as_preference_dataset
 from .examples import PreferenceDataError
-from .model import QAdapterModel
 
 __all__ = ["ModelSource", "default_tokenizer", "lora_fields", "qadapter_model_from",
            "tokenized_preferences"]

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forgetting import quick_model_and_tokenizer  # noqa: E402
 from runner import add_common_arguments, default_out_dir, machine_info  # noqa: E402
 
-# The pair the README reports. Their checkers exclude each other (the sign-off line has a capital H), so
+# The pair docs/composition.md reports. Their checkers exclude each other (the sign-off line has a capital H), so
 # the table shows how the weights trade one preference against the other.
 PAIR = ("lowercase", "signoff")
 

@@ -122,7 +122,7 @@ class QAdapterParams(PolicyParams):
 
     gamma: float = 1.0
     beta: float = 0.1
-    # From benchmarks/bench_forgetting.py and docs/DESIGN.md §2 (README "Does it forget?"). "advantage":
+    # From benchmarks/bench_forgetting.py and docs/DESIGN.md §2 (docs/forgetting.md). "advantage":
     # its regulariser anchors the likelihood of what the pairs say, where bellman's moves raw logit levels
     # and, at a learning rate that learns, teaches the adapter never to end an answer. "response": a
     # summed score starts saturated on a pair whose rejected answer is only longer (a fresh adapter's

@@ -264,8 +264,8 @@ def example_diff() -> list[str]:
 def test_the_qadapter_script_is_the_dpo_script_with_the_trainer_and_config_swapped():
     changed = [(line[0], line[1:]) for line in example_diff()[2:] if line[:1] in "+-"]
     assert changed == [(sign, pair[i]) for pair in SWAPPED for i, sign in enumerate("-+")]
-    readme = (ROOT / "README.md").read_text()
-    assert "\n".join(example_diff()) in readme  # the README shows the real diff
+    guide = (ROOT / "docs" / "from-trl.md").read_text()
+    assert "\n".join(example_diff()) in guide  # the guide shows the real diff
 
 
 @pytest.mark.parametrize("script", ["train_qadapter.py", "train_dpo.py"])

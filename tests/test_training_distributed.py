@@ -183,7 +183,7 @@ def test_deepspeed_zero_matches_one_process_and_resumes(single_process, tmp_path
 
 
 def test_qadapter_train_under_accelerate_launch(tmp_path):
-    """The command line as the README launches it: one gloo group of 2, the folder claimed once."""
+    """The command line as docs/training.md launches it: one gloo group of 2, the folder claimed once."""
     model, data, out = tmp_path / "model", tmp_path / "pairs.jsonl", tmp_path / "run"
     save_tiny_llama(model)
     write_pairs(data)

@@ -58,7 +58,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def demo_config():
-    """The library's defaults (chosen by benchmarks/bench_forgetting.py; README "Does it forget?")."""
+    """The library's defaults (chosen by benchmarks/bench_forgetting.py; docs/forgetting.md)."""
     from ..model.config import QAdapterConfig
 
     return QAdapterConfig()

@@ -19,7 +19,6 @@ from transformers.trainer import SCHEDULER_NAME
 from . import base_cache, checkpoints
 from .arguments import QAdapterTrainingArguments
 from .data import PreferenceCollator
-from ..model import QAdapterModel
 from ..model.sharded_state import gather_adapter_state, load_adapter_state
 from .trainer_inputs import ModelSource, default_tokenizer, qadapter_model_from, tokenized_preferences
 

@@ -9,7 +9,6 @@
    the Trainer with gradient accumulation, with resume, and with 2 gloo processes.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 from qadapter_kernels.training.trainer import QAdapterTrainer
 
 from helpers import assert_close
-from test_fused_linear import TINY_BUDGET_MB, TOL, cast_problem, compare, make_problem, reference_fused, run
+from test_fused_linear import TINY_BUDGET_MB, cast_problem, compare, make_problem, reference_fused, run
 from test_training_distributed import assert_same_training, cpu_env, free_port
 from training_helpers import tiny_tokenizer
 

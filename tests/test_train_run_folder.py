@@ -1,7 +1,6 @@
 """``qadapter train`` and its output folder: runs are never mixed, a finished run is not
 trained again, saves are whole or absent, the folder is checked before any compute, Ctrl-C saves a
 resumable checkpoint, checkpoints are few and small."""
-import json
 import os
 import shutil
 import signal

@@ -115,6 +115,28 @@ class PolicyParams:
         """A copy with every field checked (ValueError/TypeError naming the field) and normalised."""
         return dataclasses.replace(self, **_validate_fields(self))
 
+    def for_adapter(self, enabled: bool) -> "PolicyParams":
+        """This policy with the adapter on; with it off (``Q = L``) ``PLAIN_POLICY``, the base model's own."""
+        return self if enabled else PLAIN_POLICY
+
+    # The logit identity (docs/DESIGN.md §1): with Q = W h_q + b and L = W h_b + b from one affine head,
+    # (Q + alpha_0 log_softmax(L)) / alpha_tilde = W h_c + b' minus a per-row constant, so the customised
+    # policy is the head applied once to h_c with bias b'. Neither casts: the caller picks the dtype
+    # (greedy decodes compare token for token, so every caller keeps its own precision).
+
+    def combined_hidden(self, adapter_hidden: torch.Tensor, base_hidden: torch.Tensor) -> torch.Tensor:
+        """``h_c = (h_q + alpha_0 h_b) / alpha_tilde``."""
+        return (adapter_hidden + self.alpha_0 * base_hidden) / self.alpha_tilde
+
+    def combined_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """``b' = b (1 + alpha_0) / alpha_tilde``, the head's bias on ``h_c``."""
+        return bias * (1.0 + self.alpha_0) / self.alpha_tilde
+
+
+# softmax(Q) itself (alpha_tilde = 1, alpha_0 = 0): with the adapter off (Q = L) the base model's policy;
+# on a head product that already holds the whole policy (composition's mixed hidden state), that policy.
+PLAIN_POLICY = PolicyParams(alpha_tilde=1.0, alpha_0=0.0)
+
 
 @dataclass(frozen=True)
 class QAdapterParams(PolicyParams):

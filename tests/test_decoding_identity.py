@@ -15,7 +15,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 
 import qadapter_kernels as qk
 from qadapter_kernels import reference
-from qadapter_kernels.decoding.logit_identity import identity_break
+from qadapter_kernels.logit_identity import identity_break
 from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 
 from test_decoding import ALPHA_0, ALPHA_TILDE, EOS, PAD, PROMPTS, naive_greedy, tiny_qadapter

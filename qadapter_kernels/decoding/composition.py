@@ -26,13 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from ..api.unchecked import RowSampling, sample_hidden_rows, sample_logits_rows
-from ..params import PolicyParams, check_scalar
+from ..params import PLAIN_POLICY, PolicyParams, check_scalar
 
 __all__ = ["AdapterWeight", "Composition", "check_adapter_weights", "composition"]
 
 AdapterWeight = float | torch.Tensor
-# The policy the head product on h_mix is sampled with: the scale c travels in the temperature.
-_PLAIN_HEAD = PolicyParams(alpha_tilde=1.0, alpha_0=0.0)
 
 
 def check_adapter_weights(adapters: object, loaded: Sequence[str]) -> dict[str, AdapterWeight]:
@@ -110,7 +108,8 @@ class Composition:
         *adapters, base = streams
         if mode == "mixed":
             mixed = self.mixed_hidden(adapters, base).to(lm_head_weight.dtype)
-            return sample_hidden_rows(mixed, mixed, lm_head_weight, lm_head_bias, _PLAIN_HEAD, head_rows, generator,
+            # The head product on h_mix is the whole policy: the scale c travels in the temperature.
+            return sample_hidden_rows(mixed, mixed, lm_head_weight, lm_head_bias, PLAIN_POLICY, head_rows, generator,
                                       backend, budget_mb)
         if mode == "heads":
             *adapters, base = (F.linear(h.to(lm_head_weight.dtype), lm_head_weight, lm_head_bias) for h in streams)

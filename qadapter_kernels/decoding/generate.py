@@ -4,7 +4,7 @@ The customised policy samples from ``(Q + alpha_0 * log_softmax(L)) / alpha_tild
 §2): Q from the model with the adapter on, L with it off. By default each token costs one
 forward over a mixed batch (adapter rows and base rows, one KV cache; ``streams.py``), then
 ``combined_sample_from_hidden`` applies the LM head once, to the combined hidden state h_c
-(docs/DESIGN.md §1 (the logit identity)); no logits row is stored. Where that identity does not hold (``logit_identity.py``:
+(docs/DESIGN.md §1 (the logit identity)); no logits row is stored. Where that identity does not hold (``qadapter_kernels.logit_identity``:
 softcapped or scaled logits, a LoRA on the head) each stream's logits row comes from the whole
 causal LM and ``combined_sample`` combines them, with a warning saying why. With ``adapters=`` several
 adapters are composed (``composition.py``): K + 1 row groups in the one forward, one head product on
@@ -29,11 +29,11 @@ from ..api.unchecked import (
     sample_logits_rows,
 )
 from ..ops.backend import resolve_backend
+from ..logit_identity import identity_break
 from ..params import PolicyParams
 from ..prompts import encode_prompt
 from .composition import check_adapter_weights, composition
 from .cpu_linear import few_row_linears
-from .logit_identity import identity_break
 from .streams import BaseOnlyStreams, MixedBatchStreams, TwoPassStreams, prompt_positions
 
 __all__ = ["generate", "generate_text", "special_token_ids"]
@@ -166,9 +166,7 @@ def generate(
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     streams_cls = (TwoPassStreams if two_pass else MixedBatchStreams) if adapter else BaseOnlyStreams
-    # Without the adapter the "combined" policy is the base policy: Q = L, alpha_0 = 0, alpha_tilde = 1.
-    config = model.qadapter_config
-    policy = (PolicyParams(config.alpha_tilde, config.alpha_0) if adapter else PolicyParams(alpha_tilde=1.0, alpha_0=0.0)).validated()
+    policy = model.qadapter_config.policy.for_adapter(adapter).validated()
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     composed = None
     if adapters is not None:

@@ -48,7 +48,7 @@ class QAdapterLogitsProcessor(LogitsProcessor):
         self._causal_lm = base.base_causal_lm if config is not None else base
         if not callable(getattr(self._causal_lm, "get_output_embeddings", None)):
             raise TypeError(f"base must be a QAdapterModel or a causal LM, got {type(base).__name__}")
-        start = PolicyParams(config.alpha_tilde, config.alpha_0) if config is not None else PolicyParams()
+        start = config.policy if config is not None else PolicyParams()
         given = {name: value for name, value in (("alpha_tilde", alpha_tilde), ("alpha_0", alpha_0)) if value is not None}
         self.policy = resolve(PolicyParams, start, given)
         self.alpha_tilde, self.alpha_0 = self.policy.alpha_tilde, self.policy.alpha_0

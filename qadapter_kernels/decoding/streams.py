@@ -8,7 +8,7 @@ model's last: ``(adapter_hidden, base_hidden)`` for the model's own adapter, or
 ``(*adapter_hiddens, base_hidden)`` for the named ``adapter_names`` of a composition
 (``composition.py``). Each is [B, H]: the decoder's final (normalised) hidden states at the last
 position, which the LM head reads; or, built with ``logits=True``, the whole causal LM's logits
-rows [B, V] there (for models whose logits the head alone does not give: ``logit_identity.py``).
+rows [B, V] there (for models whose logits the head alone does not give: ``qadapter_kernels.logit_identity``).
 """
 from __future__ import annotations
 

@@ -35,8 +35,7 @@ class PolicyScorer:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.model, self.tokenizer = model, tokenizer
         self.adapter, self.batch_size, self.max_length = adapter, batch_size, max_length
-        config = model.qadapter_config
-        self.alpha_tilde, self.alpha_0 = (config.alpha_tilde, config.alpha_0) if adapter else (1.0, 0.0)
+        self.policy = model.qadapter_config.policy.for_adapter(adapter)
 
     @property
     def device(self) -> torch.device:
@@ -130,8 +129,8 @@ class PolicyScorer:
         """``log pi~`` [N, V] in fp32 from ``h_c`` and one head product (the row constant cancels in log_softmax)."""
         head = self.model.lm_head
         weight, bias = head.weight, getattr(head, "bias", None)
-        hidden = (adapter_hidden.float() + self.alpha_0 * base_hidden.float()) / self.alpha_tilde
-        shifted_bias = None if bias is None else bias.float() * (1.0 + self.alpha_0) / self.alpha_tilde
+        hidden = self.policy.combined_hidden(adapter_hidden.float(), base_hidden.float())
+        shifted_bias = None if bias is None else self.policy.combined_bias(bias.float())
         return torch.log_softmax(torch.nn.functional.linear(hidden, weight.float(), shifted_bias), dim=-1)
 
     # ------------------------------------------------------------------ greedy answers

@@ -20,8 +20,8 @@ from transformers import PreTrainedModel
 
 from ..api import fused_linear_qadapter_loss
 from .. import decoding
-from ..decoding.logit_identity import NEUTRAL_VALUES, POST_HEAD_LOGIT_FIELDS
 from ..loading import load_base_model
+from ..logit_identity import post_head_logit_change
 from ..outputs import QAdapterLossOutput
 from .adapter_files import adapter_weights_file, check_adapter_state, check_finite_lora, saved_tensor_shapes
 from .config import QAdapterConfig
@@ -45,15 +45,13 @@ def _find_decoder(causal_lm: torch.nn.Module) -> torch.nn.Module:
             f"cannot find the decoder of {type(causal_lm).__name__} (get_decoder() gives no submodule): "
             "Q-Adapter needs the final hidden states before the LM head"
         )
-    config = getattr(causal_lm, "config", None)
     # The fused loss applies the LM head alone, so such models would silently get a different Q.
-    for field in POST_HEAD_LOGIT_FIELDS:
-        value = getattr(config, field, None)
-        if value not in NEUTRAL_VALUES:
-            raise NotImplementedError(
-                f"{type(causal_lm).__name__} transforms its logits after the LM head ({field}={value}); "
-                "the fused loss applies the LM head alone"
-            )
+    change = post_head_logit_change(getattr(causal_lm, "config", None))
+    if change is not None:
+        raise NotImplementedError(
+            f"{type(causal_lm).__name__} transforms its logits after the LM head ({change[0]}={change[1]}); "
+            "the fused loss applies the LM head alone"
+        )
     return decoder
 
 
@@ -167,12 +165,17 @@ class QAdapterModel(torch.nn.Module):
         row is ever stored.
 
         Args:
-            input_ids, attention_mask: ``[B, T]`` prompts, left-padded (mask 0 on the padding).
-            temperature, top_k, top_p, min_p: as ``qk.combined_sample`` (applied in Hugging Face's
-                order; temperature 0 is greedy); Python scalars or per-row ``[B]`` tensors.
+            input_ids: ``[B, T]`` prompts, left-padded.
+            attention_mask: ``[B, T]``, 0 on the padding.
+            temperature: as in ``qk.combined_sample`` (0 is greedy); like ``top_k``, ``top_p`` and
+                ``min_p``, applied in Hugging Face's order, a Python scalar or a per-row ``[B]`` tensor.
+            top_k: as in ``qk.combined_sample``.
+            top_p: as in ``qk.combined_sample``.
+            min_p: as in ``qk.combined_sample``.
             generator: a ``torch.Generator`` or an int seed: the same seed gives the same tokens.
-            eos_token_id, pad_token_id: default to the model's generation config (else its config,
-                else ``tokenizer``'s); a row stops after any EOS id.
+            eos_token_id: the id or ids that end a row (any of them); defaults to the model's
+                generation config, else its config, else ``tokenizer``'s.
+            pad_token_id: fills the rows that have ended; same defaults as ``eos_token_id``.
             stop_strings: a row also stops once its generated text contains one of these (needs
                 ``tokenizer``); the tokens that completed it are kept, as in transformers.
             two_pass: the authors' scheme instead (a forward with the adapter and one without per

@@ -136,8 +136,7 @@ class QAdapterLlamaForCausalLM(nn.Module):
         if self.adapter_stream is None:
             return base_hidden
         adapter_hidden = self.adapter_stream(self.model, input_ids, positions, adapter_embeds)
-        alpha_tilde, alpha_0 = self.policy.alpha_tilde, self.policy.alpha_0
-        return (adapter_hidden + alpha_0 * base_hidden) / alpha_tilde
+        return self.policy.combined_hidden(adapter_hidden, base_hidden)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..logit_identity import post_head_logit_change
 from ..params import PolicyParams
 from .adapter import QADAPTER_CONFIG, LlamaShapes, load_served_adapter, read_adapter_json
 from .checkpoint import plain_checkpoint
@@ -23,9 +24,6 @@ __all__ = ["ServingSettings", "check_base_config", "engine_arguments", "llama_sh
 
 SECTION = "qadapter"
 SUPPORTED_MODEL_TYPES = ("llama",)
-# Config fields by which a model changes its logits after the LM head: the served logits are the
-# head applied to h_c, which reproduces the customised policy only for an unaltered head.
-POST_HEAD_LOGIT_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def _field(config: Any, name: str, default: Any = None) -> Any:
@@ -38,11 +36,11 @@ def check_base_config(config: Any) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"the Q-Adapter vLLM plug-in serves {SUPPORTED_MODEL_TYPES} base models, "
                          f"this one is {model_type!r}")
-    for name in POST_HEAD_LOGIT_FIELDS:
-        value = _field(config, name)
-        if value not in (None, 0, 1, 1.0):
-            raise ValueError(f"the base model transforms its logits after the LM head ({name}={value}): the "
-                             "logit identity h_c = (h_q + alpha_0 h_b) / alpha_tilde cannot reproduce them")
+    # The served logits are the head applied to h_c: the customised policy only for an unaltered head.
+    change = post_head_logit_change(config)
+    if change is not None:
+        raise ValueError(f"the base model transforms its logits after the LM head ({change[0]}={change[1]}): the "
+                         "logit identity h_c = (h_q + alpha_0 h_b) / alpha_tilde cannot reproduce them")
     if _field(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {_field(config, 'hidden_act')!r} is not supported (Llama uses silu)")
 

@@ -56,10 +56,12 @@ def combined_log_probs_from_hidden(
     (docs/DESIGN.md §1 (the logit identity)): one head product per tile, a running logsumexp, no [N, V] row stored.
 
     Args:
-        adapter_hidden, base_hidden: final hidden states ``[..., H]`` with the adapter on and off.
-        lm_head_weight, lm_head_bias: the shared head ``[V, H]`` (and ``[V]``).
+        adapter_hidden: final hidden states ``[..., H]`` with the adapter on.
+        base_hidden: final hidden states ``[..., H]`` with the adapter off.
+        lm_head_weight: the shared head ``[V, H]``.
+        lm_head_bias: its ``[V]`` bias, or None.
         tokens: integer ids ``[...]`` (the hidden states' leading shape), each in ``[0, V)``.
-        params: a :class:`PolicyParams` (None: the defaults); ``alpha_tilde``, ``alpha_0`` override it.
+        params: a ``PolicyParams`` (None: the defaults); ``alpha_tilde``, ``alpha_0`` override it.
         backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "torch" (two logits rows).
         tile_budget_mb: scratch budget of the logits tiles (default $QADAPTER_TILE_BUDGET_MB or 64).
 

@@ -98,13 +98,13 @@ def qadapter_loss(
         base_logits: ``[2B, T, V]`` frozen base-model logits, same dtype.
         input_ids: ``[2B, T]`` token ids; the action at position t is ``input_ids[:, t + 1]``.
         loss_mask: ``[2B, T]`` bool, True at response tokens (not prompt, not padding).
-        params: a :class:`QAdapterParams` (None: the defaults); keyword arguments named after its
+        params: a ``QAdapterParams`` (None: the defaults); keyword arguments named after its
             fields (``alpha_tilde``, ``alpha_0``, ``gamma``, ``beta``, ``variant``, ``length_norm``)
             override it.
         backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "torch" (the reference).
 
     Returns:
-        A :class:`QAdapterLossOutput`. Never builds an fp32 ``[2B, T, V]`` temporary: the
+        A ``QAdapterLossOutput``. Never builds an fp32 ``[2B, T, V]`` temporary: the
         forward streams the vocabulary once and the backward writes dQ directly. One host sync
         (the value checks), none under torch.compile or CUDA-graph capture.
     """
@@ -165,9 +165,11 @@ def fused_linear_qadapter_loss(
             states with the adapter on; receives a gradient.
         base_hidden: same shape, adapter off; never receives a gradient.
         lm_head_weight: ``[V, H]`` shared LM head, same dtype; gets a gradient only if it requires one.
-        input_ids, loss_mask: ``[2B, T]``, chosen rows first (docs/DESIGN.md §2).
+        input_ids: ``[2B, T]`` token ids, chosen rows first (docs/DESIGN.md §2).
+        loss_mask: ``[2B, T]`` bool, True at response tokens.
         lm_head_bias: optional ``[V]`` bias.
-        params, backend and the keyword overrides: as in ``qadapter_loss``.
+        params: as in ``qadapter_loss``, and so are the keywords that override its fields.
+        backend: as in ``qadapter_loss``.
         tile_budget_mb: scratch memory the logits tiles may take (default 64 MiB, or the
             ``QADAPTER_TILE_BUDGET_MB`` environment variable, read at each call). Larger tiles run
             bigger, faster matmuls; the budget bounds the extra memory, whatever V and N are.

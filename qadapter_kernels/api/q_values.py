@@ -42,7 +42,7 @@ def residual_q_values(
         q_logits: ``[..., V]`` adapter logits Q (fp32, bf16, fp16 or fp64); receives gradients.
         base_logits: ``[..., V]`` frozen base-model logits L, same shape and dtype; no gradient.
         actions: ``[...]`` integer token ids in ``[0, V)``: the action whose Q is picked.
-        params: a :class:`PolicyParams` (or a ``QAdapterParams``; None: the defaults); the keywords
+        params: a ``PolicyParams`` (or a ``QAdapterParams``; None: the defaults); the keywords
             ``alpha_tilde`` (> 0, the policy's temperature) and ``alpha_0`` (>= 0, the weight of the
             base log-policy) override it.
         backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "torch" (the reference).

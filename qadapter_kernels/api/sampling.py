@@ -199,9 +199,14 @@ def combined_logits(
 ) -> torch.Tensor:
     """``(Q + alpha_0 * log_softmax(L)) / alpha_tilde`` as fp32 ``[B, V]``: the customised policy's logits.
 
-    ``params``: a :class:`PolicyParams` (None: the defaults); ``alpha_tilde``, ``alpha_0`` override it.
     Differentiable in ``q_logits``. NaN or +inf in either input, or a row with no finite entry, is a
     ValueError (one host sync; skipped under torch.compile and CUDA-graph capture).
+
+    Args:
+        q_logits: ``[B, V]`` adapter logits.
+        base_logits: ``[B, V]`` base logits, same dtype.
+        params: a ``PolicyParams`` (None: the defaults); ``alpha_tilde``, ``alpha_0`` override it.
+        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "torch" (the reference).
     """
     _check_rows(q_logits, base_logits)
     p = resolve(PolicyParams, params, overrides)
@@ -232,9 +237,10 @@ def combined_sample(
     """One token per row from the customised policy, filtered as Hugging Face ``generate`` does.
 
     Args:
-        q_logits, base_logits: ``[B, V]`` adapter and base logits of the last position.
-        params: a :class:`PolicyParams` (None: the defaults); ``alpha_tilde``, ``alpha_0`` override it.
-        sampling: a :class:`SamplingParams` (None: the defaults); these keywords override it:
+        q_logits: ``[B, V]`` adapter logits of the last position.
+        base_logits: ``[B, V]`` base logits of the last position.
+        params: a ``PolicyParams`` (None: the defaults); ``alpha_tilde``, ``alpha_0`` override it.
+        sampling: a ``SamplingParams`` (None: the defaults); these keywords override it:
             temperature >= 0 (0 decodes greedily, ties to the lowest index); top_k: keep the k most
             likely (0: off); top_p: nucleus mass in (0, 1] (1: off); min_p: drop tokens below min_p
             times the top probability, in [0, 1) (0: off). Each a Python scalar or a per-row ``[B]`` tensor.

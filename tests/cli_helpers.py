@@ -36,20 +36,6 @@ def write_pairs(path, pairs=PAIRS) -> None:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    save_tiny_llama(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    write_pairs(path)
-    return path
-
-
 def run_error(capsys, argv) -> str:
     """Runs ``qadapter ARGV``, which must fail as a user error: exit 2, one line ``qadapter CMD: error: ...``."""
     capsys.readouterr()

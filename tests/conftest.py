@@ -42,3 +42,25 @@ def seed(request) -> int:
 
     return zlib.crc32(request.node.nodeid.encode()) % (2**31)
 
+
+
+# The command-line tests' model and data, one per test module. cli_helpers is imported here, not at the
+# top: it loads transformers, which most test sessions never need.
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A folder holding a tiny random Llama and its tokenizer (cli_helpers.save_tiny_llama)."""
+    from cli_helpers import save_tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    save_tiny_llama(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """A preference file holding cli_helpers.PAIRS."""
+    from cli_helpers import write_pairs
+
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    write_pairs(path)
+    return path

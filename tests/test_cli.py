@@ -9,7 +9,7 @@ from qadapter_kernels.preferences import PREFERENCE_CHECKERS
 from qadapter_kernels.training.data import shipped_data_path
 from qadapter_kernels.model import QAdapterConfig
 
-from cli_helpers import PAIRS, data_file, model_dir, run_error  # noqa: F401 (fixtures)
+from cli_helpers import PAIRS, run_error
 
 
 def test_train_then_eval(tmp_path, model_dir, data_file, capsys):

@@ -12,7 +12,7 @@ import torch
 from qadapter_kernels.app.cli import main
 from qadapter_kernels.model import QAdapterModel
 
-from cli_helpers import PAIRS, data_file, model_dir, run_error, save_tiny_llama, write_pairs  # noqa: F401
+from cli_helpers import PAIRS, run_error, save_tiny_llama, write_pairs
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from qadapter_kernels.app.cli import build_parser, main
 from qadapter_kernels.training import checkpoints
 from qadapter_kernels.training.trainer import QAdapterTrainer
 
-from cli_helpers import PAIRS, data_file, model_dir, run_error, write_pairs  # noqa: F401 (fixtures)
+from cli_helpers import PAIRS, run_error, write_pairs
 
 
 def train_argv(model_dir, data_file, out, *extra):

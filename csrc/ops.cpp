@@ -1,16 +1,7 @@
 // Schemas of every qadapter op. Kernels live in one file per op (CPU here in C++,
-// CUDA in qadapter_kernels/*.py as Triton kernels registered through torch.library).
-#include <Python.h>
+// CUDA in qadapter_kernels/ops/*.py as Triton kernels registered through torch.library).
+// The Python module around them is module.cpp.
 #include <torch/library.h>
-
-extern "C" {
-// Importing qadapter_kernels._C runs the static TORCH_LIBRARY initialisers below; the
-// module itself has no Python functions (pytorch/extension-cpp pattern).
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(qadapter, m) {
   // One pass over the vocabulary per row of [N, V] logits: the soft value

@@ -4,7 +4,10 @@
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
+
+#if defined(__linux__)
 #include <sys/mman.h>
+#endif
 
 #include <atomic>
 #include <cstdlib>
@@ -13,6 +16,7 @@
 #include <utility>
 
 namespace qadapter {
+#if defined(__linux__)
 namespace {
 
 constexpr size_t kHugePage = size_t(2) << 20;
@@ -36,9 +40,11 @@ void report(void* data, int64_t delta) {
   }
 }
 
-// The one block kept for reuse (nullptr: none), written pages and all.
+// The one block kept for reuse (nullptr: none), written pages and all, and the largest block that
+// may be kept (set from Python at import: QADAPTER_OUTPUT_CACHE_MB).
 std::mutex kept_mutex;
 Block* kept = nullptr;
+size_t kept_limit = size_t(1) << 30;
 
 void release(Block* block) {
   if (block == nullptr) return;
@@ -50,11 +56,10 @@ void free_block(void* context) {
   auto* block = static_cast<Block*>(context);
   allocated_bytes -= block->bytes;
   report(block->data, -static_cast<int64_t>(block->bytes));
-  Block* dropped;
+  Block* dropped = block;
   {
     std::lock_guard<std::mutex> lock(kept_mutex);
-    dropped = kept;
-    kept = block;
+    if (block->bytes <= kept_limit) dropped = std::exchange(kept, block);
   }
   release(dropped);
 }
@@ -99,5 +104,48 @@ at::Tensor empty_streaming_output(at::IntArrayRef sizes, const at::TensorOptions
   return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::MemoryFormat::Contiguous);
 }
+
+size_t cached_output_bytes() {
+  std::lock_guard<std::mutex> lock(kept_mutex);
+  return kept ? kept->bytes : 0;
+}
+
+size_t release_cached_output() {
+  Block* dropped;
+  {
+    std::lock_guard<std::mutex> lock(kept_mutex);
+    dropped = std::exchange(kept, nullptr);
+  }
+  const size_t bytes = dropped ? dropped->bytes : 0;
+  release(dropped);
+  return bytes;
+}
+
+void set_cached_output_limit(size_t bytes) {
+  Block* dropped = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(kept_mutex);
+    kept_limit = bytes;
+    if (kept != nullptr && kept->bytes > bytes) dropped = std::exchange(kept, nullptr);
+  }
+  release(dropped);
+}
+
+size_t cached_output_limit() {
+  std::lock_guard<std::mutex> lock(kept_mutex);
+  return kept_limit;
+}
+
+#else  // no madvise / huge pages to ask for: plain allocations, nothing kept
+
+at::Tensor empty_streaming_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+size_t cached_output_bytes() { return 0; }
+size_t release_cached_output() { return 0; }
+void set_cached_output_limit(size_t) {}
+size_t cached_output_limit() { return 0; }
+
+#endif
 
 }  // namespace qadapter

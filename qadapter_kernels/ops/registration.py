@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import _C  # noqa: F401  (loads the op schemas and CPU kernels)
+from . import native  # noqa: F401  (loads the op schemas and CPU kernels)
 
 _LIB = torch.library.Library("qadapter", "IMPL")
 

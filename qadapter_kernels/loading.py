@@ -51,23 +51,24 @@ def default_model_path() -> Path:
     return path
 
 
-def cached_model_folder(name: str) -> Path | None:
-    """The folder of model ``name`` ("org/model") in the local Hugging Face cache, or None (offline:
-    a model not downloaded before is not found, never fetched)."""
+def cached_model_folder(name: str, revision: str | None = None) -> Path | None:
+    """The folder of model ``name`` ("org/model") at ``revision`` (None: main) in the local Hugging Face
+    cache, or None (offline: a model not downloaded before is not found, never fetched)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id=name, local_files_only=True))
+        return Path(snapshot_download(repo_id=name, revision=revision, local_files_only=True))
     except (HFValidationError, LocalEntryNotFoundError, OSError):
         return None
 
 
-def find_model_files(path: str | os.PathLike) -> ModelFiles:
-    """Applies the rule of the module docstring; ``ModelLoadError`` says what is missing or ambiguous."""
+def find_model_files(path: str | os.PathLike, revision: str | None = None) -> ModelFiles:
+    """Applies the rule of the module docstring; ``ModelLoadError`` says what is missing or ambiguous.
+    ``revision``: the snapshot of a model named from the Hugging Face cache (None: main)."""
     path = Path(path)
     if not path.exists():
-        cached = cached_model_folder(str(path))
+        cached = cached_model_folder(str(path), revision)
         if cached is None:
             raise ModelLoadError(f"model not found: {path} (pass a local folder or .gguf file, or the name of a "
                                  "model already in the Hugging Face cache; nothing is downloaded)")
@@ -115,21 +116,21 @@ def _reported_as_load_error(files: ModelFiles, what: str):
         raise ModelLoadError(f"cannot load the {what} at {files.path}: {type(e).__name__}: {e}") from e
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike, **from_pretrained_kwargs):
     """The tokenizer of a model (see the module docstring) or of a tokenizer-only folder, with a pad
-    token (EOS when it has none)."""
+    token (EOS when it has none). ``from_pretrained_kwargs``: as ``load_base_model``'s."""
     from transformers import AutoTokenizer
 
+    revision = from_pretrained_kwargs.pop("revision", None)
     folder = Path(path)
     if folder.is_dir() and (folder / "tokenizer_config.json").is_file() and not (folder / "config.json").exists():
         files = ModelFiles(folder, None)  # a tokenizer saved on its own (beside an adapter)
     else:
-        files = find_model_files(path)
+        files = find_model_files(path, revision)
     with _reported_as_load_error(files, "tokenizer"):
         if files.gguf:
-            tokenizer = AutoTokenizer.from_pretrained(str(files.folder), gguf_file=files.gguf)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(str(files.folder))
+            from_pretrained_kwargs["gguf_file"] = files.gguf
+        tokenizer = AutoTokenizer.from_pretrained(str(files.folder), **from_pretrained_kwargs)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelLoadError(f"the tokenizer of {files.path} has neither a pad nor an EOS token")
@@ -137,15 +138,22 @@ def load_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
-def load_base_model(path: str | os.PathLike):
-    """A causal LM (see the module docstring); a folder's weights must be safetensors (nothing unpickled)."""
+def load_base_model(path: str | os.PathLike, **from_pretrained_kwargs):
+    """A causal LM (see the module docstring); a folder's weights must be safetensors (nothing unpickled).
+
+    ``from_pretrained_kwargs``: further keywords of ``from_pretrained`` (``dtype``, ``trust_remote_code``,
+    ``attn_implementation``, ``quantization_config``, ...); ``revision`` picks the snapshot of a model
+    named from the Hugging Face cache.
+    """
     from transformers import AutoModelForCausalLM
 
-    files = find_model_files(path)
+    files = find_model_files(path, from_pretrained_kwargs.pop("revision", None))
     with _reported_as_load_error(files, "model"):
         if files.gguf:
-            return AutoModelForCausalLM.from_pretrained(str(files.folder), gguf_file=files.gguf)
-        return AutoModelForCausalLM.from_pretrained(str(files.folder), use_safetensors=True)
+            return AutoModelForCausalLM.from_pretrained(str(files.folder), gguf_file=files.gguf,
+                                                        **from_pretrained_kwargs)
+        return AutoModelForCausalLM.from_pretrained(str(files.folder), **from_pretrained_kwargs,
+                                                    use_safetensors=True)
 
 
 def load_model_and_tokenizer(path: str | os.PathLike):

@@ -204,6 +204,29 @@ def test_a_model_name_is_found_in_the_local_hugging_face_cache(tmp_path, monkeyp
         load_base_model("tiny-org/not-downloaded")
 
 
+@pytest.mark.parametrize("eval_batch_size", [3, 8])
+def test_evaluate_reports_per_pair_metrics_equal_to_qadapter_eval(tmp_path, tokenizer, eval_batch_size):
+    """10 pairs in batches of 3 or 8 leave a smaller last batch: a mean over batches would differ."""
+    from qadapter_kernels.app.common import evaluate_pairs
+    from qadapter_kernels.training import PreferenceCollator, PreferenceDataset
+    from test_training_model import perturb_lora_b
+
+    model = QAdapterModel(tiny_llama(vocab=len(tokenizer)))
+    perturb_lora_b(model, seed=5)  # a fresh LoRA scores every pair as the base does: make the adapter matter
+    pairs = PreferenceDataset(shipped_data_path("heldout"), tokenizer, max_length=96, max_prompt_length=48)
+    pairs = torch.utils.data.Subset(pairs, range(10))
+    expected = evaluate_pairs(model, pairs, PreferenceCollator.for_tokenizer(tokenizer), batch_size=4)
+    assert 0.0 < expected["accuracy"] < 1.0  # neither all nor none right: the averaging shows
+    trainer = QAdapterTrainer(model=model, args=fast_args(tmp_path, per_device_eval_batch_size=eval_batch_size),
+                              data_collator=PreferenceCollator.for_tokenizer(tokenizer), processing_class=tokenizer)
+    metrics = trainer.evaluate(pairs)
+    assert metrics["eval_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
+    assert metrics["eval_margin"] == pytest.approx(expected["mean_margin"], rel=1e-5, abs=1e-6)
+    # The regulariser is a mean over the batch's scored tokens, so the loss is per pair given the batching.
+    same_batches = evaluate_pairs(model, pairs, PreferenceCollator.for_tokenizer(tokenizer), eval_batch_size)
+    assert metrics["eval_loss"] == pytest.approx(same_batches["mean_loss"], rel=1e-5)
+
+
 def _count_layer_calls(model: QAdapterModel) -> list[int]:
     """Calls of a module inside the first decoder layer (transformers checkpoints the layer's forward,
     so a hook on the layer itself would run outside the checkpoint, once)."""

@@ -2,7 +2,8 @@
 way TRL's ``DPOConfig`` extends it for DPO, so a DPO script switches by changing the config class.
 
 The method's fields (alpha_tilde, alpha_0, gamma, beta, variant, length_norm) are generated from
-``params.QAdapterParams``: their names, types, defaults and checks live there only.
+``params.QAdapterParams``: their names, types, defaults and checks live there only. DPOConfig's own
+fields are generated from ``dpo_fields.DPOConfigFields``, which also says what each one does here.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import transformers
 from ..params import LEARNING_RATE, QAdapterParams, SequenceLimits, check_bool, check_scalar
 from ..model import QAdapterConfig
 from .data import DEFAULT_PROMPT_TRUNCATION, PROMPT_TRUNCATIONS
+from .dpo_fields import DPOConfigFields, check_dpo_fields, normalise_dpo_fields
 
 __all__ = ["QAdapterTrainingArguments"]
 
@@ -22,22 +24,23 @@ _PARAM_HELP = {
     "alpha_tilde": "temperature of the customised policy pi~ ∝ exp((Q + alpha_0 log pi_1) / alpha_tilde)",
     "alpha_0": "weight of the base model's log-probabilities in the customised policy",
     "gamma": "Bellman discount of the residual reward",
-    "beta": "weight of the squared-reward regulariser",
+    "beta": "weight of the squared-reward regulariser (not DPO's KL temperature)",
     "variant": "which action a position scores and which value bootstraps its reward: 'bellman', 'advantage' or the authors' 'official' (docs/DESIGN.md §2)",
     "length_norm": "score normalisation: 'response' (own scored actions), 'padded' (T - 1, the authors'), 'none'",
 }
 
 
 def _with_fields_of(source: type):
-    """Adds ``source``'s dataclass fields (type and default as declared there) to the decorated class,
-    which ``@dataclass`` then turns into fields of its own: nothing is spelled out twice."""
+    """Adds ``source``'s dataclass fields (type, default and help as declared there) to the decorated
+    class, which ``@dataclass`` then turns into fields of its own: nothing is spelled out twice."""
 
     def decorate(cls: type) -> type:
         hints = typing.get_type_hints(source)
         for f in dataclasses.fields(source):
             cls.__annotations__[f.name] = hints[f.name]
-            help_text = _PARAM_HELP.get(f.name, f"{source.__name__}.{f.name}")
-            setattr(cls, f.name, field(default=f.default, metadata={"help": help_text}))
+            help_text = _PARAM_HELP.get(f.name) or f.metadata.get("help") or f"{source.__name__}.{f.name}"
+            setattr(cls, f.name, field(default=f.default, default_factory=f.default_factory,
+                                       metadata={"help": help_text}))
         return cls
 
     return decorate
@@ -48,6 +51,7 @@ _LIMITS = SequenceLimits()
 
 @dataclass
 @_with_fields_of(QAdapterParams)
+@_with_fields_of(DPOConfigFields)
 class QAdapterTrainingArguments(transformers.TrainingArguments):
     """``TrainingArguments`` with the Q-Adapter hyper-parameters and the data limits.
 
@@ -61,7 +65,13 @@ class QAdapterTrainingArguments(transformers.TrainingArguments):
 
     ``precompute_base``, ``base_cache_dir``, ``base_cache_max_gb``: caching the frozen base model's
     hidden states across epochs (training/base_cache.py).
+
+    Every field of TRL's ``DPOConfig`` is accepted, so TRL's scripts and command lines run with the
+    class swapped: each is honoured, refused with its reason when set to what it cannot mean here,
+    or ignored with a reason (the tables of ``training/dpo_fields.py``).
     """
+
+    _VALID_DICT_FIELDS = [*transformers.TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
 
     max_length: int = field(default=_LIMITS.max_length, metadata={"help": "tokens per prompt + response"})
     max_prompt_length: int | None = field(default=None, metadata={
@@ -83,7 +93,9 @@ class QAdapterTrainingArguments(transformers.TrainingArguments):
         "help": "keep False: the preference columns are read by the collator, not by forward()"})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # parses a JSON string model_init_kwargs, as DPOConfig's does
+        normalise_dpo_fields(self)
+        check_dpo_fields(self)
         params = self.qadapter_params  # normalised: "official" -> RewardVariant.OFFICIAL, True -> "padded"
         for f in dataclasses.fields(QAdapterParams):
             setattr(self, f.name, getattr(params, f.name))

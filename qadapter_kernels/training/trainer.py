@@ -20,13 +20,18 @@ from . import base_cache, checkpoints
 from .arguments import QAdapterTrainingArguments
 from .data import PreferenceCollator
 from ..model.sharded_state import gather_adapter_state, load_adapter_state
-from .trainer_inputs import ModelSource, default_tokenizer, qadapter_model_from, tokenized_preferences
+from .trainer_inputs import (ModelSource, default_tokenizer, disable_dropout, model_init_kwargs, qadapter_model_from,
+                             tokenized_preferences)
 
 # What a batch may hold for QAdapterModel.forward (the last two: from a cached base pass).
 BATCH_COLUMNS = ("input_ids", "attention_mask", "loss_mask", "base_hidden", "base_lse")
 
-# Logged per window, in this order; evaluation metrics get the Trainer's "eval_" prefix.
+# Logged per window, in this order, as means over the window's preference pairs (never over its batches,
+# whose last one may be smaller); evaluation metrics get the Trainer's "eval_" prefix.
 METRIC_NAMES = ("pref_loss", "reg_loss", "accuracy", "chosen_score", "rejected_score", "margin")
+# Summed per split besides METRIC_NAMES: the loss itself, which evaluation reports per pair (the Trainer's
+# own eval_loss weighs each batch by its 2B rows and then cuts them to the number of pairs).
+_SUMMED = ("loss", *METRIC_NAMES)
 
 
 class QAdapterTrainer(transformers.Trainer):
@@ -41,7 +46,10 @@ class QAdapterTrainer(transformers.Trainer):
     a base model (default: ``QAdapterConfig``'s); the saved folder records it (peft's
     ``adapter_config.json`` in full, ``qadapter_config.json`` its r, alpha, dropout and modules).
     ``args``: a ``QAdapterTrainingArguments`` sets the hyper-parameters (over a ``QAdapterModel``'s
-    own); plain ``TrainingArguments`` leave them to the model's ``QAdapterConfig``.
+    own); plain ``TrainingArguments`` leave them to the model's ``QAdapterConfig``. As with
+    ``DPOTrainer``, a model named by path or name is loaded with ``args.model_init_kwargs``,
+    ``args.trust_remote_code`` and ``quantization_config`` (a ``BitsAndBytesConfig``); ``ref_model``
+    must be None (the reference is the base model itself, adapter off).
     Without ``data_collator`` the datasets may be preference files, sequences of rows
     (``prompt``/``chosen``/``rejected``) or ``datasets.Dataset``s: they are tokenised with
     ``processing_class`` (loaded from ``model`` when that is a path) within the arguments' limits
@@ -49,14 +57,15 @@ class QAdapterTrainer(transformers.Trainer):
 
     Batches are dicts with ``input_ids``, ``attention_mask`` and ``loss_mask`` of 2B rows,
     chosen first (docs/DESIGN.md §2). Besides ``loss`` it logs ``pref_loss``, ``reg_loss``,
-    ``accuracy``, ``chosen_score``, ``rejected_score`` and ``margin``, averaged over each
-    logging window (and over processes). Checkpoints hold the adapter folder of
+    ``accuracy``, ``chosen_score``, ``rejected_score`` and ``margin``, averaged over the pairs of
+    each logging window (and over processes). Checkpoints hold the adapter folder of
     ``QAdapterModel.save_pretrained`` plus the Trainer's optimizer, scheduler and RNG states; each
     appears whole or not at all (``training.checkpoints``), and ``save_total_limit`` counts whole
     ones only. The tokenizer (``processing_class``) is saved with the final model, not with every
     checkpoint. ``run_record``: a JSON-able description of the run (data, model, hyper-parameters)
     written as ``qadapter_run.json`` beside every save, so a resume can tell its own checkpoints.
-    ``evaluate()`` reports the same metrics with the ``eval_`` prefix; ``predict()`` returns the
+    ``evaluate()`` reports the same metrics with the ``eval_`` prefix, per pair: the numbers of
+    ``qadapter eval`` on the same data, whatever the batch size; ``predict()`` returns the
     [B, 2] (chosen, rejected) scores as predictions.
 
     A cached base pass (``training.base_cache``) is read from the training arguments:
@@ -73,16 +82,24 @@ class QAdapterTrainer(transformers.Trainer):
     def __init__(self, model: ModelSource | None = None, args: transformers.TrainingArguments | None = None,
                  data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
                  processing_class: Any = None, *, peft_config: peft.LoraConfig | None = None,
-                 run_record: dict | None = None, **kwargs: Any):
+                 ref_model: Any = None, quantization_config: Any = None, run_record: dict | None = None,
+                 **kwargs: Any):
         if model is None:
             raise TypeError("QAdapterTrainer needs model= (a model name or path, a causal LM, a PeftModel or a "
                             "QAdapterModel)")
+        if ref_model is not None:
+            raise ValueError("ref_model must be None: the Q-Adapter's reference is its own base model with the "
+                             "adapter switched off")
         is_qadapter_args = isinstance(args, QAdapterTrainingArguments)
         model_source = model
-        model = qadapter_model_from(model, args.qadapter_config() if is_qadapter_args else None, peft_config)
+        init_kwargs = model_init_kwargs(model, args, quantization_config)
+        model = qadapter_model_from(model, args.qadapter_config() if is_qadapter_args else None, peft_config,
+                                    init_kwargs)
+        if getattr(args, "disable_dropout", False):
+            disable_dropout(model)
         if data_collator is None:
             if processing_class is None:
-                processing_class = default_tokenizer(model_source)
+                processing_class = default_tokenizer(model_source, init_kwargs)
             train_dataset = tokenized_preferences(train_dataset, processing_class, "train_dataset", args)
             eval_dataset = tokenized_preferences(eval_dataset, processing_class, "eval_dataset", args)
             if processing_class is None:
@@ -91,7 +108,7 @@ class QAdapterTrainer(transformers.Trainer):
         self.run_record = run_record
         # While a checkpoint is written: the staging folder standing in for the output folder.
         self._checkpoint_run_dir: Path | None = None
-        # Running sums of METRIC_NAMES per split ("train", "eval") since the last log, and batch counts.
+        # Running sums of _SUMMED per split ("train", "eval") since the last log, and pair counts.
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_counts: dict[str, int] = {}
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
@@ -119,7 +136,8 @@ class QAdapterTrainer(transformers.Trainer):
                 model, dataset, tokenizer=self.processing_class, tokenization=getattr(dataset, "tokenization", None),
                 cache_dir=getattr(self.args, "base_cache_dir", None),
                 max_gb=getattr(self.args, "base_cache_max_gb", None),
-                batch_size=self.args.per_device_eval_batch_size, autocast=self.autocast_smart_context_manager,
+                batch_size=getattr(self.args, "precompute_ref_batch_size", None) or self.args.per_device_eval_batch_size,
+                autocast=self.autocast_smart_context_manager,
                 log=print if self.is_local_process_zero() else lambda line: None)
         if not isinstance(self.data_collator, base_cache.CachedBaseCollator):
             self.data_collator = base_cache.CachedBaseCollator(self.data_collator)
@@ -138,12 +156,17 @@ class QAdapterTrainer(transformers.Trainer):
         return super().get_eval_dataloader(self._with_base_cache(eval_dataset))
 
     def _accumulate_metrics(self, out, split: str) -> None:
-        chosen, rejected = out.chosen_scores.detach(), out.rejected_scores.detach()
-        values = torch.stack([out.pref_loss.detach(), out.reg_loss.detach(), out.accuracy.detach().float(),
-                              chosen.mean(), rejected.mean(), (chosen - rejected).mean()]).float()
+        chosen, rejected = out.chosen_scores.detach().float(), out.rejected_scores.detach().float()
+        pairs = chosen.numel()
+        # Per-pair sums: the batch means of the losses weighted by the batch's pairs, and the pair accuracy
+        # counted as `qadapter eval` counts it (margin > 0), so the metrics do not depend on the batch size.
+        values = torch.stack([out.loss.detach().float() * pairs, out.pref_loss.detach().float() * pairs,
+                              out.reg_loss.detach().float() * pairs,
+                              (chosen > rejected).sum().float(), chosen.sum(), rejected.sum(),
+                              (chosen - rejected).sum()])
         # Summed on the device without a host sync; read once per logging window.
         self._metric_sums[split] = self._metric_sums.get(split, 0) + values
-        self._metric_counts[split] = self._metric_counts.get(split, 0) + 1
+        self._metric_counts[split] = self._metric_counts.get(split, 0) + pairs
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None):
@@ -155,18 +178,20 @@ class QAdapterTrainer(transformers.Trainer):
         return loss.detach(), torch.stack([scores["chosen_scores"], scores["rejected_scores"]], dim=-1), None
 
     def _pop_averages(self, split: str) -> dict[str, float]:
-        """The window's averages of METRIC_NAMES over batches and processes; resets the window."""
+        """The window's averages of _SUMMED over pairs and processes; resets the window."""
         sums = self._metric_sums.pop(split, None)
         count = self._metric_counts.pop(split, 0)
         if sums is None:
             return {}
         # Every process gets here (log() and evaluation_loop() run on all): a collective is safe.
         totals = self.accelerator.reduce(torch.cat([sums, sums.new_tensor([count])]), reduction="sum")
-        return dict(zip(METRIC_NAMES, (totals[:-1] / totals[-1]).tolist()))
+        return dict(zip(_SUMMED, (totals[:-1] / totals[-1]).tolist()))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training-window log: the Trainer averaged "loss" over the same batches
-            logs.update(self._pop_averages("train"))
+        if "loss" in logs:  # a training-window log: the Trainer averaged "loss" over the same steps
+            averages = self._pop_averages("train")
+            averages.pop("loss", None)  # the Trainer's own, as it counts gradient accumulation
+            logs.update(averages)
         elif "train_loss" in logs:  # the end-of-training summary: drop the unlogged tail of the last window
             self._metric_sums.pop("train", None)
             self._metric_counts.pop("train", None)

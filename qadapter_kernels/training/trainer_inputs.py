@@ -18,8 +18,8 @@ from ..model import QAdapterConfig, QAdapterModel
 from .data import DEFAULT_PROMPT_TRUNCATION, PreferenceDataset, PreferenceStream, as_preference_dataset
 from .examples import PreferenceDataError
 
-__all__ = ["ModelSource", "default_tokenizer", "lora_fields", "qadapter_model_from",
-           "tokenized_preferences"]
+__all__ = ["ModelSource", "default_tokenizer", "disable_dropout", "lora_fields", "model_init_kwargs",
+           "qadapter_model_from", "tokenized_preferences"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +50,40 @@ def _checked_lora_config(peft_config: object) -> peft.LoraConfig:
     return peft_config
 
 
-def qadapter_model_from(model: ModelSource, config: QAdapterConfig | None, peft_config=None) -> QAdapterModel:
+def model_init_kwargs(model: ModelSource, args, quantization_config=None) -> dict:
+    """The ``from_pretrained`` keywords for ``model`` as ``DPOTrainer`` builds them: ``args.model_init_kwargs``,
+    ``args.trust_remote_code`` and ``quantization_config``. They apply to a model named by path or name only:
+    ``ValueError`` when some are given with a model already loaded."""
+    kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+    if quantization_config is not None:
+        if "quantization_config" in kwargs:
+            raise ValueError("quantization_config is given both to the trainer and in args.model_init_kwargs: "
+                             "give it once")
+        kwargs["quantization_config"] = quantization_config
+    if not isinstance(model, (str, os.PathLike)):
+        if kwargs:
+            raise ValueError(f"{sorted(kwargs)} (from args.model_init_kwargs or quantization_config) apply to a "
+                             f"model named by path or name; model= is a loaded {type(model).__name__}: load it "
+                             "with these settings instead")
+        return {}
+    if getattr(args, "trust_remote_code", False):
+        kwargs.setdefault("trust_remote_code", True)
+    return kwargs
+
+
+def _is_quantized(model: PreTrainedModel) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def qadapter_model_from(model: ModelSource, config: QAdapterConfig | None, peft_config=None,
+                        init_kwargs: dict | None = None) -> QAdapterModel:
     """A ``QAdapterModel`` for ``model``.
 
     ``config``: the hyper-parameters to train with (None: the model's own when it is a
     ``QAdapterModel``, else the defaults). ``peft_config``: the LoRA to put on a base model; a
     ``PeftModel`` or ``QAdapterModel`` already holds its adapter, so passing one too is an error.
+    ``init_kwargs``: ``from_pretrained`` keywords for a model named by path or name (``model_init_kwargs``);
+    a base loaded quantized is prepared for k-bit training as ``DPOTrainer`` does.
     """
     if isinstance(model, (QAdapterModel, peft.PeftModel)) and peft_config is not None:
         raise ValueError(f"model is a {type(model).__name__} that already holds its LoRA: pass peft_config=None")
@@ -71,7 +99,9 @@ def qadapter_model_from(model: ModelSource, config: QAdapterConfig | None, peft_
     config = config or QAdapterConfig()
     if isinstance(model, (str, os.PathLike)):
         config = dataclasses.replace(config, base_model=str(model))
-        model = load_base_model(model)
+        model = load_base_model(model, **(init_kwargs or {}))
+        if _is_quantized(model):  # the Trainer turns gradient checkpointing on itself when asked
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if isinstance(model, PreTrainedModel) and peft_config is not None:
         model = peft.get_peft_model(model, _checked_lora_config(peft_config))
     if isinstance(model, peft.PeftModel):
@@ -82,11 +112,22 @@ def qadapter_model_from(model: ModelSource, config: QAdapterConfig | None, peft_
                     f"QAdapterModel, got {type(model).__name__}")
 
 
-def default_tokenizer(model: ModelSource):
-    """The tokenizer saved with a model named by path or name (TRL's behaviour); None for a loaded model."""
+def default_tokenizer(model: ModelSource, init_kwargs: dict | None = None):
+    """The tokenizer saved with a model named by path or name (TRL's behaviour), loaded with the
+    ``revision`` and ``trust_remote_code`` of ``init_kwargs``; None for a loaded model."""
     if isinstance(model, (str, os.PathLike)):
-        return load_tokenizer(model)
+        init_kwargs = init_kwargs or {}
+        return load_tokenizer(model, **{k: init_kwargs[k] for k in ("revision", "trust_remote_code")
+                                        if k in init_kwargs})
     return None
+
+
+def disable_dropout(model: QAdapterModel) -> None:
+    """Every dropout probability of ``model`` set to 0 (LoRA's included, and recorded in its config)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.qadapter_config = dataclasses.replace(model.qadapter_config, lora_dropout=0.0)
 
 
 def tokenized_preferences(data: object, tokenizer, name: str, args=None) -> torch.utils.data.Dataset | None:

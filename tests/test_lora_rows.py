@@ -1,4 +1,6 @@
 """Row blocks routed through their adapters by slicing equal peft's own mixed-batch routing."""
+import threading
+
 import peft
 import pytest
 import torch
@@ -40,13 +42,15 @@ def test_slicing_equals_peft_routing(names):
     with torch.no_grad():
         with peft_routing(model, names):
             expected = model(input_ids=ids, attention_mask=mask).logits
+        active = model(input_ids=ids, attention_mask=mask).logits
         routing = sliced_lora_routing(model, names)
         assert routing is not None
         with routing:
             got = model(input_ids=ids, attention_mask=mask).logits
+        after = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    # The layers' own forward is back afterwards.
-    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    # Afterwards every row runs through the active adapter again, exactly as before.
+    assert torch.equal(after, active)
 
 
 def test_disabled_adapters_inside_the_block_run_the_base_model():
@@ -83,3 +87,40 @@ def test_a_forward_of_another_batch_size_is_an_error():
 def test_row_blocks():
     assert row_blocks(["a", "a", "b", "c", "c"]) == [("a", 0, 2), ("b", 2, 3), ("c", 3, 5)]
     assert row_blocks([]) == [] and row_blocks(["x"]) == [("x", 0, 1)]
+
+
+def test_no_names_runs_every_row_without_an_adapter_as_peft_disables_it():
+    model = peft_model()
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        with sliced_lora_routing(model, None):
+            got = model(input_ids=ids).logits
+            one_row = model(input_ids=ids[:1]).logits  # any batch size
+    assert torch.equal(got, base) and torch.equal(one_row, base[:1])
+
+
+def test_modules_to_save_or_a_forward_set_by_someone_else_keep_pefts_routing():
+    model = peft_model()
+    model.add_adapter("c", peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert sliced_lora_routing(model, ["a", BASE_ADAPTER_NAME]) is None
+    model = peft_model()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.forward = lambda x, *args, **kwargs: type(layer).forward(layer, x, *args, **kwargs)
+    assert sliced_lora_routing(model, ["a", BASE_ADAPTER_NAME]) is None
+
+
+def test_a_routing_holds_in_its_own_thread_only():
+    model = peft_model()
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    other_thread = {}
+    with torch.no_grad():
+        active = model(input_ids=ids).logits
+        with sliced_lora_routing(model, ["b", BASE_ADAPTER_NAME]):
+            routed = model(input_ids=ids).logits
+            thread = threading.Thread(target=lambda: other_thread.update(logits=model(input_ids=ids).logits))
+            thread.start()
+            thread.join()
+    assert not torch.equal(routed, active)
+    assert torch.equal(other_thread["logits"], active)  # the other thread saw peft's own forward

@@ -7,7 +7,7 @@ from transformers import DynamicCache, LogitsProcessor
 from ..api import combined_logits
 from ..params import PolicyParams, resolve
 from .composition import check_adapter_weights, composition
-from .streams import BASE_ADAPTER_NAME, cache_keyword, mixed_batch_hooks, prompt_positions
+from .streams import BASE_ADAPTER_NAME, adapter_off, cache_keyword, mixed_batch_hooks, prompt_positions
 
 __all__ = ["QAdapterLogitsProcessor"]
 
@@ -90,7 +90,7 @@ class QAdapterLogitsProcessor(LogitsProcessor):
         if self._qadapter is None:
             return (self._causal_lm(new, **kwargs).logits[:, -1],)
         peft_model = self._qadapter.peft_model
-        route = (peft_model.disable_adapter() if groups == 1
+        route = (adapter_off(peft_model) if groups == 1
                  else mixed_batch_hooks(peft_model, [name for name in self._groups for _ in range(rows)]))
         with route:
             return self._causal_lm(new, **kwargs).logits[:, -1].split(rows)

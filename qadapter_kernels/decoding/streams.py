@@ -56,6 +56,12 @@ def mixed_batch_hooks(peft_model, adapter_names: list[str]):
     return hooks[0](adapter_names=adapter_names)
 
 
+def adapter_off(peft_model) -> contextlib.AbstractContextManager:
+    """Every forward in the block runs without an adapter: in this thread only where the LoRA layers
+    can be sliced (``lora_rows``), else through peft's ``disable_adapter()``, which every thread sees."""
+    return sliced_lora_routing(peft_model, None) or peft_model.disable_adapter()
+
+
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded prompt: 0 at each row's first real token (padding gets 0 too)."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -84,7 +90,7 @@ class _Streams(contextlib.ExitStack):
         return (out.logits if self._logits else out[0])[:, -1]
 
     def _base_hidden(self, cache: int, *inputs) -> torch.Tensor:
-        with self._peft_model.disable_adapter():
+        with adapter_off(self._peft_model):
             return self._last_hidden(cache, *inputs)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..decoding.streams import BASE_ADAPTER_NAME, mixed_batch_hooks
+from ..decoding.streams import BASE_ADAPTER_NAME, adapter_off, mixed_batch_hooks
 
 __all__ = ["PolicyScorer"]
 
@@ -109,7 +109,7 @@ class PolicyScorer:
         model.eval()
         try:
             if not self.adapter:
-                with model.peft_model.disable_adapter():
+                with adapter_off(model.peft_model):
                     hidden = model.final_hidden_states(input_ids, attention_mask)
                 return hidden, hidden
             rows = input_ids.shape[0]

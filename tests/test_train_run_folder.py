@@ -82,7 +82,8 @@ def test_resume_takes_only_checkpoints_of_the_same_run(tmp_path, model_dir, data
     assert main(train_argv(model_dir, data_file, out, "--max-steps", "3", "--save-steps", "2",
                            "--resume-from-checkpoint")) == 0
     printed = capsys.readouterr().out
-    assert f"resuming from {out / 'checkpoint-2'}" in printed and "trained 3 steps" in printed
+    assert f"resuming from {out / 'checkpoint-2'}" in printed
+    assert "trained 1 step (resumed at step 2, now at step 3)" in printed
 
 
 # ----------------------------------------------------------------------------- a finished run
@@ -126,7 +127,8 @@ def test_an_interrupted_checkpoint_save_leaves_no_checkpoint(tmp_path, model_dir
     assert main(argv + ["--resume-from-checkpoint"]) == 0
     printed = capsys.readouterr().out
     assert "removed what interrupted saves left: .saving-checkpoint-4" in printed
-    assert f"resuming from {out / 'checkpoint-2'}" in printed and "trained 6 steps" in printed
+    assert f"resuming from {out / 'checkpoint-2'}" in printed
+    assert "trained 4 steps (resumed at step 2, now at step 6)" in printed  # the steps this command ran
     assert checkpoints.leftovers(out) == []
 
 
@@ -145,7 +147,8 @@ def test_resume_skips_an_incomplete_checkpoint_and_cleans_up(tmp_path, model_dir
     argv[argv.index("--max-steps") + 1] = "4"
     assert main(argv + ["--resume-from-checkpoint"]) == 0
     printed = capsys.readouterr().out
-    assert f"resuming from {out / 'checkpoint-2'}" in printed and "trained 4 steps" in printed
+    assert f"resuming from {out / 'checkpoint-2'}" in printed
+    assert "trained 2 steps (resumed at step 2, now at step 4)" in printed
     assert checkpoints.leftovers(out) == [] and checkpoints.is_complete(out / "checkpoint-4")
 
 

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import math
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,9 +36,13 @@ from .common import (ArgumentParser, HelpFormatter, UserError, add_param_argumen
                      positive_float, positive_int, resolve_data_path, resolve_model_path, side_by_side)
 from ..params import LEARNING_RATE, LR_SCHEDULER
 from .demo import add_demo_arguments
+from ..signal_latch import SignalLatch
+from .quiet import drop_third_party_noise
 from .train import resume_command, run_train
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+COMMANDS = ("train", "eval", "generate", "demo", "serve", "lm-eval")
 
 
 # ----------------------------------------------------------------------------- eval
@@ -101,11 +106,13 @@ def batch_independent(config, max_length: int):
     return config, None, None
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run_eval(args: argparse.Namespace, latch: SignalLatch) -> int:
     import torch
 
-    from ..training.data import PreferenceCollator
     from ..model import QAdapterModel
+    from ..training.data import PreferenceCollator
+
+    latch.disarm()  # imports done: from here a Ctrl-C stops at once (nothing is written before the end)
 
     if args.adapter is not None:
         saved = saved_adapter_config(args.adapter)
@@ -191,8 +198,10 @@ def adapter_weights(values: list[str]) -> tuple[list[str], list[float] | None]:
     return folders, [1.0 if w is None else w for w in weights]
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from ..decoding.streams import UnsupportedPeftError
+def run_generate(args: argparse.Namespace, latch: SignalLatch) -> int:
+    from ..decoding.streams import UnsupportedPeftError  # the heavy part: torch, transformers, peft
+
+    latch.disarm()  # imports done: from here a Ctrl-C stops at once
 
     if not all(p.strip() for p in args.prompt):
         raise UserError("--prompt must not be empty")
@@ -308,9 +317,10 @@ def _add_train(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="qadapter", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,demo,serve,lm-eval}")
+    parser = ArgumentParser(prog="qadapter", formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Train a Q-Adapter on preference pairs, evaluate it, decode with it.",
+                            epilog="'qadapter COMMAND --help' lists the options of one command.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     _add_train(sub)
 
     ev = sub.add_parser("eval", help="held-out pair accuracy and margin of an adapter", formatter_class=HelpFormatter,
@@ -352,16 +362,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _starting_notice(prefix: str):
+    def announce(signum: int) -> str:
+        return (f"{prefix}: {signal.Signals(signum).name} received: stopping as soon as loading ends (nothing is "
+                "written); Ctrl-C again aborts now")
+
+    return announce
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qadapter`` console script; returns 0 or exits with status 2 (130 when interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    prefix = "qadapter" + (f" {argv[0]}" if argv and argv[0] in COMMANDS else "")
+    # Armed before anything heavy is imported: a Ctrl-C while transformers and peft import (seconds)
+    # is answered in one line at the next safe point instead of breaking an import half-way.
+    with SignalLatch(announce=_starting_notice(prefix)) as latch:
+        drop_third_party_noise()
+        try:
+            return _run(argv, latch)
+        except KeyboardInterrupt:
+            resume = f". Resume with: {resume_command(argv)}" if argv[:1] == ["train"] else ""
+            print(f"{prefix}: interrupted{resume}", file=sys.stderr, flush=True)
+            sys.exit(130)
+
+
+def _run(argv: list[str], latch: SignalLatch) -> int:
     if argv[:1] == ["serve"]:
         from ..serving.__main__ import main as serve
 
+        latch.disarm()
         return serve(argv)
     if argv[:1] == ["lm-eval"]:
         from ..evaluation.lm_eval_cli import main as lm_eval
 
+        latch.disarm()
         lm_eval(argv[1:])
         return 0
     parser = build_parser()
@@ -375,12 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train" and args.warmup_steps < 0:
         parser.exit(2, f"{prefix}: error: --warmup-steps must be >= 0\n")
     try:
-        return args.handler(args)
+        return args.handler(args, latch)
     except UserError as e:
         parser.exit(2, f"{prefix}: error: {e}\n")
-    except KeyboardInterrupt:
-        resume = f". Resume with: {resume_command(argv)}" if args.command == "train" else ""
-        parser.exit(130, f"{prefix}: interrupted{resume}\n")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from .common import (add_param_arguments, build_dataset, config_from_args, evalu
                      positive_float, positive_int, resolve_data_path, resolve_model_path, side_by_side)
 from ..params import LEARNING_RATE, LR_SCHEDULER
 from ..preferences import DEFAULT_PREFERENCE, PREFERENCE_CHECKERS, PREFERENCE_RULES
+from ..signal_latch import SignalLatch
 
 __all__ = ["add_demo_arguments", "run_demo"]
 
@@ -106,7 +107,8 @@ class _TokenBar:
         self._bar.close()
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(args: argparse.Namespace, latch: SignalLatch) -> int:
+    """``qadapter demo``; ``latch`` (a ``SignalLatch`` armed by ``main``) holds Ctrl-C until the imports end."""
     import torch
     import transformers
 
@@ -116,6 +118,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..training.data import PreferenceCollator
     from ..model import QAdapterModel
     from ..training.trainer import QAdapterTrainer
+
+    latch.disarm()  # imports done: from here a Ctrl-C stops the demo at once
 
     total_start = time.perf_counter()
     config = config_from_args(args, demo_config())

@@ -11,15 +11,13 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import time
 from pathlib import Path
 
 from ..signal_latch import SignalLatch
-from ..training.checkpoints import TRAINER_STATE_NAME
 from .common import (UserError, build_dataset, check_writable_folder, config_from_args, load_base, load_tokenizer,
                      on_main_process, resolve_data_path, resolve_model_path)
-from .run_folder import (adapter_is_published, check_free_space, data_sha256, file_sha256, plan_run,
-                         publish_final_adapter, write_record)
 
 __all__ = ["resume_command", "run_record", "run_train"]
 
@@ -32,6 +30,8 @@ _CHECKPOINT_OVERHEAD_BYTES = 1 << 20
 def run_record(args: argparse.Namespace, model_path: Path, data_path: Path | str, config) -> dict:
     """What makes two runs the same run: the data's bytes, the model, the hyper-parameters that change
     the result (not the step budget: a run may be resumed with a larger ``--max-steps``)."""
+    from .run_folder import data_sha256
+
     return {
         "data_sha256": data_sha256(data_path),
         "model": str(model_path.resolve()),
@@ -57,6 +57,8 @@ def _check_bf16() -> None:
 
 
 def _target_steps(args: argparse.Namespace):
+    from ..training.checkpoints import TRAINER_STATE_NAME
+
     def target(checkpoint: Path | None) -> int | None:
         if args.max_steps > 0:
             return args.max_steps
@@ -107,21 +109,27 @@ def _training_arguments(args: argparse.Namespace, with_eval: bool):
     return training_args
 
 
-def run_train(args: argparse.Namespace) -> int:
-    # Armed before the heavy imports and the loading: a signal during them is recorded and handled
-    # below, at a safe point, instead of interrupting an import or a write wherever it lands.
-    with SignalLatch() as latch:
-        return _train(args, latch)
+def _before_training(signum: int) -> str:
+    return (f"qadapter train: {signal.Signals(signum).name} received: stopping before training starts (nothing is "
+            "trained or written); Ctrl-C again aborts now")
 
 
-def _train(args: argparse.Namespace, latch: SignalLatch) -> int:
+def run_train(args: argparse.Namespace, latch: SignalLatch) -> int:
+    """``qadapter train``. ``latch``: armed by ``main`` before any heavy import; a signal during the
+    imports and the loading is handled below, at a safe point, instead of wherever it lands."""
     import transformers
 
+    from ..model import QAdapterModel
     from ..training.base_cache import BaseCacheTooLarge
+    from ..training.checkpoints import trained_steps
     from ..training.data import PreferenceCollator
     from ..training.interrupt import StopOnSignal
-    from ..model import QAdapterModel
     from ..training.trainer import QAdapterTrainer
+    from .run_folder import check_free_space, plan_run, write_record
+
+    latch.announce = _before_training
+    if latch.received is not None:  # a signal came during the imports: nothing is loaded or written
+        return _stopped_before_training(latch.received)
 
     config = config_from_args(args)  # checked before anything slow
     if not args.cache_base and (args.cache_max_gb is not None or args.cache_dir is not None):
@@ -177,12 +185,11 @@ def _train(args: argparse.Namespace, latch: SignalLatch) -> int:
         raise
     if latch.received is not None:
         _remove_if_empty(output_dir, created)
-        print(f"stopped by signal {latch.received} before training started: nothing was trained or written",
-              flush=True)
-        return 128 + latch.received
+        return _stopped_before_training(latch.received)
     if main_process:
         write_record(output_dir, record)  # the folder is this run's from now on
-    stop = StopOnSignal(latch)
+    resumed_at = (trained_steps(plan.checkpoint) or 0) if plan.checkpoint is not None else 0
+    stop = StopOnSignal(latch, prefix="qadapter train: ", first_step=resumed_at + 1)
     trainer = QAdapterTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                               data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                               run_record=record, callbacks=[stop])
@@ -203,13 +210,22 @@ def _train(args: argparse.Namespace, latch: SignalLatch) -> int:
     trainer.save_model(args.output_dir)  # adapter (QAdapterModel.save_pretrained) + tokenizer + record
     if main_process:
         write_record(output_dir, record, completed_steps=result.global_step)
-    print(f"trained {result.global_step} steps in {seconds:.1f} s "
+    # global_step counts from the run's start, across resumes; the time and the loss are this command's.
+    ran = result.global_step - resumed_at
+    resumed = f" (resumed at step {resumed_at}, now at step {result.global_step})" if resumed_at else ""
+    print(f"trained {ran} step{'' if ran == 1 else 's'}{resumed} in {seconds:.1f} s "
           f"(train loss {result.training_loss:.4f}); adapter saved to {args.output_dir}", flush=True)
+    latch.disarm()  # the run is saved: from here a Ctrl-C stops at once
     if eval_set is not None:
         metrics = trainer.evaluate()
         print("held-out: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                        if isinstance(v, float)), flush=True)
     return 0
+
+
+def _stopped_before_training(signum: int) -> int:
+    print(f"stopped by signal {signum} before training started: nothing was trained or written", flush=True)
+    return 128 + signum
 
 
 def _remove_if_empty(output_dir: Path, created: bool) -> None:
@@ -220,6 +236,7 @@ def _remove_if_empty(output_dir: Path, created: bool) -> None:
 
 def _finish_without_training(output_dir: Path, plan, record: dict, tokenizer) -> int:
     """A resume of a finished run: the final adapter is made whole (a kill may have cut its save), nothing trains."""
+    from .run_folder import publish_final_adapter, write_record
     if plan.checkpoint is not None and not _same_adapter(plan.checkpoint, output_dir):
         publish_final_adapter(plan.checkpoint, output_dir)
     if not (output_dir / "tokenizer_config.json").is_file():
@@ -230,6 +247,8 @@ def _finish_without_training(output_dir: Path, plan, record: dict, tokenizer) ->
 
 
 def _same_adapter(checkpoint: Path, output_dir: Path) -> bool:
+    from .run_folder import adapter_is_published, file_sha256
+
     if not adapter_is_published(output_dir):
         return False
     return all(file_sha256(checkpoint / name) == file_sha256(output_dir / name)

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -339,8 +340,12 @@ class QAdapterModel(torch.nn.Module):
             config = dataclasses.replace(config, base_model=str(base_model))
             base_model = load_base_model(base_model)
         try:
-            peft_model = peft.PeftModel.from_pretrained(base_model, str(directory), adapter_name=adapter_name,
-                                                        is_trainable=True)
+            with warnings.catch_warnings():
+                # peft only warns about missing adapter keys; check_adapter_state below makes them an error
+                # naming them, so its warning would be the same news twice.
+                warnings.filterwarnings("ignore", message=".*Found missing adapter keys", category=UserWarning)
+                peft_model = peft.PeftModel.from_pretrained(base_model, str(directory), adapter_name=adapter_name,
+                                                            is_trainable=True)
         except (RuntimeError, KeyError, TypeError) as e:  # peft: a size mismatch, a malformed adapter_config.json
             raise ValueError(f"{directory} does not fit the base model: {str(e).strip().splitlines()[0]}") from None
         check_adapter_state(peft_model, weights, adapter_name)  # peft only warns about missing or unexpected keys

@@ -19,8 +19,10 @@ __all__ = ["SEED", "Answer", "build_items"]
 SEED = 20250705
 HELDOUT_FRACTION = 0.2
 
-# Each item: (key, prompt, answer). The key names what the prompt is about: splits never share one.
-Item = tuple[str, str, str]
+# Each item: (key, prompt template, prompt, answer). The key names what the prompt is about: splits never
+# share one. The template is the prompt's wording with the item left out (items that share it are phrased
+# alike); the forgetting study's splits (benchmarks/study_splits.py) keep templates apart too.
+Item = tuple[str, str, str, str]
 
 CAPITALS = [
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
@@ -205,7 +207,8 @@ def _capitals(rng: random.Random) -> Iterator[Item]:
     answers = ["The capital of {c} is {k}.", "{k} is the capital of {c}.", "The capital city of {c} is {k}."]
     for country, capital in CAPITALS:
         fill = {"c": country, "k": capital}
-        yield country, rng.choice(prompts).format(**fill), rng.choice(answers).format(**fill)
+        template = rng.choice(prompts)
+        yield country, template, template.format(**fill), rng.choice(answers).format(**fill)
 
 
 def _definitions(rng: random.Random) -> Iterator[Item]:
@@ -214,7 +217,8 @@ def _definitions(rng: random.Random) -> Iterator[Item]:
                'Here is a simple definition: "{w}" means {d}.']
     for word, definition in DEFINITIONS:
         fill = {"w": word, "d": definition}
-        yield word, rng.choice(prompts).format(**fill), rng.choice(answers).format(**fill)
+        template = rng.choice(prompts)
+        yield word, template, template.format(**fill), rng.choice(answers).format(**fill)
 
 
 def _opposites(rng: random.Random) -> Iterator[Item]:
@@ -223,7 +227,8 @@ def _opposites(rng: random.Random) -> Iterator[Item]:
     answers = ['The opposite of "{w}" is "{o}".', 'An antonym of "{w}" is "{o}".']
     for word, opposite in OPPOSITES:
         fill = {"w": word, "o": opposite}
-        yield word, rng.choice(prompts).format(**fill), rng.choice(answers).format(**fill)
+        template = rng.choice(prompts)
+        yield word, template, template.format(**fill), rng.choice(answers).format(**fill)
 
 
 def _plurals(rng: random.Random) -> Iterator[Item]:
@@ -231,7 +236,8 @@ def _plurals(rng: random.Random) -> Iterator[Item]:
     answers = ['The plural of "{w}" is "{p}".', 'In the plural, "{w}" becomes "{p}".']
     for word, plural in PLURALS:
         fill = {"w": word, "p": plural}
-        yield word, rng.choice(prompts).format(**fill), rng.choice(answers).format(**fill)
+        template = rng.choice(prompts)
+        yield word, template, template.format(**fill), rng.choice(answers).format(**fill)
 
 
 def _spelling(rng: random.Random) -> Iterator[Item]:
@@ -243,7 +249,7 @@ def _spelling(rng: random.Random) -> Iterator[Item]:
         else:
             prompt = rng.choice(['How many letters are in the word "{w}"?', 'Count the letters in "{w}".'])
             answer = f'The word "{word}" has {len(word)} letters.'
-        yield word, prompt.format(w=word), answer
+        yield word, prompt, prompt.format(w=word), answer
 
 
 def _units(rng: random.Random) -> Iterator[Item]:
@@ -253,7 +259,8 @@ def _units(rng: random.Random) -> Iterator[Item]:
     for unit, one, smaller, factor, largest in UNITS:
         for n in rng.sample(range(2, largest + 1), 6):
             fill = {"u": unit, "one": one, "s": smaller, "n": n, "m": n * factor, "f": factor}
-            yield f"{unit} {n}", rng.choice(prompts).format(**fill), rng.choice(answers).format(**fill)
+            template = rng.choice(prompts)
+            yield f"{unit} {n}", template, template.format(**fill), rng.choice(answers).format(**fill)
 
 
 def _arithmetic(rng: random.Random) -> Iterator[Item]:
@@ -279,7 +286,8 @@ def _arithmetic(rng: random.Random) -> Iterator[Item]:
             seen.add((name, a, b))
             count += 1
             fill = {"a": a, "b": b, "c": apply(a, b)}
-            yield f"{name} {a} {b}", rng.choice(prompts).format(**fill), rng.choice(answers).format(**fill)
+            template = rng.choice(prompts)
+            yield f"{name} {a} {b}", template, template.format(**fill), rng.choice(answers).format(**fill)
 
 
 def _comparisons(rng: random.Random) -> Iterator[Item]:
@@ -294,47 +302,50 @@ def _comparisons(rng: random.Random) -> Iterator[Item]:
         else:
             prompt, answer = "Which number is smaller, {a} or {b}?", "The smaller number is {lo}."
         fill = {"a": a, "b": b, "hi": max(a, b), "lo": min(a, b)}
-        yield f"compare {min(a, b)} {max(a, b)}", prompt.format(**fill), answer.format(**fill)
+        yield f"compare {min(a, b)} {max(a, b)}", prompt, prompt.format(**fill), answer.format(**fill)
 
 
 def _calendar(rng: random.Random) -> Iterator[Item]:
     for names, kind in ((DAYS, "day"), (MONTHS, "month")):
         for i, name in enumerate(names):
             if rng.random() < 0.5:
-                prompt = f"What {kind} comes after {name}?"
+                template = f"What {kind} comes after {{name}}?"
                 answer = rng.choice([f"The {kind} after {name} is {names[(i + 1) % len(names)]}.",
                                      f"After {name} comes {names[(i + 1) % len(names)]}."])
             else:
-                prompt = f"What {kind} comes before {name}?"
+                template = f"What {kind} comes before {{name}}?"
                 answer = f"The {kind} before {name} is {names[i - 1]}."
-            yield f"{kind} {name}", prompt, answer
+            yield f"{kind} {name}", template, template.format(name=name), answer
     for ordinal, month in zip(ORDINALS, MONTHS):
         prompt = f"What is the {ordinal} month of the year?"
-        yield f"month number {ordinal}", prompt, f"The {ordinal} month of the year is {month}."
+        yield f"month number {ordinal}", "What is the {ordinal} month of the year?", prompt, \
+            f"The {ordinal} month of the year is {month}."
 
 
 def _numbers(rng: random.Random) -> Iterator[Item]:
     letters = "abcdefghijklmnopqrstuvwxyz"
     for i, letter in enumerate(letters[:-1]):
         prompt = f'Which letter comes after "{letter}" in the alphabet?'
-        yield f"letter {letter}", prompt, f'The letter after "{letter}" is "{letters[i + 1]}".'
+        yield f"letter {letter}", 'Which letter comes after "{letter}" in the alphabet?', prompt, f'The letter after "{letter}" is "{letters[i + 1]}".'
     for n in rng.sample(range(11, 1000), 20):
         rounded = (n + 5) // 10 * 10
-        yield f"round {n}", f"Round {n} to the nearest ten.", f"Rounded to the nearest ten, {n} becomes {rounded}."
+        yield f"round {n}", "Round {n} to the nearest ten.", f"Round {n} to the nearest ten.", f"Rounded to the nearest ten, {n} becomes {rounded}."
     for n in rng.sample(range(11, 1000), 20):
         parity = "even" if n % 2 == 0 else "odd"
-        yield f"parity {n}", f"Is {n} an even or an odd number?", f"The number {n} is {parity}."
+        yield f"parity {n}", "Is {n} an even or an odd number?", f"Is {n} an even or an odd number?", f"The number {n} is {parity}."
 
 
 def _facts(rng: random.Random) -> Iterator[Item]:
     for prompt, answer in FACTS:
-        yield prompt, prompt, answer
+        # A fact's wording is its own; facts that open alike ("How many legs does", "What color is") share one.
+        yield prompt, " ".join(prompt.split()[:3]) + " ...", prompt, answer
 
 
 def _tips(rng: random.Random) -> Iterator[Item]:
     prompts = ["Give me one tip for {g}.", "What is a good tip for {g}?", "Can you share a tip for {g}?"]
     for goal, tip in TIPS:
-        yield goal, rng.choice(prompts).format(g=goal), tip
+        template = rng.choice(prompts)
+        yield goal, template, template.format(g=goal), tip
 
 
 CATEGORIES: list[tuple[str, Callable[[random.Random], Iterator[Item]]]] = [
@@ -350,6 +361,9 @@ class Answer(NamedTuple):
     prompt: str
     core: str
     closer: str | None
+    category: str = ""  # what the prompt asks about, and its item and template within that category
+    key: str = ""
+    template: str = ""
 
     @property
     def text(self) -> str:
@@ -363,14 +377,14 @@ def build_items(seed: int = SEED) -> tuple[list[Answer], list[Answer]]:
     train, heldout = [], []
     for category, generate in CATEGORIES:
         items = list(generate(rng))
-        keys = [f"{category}: {key}" for key, _, _ in items]
+        keys = [f"{category}: {key}" for key, _, _, _ in items]
         assert len(set(keys)) == len(keys), f"duplicate item in {category}"
         rng.shuffle(items)
         n_held = round(len(items) * HELDOUT_FRACTION)
-        for i, (_, prompt, core) in enumerate(items):
+        for i, (key, template, prompt, core) in enumerate(items):
             # A friendly closing sentence now and then, as chat answers have.
             closer = rng.choice(CLOSERS) if rng.random() < 0.3 else None
-            (heldout if i < n_held else train).append(Answer(prompt, core, closer))
+            (heldout if i < n_held else train).append(Answer(prompt, core, closer, category, key, template))
     rng.shuffle(train)
     rng.shuffle(heldout)
     return train, heldout

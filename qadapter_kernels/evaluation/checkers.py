@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from ..preferences import PREFERENCE_CHECKERS
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 RETENTION_FILE = "qadapter_retention.jsonl"
 
-__all__ = ["RETENTION_FILE", "TASKS_DIR", "CASE_STYLES", "PREFERENCE_CHECKERS", "case_variants", "predicted_options",
+__all__ = ["RETENTION_FILE", "TASKS_DIR", "CASE_STYLES", "PREFERENCE_CHECKERS", "case_variants", "open_answer_correct",
+           "option_margin", "predicted_options",
            "preference_process_results", "preference_task", "read_task_records", "retention_choices",
            "retention_process_results"]
 
@@ -60,6 +62,20 @@ def predicted_options(doc: dict, loglikelihoods: Sequence[float]) -> tuple[int, 
     probable together (the model's own style); so a model that now writes in lower case is judged on
     its lower-case options, and a wrong option never wins by being a common word in another case.
     """
+    per_style = _per_style_scores(doc, loglikelihoods)
+    return _argmax(max(per_style, key=_logsumexp)), _argmax(per_style[0])
+
+
+def option_margin(doc: dict, loglikelihoods: Sequence[float]) -> float:
+    """The right option's log-likelihood minus the best wrong option's, in the model's own case style
+    (the style ``predicted_options`` judges on): positive when the item is right, and by how much."""
+    own_style = max(_per_style_scores(doc, loglikelihoods), key=_logsumexp)
+    wrong = [score for i, score in enumerate(own_style) if i != doc["target"]]
+    return own_style[doc["target"]] - max(wrong)
+
+
+def _per_style_scores(doc: dict, loglikelihoods: Sequence[float]) -> list[list[float]]:
+    """Per case style, one log-likelihood per option (in the options' order)."""
     lookup, offset = [], 0
     for option in doc["options"]:
         variants = case_variants(option)
@@ -67,9 +83,19 @@ def predicted_options(doc: dict, loglikelihoods: Sequence[float]) -> tuple[int, 
         offset += len(variants)
     if offset != len(loglikelihoods):
         raise ValueError(f"expected {offset} log-likelihoods for {doc['question']!r}, got {len(loglikelihoods)}")
-    per_style = [[scores[style(option)] for option, scores in zip(doc["options"], lookup)] for style in CASE_STYLES]
-    own_style = max(per_style, key=_logsumexp)
-    return _argmax(own_style), _argmax(per_style[0])
+    return [[scores[style(option)] for option, scores in zip(doc["options"], lookup)] for style in CASE_STYLES]
+
+
+def open_answer_correct(doc: dict, answer: str) -> bool:
+    """An open (generated) answer is right iff it names the right option and no other one.
+
+    An option is found as a whole word, case ignored (a lower-case answer names "Fe" as "fe"); so a
+    one-letter symbol such as "I" is also found as the pronoun. The base model and every policy are
+    scored by the same rule, and the study compares them item by item.
+    """
+    named = [bool(re.search(rf"(?<![\w]){re.escape(option)}(?![\w])", answer, flags=re.IGNORECASE))
+             for option in doc["options"]]
+    return named[doc["target"]] and sum(named) == 1
 
 
 def _argmax(values: Sequence[float]) -> int:

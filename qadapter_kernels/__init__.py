@@ -9,6 +9,7 @@ from . import ops  # noqa: F401  (loads the op schemas, CPU kernels and CUDA reg
 from . import reference
 from . import api
 from .api import *  # noqa: F401,F403  (the public functions: their list is api.__all__)
+from .loading import embedded_model_path
 from .outputs import QAdapterLossOutput
 from .params import PolicyParams, QAdapterParams, RewardVariant, SamplingParams
 
@@ -19,6 +20,7 @@ __all__ = [
     "QAdapterParams",
     "RewardVariant",
     "SamplingParams",
+    "embedded_model_path",
     "reference",
 ]
 __version__ = "0.1.0"

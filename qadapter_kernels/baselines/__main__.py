@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import trl  # noqa: F401  (fail before loading a model)
 
-        from ..loading import default_model_path, load_model_and_tokenizer
+        from ..loading import embedded_model_path, load_model_and_tokenizer
         from ..training import load_preferences
         from .trl_training import train_baseline
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         lora = QAdapterConfig(lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                               target_modules=tuple(m for m in args.target_modules.split(",") if m)).validate()
         examples = load_preferences(args.data)
-        causal_lm, tokenizer = load_model_and_tokenizer(args.model or default_model_path())
+        causal_lm, tokenizer = load_model_and_tokenizer(args.model or embedded_model_path())
     except ImportError as e:
         print(f"qadapter baselines: error: {e.name} is not installed (pip install 'qadapter-kernels[baselines]')",
               file=sys.stderr)

@@ -25,19 +25,16 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# The training and decode layers need transformers and peft: loaded on first use, so the
-# kernels import without them.
-_TRAINING_NAMES = ("QAdapterConfig", "QAdapterModel", "QAdapterTrainer", "QAdapterTrainingArguments")
-_DECODING_NAMES = ("QAdapterLogitsProcessor",)
 
-
+# The model, training and decode layers need transformers and peft: loaded on first use, so the
+# kernels import without them. Each name comes from its own layer (the model needs no trainer).
 def __getattr__(name: str):
-    if name in _TRAINING_NAMES:
-        from . import training
-
-        return getattr(training, name)
-    if name in _DECODING_NAMES:
-        from . import decoding
-
-        return getattr(decoding, name)
-    raise AttributeError(f"module 'qadapter_kernels' has no attribute {name!r}")
+    if name in ("QAdapterConfig", "QAdapterModel"):
+        from . import model as layer
+    elif name in ("QAdapterTrainer", "QAdapterTrainingArguments"):
+        from . import training as layer
+    elif name == "QAdapterLogitsProcessor":
+        from . import decoding as layer
+    else:
+        raise AttributeError(f"module 'qadapter_kernels' has no attribute {name!r}")
+    return getattr(layer, name)

@@ -15,8 +15,9 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 
 import qadapter_kernels as qk
 from qadapter_kernels import reference
-from qadapter_kernels.logit_identity import identity_break
+from qadapter_kernels.logit_identity import identity_break, post_head_logit_change
 from qadapter_kernels.model import QAdapterConfig, QAdapterModel
+from qadapter_kernels.params import PLAIN_POLICY, PolicyParams
 
 from test_decoding import ALPHA_0, ALPHA_TILDE, EOS, PAD, PROMPTS, naive_greedy, tiny_qadapter
 
@@ -75,6 +76,34 @@ def test_post_head_config_fields_break_the_identity(field, value):
     assert field in identity_break(model)
     setattr(model.base_causal_lm.config, field, None)
     assert identity_break(model) is None
+
+
+def test_post_head_settings_are_read_from_config_objects_dicts_and_text_config():
+    config = LlamaConfig(**SMALL)
+    assert post_head_logit_change(config) is None
+    config.logits_scaling = 4.0
+    assert post_head_logit_change(config) == ("logits_scaling", 4.0)
+    assert post_head_logit_change({"logit_scale": 0.5}) == ("logit_scale", 0.5)  # a config.json, as serving reads it
+    assert post_head_logit_change({"text_config": {"final_logit_softcapping": 30.0}}) == ("final_logit_softcapping", 30.0)
+    assert post_head_logit_change({"logit_scale": 1.0, "final_logit_softcapping": None, "text_config": None}) is None
+
+
+def test_the_head_on_h_c_with_its_bias_is_the_customised_policy():
+    gen = torch.Generator().manual_seed(0)
+    adapter_hidden, base_hidden = (torch.randn(5, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    weight, bias = torch.randn(40, 16, generator=gen, dtype=torch.float64), torch.randn(40, generator=gen,
+                                                                                       dtype=torch.float64)
+    policy = PolicyParams(alpha_tilde=0.7, alpha_0=0.4)
+    on_h_c = torch.nn.functional.linear(policy.combined_hidden(adapter_hidden, base_hidden), weight,
+                                        policy.combined_bias(bias))
+    expected = reference.combined_logits(torch.nn.functional.linear(adapter_hidden, weight, bias),
+                                         torch.nn.functional.linear(base_hidden, weight, bias), policy)
+    torch.testing.assert_close(torch.log_softmax(on_h_c, -1), torch.log_softmax(expected, -1), rtol=1e-12, atol=1e-12)
+    # With the adapter off (Q = L) the policy is the base model's own: its logits, unscaled.
+    assert policy.for_adapter(True) is policy and policy.for_adapter(False) == PLAIN_POLICY
+    base_logits = torch.nn.functional.linear(base_hidden, weight, bias)
+    torch.testing.assert_close(torch.log_softmax(reference.combined_logits(base_logits, base_logits, PLAIN_POLICY), -1),
+                               torch.log_softmax(base_logits, -1), rtol=1e-12, atol=1e-12)
 
 
 @torch.no_grad()

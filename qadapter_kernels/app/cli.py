@@ -35,6 +35,7 @@ from .common import (ArgumentParser, HelpFormatter, UserError, add_param_argumen
                      check_writable_file, config_from_args, evaluate_pairs, finite_float, load_base, load_tokenizer,
                      positive_float, positive_int, resolve_data_path, resolve_model_path, side_by_side)
 from ..params import LEARNING_RATE, LR_SCHEDULER
+from ..prompts import PROMPT_FORMATS
 from .demo import add_demo_arguments
 from ..signal_latch import SignalLatch
 from .quiet import drop_third_party_noise
@@ -170,7 +171,8 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     if args.stop is not None and not all(args.stop):
         raise UserError("--stop must not be empty (an empty stop string would end every answer at once)")
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, generator=args.seed, stop_strings=args.stop or None)
+                top_p=args.top_p, min_p=args.min_p, generator=args.seed, stop_strings=args.stop or None,
+                prompt_format=args.prompt_format)
 
 
 def adapter_weights(values: list[str]) -> tuple[list[str], list[float] | None]:
@@ -343,7 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "training on the weighted sum of their preferences); WEIGHT defaults to 1, 0 turns one off")
     gen.add_argument("--model", help="base model (default: the one recorded in the adapter folder)")
     gen.add_argument("--prompt", action="append", required=True,
-                     help="a user message (repeat for a batch; chat template applied when the model has one)")
+                     help="a user message (repeat for a batch), written in the prompt format the adapter was "
+                          "trained on")
+    gen.add_argument("--prompt-format", choices=PROMPT_FORMATS,
+                     help="how to write the prompts: the tokenizer's chat template, an HH-RLHF dialogue turn, or "
+                          "plain text (default: the format recorded with the adapter at training)")
     add_sampling_arguments(gen)
     gen.add_argument("--stop", action="append", help="stop a row when its text contains this (repeatable)")
     gen.add_argument("--compare", action="store_true", help="print the base model's answers side by side")

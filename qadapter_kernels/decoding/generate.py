@@ -31,12 +31,12 @@ from ..api.unchecked import (
 from ..ops.backend import resolve_backend
 from ..logit_identity import identity_break
 from ..params import PolicyParams
-from ..prompts import encode_prompt
+from ..prompts import encode_prompt, in_trained_format
 from .composition import check_adapter_weights, composition
 from .cpu_linear import few_row_linears
 from .streams import BaseOnlyStreams, MixedBatchStreams, TwoPassStreams, prompt_positions
 
-__all__ = ["generate", "generate_text", "special_token_ids"]
+__all__ = ["encode_prompt_as_trained", "generate", "generate_text", "special_token_ids"]
 
 
 def _check_prompt(input_ids, attention_mask, weight: torch.Tensor) -> torch.Tensor:
@@ -247,14 +247,23 @@ def _policy_log_probs(hidden, tokens, weight, bias, policy: PolicyParams, identi
     return reference.combined_log_probs(q_logits, base_logits, tokens, policy)
 
 
+def encode_prompt_as_trained(model, tokenizer, prompt, prompt_format: str | None = None) -> list[int]:
+    """The token ids of ``prompt`` written in the prompt format ``model``'s adapter was trained on (its
+    config's ``prompt_format``; ``prompt_format`` overrides it), encoded as training encodes prompts."""
+    config = getattr(model, "qadapter_config", None)
+    trained = prompt_format if prompt_format is not None else getattr(config, "prompt_format", None)
+    sha = getattr(config, "chat_template_sha256", None) if prompt_format is None else None
+    return encode_prompt(in_trained_format(prompt, tokenizer, trained, sha), tokenizer)
+
+
 def generate_text(model, tokenizer, prompts: str | Sequence, *, stop_strings: str | Sequence[str] | None = None,
-                  skip_special_tokens: bool = True, **kwargs) -> str | list[str]:
+                  skip_special_tokens: bool = True, prompt_format: str | None = None, **kwargs) -> str | list[str]:
     """Strings in, strings out; see ``QAdapterModel.generate_text``."""
     single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
     batch = [prompts] if single else list(prompts)
     if not batch:
         raise ValueError("prompts must not be empty")
-    encoded = [encode_prompt(p, tokenizer) for p in batch]
+    encoded = [encode_prompt_as_trained(model, tokenizer, p, prompt_format) for p in batch]
     width = max(map(len, encoded))
     device = model.lm_head.weight.device
     # The left padding is masked out, so its id does not matter.

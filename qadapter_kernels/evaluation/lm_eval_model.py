@@ -19,6 +19,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from ..loading import load_model_and_tokenizer, load_tokenizer
+from ..prompts import FORMAT_CHAT_TEMPLATES
 from .policy_scoring import PolicyScorer
 
 __all__ = ["QAdapterLM"]
@@ -126,7 +127,10 @@ class QAdapterLM(TemplateLM):
         return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        # In the prompt format the adapter was trained on (HH dialogue, plain text), else the tokenizer's template.
+        trained = getattr(self.scorer.model.qadapter_config, "prompt_format", None)
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  chat_template=FORMAT_CHAT_TEMPLATES.get(trained),
                                                   add_generation_prompt=add_generation_prompt)
 
     # ------------------------------------------------------------------ requests

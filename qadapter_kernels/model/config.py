@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 from ..params import QAdapterParams, check_scalar
+from ..prompts import PROMPT_FORMATS
 
 __all__ = ["QAdapterConfig"]
 
@@ -17,6 +18,8 @@ class QAdapterConfig(QAdapterParams):
     ``base_model`` is the path the base model was loaded from (a folder, or a ``.gguf`` file),
     recorded so that a saved adapter can be loaded back without naming it again.
     ``tile_budget_mb`` is passed to ``fused_linear_qadapter_loss`` (None: its default).
+    ``prompt_format``: how the training prompts were encoded (``prompts.PROMPT_FORMATS``; None: not
+    recorded), with ``chat_template_sha256`` for a chat template; decoding encodes prompts the same way.
     """
 
     lora_r: int = 8
@@ -25,6 +28,8 @@ class QAdapterConfig(QAdapterParams):
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     base_model: str | None = None
     tile_budget_mb: float | None = None
+    prompt_format: str | None = None
+    chat_template_sha256: str | None = None
 
     @property
     def params(self) -> QAdapterParams:
@@ -46,6 +51,8 @@ class QAdapterConfig(QAdapterParams):
             raise TypeError(f"base_model must be a path string or None, got {type(self.base_model).__name__}")
         if self.tile_budget_mb is not None:
             check_scalar("tile_budget_mb", self.tile_budget_mb, 0.0, float("inf"), low_open=True)
+        if self.prompt_format is not None and self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS} or None, got {self.prompt_format!r}")
         checked_fields = {f.name: getattr(checked, f.name) for f in dataclasses.fields(checked)}
         return dataclasses.replace(self, **checked_fields, target_modules=tuple(self.target_modules))
 

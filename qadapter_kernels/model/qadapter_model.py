@@ -206,12 +206,21 @@ class QAdapterModel(torch.nn.Module):
         """``generate`` with strings: prompt(s) in, the new text(s) out.
 
         ``prompts``: a string, a conversation (list of ``{"role", "content"}``), or a list of those.
-        Each is encoded as training encodes prompts (``prompts.encode_prompt``: the chat
-        template with the generation prompt when the tokenizer has one), left-padded into one batch.
-        The new tokens are decoded without special tokens and cut before the first stop string.
-        ``kwargs``: those of ``generate``.
+        Each is written in the prompt format the adapter was trained on (its config's
+        ``prompt_format``; ``prompt_format=`` overrides it: a bare question becomes an HH-RLHF turn
+        for ``"hh_dialogue"``, stays plain text for ``"plain_text"``; a prompt in another format is
+        kept, with a warning naming both) and encoded as training encodes prompts
+        (``prompts.encode_prompt``: the chat template with the generation prompt when the tokenizer has
+        one), left-padded into one batch. The new tokens are decoded without special tokens and cut
+        before the first stop string. ``kwargs``: those of ``generate``.
         """
         return decoding.generate_text(self, tokenizer, prompts, **kwargs)
+
+    def encode_prompt(self, tokenizer, prompt: str | list, prompt_format: str | None = None) -> list[int]:
+        """The token ids ``generate_text`` feeds for ``prompt`` (one string or conversation): written in the
+        prompt format the adapter was trained on, encoded as training encodes prompts. What to give
+        ``generate`` and ``QAdapterLogitsProcessor``, which take token ids."""
+        return decoding.encode_prompt_as_trained(self, tokenizer, prompt, prompt_format)
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Called by ``transformers.Trainer`` for ``gradient_checkpointing=True``."""

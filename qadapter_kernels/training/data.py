@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..params import SequenceLimits
-from ..prompts import bos_token_id, encode_prompt, encode_prompt_with_bos, render_chat
+from ..prompts import (bos_token_id, chat_template_sha256, encode_prompt, encode_prompt_with_bos, prompt_format,
+                       render_chat)
 from .examples import PreferenceDataError, PreferenceExample
 from .sources import PreferenceRowStream, Source, load_preferences, open_preferences
 
@@ -218,6 +219,8 @@ class _TokenizedPairs:
         self.tokenization = {"max_length": max_length, "max_prompt_length": max_prompt_length,
                              "prompt_truncation": prompt_truncation}
         self.counts: dict[str, int] = {}
+        # Pairs per prompt format (prompts.PROMPT_FORMATS): what a saved adapter records.
+        self.prompt_formats: dict[str, int] = {}
         self._ready()
 
     def _ready(self) -> None:
@@ -226,12 +229,23 @@ class _TokenizedPairs:
     def _tokenize(self, example: PreferenceExample) -> TokenizedPair | None:
         pair, events = tokenize_with_report(example, self.tokenizer, *self.limits)
         self.total += 1
+        form = prompt_format(example.prompt, self.tokenizer)
+        self.prompt_formats[form] = self.prompt_formats.get(form, 0) + 1
         for event in events:
             self.counts[event] = self.counts.get(event, 0) + 1
         if pair is not None:
             self.kept += 1
             self.cut += bool(events & {"prompt_cut", "response_cut"})
         return pair
+
+    def prompt_format_record(self) -> dict[str, str | None]:
+        """``{"prompt_format", "chat_template_sha256"}`` of the prompts read (so far, for a stream): the
+        format most of them had; the hash of the tokenizer's chat template when that format is it."""
+        if not self.prompt_formats:
+            return {"prompt_format": None, "chat_template_sha256": None}
+        form = max(self.prompt_formats, key=self.prompt_formats.get)
+        sha = chat_template_sha256(self.tokenizer) if form == "chat_template" else None
+        return {"prompt_format": form, "chat_template_sha256": sha}
 
     def summary(self) -> str:
         """``"kept K of N; dropped ...; cut ..."``: every kind of drop and truncation, with its count

@@ -5,6 +5,7 @@ training (DDP, FSDP, DeepSpeed through accelerate) are the Trainer's own.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -106,6 +107,9 @@ class QAdapterTrainer(transformers.Trainer):
                 raise ValueError("without data_collator, QAdapterTrainer needs processing_class= (the tokenizer) to pad")
             data_collator = PreferenceCollator.for_tokenizer(processing_class)
         self.run_record = run_record
+        # The training pairs as tokenised (the base cache wraps train_dataset later): they know how the
+        # prompts were encoded.
+        self._tokenized_train_pairs = train_dataset
         # While a checkpoint is written: the staging folder standing in for the output folder.
         self._checkpoint_run_dir: Path | None = None
         # Running sums of _SUMMED per split ("train", "eval") since the last log, and pair counts.
@@ -212,6 +216,7 @@ class QAdapterTrainer(transformers.Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        self._record_prompt_format(model)
         model.save_pretrained(output_dir, state_dict=state_dict)
         if self.processing_class is not None and self._checkpoint_run_dir is None:
             self.processing_class.save_pretrained(output_dir)
@@ -221,6 +226,14 @@ class QAdapterTrainer(transformers.Trainer):
         if self.run_record is not None:
             with open(os.path.join(output_dir, checkpoints.RUN_RECORD_NAME), "w") as f:
                 f.write(json.dumps(self.run_record, indent=2, sort_keys=True))
+
+    def _record_prompt_format(self, model) -> None:
+        """How the training prompts were encoded, into the model's config (and so into the saved folder),
+        where decoding reads it; kept as it is when the training data do not say (pre-collated batches)."""
+        record = getattr(self._tokenized_train_pairs, "prompt_format_record", None)
+        if record is None or record()["prompt_format"] is None:
+            return
+        model.qadapter_config = dataclasses.replace(model.qadapter_config, **record())
 
     def _get_output_dir(self, trial) -> str:
         if self._checkpoint_run_dir is not None:

@@ -33,7 +33,6 @@ Outputs ``forgetting[_NAME][_quick].{json,md,png}`` (``_NAME`` for a preference 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -45,12 +44,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from qadapter_kernels.params import LEARNING_RATE
 from qadapter_kernels.preferences import DEFAULT_PREFERENCE, PREFERENCE_CHECKERS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forgetting_runs import FreshModels, quick_model_and_tokenizer, train_policy  # noqa: E402
 from runner import add_common_arguments, default_out_dir, machine_info  # noqa: E402
 
 ALPHA_0_GRID = (0.01, 0.1, 0.5, 1.0, 2.0)
@@ -123,63 +121,11 @@ def planned_rows(only: list[str] | None = None) -> list[Row]:
     return rows
 
 
-# ----------------------------------------------------------------------------- models
-
-
-def quick_model_and_tokenizer(texts: list[str]):
-    """A tiny random Llama and a byte-level BPE tokenizer trained on ``texts``, with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + "
-                               "eos_token }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    return model, tokenizer
-
-
-class FreshModels:
-    """Hands out fresh copies of the base model (each method injects its own LoRA into the one it gets)."""
-
-    def __init__(self, model):
-        config = copy.deepcopy(model.config)
-        if hasattr(config, "quantization_config"):  # a GGUF-loaded model's marker; the weights are fp32 already
-            del config.quantization_config
-        self._config, self._cls = config, type(model)
-        self._state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def get(self):
-        model = self._cls(self._config)
-        model.load_state_dict(self._state)
-        return model.eval()
-
-
 # ----------------------------------------------------------------------------- one row, one seed
 
 
 def train_row(row: Row, fresh: FreshModels, tokenizer, train_examples, budget):
-    from qadapter_kernels.baselines import train_baseline, train_qadapter
-    from qadapter_kernels.training import QAdapterConfig, QAdapterModel
-
-    causal_lm = fresh.get()
-    if row.method == "base":
-        return QAdapterModel(causal_lm, QAdapterConfig()), 0.0
-    start = time.perf_counter()  # training only: building the model copy is not part of a method's cost
-    if row.method == "qadapter":
-        model = train_qadapter(causal_lm, tokenizer, train_examples, QAdapterConfig(**row.settings), budget)
-    else:
-        model = train_baseline(row.method, causal_lm, tokenizer, train_examples, budget=budget,
-                               dpo_beta=row.settings.get("beta", 0.1))
-    return model, time.perf_counter() - start
+    return train_policy(row.method, row.settings, fresh, tokenizer, train_examples, budget)
 
 
 def measure(model, tokenizer, adapter: bool, data: dict, base_scorer, sizes: Sizes) -> dict:

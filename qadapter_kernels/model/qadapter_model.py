@@ -62,12 +62,18 @@ class QAdapterModel(torch.nn.Module):
     Only the LoRA parameters are trainable; the LM head is shared by both passes and frozen.
     ``causal_lm`` is modified in place (peft injects the LoRA layers into it). It may also be a
     ``peft.PeftModel`` that already holds the adapter (``from_pretrained`` passes one); its LoRA
-    settings then win over the ``lora_*`` fields of ``config``.
+    settings then win over the ``lora_*`` fields of ``config``; or a model path or name, loaded with
+    ``loading.load_base_model`` (``"embedded"``: the SmolLM2-135M-Instruct shipped with the package).
     """
 
-    def __init__(self, causal_lm: PreTrainedModel | peft.PeftModel, config: QAdapterConfig | None = None):
+    def __init__(self, causal_lm: PreTrainedModel | peft.PeftModel | str | os.PathLike,
+                 config: QAdapterConfig | None = None):
         super().__init__()
         config = (config or QAdapterConfig()).validate()
+        if isinstance(causal_lm, (str, os.PathLike)):
+            if config.base_model is None:  # the name as given ("embedded" stays portable across machines)
+                config = dataclasses.replace(config, base_model=str(causal_lm))
+            causal_lm = load_base_model(causal_lm)
         base = causal_lm.get_base_model() if isinstance(causal_lm, peft.PeftModel) else causal_lm
         self._decoder_path = self._module_path(base, _find_decoder(base))
         if config.base_model is None and getattr(base, "name_or_path", ""):

@@ -1,0 +1,102 @@
+"""The forgetting study: its CI pass (``--quick`` end to end on a tiny model), its splits, selection rule and reading."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from forgetting_study import PREREGISTRATION, choose, read_outcome  # noqa: E402
+from study_splits import study_splits  # noqa: E402
+
+
+@pytest.mark.ci_quick_pass
+def test_quick_pass_runs_end_to_end_with_the_preregistration_first(tmp_path):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("trl")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "forgetting_study.py"), "--quick", "--device", "cpu",
+           "--jobs", "2", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (tmp_path / "forgetting_study_quick.json").read_text()
+    payload = json.loads(text)
+    keys = list(payload)
+    assert keys[0] == "preregistration" and payload["preregistration"] == PREREGISTRATION
+    assert keys.index("preregistration") < keys.index("validation") < keys.index("chosen") < keys.index("rows")
+    assert payload["status"] == "complete"
+    assert payload["split_overlap"]["test"]["shared_templates"] == 0
+    assert payload["split_overlap"]["test"]["shared_items"] == 0
+    assert set(payload["chosen"]) == {"SFT", "DPO", "Q-Adapter default", "Q-Adapter anchored"}
+    rows = {r["row"]: r for r in payload["rows"]}
+    assert "base" in rows and any(r["family"] == "control" for r in payload["rows"])
+    assert any(name.startswith("official at the authors' settings") for name in rows)
+    for budget in ("demo", "long"):
+        for family in payload["chosen"]:
+            row = rows[f"{family} [{budget}]"]
+            assert row["lr"] == payload["chosen"][family]["lr"] and row["seeds"] == [0]
+            for metric in ("pref", "pair_acc", "retention_acc", "open_answer_acc", "margin_change_vs_base", "kl",
+                           "kl_neutral"):
+                m = row["metrics"][metric]
+                assert m["low"] <= m["mean"] <= m["high"], (family, metric, m)
+            assert len(row["mcnemar_vs_base"]["retention"]) == 1
+    assert rows["base"]["metrics"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert set(payload["outcome"]) == {f"{f} [{b}]" for f in ("Q-Adapter default", "Q-Adapter anchored")
+                                       for b in ("demo", "long")}
+    md = (tmp_path / "forgetting_study_quick.md").read_text()
+    assert md.index("Pre-registered") < md.index("### Validation") < md.index("### Test") < md.index("### Outcome")
+    assert (tmp_path / "forgetting_study_quick.png").stat().st_size > 0
+    # Every run is in the log (validation: the grid and base; test: every row's seeds), for a later rerun to reuse.
+    runs = (tmp_path / "forgetting_study_quick_runs.jsonl").read_text().splitlines()
+    assert len(runs) == len(payload["validation"]) + 1 + sum(len(r["seeds"]) for r in payload["rows"])
+
+
+def test_splits_share_no_item_or_template_and_cover_every_pair():
+    splits = study_splits("signoff")
+    assert sum(splits.sizes().values()) == 513
+    for name in ("validation", "test"):
+        assert splits.overlap[name]["shared_items"] == 0 and splits.overlap[name]["shared_templates"] == 0
+        assert splits.overlap[name]["identical_prompts"] == 0
+    assert all(splits.templates[n] for n in ("train", "validation", "test"))
+    assert splits.prompts("test") == study_splits("lowercase").prompts("test")  # one split for every preference
+
+
+def _run(family, lr, pref, kl, pair_acc=50.0, settings=None):
+    return {"family": family, "method": "m", "settings": settings or {}, "lr": lr, "pref": pref, "kl": kl,
+            "pair_acc": pair_acc}
+
+
+def test_selection_takes_the_lowest_kl_within_five_points_of_the_best_preference():
+    runs = [_run(f, lr, pref, kl) for f in ("SFT", "DPO", "Q-Adapter default", "Q-Adapter anchored")
+            for lr, pref, kl in ((3e-4, 60.0, 0.1), (1e-3, 96.0, 0.5), (3e-3, 100.0, 0.9))]
+    assert {f: c["lr"] for f, c in choose(runs).items()} == dict.fromkeys(
+        ("SFT", "DPO", "Q-Adapter default", "Q-Adapter anchored"), 1e-3)
+    tie = [_run("SFT", 1e-3, 90.0, 0.2, 60.0), _run("SFT", 3e-4, 90.0, 0.2, 70.0)]
+    assert choose(tie + runs[3:])["SFT"]["lr"] == 3e-4  # then the higher pair accuracy
+
+
+def _row(name, family, pref, change, low=None, high=None):
+    low = change - 0.1 if low is None else low
+    high = change + 0.1 if high is None else high
+    return {"row": name, "family": family, "item_margin_change": [change] * 50,
+            "metrics": {"pref": {"mean": pref}, "margin_change_vs_base": {"mean": change, "low": low, "high": high}}}
+
+
+def test_the_reading_follows_the_preregistered_rule():
+    control = _row("control [long]", "control", 90, -2.0)
+    rows = [control, _row("SFT [demo]", "SFT", 95, -1.0), _row("DPO [demo]", "DPO", 95, 0.0),
+            _row("Q-Adapter default [demo]", "Q-Adapter default", 90, -0.2),
+            _row("Q-Adapter anchored [demo]", "Q-Adapter anchored", 50, -1.0)]
+    outcome = read_outcome(rows)
+    assert outcome["Q-Adapter default [demo]"].startswith("SUPPORTED")
+    assert outcome["Q-Adapter anchored [demo]"].startswith("UNTESTED")  # 45 points less preference
+    rows[3] = _row("Q-Adapter default [demo]", "Q-Adapter default", 90, -1.0)
+    assert read_outcome(rows)["Q-Adapter default [demo]"].startswith("REFUTED")
+    rows[1] = _row("SFT [demo]", "SFT", 95, 0.0)
+    assert read_outcome(rows)["Q-Adapter default [demo]"].startswith("UNTESTED")  # only the control drops
+    rows[0] = _row("control [long]", "control", 90, -0.05)
+    assert read_outcome(rows)["Q-Adapter default [demo]"].startswith("PROBE INSENSITIVE")
+    assert read_outcome(rows)["Q-Adapter default [long]"].startswith("INCOMPLETE")

@@ -100,3 +100,8 @@ def test_the_reading_follows_the_preregistered_rule():
     rows[0] = _row("control [long]", "control", 90, -0.05)
     assert read_outcome(rows)["Q-Adapter default [demo]"].startswith("PROBE INSENSITIVE")
     assert read_outcome(rows)["Q-Adapter default [long]"].startswith("INCOMPLETE")
+
+
+def test_the_docs_state_the_preregistered_rule_and_reading_verbatim():
+    text = (ROOT / "docs" / "forgetting.md").read_text()
+    assert PREREGISTRATION["selection_rule"] in text and PREREGISTRATION["reading"] in text

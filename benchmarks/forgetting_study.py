@@ -221,12 +221,14 @@ def run_one(spec: dict) -> dict:
     budget = TrainingBudget(max_steps=max(1, steps), batch_size=sizes.batch, seed=spec["seed"],
                             learning_rate=spec["lr"] or 1e-3, logging_steps=max(1, steps // 4))
     targets = c["all_linear"] if spec["budget"] == "long" else None
+    cpu_start = time.process_time()
     model, train_s = train_policy(spec["method"], spec["settings"], c["fresh"], c["tokenizer"], train, budget,
                                   targets)
-    start = time.perf_counter()
+    train_cpu_s = time.process_time() - cpu_start
+    start, cpu_start = time.perf_counter(), time.process_time()
     scorer = PolicyScorer(model.to(c["config"]["device"]), c["tokenizer"], adapter=spec["method"] != "base",
                           batch_size=16)
-    out = {**spec, "steps": steps if spec["method"] != "base" else 0, "train_s": train_s,
+    out = {**spec, "steps": steps if spec["method"] != "base" else 0, "train_s": train_s, "train_cpu_s": train_cpu_s,
            "lora_targets": list(targets or QAdapterConfig().target_modules)}
     if spec["phase"] == "validation":
         pref, _ = metrics.preference_satisfaction(scorer, c["val_records"], max_new_tokens=sizes.answer_tokens)
@@ -242,7 +244,7 @@ def run_one(spec: dict) -> dict:
                    tasks=_task_scores(model, c, spec["method"] != "base"))
         if c["neutral_classes"] is not None:
             out["kl_neutral"] = metrics.token_kl_per_pair(c["base"], scorer, c["kl_pairs"], c["neutral_classes"])
-    out["eval_s"] = time.perf_counter() - start
+    out["eval_s"], out["eval_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu_start
     return out
 
 
@@ -482,26 +484,39 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 # ----------------------------------------------------------------------------- cost estimate
 
-# Measured per-run costs (seconds, one thread, SmolLM2-135M-Instruct, batch 4): see MEASURED_ON.
-MEASURED_ON = "not measured"
-STEP_S = {"sft": 3.0, "dpo": 9.0, "qadapter": 5.5}
-EVAL_S = {"validation": 100.0, "test": 210.0}
+COSTS_NAME = "forgetting_study_costs.json"  # written by --calibrate
 
 
-def estimate(plan: list[dict], sizes: StudySizes, jobs: int, train_pairs: int) -> dict:
-    """Wall minutes of ``plan`` with ``jobs`` workers from the measured per-step and per-evaluation costs."""
+def calibration_specs() -> list[dict]:
+    """A few short runs whose CPU seconds give the per-step and per-evaluation costs of the full study."""
+    specs = [_spec("validation", f"calibrate {m}", "calibrate", m, {}, 1e-3, "demo", 0) for m in ("sft", "dpo", "qadapter")]
+    specs += [_spec("test", "calibrate qadapter long", "calibrate", "qadapter", {}, 1e-3, "long", 0)]
+    return specs
+
+
+def costs_from(runs: list[dict], calibration_steps: int) -> dict:
+    """Per-step CPU seconds per method (the run's setup counted in: an over-estimate), the all-linear
+    LoRA's factor on a step, and the CPU seconds of one validation and one test evaluation."""
+    by = {(r["method"], r["budget"]): r for r in runs}
+    step = {m: by[(m, "demo")]["train_cpu_s"] / calibration_steps for m in ("sft", "dpo", "qadapter")}
+    long_step = by[("qadapter", "long")]["train_cpu_s"] / calibration_steps
+    return {"cpu_s_per_step": step, "long_step_factor": long_step / step["qadapter"],
+            "eval_cpu_s": {"validation": max(by[(m, "demo")]["eval_cpu_s"] for m in step),
+                           "test": by[("qadapter", "long")]["eval_cpu_s"]}}
+
+
+def estimate(plan: list[dict], sizes: StudySizes, jobs: int, train_pairs: int, costs: dict | None) -> dict:
+    """Wall minutes of ``plan`` with ``jobs`` workers (one thread each, a quiet machine) from measured CPU costs."""
+    if costs is None:
+        return {"runs": len(plan), "wall_minutes_with_jobs": None, "note": "no measured costs: run --calibrate"}
     total = 0.0
     for spec in plan:
         steps = 0 if spec["method"] == "base" else (
             sizes.demo_steps if spec["budget"] == "demo" else math.ceil(sizes.long_epochs * train_pairs / sizes.batch))
-        # Steps cost more on all linear layers; the measured factor is in STEP_S's note.
-        long_factor = LONG_STEP_FACTOR if spec["budget"] == "long" else 1.0
-        total += steps * STEP_S.get(spec["method"], 0.0) * long_factor + EVAL_S[spec["phase"]]
-    return {"runs": len(plan), "worker_minutes": round(total / 60, 1), "wall_minutes_with_jobs": round(total / 60 / jobs, 1),
-            "jobs": jobs, "costs_measured_on": MEASURED_ON}
-
-
-LONG_STEP_FACTOR = 1.5
+        factor = costs["long_step_factor"] if spec["budget"] == "long" else 1.0
+        total += steps * costs["cpu_s_per_step"].get(spec["method"], 0.0) * factor + costs["eval_cpu_s"][spec["phase"]]
+    return {"runs": len(plan), "worker_minutes": round(total / 60, 1),
+            "wall_minutes_with_jobs": round(total / 60 / jobs, 1), "jobs": jobs, "costs": costs}
 
 
 # ----------------------------------------------------------------------------- the command
@@ -521,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, help="start no run after this many minutes; rerun the same "
                                                           "command to go on (finished runs are reused)")
     parser.add_argument("--plan", action="store_true", help="print the runs and the estimated time, run nothing")
+    parser.add_argument("--calibrate", action="store_true",
+                        help=f"measure the per-step and per-evaluation CPU costs (a few 4-step runs at the full "
+                             f"sizes) into <out>/{COSTS_NAME}, which --plan and the outputs' estimate read")
     args = parser.parse_args(argv)
     for name in ("jobs", "reps", "task_limit"):
         value = getattr(args, name)
@@ -552,12 +570,16 @@ def main(argv: list[str] | None = None) -> int:
     splits = study_splits(args.preference)
     val_plan = validation_plan(sizes)
     placeholder = {f: {"method": m, "settings": grid(sizes)[0], "lr": sizes.lr_grid[0]} for f, (m, grid) in FAMILIES.items()}
-    cost = estimate(val_plan + test_plan(sizes, placeholder), sizes, args.jobs, len(splits.records["train"]))
+    out = Path(args.out) if args.out else default_out_dir(args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.calibrate:
+        return calibrate(config, args.jobs, out, len(splits.records["train"]))
+    costs_path = out / COSTS_NAME
+    costs = json.loads(costs_path.read_text())["costs"] if costs_path.exists() else None
+    cost = estimate(val_plan + test_plan(sizes, placeholder), sizes, args.jobs, len(splits.records["train"]), costs)
     if args.plan:
         print(json.dumps(cost, indent=2))
         return 0
-    out = Path(args.out) if args.out else default_out_dir(args.device)
-    out.mkdir(parents=True, exist_ok=True)
     name = "forgetting_study" + ("_quick" if args.quick else "")
     title = (f"Forgetting study, preference '{args.preference}', model {Path(model).name if model else 'tiny random'}"
              + (" (quick pass: numbers meaningless)" if args.quick else ""))
@@ -595,6 +617,24 @@ def main(argv: list[str] | None = None) -> int:
         plot(payload["rows"], out / f"{name}.png", title)
     print(markdown(payload))
     print(f"wrote {out / name}.{{json,md{'' if args.no_plot else ',png'}}} and {log.name}")
+    return 0
+
+
+def calibrate(config: dict, jobs: int, out: Path, train_pairs: int) -> int:
+    """``--calibrate``: the calibration runs at the configured sizes, but 4 steps each; their costs written."""
+    steps = 4
+    sizes = StudySizes(**config["sizes"])
+    # The long budget rounds its steps up: (steps - 0.5) batches of epochs gives exactly `steps`.
+    sizes = dataclasses.replace(sizes, demo_steps=steps, long_epochs=(steps - 0.5) * sizes.batch / train_pairs,
+                                seeds=(0,))
+    config = {**config, "sizes": dataclasses.asdict(sizes)}
+    runs = execute(calibration_specs(), config, jobs, out / "forgetting_study_calibration_runs.jsonl", None)
+    payload = {"costs": costs_from(runs, steps), "model": config["model"], "machine": machine_info(config["device"]),
+               "load_average": os.getloadavg(), "runs": [{k: r[k] for k in ("method", "budget", "phase", "steps",
+                                                          "train_s", "train_cpu_s", "eval_s", "eval_cpu_s")}
+                                                         for r in runs]}
+    (out / COSTS_NAME).write_text(json.dumps(payload, indent=2) + "\n")
+    print(json.dumps(payload["costs"], indent=2))
     return 0
 
 

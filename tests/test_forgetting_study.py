@@ -105,3 +105,48 @@ def test_the_reading_follows_the_preregistered_rule():
 def test_the_docs_state_the_preregistered_rule_and_reading_verbatim():
     text = (ROOT / "docs" / "forgetting.md").read_text()
     assert PREREGISTRATION["selection_rule"] in text and PREREGISTRATION["reading"] in text
+
+
+def test_the_estimate_adds_measured_step_and_evaluation_costs():
+    from forgetting_study import QUICK, costs_from, estimate, validation_plan
+
+    runs = [{"method": m, "budget": "demo", "train_cpu_s": 4 * s, "eval_cpu_s": e}
+            for m, s, e in (("sft", 1.0, 10.0), ("dpo", 3.0, 12.0), ("qadapter", 2.0, 11.0))]
+    runs.append({"method": "qadapter", "budget": "long", "train_cpu_s": 4 * 3.0, "eval_cpu_s": 30.0})
+    costs = costs_from(runs, 4)
+    assert costs["cpu_s_per_step"] == {"sft": 1.0, "dpo": 3.0, "qadapter": 2.0}
+    assert costs["long_step_factor"] == 1.5 and costs["eval_cpu_s"] == {"validation": 12.0, "test": 30.0}
+    plan = validation_plan(QUICK)  # base, then 2 lrs each of SFT, DPO, Q-Adapter default and anchored
+    steps = QUICK.demo_steps
+    expected = 9 * 12.0 + 2 * steps * (1.0 + 3.0 + 2.0 + 2.0)
+    got = estimate(plan, QUICK, 2, 300, costs)
+    assert got["runs"] == 9 and got["worker_minutes"] == round(expected / 60, 1)
+    assert got["wall_minutes_with_jobs"] == round(expected / 120, 1)
+    assert estimate(plan, QUICK, 2, 300, None)["wall_minutes_with_jobs"] is None
+
+
+def test_lm_eval_tasks_are_scored_per_document_in_order():
+    pytest.importorskip("lm_eval")
+    from forgetting_runs import quick_model_and_tokenizer
+    from forgetting_study import _task_scores
+
+    from qadapter_kernels.evaluation import PolicyScorer
+    from qadapter_kernels.evaluation.checkers import read_task_records, retention_choices, retention_process_results
+    from qadapter_kernels.evaluation.metrics import retention_pairs
+    from qadapter_kernels.training import QAdapterConfig, QAdapterModel
+
+    items = read_task_records("retention")[:6]
+    model, tokenizer = quick_model_and_tokenizer([f"Question: {r['question']}\nAnswer: " + " ".join(r["options"])
+                                                  for r in read_task_records("retention")])
+    policy = QAdapterModel(model, QAdapterConfig())
+    context = {"config": {"tasks": ("qadapter_retention",), "task_limit": len(items)}, "tokenizer": tokenizer}
+    scores = _task_scores(policy, context, False)["qadapter_retention"]
+    # The task's first metric is acc, scored as the probe scores it, document by document.
+    lls = [ll for ll, _ in PolicyScorer(policy, tokenizer, adapter=False).continuation_logprobs(
+        retention_pairs(tokenizer, items))]
+    expected, offset = [], 0
+    for item in items:
+        n = len(retention_choices(item))
+        expected.append(retention_process_results(item, lls[offset:offset + n])["acc"])
+        offset += n
+    assert scores == expected

@@ -256,3 +256,27 @@ def test_help_is_plain_text_and_loads_no_training_stack(command):
                                "print(sorted(m for m in ('transformers', 'peft', 'trl', 'accelerate', 'datasets') "
                                "if m in sys.modules))")
     assert probe.stdout.splitlines()[-1] == "[]", probe.stdout + probe.stderr
+
+
+# ----------------------------------------------------------------------------- quiet
+
+
+def test_train_eval_and_generate_print_no_third_party_warning(tmp_path, model_dir, data_file):
+    """The embedded GGUF model where it is installed (peft warned about its missing config.json), else the
+    tiny model; the third-party libraries are all imported (bitsandbytes, DeepSpeed and peft warned)."""
+    from qadapter_kernels.loading import ModelLoadError, embedded_model_path
+
+    try:
+        model = str(embedded_model_path())
+    except ModelLoadError:
+        model = str(model_dir)
+    out = tmp_path / "adapter"
+    commands = [["train", "--data", str(data_file), "--model", model, "--output-dir", str(out), "--max-steps", "1",
+                 "--batch-size", "1", "--max-length", "128"],
+                ["eval", "--adapter", str(out), "--data", str(data_file), "--max-length", "128"],
+                ["generate", "--adapter", str(out), "--prompt", "Hi", "--max-new-tokens", "2", "--no-stream"]]
+    for argv in commands:
+        _, done = _python_seconds("-m", "qadapter_kernels.app.cli", *argv)
+        assert done.returncode == 0, done.stderr
+        printed = (done.stdout + done.stderr).lower()
+        assert "warn" not in printed and "deprecat" not in printed, (argv[0], done.stdout + done.stderr)

@@ -45,7 +45,9 @@ def saved_tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
 def check_adapter_state(peft_model: peft.PeftModel, weights: Path, adapter_name: str = "default") -> None:
     """The file holds exactly the tensors of adapter ``adapter_name``, each with its shape (ValueError
     naming the first few)."""
-    state = peft.get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    # save_embedding_layers=False as save_pretrained writes them: peft's "auto" would look for the base
+    # model's config.json (absent beside a GGUF file), warn that it found none, and may ask the Hub.
+    state = peft.get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
     expected = {k: tuple(v.shape) for k, v in state.items()}
     found = saved_tensor_shapes(weights)
     missing = sorted(set(expected) - set(found))

@@ -494,15 +494,20 @@ def calibration_specs() -> list[dict]:
     return specs
 
 
-def costs_from(runs: list[dict], calibration_steps: int) -> dict:
+# Calibration evaluates this fraction of every evaluation set; an evaluation's cost is taken as linear in them.
+CALIBRATION_FRACTION = 1 / 6
+
+
+def costs_from(runs: list[dict], calibration_steps: int, fraction: float = 1.0) -> dict:
     """Per-step CPU seconds per method (the run's setup counted in: an over-estimate), the all-linear
-    LoRA's factor on a step, and the CPU seconds of one validation and one test evaluation."""
+    LoRA's factor on a step, and the CPU seconds of one validation and one test evaluation (the measured
+    ones, evaluated on ``fraction`` of the sets, divided by it)."""
     by = {(r["method"], r["budget"]): r for r in runs}
     step = {m: by[(m, "demo")]["train_cpu_s"] / calibration_steps for m in ("sft", "dpo", "qadapter")}
     long_step = by[("qadapter", "long")]["train_cpu_s"] / calibration_steps
     return {"cpu_s_per_step": step, "long_step_factor": long_step / step["qadapter"],
-            "eval_cpu_s": {"validation": max(by[(m, "demo")]["eval_cpu_s"] for m in step),
-                           "test": by[("qadapter", "long")]["eval_cpu_s"]}}
+            "eval_cpu_s": {"validation": max(by[(m, "demo")]["eval_cpu_s"] for m in step) / fraction,
+                           "test": by[("qadapter", "long")]["eval_cpu_s"] / fraction}}
 
 
 def estimate(plan: list[dict], sizes: StudySizes, jobs: int, train_pairs: int, costs: dict | None) -> dict:
@@ -573,7 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out_dir(args.device)
     out.mkdir(parents=True, exist_ok=True)
     if args.calibrate:
-        return calibrate(config, args.jobs, out, len(splits.records["train"]))
+        from qadapter_kernels.evaluation.checkers import read_task_records
+
+        whole = {"validation_prompts": len(splits.records["validation"]), "test_prompts": len(splits.records["test"]),
+                 "retention_items": len(read_task_records("retention"))}
+        return calibrate(config, args.jobs, out, len(splits.records["train"]), whole)
     costs_path = out / COSTS_NAME
     costs = json.loads(costs_path.read_text())["costs"] if costs_path.exists() else None
     cost = estimate(val_plan + test_plan(sizes, placeholder), sizes, args.jobs, len(splits.records["train"]), costs)
@@ -620,16 +629,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def calibrate(config: dict, jobs: int, out: Path, train_pairs: int) -> int:
-    """``--calibrate``: the calibration runs at the configured sizes, but 4 steps each; their costs written."""
-    steps = 4
+def calibrate(config: dict, jobs: int, out: Path, train_pairs: int, whole_sets: dict[str, int]) -> int:
+    """``--calibrate``: the calibration runs, 4 steps each, evaluated on ``CALIBRATION_FRACTION`` of every
+    evaluation set of the configured sizes; their costs written."""
+    steps, fraction = 4, CALIBRATION_FRACTION
     sizes = StudySizes(**config["sizes"])
+    # ``whole_sets``: what a size of None stands for (the whole split or probe).
+    scaled = {name: max(1, round(fraction * (getattr(sizes, name) or whole_sets[name])))
+              for name in ("validation_prompts", "test_prompts", "retention_items", "kl_prompts")}
+    sizes = dataclasses.replace(sizes, **scaled)
     # The long budget rounds its steps up: (steps - 0.5) batches of epochs gives exactly `steps`.
     sizes = dataclasses.replace(sizes, demo_steps=steps, long_epochs=(steps - 0.5) * sizes.batch / train_pairs,
                                 seeds=(0,))
     config = {**config, "sizes": dataclasses.asdict(sizes)}
     runs = execute(calibration_specs(), config, jobs, out / "forgetting_study_calibration_runs.jsonl", None)
-    payload = {"costs": costs_from(runs, steps), "model": config["model"], "machine": machine_info(config["device"]),
+    payload = {"costs": costs_from(runs, steps, fraction), "calibration_sizes": config["sizes"], "model": config["model"], "machine": machine_info(config["device"]),
                "load_average": os.getloadavg(), "runs": [{k: r[k] for k in ("method", "budget", "phase", "steps",
                                                           "train_s", "train_cpu_s", "eval_s", "eval_cpu_s")}
                                                          for r in runs]}

@@ -152,9 +152,10 @@ def case_folded_token_classes(tokenizer, vocab_size: int) -> torch.Tensor:
     """
     classes: dict[str, int] = {}
     ids = []
+    special = set(tokenizer.all_special_ids)  # a property that is rebuilt on every access
     for token_id in range(vocab_size):
         text = tokenizer.decode([token_id]) if token_id < len(tokenizer) else f"<unused {token_id}>"
         # Special tokens decode to their own names and stay apart from plain text.
-        key = text if token_id in tokenizer.all_special_ids else text.lower()
+        key = text if token_id in special else text.lower()
         ids.append(classes.setdefault(key, len(classes)))
     return torch.tensor(ids, dtype=torch.long)

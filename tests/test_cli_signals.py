@@ -76,7 +76,9 @@ def test_a_second_ctrl_c_while_importing_aborts_in_one_line(tmp_path, model_dir,
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stdout + stderr
+    # 130 from the command's own exit; once, on a heavily loaded machine, the process ended by SIGINT (-2)
+    # after printing both lines below: either way the second Ctrl-C aborted it, which is what is tested.
+    assert proc.returncode in (130, -signal.SIGINT), stdout + stderr
     lines = stderr.splitlines()
     assert len(lines) == 2 and "Ctrl-C again aborts now" in lines[0], stderr
     assert lines[1].startswith("qadapter train: interrupted. Resume with: qadapter train "), stderr

@@ -94,11 +94,12 @@ def test_no_names_runs_every_row_without_an_adapter_as_peft_disables_it():
     ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         with model.disable_adapter():
-            base = model(input_ids=ids).logits
+            base, base_one_row = model(input_ids=ids).logits, model(input_ids=ids[:1]).logits
         with sliced_lora_routing(model, None):
             got = model(input_ids=ids).logits
             one_row = model(input_ids=ids[:1]).logits  # any batch size
-    assert torch.equal(got, base) and torch.equal(one_row, base[:1])
+    # Bit-equal at the same batch size: a one-row product may take another BLAS kernel than three rows.
+    assert torch.equal(got, base) and torch.equal(one_row, base_one_row)
 
 
 def test_modules_to_save_or_a_forward_set_by_someone_else_keep_pefts_routing():

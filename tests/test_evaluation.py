@@ -162,8 +162,10 @@ def test_loads_a_saved_adapter_and_a_base_only_model(saved, tokenizer):
     pairs = [(tokenizer.encode(QUESTIONS[0]), tokenizer.encode(" Paris", add_special_tokens=False))]
     from_disk = QAdapterLM(adapter=str(adapter_dir), base_model=str(base_dir))
     in_memory = QAdapterLM(model=model, tokenizer=tokenizer)
-    assert from_disk.scorer.continuation_logprobs(pairs) == pytest.approx(
-        in_memory.scorer.continuation_logprobs(pairs))
+    # (log-likelihood, is_greedy) per pair; pytest.approx takes no tuples inside a list (pytest >= 9.2).
+    (disk_ll, disk_greedy), = from_disk.scorer.continuation_logprobs(pairs)
+    (memory_ll, memory_greedy), = in_memory.scorer.continuation_logprobs(pairs)
+    assert disk_ll == pytest.approx(memory_ll) and disk_greedy == memory_greedy
     base_only = QAdapterLM(base_model=str(base_dir))
     expected = _reference_loglikelihood(model, tokenizer, QUESTIONS[0], " Paris", adapter=False)
     assert base_only.scorer.continuation_logprobs(pairs)[0][0] == pytest.approx(expected, rel=1e-5, abs=1e-4)

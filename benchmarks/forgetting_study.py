@@ -241,14 +241,14 @@ def run_one(spec: dict) -> dict:
                    correct=[s[0] for s in scores], margin=[s[1] for s in scores],
                    open=metrics.open_answer_correct(scorer, c["retention"], max_new_tokens=sizes.open_tokens),
                    kl=metrics.token_kl_per_pair(c["base"], scorer, c["kl_pairs"]),
-                   tasks=_task_scores(model, c, spec["method"] != "base"))
+                   tasks=task_scores(model, c, spec["method"] != "base"))
         if c["neutral_classes"] is not None:
             out["kl_neutral"] = metrics.token_kl_per_pair(c["base"], scorer, c["kl_pairs"], c["neutral_classes"])
     out["eval_s"], out["eval_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu_start
     return out
 
 
-def _task_scores(model, context, adapter: bool) -> dict[str, list[float]]:
+def task_scores(model, context, adapter: bool) -> dict[str, list[float]]:
     """Per lm-eval task of ``--tasks``: each document's first metric (e.g. ``acc``), in document order."""
     tasks = context["config"]["tasks"]
     if not tasks:

@@ -128,7 +128,7 @@ def test_the_estimate_adds_measured_step_and_evaluation_costs():
 def test_lm_eval_tasks_are_scored_per_document_in_order():
     pytest.importorskip("lm_eval")
     from forgetting_runs import quick_model_and_tokenizer
-    from forgetting_study import _task_scores
+    from forgetting_study import task_scores
 
     from qadapter_kernels.evaluation import PolicyScorer
     from qadapter_kernels.evaluation.checkers import read_task_records, retention_choices, retention_process_results
@@ -140,7 +140,7 @@ def test_lm_eval_tasks_are_scored_per_document_in_order():
                                                   for r in read_task_records("retention")])
     policy = QAdapterModel(model, QAdapterConfig())
     context = {"config": {"tasks": ("qadapter_retention",), "task_limit": len(items)}, "tokenizer": tokenizer}
-    scores = _task_scores(policy, context, False)["qadapter_retention"]
+    scores = task_scores(policy, context, False)["qadapter_retention"]
     # The task's first metric is acc, scored as the probe scores it, document by document.
     lls = [ll for ll, _ in PolicyScorer(policy, tokenizer, adapter=False).continuation_logprobs(
         retention_pairs(tokenizer, items))]

@@ -21,12 +21,12 @@ def test_option_margin_is_right_minus_best_wrong_in_the_models_own_case_style():
 
 
 def test_an_open_answer_is_right_iff_it_names_the_right_option_alone():
-    assert checkers.open_answer_correct(DOC, "The chemical symbol of iron is Fe.")
-    assert checkers.open_answer_correct(DOC, "the symbol is fe")  # case ignored
-    assert not checkers.open_answer_correct(DOC, "It is Fe or maybe In.")  # two options named
-    assert not checkers.open_answer_correct(DOC, "Iron's symbol is Ir.")
-    assert not checkers.open_answer_correct(DOC, "Feeling unsure.")  # whole words only: "Fe" is not in "Feeling"
-    assert not checkers.open_answer_correct(DOC, "")
+    assert checkers.names_only_the_right_option(DOC, "The chemical symbol of iron is Fe.")
+    assert checkers.names_only_the_right_option(DOC, "the symbol is fe")  # case ignored
+    assert not checkers.names_only_the_right_option(DOC, "It is Fe or maybe In.")  # two options named
+    assert not checkers.names_only_the_right_option(DOC, "Iron's symbol is Ir.")
+    assert not checkers.names_only_the_right_option(DOC, "Feeling unsure.")  # whole words only: "Fe" is not in "Feeling"
+    assert not checkers.names_only_the_right_option(DOC, "")
 
 
 class _Tokens:

@@ -17,7 +17,7 @@ from ..preferences import PREFERENCE_CHECKERS
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 RETENTION_FILE = "qadapter_retention.jsonl"
 
-__all__ = ["RETENTION_FILE", "TASKS_DIR", "CASE_STYLES", "PREFERENCE_CHECKERS", "case_variants", "open_answer_correct",
+__all__ = ["RETENTION_FILE", "TASKS_DIR", "CASE_STYLES", "PREFERENCE_CHECKERS", "case_variants", "names_only_the_right_option",
            "option_margin", "predicted_options",
            "preference_process_results", "preference_task", "read_task_records", "retention_choices",
            "retention_process_results"]
@@ -86,7 +86,7 @@ def _per_style_scores(doc: dict, loglikelihoods: Sequence[float]) -> list[list[f
     return [[scores[style(option)] for option, scores in zip(doc["options"], lookup)] for style in CASE_STYLES]
 
 
-def open_answer_correct(doc: dict, answer: str) -> bool:
+def names_only_the_right_option(doc: dict, answer: str) -> bool:
     """An open (generated) answer is right iff it names the right option and no other one.
 
     An option is found as a whole word, case ignored (a lower-case answer names "Fe" as "fe"); so a

@@ -21,7 +21,7 @@ import torch
 
 from ..prompts import encode_prompt
 from ..training.data import PreferenceExample, tokenize_preference
-from .checkers import PREFERENCE_CHECKERS, open_answer_correct as _open_answer_right, option_margin, \
+from .checkers import PREFERENCE_CHECKERS, names_only_the_right_option, option_margin, \
     predicted_options, retention_choices
 from .policy_scoring import PolicyScorer
 
@@ -72,10 +72,10 @@ def retention_correct(scorer: PolicyScorer, items: Sequence[dict]) -> list[bool]
 
 def open_answer_correct(scorer: PolicyScorer, items: Sequence[dict], max_new_tokens: int = 24) -> list[bool]:
     """Per probe item: its question asked as a chat prompt, answered greedily, right iff the answer names
-    the right option and no other (``checkers.open_answer_correct``)."""
+    the right option and no other (``checkers.names_only_the_right_option``)."""
     prompts = [encode_prompt(item["question"], scorer.tokenizer) for item in items]
     answers = scorer.greedy(prompts, max_new_tokens=max_new_tokens)
-    return [_open_answer_right(item, answer) for item, answer in zip(items, answers)]
+    return [names_only_the_right_option(item, answer) for item, answer in zip(items, answers)]
 
 
 def retention_accuracy(scorer: PolicyScorer, items: Sequence[dict]) -> float:

@@ -71,10 +71,12 @@ setup(
     description="Fused CPU (C++) and GPU (Triton) kernels for Q-Adapter training and decoding",
     license="Apache-2.0",
     packages=find_packages(include=["qadapter_kernels", "qadapter_kernels.*"]),
+    # The console script's entry point: it arms the signal latch before the package (torch) imports.
+    py_modules=["qadapter_cli"],
     package_data={"qadapter_kernels": ["data/*/*.jsonl", "data/LICENSE", "evaluation/tasks/*.yaml",
                                         "evaluation/tasks/*.jsonl", "evaluation/tasks/utils.py",
                                         "evaluation/tasks/LICENSE", "accelerate_configs/*.yaml"]},
-    entry_points={"console_scripts": ["qadapter=qadapter_kernels.app.cli:main"],
+    entry_points={"console_scripts": ["qadapter=qadapter_cli:main"],
                   # vLLM loads this in every engine process: it registers the Q-Adapter model class.
                   "vllm.general_plugins": ["qadapter=qadapter_kernels.serving.plugin:register"]},
     python_requires=">=3.10",

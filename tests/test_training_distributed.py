@@ -189,7 +189,7 @@ def test_qadapter_train_under_accelerate_launch(tmp_path):
     write_pairs(data)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-           "-m", "qadapter_kernels.app.cli", "train", "--data", str(data), "--output-dir", str(out),
+           "-m", "qadapter_cli", "train", "--data", str(data), "--output-dir", str(out),
            "--model", str(model), "--max-steps", "2", "--batch-size", "1", "--lora-r", "4", "--save-steps", "1",
            "--save-total-limit", "1", "--max-length", "64"]
     proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(tmp_path), capture_output=True, text=True, timeout=300)

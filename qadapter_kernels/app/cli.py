@@ -23,10 +23,10 @@ exit status 2, as argparse does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -369,24 +369,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _starting_notice(prefix: str):
-    def announce(signum: int) -> str:
-        return (f"{prefix}: {signal.Signals(signum).name} received: stopping as soon as loading ends (nothing is "
-                "written); Ctrl-C again aborts now")
+def main(argv: Sequence[str] | None = None, latch: SignalLatch | None = None) -> int:
+    """Runs one ``qadapter`` command; returns 0 or exits with status 2 (130 when interrupted).
 
-    return announce
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qadapter`` console script; returns 0 or exits with status 2 (130 when interrupted)."""
+    ``latch``: one already armed by the console script (``qadapter_cli``) before this package was imported;
+    without it, one is armed here, still before anything heavy (transformers, peft) is imported, so that a
+    Ctrl-C while they load is answered in one line at the next safe point instead of breaking an import.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     prefix = "qadapter" + (f" {argv[0]}" if argv and argv[0] in COMMANDS else "")
-    # Armed before anything heavy is imported: a Ctrl-C while transformers and peft import (seconds)
-    # is answered in one line at the next safe point instead of breaking an import half-way.
-    with SignalLatch(announce=_starting_notice(prefix)) as latch:
+    armed = SignalLatch() if latch is None else latch
+    armed.loading(prefix)
+    with armed if latch is None else contextlib.nullcontext(armed):
         drop_third_party_noise()
         try:
-            return _run(argv, latch)
+            return _run(argv, armed)
         except KeyboardInterrupt:
             resume = f". Resume with: {resume_command(argv)}" if argv[:1] == ["train"] else ""
             print(f"{prefix}: interrupted{resume}", file=sys.stderr, flush=True)

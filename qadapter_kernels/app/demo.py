@@ -1,6 +1,6 @@
 """The main job: a Q-Adapter learns a new preference on a real model, end to end, on a CPU.
 
-    python -m qadapter_kernels.app.cli demo [--preference NAME] [--output-dir DIR] [--max-steps N] [--prompts K]
+    python -m qadapter_cli demo [--preference NAME] [--output-dir DIR] [--max-steps N] [--prompts K]
 
 With the embedded SmolLM2-135M-Instruct and a shipped preference (``--preference``: ``lowercase``
 by default, answers written entirely in lowercase; ``signoff``, a fixed closing line; ``concise``,

@@ -127,7 +127,8 @@ def run_train(args: argparse.Namespace, latch: SignalLatch) -> int:
     from ..training.trainer import QAdapterTrainer
     from .run_folder import check_free_space, plan_run, write_record
 
-    latch.announce = _before_training
+    latch.announce = _before_training  # imports done: a second Ctrl-C raises KeyboardInterrupt from here
+    latch.abort_message = None
     if latch.received is not None:  # a signal came during the imports: nothing is loaded or written
         return _stopped_before_training(latch.received)
 

@@ -537,7 +537,9 @@ def main(argv: list[str] | None = None) -> int:
                                                     "shipped probe, each per document against the base model")
     parser.add_argument("--task-limit", type=int, help="documents per lm-eval task (default: all)")
     parser.add_argument("--preference", choices=sorted(PREFERENCE_CHECKERS), default=DEFAULT_PREFERENCE)
-    parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each with cores/N threads")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs side by side, each with (cores this process may use)/N threads "
+                             "(run under taskset to leave cores free)")
     parser.add_argument("--max-minutes", type=float, help="start no run after this many minutes; rerun the same "
                                                           "command to go on (finished runs are reused)")
     parser.add_argument("--plan", action="store_true", help="print the runs and the estimated time, run nothing")
@@ -571,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         model = f"{smollm2_folder()}/{SMOLLM2_GGUF}"
     tasks = tuple(t for t in args.tasks.split(",") if t)
     config = {"sizes": dataclasses.asdict(sizes), "preference": args.preference, "model": model, "device": args.device,
-              "tasks": tasks, "task_limit": args.task_limit, "threads": max(1, (os.cpu_count() or 1) // args.jobs)}
+              "tasks": tasks, "task_limit": args.task_limit, "threads": max(1, len(os.sched_getaffinity(0)) // args.jobs)}
     splits = study_splits(args.preference)
     val_plan = validation_plan(sizes)
     placeholder = {f: {"method": m, "settings": grid(sizes)[0], "lr": sizes.lr_grid[0]} for f, (m, grid) in FAMILIES.items()}

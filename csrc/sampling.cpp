@@ -2,9 +2,11 @@
 //
 // Sampling never sorts the vocabulary. Per row, in thread-local scratch that stays in cache:
 // y = (Q + alpha_0 * L) / alpha_tilde (log_softmax(L) only shifts a row by a constant, which no
-// filter and no draw can see), w = exp((y - max) / temperature), then top-k and top-p
-// thresholds by weighted quickselect (expected O(V)), min-p as w >= min_p, and one
-// inverse-CDF walk in vocabulary order with the row's uniform draw.
+// filter and no draw can see), w = exp((y - max) / temperature) with each block's maximum weight;
+// the block maxima bound the top-k and top-p thresholds from below, so only the blocks that can
+// hold a kept token are read again, into a candidate list; the exact thresholds come from weighted
+// quickselect over the candidates, min-p is w >= min_p, and the draw is one inverse-CDF walk over
+// the candidates in vocabulary order with the row's uniform draw.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,6 +26,82 @@ struct RowParams {
   float temperature, top_p, min_p, uniform;
   int64_t top_k;
 };
+
+using Vec = Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+
+// The filters' thresholds are bounded from below by the maxima of blocks of kBlock entries: the k
+// largest block maxima are k distinct entries, so the k-th largest entry is at least the k-th largest
+// block maximum; and if block maxima at or above t weigh p of the mass, so do the entries at or above
+// t, so the top-p threshold is at least that t. Only blocks whose maximum reaches the bound are read
+// again; with a nucleus of a few hundred tokens that is a few hundred blocks of the vocabulary.
+constexpr int64_t kBlock = 64;
+
+// Per-thread scratch of sample_row, reused from row to row.
+struct RowScratch {
+  std::vector<float> block_max;   // per block: max of y, then max of the weights
+  std::vector<float> values;      // candidates' weights (vocabulary order), then permuted by selection
+  std::vector<int64_t> indices;   // candidates' vocabulary indices
+  std::vector<float> work;
+};
+
+inline float reduce_max(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+inline float reduce_sum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// max of y over [begin, end) (NaN propagates).
+inline float range_max(const float* y, int64_t begin, int64_t end) {
+  const int64_t n_vec = begin + (end - begin) - (end - begin) % kVec;
+  Vec vmax(-std::numeric_limits<float>::infinity());
+  for (int64_t v = begin; v < n_vec; v += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(y + v));
+  float m = reduce_max(vmax);
+  for (int64_t v = n_vec; v < end; ++v) m = max_nan(m, y[v]);
+  return m;
+}
+
+// Row maximum of y, with each block's maximum in block_max (a pass over a row already written).
+float block_maxima(const float* y, int64_t vocab, std::vector<float>& block_max) {
+  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
+  block_max.resize(blocks);
+  float row_max = -std::numeric_limits<float>::infinity();
+  for (int64_t b = 0; b < blocks; ++b) {
+    block_max[b] = range_max(y, b * kBlock, std::min(vocab, (b + 1) * kBlock));
+    row_max = max_nan(row_max, block_max[b]);
+  }
+  return row_max;
+}
+
+// y becomes w = exp((y - max_y) / temperature) in place; block_max becomes each block's max weight
+// (computed from the stored weights, so a bound never exceeds an entry it stands for). Returns the
+// total weight, summed in vector lanes then in double.
+double weigh_row(float* y, int64_t vocab, float max_y, float temperature, std::vector<float>& block_max) {
+  const Vec v_max(max_y), v_inv_t(1.f / temperature);
+  Vec sum(0.f);
+  double tail = 0;
+  for (int64_t b = 0; b < int64_t(block_max.size()); ++b) {
+    const int64_t begin = b * kBlock, end = std::min(vocab, begin + kBlock);
+    const int64_t n_vec = begin + (end - begin) - (end - begin) % kVec;
+    Vec bmax(0.f);
+    for (int64_t v = begin; v < n_vec; v += kVec) {
+      const Vec w = vexp<float>((Vec::loadu(y + v) - v_max) * v_inv_t);
+      w.store(y + v);
+      sum += w;
+      bmax = at::vec::maximum(bmax, w);
+    }
+    float m = reduce_max(bmax);
+    for (int64_t v = n_vec; v < end; ++v) {
+      y[v] = std::exp((y[v] - max_y) / temperature);
+      tail += y[v];
+      m = std::max(m, y[v]);
+    }
+    block_max[b] = m;
+  }
+  return double(reduce_sum(sum)) + tail;
+}
 
 // The threshold t over values[0, n) such that mass(values > t) < target <= mass(values >= t),
 // where mass counts 1 per element (top-k) or the element's value (top-p). Permutes values.
@@ -65,99 +143,128 @@ float select_threshold(float* values, int64_t n, double target) {
   return kByCount ? last_pivot : (lo < n ? values[lo] : last_pivot);
 }
 
-using Vec = Vectorized<float>;
-constexpr int64_t kVec = Vec::size();
-
-// The entries of w kept by a threshold (w >= threshold and w > 0) as a vector mask's weights.
-inline Vec kept_weights(const Vec& w, const Vec& threshold) {
-  return Vec::blendv(Vec(0.f), w, (w >= threshold) & (w > Vec(0.f)));
-}
-
-// (mass, count) of the kept entries of w[0, n).
-std::pair<double, int64_t> kept_mass(const float* w, int64_t n, float threshold) {
-  const int64_t n_vec = n - n % kVec;
-  const Vec v_thr(threshold), one(1.f), zero(0.f);
-  Vec mass(0.f), count(0.f);
-  for (int64_t i = 0; i < n_vec; i += kVec) {
-    const Vec wv = Vec::loadu(w + i), kept = kept_weights(wv, v_thr);
-    mass += kept;
-    count += Vec::blendv(zero, one, kept > zero);
-  }
-  const auto vsum = [](Vec& a, Vec& b) { return a + b; };
-  double total = at::vec::vec_reduce_all<float>(vsum, mass);
-  int64_t kept = int64_t(at::vec::vec_reduce_all<float>(vsum, count));
-  for (int64_t i = n_vec; i < n; ++i) {
-    if (w[i] >= threshold && w[i] > 0.f) {
-      total += w[i];
-      ++kept;
+// The entries with w >= bound and w > 0, in vocabulary order, into scratch.indices / scratch.values:
+// only blocks whose maximum weight reaches the bound are read.
+void gather_candidates(const float* w, int64_t vocab, float bound, RowScratch& s) {
+  s.indices.clear();
+  s.values.clear();
+  for (int64_t b = 0; b < int64_t(s.block_max.size()); ++b) {
+    if (!(s.block_max[b] >= bound && s.block_max[b] > 0.f)) continue;
+    for (int64_t v = b * kBlock, end = std::min(vocab, v + kBlock); v < end; ++v) {
+      if (w[v] >= bound && w[v] > 0.f) {
+        s.indices.push_back(v);
+        s.values.push_back(w[v]);
+      }
     }
   }
-  return {total, kept};
 }
 
-// The first index where the running kept mass exceeds target: sums a vector at a time and
-// scans inside the vector that crosses it.
-int64_t inverse_cdf(const float* w, int64_t n, float threshold, double target) {
-  const int64_t n_vec = n - n % kVec;
-  const Vec v_thr(threshold);
-  const auto vsum = [](Vec& a, Vec& b) { return a + b; };
-  double cumulative = 0;
-  int64_t start = 0;
-  for (; start < n_vec; start += kVec) {
-    const double block = at::vec::vec_reduce_all<float>(vsum, kept_weights(Vec::loadu(w + start), v_thr));
-    if (cumulative + block > target) break;
-    cumulative += block;
-  }
-  for (int64_t v = start; v < n; ++v) {
-    if (w[v] >= threshold && w[v] > 0.f) {
-      cumulative += w[v];
-      if (cumulative > target) return v;
-    }
-  }
-  for (int64_t v = n - 1; v >= 0; --v) {  // rounding ran past the end: the last kept entry
-    if (w[v] >= threshold && w[v] > 0.f) return v;
-  }
-  return -1;
-}
-
-// Draws one token from the filtered softmax of `y` (a combined row, before temperature).
-// Overwrites y with the unnormalised weights; returns -1 when the row has no finite maximum.
-int64_t sample_row(float* y, int64_t vocab, const RowParams& p, std::vector<float>& work) {
-  const int64_t n_vec = vocab - vocab % kVec;
-  Vec vmax(-std::numeric_limits<float>::infinity());
-  for (int64_t v = 0; v < n_vec; v += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(y + v));  // NaN propagates
-  float max_y = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  for (int64_t v = n_vec; v < vocab; ++v) max_y = max_nan(max_y, y[v]);
-  if (!std::isfinite(max_y)) return -1;  // NaN, +inf, or nothing finite
-  if (p.temperature == 0.f) return std::find(y, y + vocab, max_y) - y;  // ties: the lowest index
-
-  const Vec v_max(max_y), v_inv_t(1.f / p.temperature);
-  for (int64_t v = 0; v < n_vec; v += kVec) vexp<float>((Vec::loadu(y + v) - v_max) * v_inv_t).store(y + v);
-  for (int64_t v = n_vec; v < vocab; ++v) y[v] = std::exp((y[v] - max_y) / p.temperature);
-
-  float threshold = p.min_p;  // w_max = 1, so min-p keeps w >= min_p * w_max
-  float top_k_threshold = 0.f;
+// A lower bound of the threshold top-k and top-p (over the whole row, mass total) will choose,
+// from the block maxima; 0 when the blocks cannot bound it.
+float threshold_bound(const RowParams& p, int64_t vocab, double total, RowScratch& s) {
+  const int64_t blocks = int64_t(s.block_max.size());
   if (p.top_k > 0 && p.top_k < vocab) {
-    work.assign(y, y + vocab);
-    top_k_threshold = select_threshold<true>(work.data(), vocab, double(p.top_k));
-    threshold = std::max(threshold, top_k_threshold);
+    if (p.top_k > blocks) return 0.f;
+    s.work.assign(s.block_max.begin(), s.block_max.end());
+    return select_threshold<true>(s.work.data(), blocks, double(p.top_k));
   }
   if (p.top_p < 1.f) {
-    // top-p renormalises over what top-k kept. Entries below (1 - top_p) * mass / count are
-    // dropped by top-p whatever the rest looks like (together they weigh less than 1 - top_p
-    // and lie below everything else), so only the others are candidates.
-    const auto [mass, count] = kept_mass(y, vocab, top_k_threshold);
-    const float floor = std::max(top_k_threshold, float((1.0 - p.top_p) * mass / double(std::max<int64_t>(count, 1))));
-    work.clear();
-    for (int64_t v = 0; v < vocab; ++v) {
-      if (y[v] >= floor) work.push_back(y[v]);
-    }
-    if (!work.empty()) {
-      threshold = std::max(threshold, select_threshold<false>(work.data(), int64_t(work.size()), p.top_p * mass));
-    }
+    const double target = double(p.top_p) * total;
+    double block_mass = 0;
+    for (const float m : s.block_max) block_mass += m;
+    if (block_mass < target) return 0.f;
+    s.work.assign(s.block_max.begin(), s.block_max.end());
+    return select_threshold<false>(s.work.data(), blocks, target);
   }
-  const double total = kept_mass(y, vocab, threshold).first;
-  return inverse_cdf(y, vocab, threshold, double(p.uniform) * total);
+  return p.min_p;  // min-p alone: its threshold, exactly (the largest weight is 1)
+}
+
+// Draws one token from the filtered softmax of `y` (a combined row, before temperature), given its
+// maximum and its blocks' maxima in s.block_max (block_maxima, or the pass that wrote y).
+// Overwrites y with the unnormalised weights; returns -1 when the row has no finite maximum.
+int64_t sample_row(float* y, int64_t vocab, float max_y, const RowParams& p, RowScratch& s) {
+  if (!std::isfinite(max_y)) return -1;  // NaN, +inf, or nothing finite
+  if (p.temperature == 0.f) {            // the first maximum: the first block holding it, then inside it
+    const int64_t b = std::find(s.block_max.begin(), s.block_max.end(), max_y) - s.block_max.begin();
+    return std::find(y + b * kBlock, y + vocab, max_y) - y;
+  }
+  const double total = weigh_row(y, vocab, max_y, p.temperature, s.block_max);
+  const bool by_k = p.top_k > 0 && p.top_k < vocab, by_p = p.top_p < 1.f;
+  if (!by_k && !by_p && p.min_p <= 0.f) {  // no filter: one walk over the row
+    double cumulative = 0;
+    const double target = double(p.uniform) * total;
+    int64_t last = -1;
+    for (int64_t b = 0; b < int64_t(s.block_max.size()); ++b) {
+      const int64_t begin = b * kBlock, end = std::min(vocab, begin + kBlock);
+      const int64_t n_vec = begin + (end - begin) - (end - begin) % kVec;
+      Vec block(0.f);
+      for (int64_t v = begin; v < n_vec; v += kVec) block += Vec::loadu(y + v);
+      double block_sum = reduce_sum(block);
+      for (int64_t v = n_vec; v < end; ++v) block_sum += y[v];
+      if (s.block_max[b] > 0.f) last = b;
+      if (cumulative + block_sum <= target) {
+        cumulative += block_sum;
+        continue;
+      }
+      for (int64_t v = begin; v < end; ++v) {
+        cumulative += y[v];
+        if (y[v] > 0.f && cumulative > target) return v;
+      }
+    }
+    if (last < 0) return -1;
+    for (int64_t v = std::min(vocab, (last + 1) * kBlock) - 1; v >= last * kBlock; --v) {
+      if (y[v] > 0.f) return v;  // rounding ran past the end: the last entry with weight
+    }
+    return -1;
+  }
+
+  // Candidates: every entry any of the filters may keep. Should rounding make the bound miss the
+  // top-p target, the row is gathered again in full.
+  for (float bound = threshold_bound(p, vocab, total, s);; bound = 0.f) {
+    gather_candidates(y, vocab, bound, s);
+    const int64_t n = int64_t(s.values.size());
+    if (n == 0) return -1;
+    float top_k_threshold = 0.f;
+    double kept_by_k = total;
+    if (by_k && n >= p.top_k) {
+      s.work.assign(s.values.begin(), s.values.end());
+      top_k_threshold = select_threshold<true>(s.work.data(), n, double(p.top_k));
+      kept_by_k = 0;
+      for (const float w : s.values) kept_by_k += w >= top_k_threshold ? double(w) : 0.0;
+    }
+    float threshold = std::max(p.min_p, top_k_threshold);
+    if (by_p) {
+      // top-p renormalises over what top-k kept.
+      s.work.clear();
+      double candidate_mass = 0;
+      for (const float w : s.values) {
+        if (w >= top_k_threshold) {
+          s.work.push_back(w);
+          candidate_mass += w;
+        }
+      }
+      const double target = double(p.top_p) * kept_by_k;
+      if (candidate_mass < target && bound > 0.f) continue;
+      threshold = std::max(threshold, select_threshold<false>(s.work.data(), int64_t(s.work.size()), target));
+    }
+    double kept = 0;
+    int64_t last = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      if (s.values[i] >= threshold) {
+        kept += s.values[i];
+        last = i;
+      }
+    }
+    const double target = double(p.uniform) * kept;
+    double cumulative = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (s.values[i] >= threshold) {
+        cumulative += s.values[i];
+        if (cumulative > target) return s.indices[i];
+      }
+    }
+    return last < 0 ? -1 : s.indices[last];  // rounding ran past the end: the last kept entry
+  }
 }
 
 struct SamplingArgs {
@@ -190,23 +297,49 @@ void check_logits_rows(const at::Tensor& q, const at::Tensor& l) {
                    " differs from q_logits dtype ", q.scalar_type());
 }
 
-// Writes y = (Q + alpha_0 * L) / alpha_tilde of one row into out (fp32); with kLseL, returns
-// LSE(L) from the same sweep (else 0).
-template <typename scalar_t, bool kLseL>
+// Writes y = (Q + alpha_0 * L) / alpha_tilde of one row into out (fp32); returns LSE(L) from the
+// same sweep.
+template <typename scalar_t>
 float combine_row(const scalar_t* q, const scalar_t* l, int64_t vocab, const Combine<float>& combine, float* out) {
   constexpr int64_t kTile = 1024;
   float q_buf[kTile], l_buf[kTile];
-  using Vec = Vectorized<float>;
   OnlineLse<float> lse_y, lse_l;
   for (int64_t start = 0; start < vocab; start += kTile) {
-    const int64_t n = std::min(kTile, vocab - start), n_vec = n - n % Vec::size();
+    const int64_t n = std::min(kTile, vocab - start), n_vec = n - n % kVec;
     const float* qt = tile_as_acc<scalar_t, float>(q + start, n, q_buf);
     const float* lt = tile_as_acc<scalar_t, float>(l + start, n, l_buf);
-    if constexpr (kLseL) fold_tile<float>(qt, lt, n, combine, lse_y, lse_l);
-    for (int64_t i = 0; i < n_vec; i += Vec::size()) combine(Vec::loadu(qt + i), Vec::loadu(lt + i)).store(out + start + i);
+    fold_tile<float>(qt, lt, n, combine, lse_y, lse_l);
+    for (int64_t i = 0; i < n_vec; i += kVec) combine(Vec::loadu(qt + i), Vec::loadu(lt + i)).store(out + start + i);
     for (int64_t i = n_vec; i < n; ++i) out[start + i] = combine(qt[i], lt[i]);
   }
-  return kLseL ? lse_l.value() : 0.f;
+  return lse_l.value();
+}
+
+// combine_row for sampling: writes y and, in the same pass, each block's maximum into block_max;
+// returns the row maximum (NaN propagates).
+template <typename scalar_t>
+float combine_row_with_block_maxima(const scalar_t* q, const scalar_t* l, int64_t vocab, const Combine<float>& combine,
+                                    float* out, std::vector<float>& block_max) {
+  float q_buf[kBlock], l_buf[kBlock];
+  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
+  block_max.resize(blocks);
+  float row_max = -std::numeric_limits<float>::infinity();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kBlock, n = std::min(kBlock, vocab - begin), n_vec = n - n % kVec;
+    const float* qt = tile_as_acc<scalar_t, float>(q + begin, n, q_buf);
+    const float* lt = tile_as_acc<scalar_t, float>(l + begin, n, l_buf);
+    Vec vmax(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < n_vec; i += kVec) {
+      const Vec y = combine(Vec::loadu(qt + i), Vec::loadu(lt + i));
+      y.store(out + begin + i);
+      vmax = at::vec::maximum(vmax, y);
+    }
+    float m = reduce_max(vmax);
+    for (int64_t i = n_vec; i < n; ++i) m = max_nan(m, out[begin + i] = combine(qt[i], lt[i]));
+    block_max[b] = m;
+    row_max = max_nan(row_max, m);
+  }
+  return row_max;
 }
 
 at::Tensor combined_logits_cpu(const at::Tensor& q_logits, const at::Tensor& base_logits, double alpha_tilde,
@@ -223,7 +356,7 @@ at::Tensor combined_logits_cpu(const at::Tensor& q_logits, const at::Tensor& bas
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         float* row = out_data + r * vocab;
-        const float lse_l = combine_row<scalar_t, true>(q_data + r * vocab, l_data + r * vocab, vocab, combine, row);
+        const float lse_l = combine_row<scalar_t>(q_data + r * vocab, l_data + r * vocab, vocab, combine, row);
         // (Q + alpha_0 * log_softmax(L)) / alpha_tilde = y - alpha_0 * LSE(L) / alpha_tilde
         const float shift = float(alpha_0 / alpha_tilde) * lse_l;
         for (int64_t v = 0; v < vocab; ++v) row[v] -= shift;
@@ -247,11 +380,14 @@ at::Tensor combined_sample_cpu(const at::Tensor& q_logits, const at::Tensor& bas
     const scalar_t* q_data = q.const_data_ptr<scalar_t>();
     const scalar_t* l_data = l.const_data_ptr<scalar_t>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> y(vocab), work;
-      work.reserve(vocab);
+      // Kept from call to call: a fresh row buffer would be page-faulted in on every decode step.
+      static thread_local std::vector<float> y;
+      static thread_local RowScratch scratch;
+      y.resize(vocab);
       for (int64_t r = begin; r < end; ++r) {
-        combine_row<scalar_t, false>(q_data + r * vocab, l_data + r * vocab, vocab, combine, y.data());
-        out[r] = sample_row(y.data(), vocab, args.row(r), work);
+        const float max_y = combine_row_with_block_maxima<scalar_t>(q_data + r * vocab, l_data + r * vocab, vocab,
+                                                                    combine, y.data(), scratch.block_max);
+        out[r] = sample_row(y.data(), vocab, max_y, args.row(r), scratch);
       }
     });
   });
@@ -314,9 +450,11 @@ at::Tensor combined_sample_from_hidden_cpu(const at::Tensor& adapter_hidden, con
   int64_t* out = tokens.mutable_data_ptr<int64_t>();
   float* y = combined.mutable_data_ptr<float>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work;
-    work.reserve(vocab);
-    for (int64_t r = begin; r < end; ++r) out[r] = sample_row(y + r * vocab, vocab, args.row(r), work);
+    static thread_local RowScratch scratch;
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = y + r * vocab;
+      out[r] = sample_row(row, vocab, block_maxima(row, vocab, scratch.block_max), args.row(r), scratch);
+    }
   });
   return tokens;
 }

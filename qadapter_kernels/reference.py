@@ -213,12 +213,16 @@ def filtered_logits(logits: torch.Tensor, sampling: SamplingParams | None = None
     k_eff = torch.where((k > 0) & (k < vocab), k, vocab)
     kth = z.sort(-1, descending=True).values.gather(-1, (k_eff - 1)[:, None])
     z = torch.where(sampled[:, None] & (z < kth), neg_inf, z)
-    # top-p drops the ascending prefix whose cumulative probability is <= 1 - top_p.
+    # top-p drops the ascending prefix whose cumulative probability is <= 1 - top_p, except entries
+    # tied with the smallest one it keeps: Hugging Face drops whichever of those its (unstable) sort
+    # puts first; the kernels compare against a threshold and keep them all, as top-k does.
     sorted_z, order = z.sort(-1)
     cumulative = sorted_z.softmax(-1).cumsum(-1)
     drop_sorted = cumulative <= (1 - p)[:, None]
     drop_sorted[:, -1] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    smallest_kept = torch.where(drop, torch.inf, z).amin(-1, keepdim=True)
+    drop &= z < smallest_kept
     z = torch.where(sampled[:, None] & (p < 1)[:, None] & drop, neg_inf, z)
     # min-p drops probabilities below min_p times the largest one.
     probs = z.softmax(-1)

@@ -283,6 +283,45 @@ def test_cpu_op_random_per_row_parameters_and_strided_rows(dtype, seed):
     assert_tokens_match(got, expected, ambiguous, "cpu per-row")
 
 
+def heavy_tailed_rows(rows, vocab, seed, ties: bool):
+    """q, base like decoding's logits: base = 1.5 * Gumbel (a few tokens far above the rest, so a
+    nucleus of 1 to a few hundred tokens), q = base + N(0, 0.5^2); with ``ties`` both are rounded to
+    steps of 0.5, so many entries share a value (and a block maximum equals the threshold)."""
+    gen = generator(seed)
+    base = -1.5 * torch.log(-torch.log(torch.rand(rows, vocab, generator=gen).clamp(1e-12, 1 - 1e-7)))
+    q = base + 0.5 * torch.randn(rows, vocab, generator=gen)
+    if ties:
+        q, base = (q * 2).round() / 2, (base * 2).round() / 2
+    return q, base
+
+
+# The CPU kernel bounds the top-k and top-p thresholds by the maxima of 64-entry blocks and reads
+# again only the blocks that reach the bound: these vocabularies have tens to hundreds of blocks,
+# with nuclei inside one block, spread over many, and larger than the number of blocks.
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("vocab", [4099, 32000])
+def test_cpu_op_equals_inverse_cdf_oracle_over_many_blocks(vocab, ties, seed):
+    rows = 96
+    gen = generator(seed + 7)
+    q, base = heavy_tailed_rows(rows, vocab, seed, ties)
+    q[:8, 64:128] += 6.0  # rows whose nucleus sits inside one block
+    q[8:16] = q[8:16] * 0.05  # nearly flat rows: the block maxima cannot reach the top-p mass
+    base[16:24].masked_fill_(torch.rand(8, vocab, generator=gen) < 0.5, NEG_INF)
+    temperature = torch.rand(rows, generator=gen) * 1.5 + 0.2
+    temperature[::11] = 0.0
+    top_k = torch.randint(1, 120, (rows,), generator=gen)
+    top_k[::3] = 0
+    top_k[5::17] = vocab // 40  # more than the number of blocks at V = 4099
+    top_p = torch.rand(rows, generator=gen) * 0.95 + 0.04
+    top_p[1::4] = 1.0
+    min_p = torch.rand(rows, generator=gen) * 0.2
+    min_p[::2] = 0.0
+    u = edge_uniforms(rows, seed)
+    expected, ambiguous = oracle_tokens(q, base, u, temperature, top_k, top_p, min_p, 1.0, 0.5)
+    got = run_raw("cpu", q, base, u, temperature, top_k, top_p, min_p, 1.0, 0.5)
+    assert_tokens_match(got, expected, ambiguous, f"cpu V={vocab}")
+
+
 # Each row of the Triton batch gets its own parameter set (the interpreter is slow: 8 rows a call).
 TRITON_ROWS = [PARAM_GRID[i] for i in (0, 2, 3, 4, 5, 6, 9, 10)]
 

@@ -10,6 +10,9 @@ Providers from logits ``[B, V]``:
                         ``torch.multinomial(softmax)``: what ``generate`` does with the combined logits
 - ``torch_sort``:       ``qadapter_kernels.combined_sample(..., backend="torch")`` (sort-based reference)
 - ``qadapter_kernels``: ``qadapter_kernels.combined_sample(...)``, default backend (C++ on CPU, Triton on CUDA)
+- ``read_floor``:       the floor of a logits sampler: both inputs read once (a row max of each), nothing
+                        else; not a sampler. ``x read_floor`` is time / that floor.
+- ``copy``:             both inputs copied once into preallocated buffers (the copy-bandwidth reference)
 - ``flashinfer``:       CUDA only, if ``import flashinfer`` works: ``combined_logits`` (default backend), then
                         ``flashinfer.sampling.top_k_top_p_sampling_from_logits`` (temperature applied first;
                         skipped for parameter sets with min_p)
@@ -30,7 +33,10 @@ fp32 weights, 0.3-2 s of GEMMs a call on the 2-core development machines) and 40
 Inputs are realistic logits, not uniform noise: base logits L = 1.5 * Gumbel(0, 1) (a heavy right
 tail, so top_p=0.9 keeps a modest nucleus: 1 to ~150 tokens, median ~20-40) and Q = L + 0.5 * N(0, 1);
 the hidden-state configs give Gaussian logits of std ~4 (nucleus ~150-500). The nucleus sizes
-are printed with the results. Before timing, every provider's draws must lie in the support of
+are printed with the results. On CPU each logits config is timed twice: ``input=logits`` reads the
+same two inputs every call (they stay in the last-level cache, as logits a head product just wrote
+would); ``input=logits from memory`` rotates over copies of them totalling more than ``COLD_BYTES``, so
+each call reads them from DRAM (``qadapter_kernels``, ``read_floor`` and ``copy`` only). Before timing, every provider's draws must lie in the support of
 the reference filter (``reference.filtered_logits``) and the fused ops must decode greedily
 (temperature 0) to the argmax. GB/s counts the bytes read once: two logits rows per sample,
 or W plus the two hidden rows for the hidden-state providers. Run from the repo root::
@@ -41,6 +47,7 @@ or W plus the two hidden rows for the hidden-state providers. Run from the repo 
 from __future__ import annotations
 
 import argparse
+import itertools
 from typing import Callable
 
 import torch
@@ -70,6 +77,8 @@ from runner import (
 
 HF, SORT, FUSED, FLASHINFER = "hf", "torch_sort", "qadapter_kernels", "flashinfer"
 HF_HIDDEN, FROM_HIDDEN, TWO_STREAM, HEAD_PRODUCT = "hf_from_hidden", "from_hidden", "from_hidden_two_stream", "head_product"
+READ_FLOOR, COPY = "read_floor", "copy"
+COLD_BYTES = 96 * 2**20  # well past the 32 MiB L3 of the development machine
 DEFAULT_PARAMS = "top_p=0.9"
 PARAM_KEYS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float}
 CHECK_DRAWS = 4  # calls per provider in the support check
@@ -161,6 +170,27 @@ def logits_providers(params: dict, cuda: bool) -> tuple[dict[str, Callable], lis
     return fns, notes
 
 
+def floor_providers(q: torch.Tensor, l: torch.Tensor) -> dict[str, Callable]:
+    """Name -> fn(q, l): reading both inputs once, and copying them once (not samplers)."""
+    q_out, l_out = torch.empty_like(q), torch.empty_like(l)
+    return {
+        READ_FLOOR: lambda q, l: (q.amax(-1), l.amax(-1)),
+        COPY: lambda q, l: (q_out.copy_(q), l_out.copy_(l)),
+    }
+
+
+def from_memory(fns: dict[str, Callable], q: torch.Tensor, l: torch.Tensor) -> dict[str, Callable]:
+    """The same providers, each call on the next of enough copies of (q, l) that none is still cached."""
+    pair_bytes = 2 * q.numel() * q.element_size()
+    copies = [(q.clone(), l.clone()) for _ in range(max(2, -(-COLD_BYTES // pair_bytes)))]
+
+    def rotating(fn: Callable) -> Callable:
+        turn = itertools.count()
+        return lambda q, l: fn(*copies[next(turn) % len(copies)])
+
+    return {name: rotating(fn) for name, fn in fns.items()}
+
+
 def hidden_providers(params: dict) -> dict[str, Callable]:
     """Name -> fn(ha, hb, w) returning [B] tokens."""
     hf = logits_providers(params, cuda=False)[0][HF]
@@ -231,7 +261,18 @@ def bench_config(B: int, V: int, H: int, params: dict, dtype_name: str, device: 
             del fns[FLASHINFER]
             notes.append(f"flashinfer provider skipped: call failed ({type(e).__name__}: {e})")
     check_support(fns, (q, l), allowed)
-    results = time_providers(fns, (q, l), config, dtype_name, device, warmup, reps, 2 * B * V * elem)
+    nbytes = 2 * B * V * elem
+    floors = {} if cuda else floor_providers(q, l)
+    results = time_providers({**fns, **floors}, (q, l), config, dtype_name, device, warmup, reps, nbytes)
+    if not cuda:
+        in_cache = list(results)
+        cold = time_providers(from_memory({FUSED: fns[FUSED], **floors}, q, l), (q, l),
+                              {**config, "input": "logits from memory"}, dtype_name, device, warmup, reps, nbytes)
+        for group in (in_cache, cold):
+            floor = next(r for r in group if r.provider == READ_FLOOR)
+            for r in group:
+                r.extra["x read_floor"] = r.ms / floor.ms
+        results += cold
 
     if with_hidden:
         ha, hb, w = make_hidden(B, H, V, dtype, device)
@@ -269,10 +310,19 @@ def check_greedy(device: str, dtype: torch.dtype) -> None:
     assert torch.equal(got[clear], z.argmax(-1)[clear]), "combined_sample_from_hidden(temperature=0) != argmax"
 
 
-def _stated(B: int | None = None, V: int | None = None) -> Callable[[BenchResult], bool]:
-    """At the default parameters (top_p = 0.9) and, if given, this batch and vocabulary."""
-    return lambda r: (r.config["params"] == DEFAULT_PARAMS and (B is None or r.config["B"] == B)
-                      and (V is None or r.config["V"] == V))
+def _stated(B: int | None = None, V: int | None = None, filtered: bool = False,
+            inputs: str | None = None) -> Callable[[BenchResult], bool]:
+    """At the default parameters (top_p = 0.9), or with ``filtered`` at any with top-k, top-p or min-p on;
+    and, if given, this batch, vocabulary and input."""
+    def with_filter(params: str) -> bool:
+        if params == "none":  # params_str of no filter
+            return False
+        p = parse_params(params)
+        return 0 < p["top_k"] or p["top_p"] < 1 or p["min_p"] > 0
+
+    return lambda r: ((with_filter(r.config["params"]) if filtered else r.config["params"] == DEFAULT_PARAMS)
+                      and (B is None or r.config["B"] == B) and (V is None or r.config["V"] == V)
+                      and (inputs is None or r.config["input"] == inputs))
 
 
 # Time ratios: "x hf" <= 0.1 is ">= 10x faster than the hf path".
@@ -281,7 +331,10 @@ TARGETS = [
     Target(FUSED, "x torch_sort", "<=", 0.2, "cuda", _stated()),
     Target(FUSED, "x flashinfer", "<=", 1.2, "cuda", _stated()),
     # Sampling on h_c: W read and multiplied once; filtering and the draw hide behind that product.
-    Target(FROM_HIDDEN, "x head_product", "<=", 1.2, "cpu", _stated(B=16, V=128256)),
+    Target(FROM_HIDDEN, "x head_product", "<=", 1.2, "cpu", _stated(B=16, V=128256, filtered=True)),
+    # From logits that come from memory: about one read of the two inputs, whatever the filters.
+    Target(FUSED, "x read_floor", "<=", 2.0, "cpu", _stated(B=16, V=128256, filtered=True,
+                                                           inputs="logits from memory")),
 ]
 
 
@@ -332,6 +385,9 @@ def main() -> None:
         "x hf: time / the hf path's (hf_from_hidden for hidden input). peak MiB: allocated during one call.",
         "x head_product: time / one product W @ h.T of the same B rows (the floor of a hidden-state sampler), "
         "timed in the same run.",
+        "x read_floor: time / reading both logits inputs once (read_floor), in the same cache state: "
+        "'logits' reuses one pair (cache-resident), 'logits from memory' rotates over copies past the LLC. "
+        "copy: both inputs copied once (GB/s counts the bytes read).",
         "Every provider's draws were checked to lie in the reference filter's support; temperature 0 "
         "checked to decode the argmax.",
         *notes,

@@ -34,12 +34,15 @@ constexpr int64_t kVec = Vec::size();
 // largest block maxima are k distinct entries, so the k-th largest entry is at least the k-th largest
 // block maximum; and if block maxima at or above t weigh p of the mass, so do the entries at or above
 // t, so the top-p threshold is at least that t. Only blocks whose maximum reaches the bound are read
-// again; with a nucleus of a few hundred tokens that is a few hundred blocks of the vocabulary.
+// again; with a nucleus of a few hundred tokens that is a few hundred blocks of the vocabulary. When
+// the block maxima cannot reach the bound (a nucleus larger than, or crowded into, the blocks), the
+// maxima of each block's vector lanes (kBlock / lanes entries each, kept from the same pass) can.
 constexpr int64_t kBlock = 64;
 
 // Per-thread scratch of sample_row, reused from row to row.
 struct RowScratch {
   std::vector<float> block_max;   // per block: max of y, then max of the weights
+  std::vector<float> lane_max;    // per block and vector lane: the max weight of the lane's entries
   std::vector<float> values;      // candidates' weights (vocabulary order), then permuted by selection
   std::vector<int64_t> indices;   // candidates' vocabulary indices
   std::vector<float> work;
@@ -78,10 +81,12 @@ float block_maxima(const float* y, int64_t vocab, std::vector<float>& block_max)
 // y becomes w = exp((y - max_y) / temperature) in place; block_max becomes each block's max weight
 // (computed from the stored weights, so a bound never exceeds an entry it stands for). Returns the
 // total weight, summed in vector lanes then in double.
-double weigh_row(float* y, int64_t vocab, float max_y, float temperature, std::vector<float>& block_max) {
+double weigh_row(float* y, int64_t vocab, float max_y, float temperature, RowScratch& s) {
   const Vec v_max(max_y), v_inv_t(1.f / temperature);
   Vec sum(0.f);
   double tail = 0;
+  std::vector<float>& block_max = s.block_max;
+  s.lane_max.resize(block_max.size() * kVec);
   for (int64_t b = 0; b < int64_t(block_max.size()); ++b) {
     const int64_t begin = b * kBlock, end = std::min(vocab, begin + kBlock);
     const int64_t n_vec = begin + (end - begin) - (end - begin) % kVec;
@@ -92,13 +97,14 @@ double weigh_row(float* y, int64_t vocab, float max_y, float temperature, std::v
       sum += w;
       bmax = at::vec::maximum(bmax, w);
     }
-    float m = reduce_max(bmax);
-    for (int64_t v = n_vec; v < end; ++v) {
+    float* lanes = s.lane_max.data() + b * kVec;
+    bmax.store(lanes);
+    for (int64_t v = n_vec; v < end; ++v) {  // the block's tail joins the first lane's entries
       y[v] = std::exp((y[v] - max_y) / temperature);
       tail += y[v];
-      m = std::max(m, y[v]);
+      lanes[0] = std::max(lanes[0], y[v]);
     }
-    block_max[b] = m;
+    block_max[b] = *std::max_element(lanes, lanes + kVec);
   }
   return double(reduce_sum(sum)) + tail;
 }
@@ -159,22 +165,40 @@ void gather_candidates(const float* w, int64_t vocab, float bound, RowScratch& s
   }
 }
 
-// A lower bound of the threshold top-k and top-p (over the whole row, mass total) will choose,
-// from the block maxima; 0 when the blocks cannot bound it.
-float threshold_bound(const RowParams& p, int64_t vocab, double total, RowScratch& s) {
-  const int64_t blocks = int64_t(s.block_max.size());
+// A lower bound of the top-k or top-p threshold from maxima of disjoint sets of entries (`maxima`);
+// -1 when they cannot bound it. Maxima below (1 - top_p) * total / count weigh less than 1 - top_p
+// together and are left out of the top-p selection (the bound holds for any subset that reaches the mass).
+float bound_from_maxima(const std::vector<float>& maxima, const RowParams& p, int64_t vocab, double total,
+                        std::vector<float>& work) {
+  const int64_t n = int64_t(maxima.size());
   if (p.top_k > 0 && p.top_k < vocab) {
-    if (p.top_k > blocks) return 0.f;
-    s.work.assign(s.block_max.begin(), s.block_max.end());
-    return select_threshold<true>(s.work.data(), blocks, double(p.top_k));
+    if (p.top_k > n) return -1.f;
+    work.assign(maxima.begin(), maxima.end());
+    return select_threshold<true>(work.data(), n, double(p.top_k));
   }
-  if (p.top_p < 1.f) {
-    const double target = double(p.top_p) * total;
-    double block_mass = 0;
-    for (const float m : s.block_max) block_mass += m;
-    if (block_mass < target) return 0.f;
-    s.work.assign(s.block_max.begin(), s.block_max.end());
-    return select_threshold<false>(s.work.data(), blocks, target);
+  const double target = double(p.top_p) * total;
+  const float negligible = float((1.0 - p.top_p) * total / double(n));
+  work.clear();
+  double mass = 0;
+  for (const float m : maxima) {
+    if (m >= negligible && m > 0.f) {
+      work.push_back(m);
+      mass += m;
+    }
+  }
+  if (work.empty() || mass < target) return -1.f;
+  return select_threshold<false>(work.data(), int64_t(work.size()), target);
+}
+
+// A lower bound of the threshold top-k and top-p (over the whole row, mass total) will choose, from
+// the block maxima, else from the lane maxima; 0 when neither bounds it.
+float threshold_bound(const RowParams& p, int64_t vocab, double total, RowScratch& s) {
+  if ((p.top_k > 0 && p.top_k < vocab) || p.top_p < 1.f) {
+    for (const std::vector<float>* maxima : {&s.block_max, &s.lane_max}) {
+      const float bound = bound_from_maxima(*maxima, p, vocab, total, s.work);
+      if (bound >= 0.f) return bound;
+    }
+    return 0.f;
   }
   return p.min_p;  // min-p alone: its threshold, exactly (the largest weight is 1)
 }
@@ -188,7 +212,7 @@ int64_t sample_row(float* y, int64_t vocab, float max_y, const RowParams& p, Row
     const int64_t b = std::find(s.block_max.begin(), s.block_max.end(), max_y) - s.block_max.begin();
     return std::find(y + b * kBlock, y + vocab, max_y) - y;
   }
-  const double total = weigh_row(y, vocab, max_y, p.temperature, s.block_max);
+  const double total = weigh_row(y, vocab, max_y, p.temperature, s);
   const bool by_k = p.top_k > 0 && p.top_k < vocab, by_p = p.top_p < 1.f;
   if (!by_k && !by_p && p.min_p <= 0.f) {  // no filter: one walk over the row
     double cumulative = 0;

@@ -559,16 +559,21 @@ def test_combined_logits_strided_input(seed):
 
 @pytest.mark.parametrize("two_stream", [False, True], ids=["h_c", "two-stream"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("backend, device, dtype, budget", [
-    pytest.param("cpu", "cpu", torch.float32, None, id="cpu-fp32"),
-    pytest.param("cpu", "cpu", torch.float32, 0.001, id="cpu-fp32-tiles"),
-    pytest.param("cpu", "cpu", torch.bfloat16, 0.001, id="cpu-bf16-tiles"),
-    pytest.param("torch", "cpu", torch.float32, None, id="torch-fp32"),
-    pytest.param("triton", "cpu", torch.float32, None, id="triton-interp-fp32", marks=no_interpreter_with_cuda),
+# The CPU kernel multiplies W tiles by the hidden rows (few rows) or the rows by W tiles (from 16
+# rows, where the whole head in one tile is written straight into the combined rows): both ways, in
+# one tile and in many.
+@pytest.mark.parametrize("backend, device, dtype, budget, rows", [
+    pytest.param("cpu", "cpu", torch.float32, None, 16, id="cpu-fp32"),
+    pytest.param("cpu", "cpu", torch.float32, 0.001, 16, id="cpu-fp32-tiles"),
+    pytest.param("cpu", "cpu", torch.bfloat16, 0.001, 16, id="cpu-bf16-tiles"),
+    pytest.param("cpu", "cpu", torch.float32, None, 4, id="cpu-fp32-4rows"),
+    pytest.param("cpu", "cpu", torch.float32, 0.001, 4, id="cpu-fp32-4rows-tiles"),
+    pytest.param("torch", "cpu", torch.float32, None, 16, id="torch-fp32"),
+    pytest.param("triton", "cpu", torch.float32, None, 4, id="triton-interp-fp32", marks=no_interpreter_with_cuda),
 ])
-def test_from_hidden_equals_materialised_logits(backend, device, dtype, budget, bias, two_stream, seed):
+def test_from_hidden_equals_materialised_logits(backend, device, dtype, budget, rows, bias, two_stream, seed):
     """One head product on h_c (default) or the two streams' rows: the tokens of the two logits rows."""
-    rows, hidden, vocab = (4, 16, 40) if interpreted(backend, device) else (16, 32, 300)
+    hidden, vocab = (16, 40) if interpreted(backend, device) else (32, 300)
     gen = generator(seed)
     ha = torch.randn(rows, hidden, generator=gen).to(dtype)
     hb = torch.randn(rows, hidden, generator=gen).to(dtype)

@@ -5,8 +5,9 @@
 
 log_softmax(L) shifts a row by a constant, which neither the filters nor the draw can see, so
 the kernels work on y = (Q + alpha_0 * L) / alpha_tilde and never write a combined row. Nothing
-sorts the vocabulary: the C++ kernel (csrc/sampling.cpp) selects thresholds by weighted
-quickselect; the Triton kernel below bisects them in log space over passes of the row (L2-hot),
+sorts the vocabulary: the C++ kernel (csrc/sampling.cpp) bounds the thresholds by the maxima of
+64-entry blocks and selects them exactly by weighted quickselect over the few blocks that reach the
+bound; the Triton kernel below bisects them in log space over passes of the row (L2-hot),
 then draws by inverse CDF with the row's uniform. The uniforms are an input, drawn from the
 caller's generator, so the ops are pure and CUDA-graph safe (no host sync).
 

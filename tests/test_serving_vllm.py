@@ -164,6 +164,56 @@ def test_serve_command_reports_a_bad_adapter_in_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def _truncate_weights(folder):
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+
+def _nan_in_a_lora_weight(folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(n for n in tensors if "lora_A" in n)[0]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights))
+
+
+def _misspelt_config_field(folder):
+    config = json.loads((folder / "qadapter_config.json").read_text())
+    config["alpha_tlide"] = config.pop("alpha_tilde")
+    (folder / "qadapter_config.json").write_text(json.dumps(config))
+
+
+def _invalid_peft_json(folder):
+    (folder / "adapter_config.json").write_text('{"r": 8,')
+
+
+# Each damage was served before (a traceback from inside vLLM, NaN log-probs, a typo silently ignored,
+# a JSON error that did not name its file): now one line naming the file, exit 2, before any engine.
+@pytest.mark.parametrize("damage, message", [
+    (_truncate_weights, r"adapter_model\.safetensors is not a readable safetensors file"),
+    (_nan_in_a_lora_weight, r"adapter_model\.safetensors holds non-finite \(NaN or inf\) LoRA weights"),
+    (_misspelt_config_field, r"qadapter_config\.json: unknown Q-Adapter config fields: \['alpha_tlide'\]"),
+    (_invalid_peft_json, r"adapter_config\.json is not valid JSON"),
+], ids=["truncated-weights", "nan-weight", "misspelt-field", "invalid-json"])
+def test_a_damaged_adapter_is_refused_in_one_line_naming_the_file(tmp_path, damage, message):
+    import re
+
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()))
+    damage(tmp_path / "a")
+    with pytest.raises(ValueError, match=message):
+        load_served_adapter(tmp_path / "a", llama_shapes(tiny_llama_config()))
+    result = subprocess.run([sys.executable, "-m", "qadapter_kernels.serving", "serve", "--adapter",
+                             str(tmp_path / "a"), "--base-model", str(tmp_path / "base")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qadapter serve: error: "), result.stderr
+    assert re.search(message, lines[0]), lines[0]
+
+
 # ----------------------------------------------------------------------------- with vLLM (its own venv)
 
 # Small, bounded engines: 1 GiB of KV cache, no thread pinning (the CPUs are shared), the engine

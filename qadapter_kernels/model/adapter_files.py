@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import peft
 import safetensors
 import torch
+
+if TYPE_CHECKING:
+    import peft
 
 __all__ = ["ADAPTER_WEIGHTS_NAME", "adapter_weights_file", "check_adapter_state", "check_finite_lora",
            "check_finite_tensors", "saved_tensor_shapes"]
@@ -45,6 +48,8 @@ def saved_tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
 def check_adapter_state(peft_model: peft.PeftModel, weights: Path, adapter_name: str = "default") -> None:
     """The file holds exactly the tensors of adapter ``adapter_name``, each with its shape (ValueError
     naming the first few)."""
+    import peft  # here: the file checks above serve the vLLM plug-in too, which needs no peft
+
     # save_embedding_layers=False as save_pretrained writes them: peft's "auto" would look for the base
     # model's config.json (absent beside a GGUF file), warn that it found none, and may ask the Hub.
     state = peft.get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)

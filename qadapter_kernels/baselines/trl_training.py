@@ -19,7 +19,7 @@ from ..params import LEARNING_RATE, LR_SCHEDULER
 from ..training import QAdapterConfig, QAdapterModel
 from ..training.data import PreferenceExample
 
-__all__ = ["BASELINE_METHODS", "TrainingBudget", "as_policy_model", "train_baseline"]
+__all__ = ["BASELINE_METHODS", "TrainingBudget", "as_policy_model", "train_baseline", "trainable_plain_model"]
 
 BASELINE_METHODS = ("sft", "dpo")
 
@@ -50,8 +50,9 @@ def _records(examples: list[PreferenceExample], method: str) -> list[dict]:
     return [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples]
 
 
-def _trainable_plain_model(causal_lm):
-    """A GGUF-loaded model keeps a quantizer marker that ``Trainer`` refuses; its weights are already fp32."""
+def trainable_plain_model(causal_lm):
+    """``causal_lm`` as ``transformers.Trainer`` accepts it (modified in place): a GGUF-loaded model keeps a
+    quantizer marker that ``Trainer`` refuses, though its weights are already fp32."""
     quantizer = getattr(causal_lm, "hf_quantizer", None)
     if quantizer is not None:
         if any(p.dtype != torch.float32 for p in causal_lm.parameters()):
@@ -92,7 +93,7 @@ def train_baseline(method: str, causal_lm, tokenizer, examples: list[PreferenceE
                   gradient_checkpointing=False,  # TRL turns it on by default; the Q-Adapter trainer does not use it
                   dataloader_pin_memory=torch.cuda.is_available())
     dataset = datasets.Dataset.from_list(_records(examples, method))
-    causal_lm = _trainable_plain_model(causal_lm)
+    causal_lm = trainable_plain_model(causal_lm)
     with tempfile.TemporaryDirectory() as scratch:
         if method == "sft":
             args = trl.SFTConfig(output_dir=scratch, completion_only_loss=True, **common)

@@ -7,12 +7,19 @@ Three ways to answer N concurrent requests (same prompts, greedy, exactly ``new`
 - ``base_vllm``: plain vLLM serving the base model alone (the cost floor);
 - ``qadapter_generate``: ``QAdapterModel.generate`` on the batch of N (one mixed-batch forward per token).
 
-The N requests are submitted together (vLLM schedules them concurrently, up to 32 at once);
+The N requests are submitted together (vLLM schedules them concurrently);
 ``latency`` is the wall time until the last of them completes, tok/s = N x new / latency.
+Phases apart: ``prefill s`` is the same call with one new token; ``decode ms/step`` = (latency -
+prefill s) / (new - 1). ``base_vllm_2N``: plain vLLM answering 2N requests, the rows the plug-in's
+two streams run (its floor: both streams' rows share each weight read, but each row costs its own
+compute, attention and KV; its row N times the 2N requests and counts tok/s = N x new / that, the most
+the plug-in's N requests can get); ``x base_vllm`` and ``x floor`` compare tok/s and each phase.
 ``weights``: bytes of the distinct parameter and buffer storages inside the engine's model
 (``LLM.apply_model``): the plug-in shares every base weight, so it adds only the LoRA.
-Target: plug-in weights <= 1.15 x plain vLLM's. Full run: SmolLM2-135M-Instruct fp32, prompt
-32 + 16 new, N in {1, 8, 32}. ``--quick``: a random 2-layer Llama, prompt 16 + 4 new, N in {1, 2}.
+``KV tokens/GiB``: tokens the engine's KV cache holds per GiB of ``VLLM_CPU_KVCACHE_SPACE`` (the
+plug-in keeps two entries per token). Targets: plug-in weights <= 1.15 x plain vLLM's; plug-in tok/s
+>= 0.75 x plain vLLM's at N = 8. Full run: SmolLM2-135M-Instruct fp32, prompt 64 + 64 new, N in
+{1, 8, 32}. ``--quick``: a random 2-layer Llama, prompt 16 + 4 new, N in {1, 2}.
 
 vLLM lives in its own venv (.ci/vllm_setup.sh): run this script with that venv's python. Under
 another python it re-runs itself with ``$QADAPTER_VLLM_PYTHON`` when that is set, else says it
@@ -33,8 +40,9 @@ from pathlib import Path
 
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
               "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-PLUGIN, BASE, GENERATE = "qadapter_vllm", "base_vllm", "qadapter_generate"
+PLUGIN, BASE, FLOOR, GENERATE = "qadapter_vllm", "base_vllm", "base_vllm_2N", "qadapter_generate"
 WEIGHTS_RATIO, TARGET_WEIGHTS_RATIO = "weights x base_vllm", 1.15
+TOKENS_RATIO, TARGET_TOKENS_RATIO = "x base_vllm tok/s", 0.75
 
 
 @dataclass
@@ -46,13 +54,14 @@ class Config:
     new: int
 
 
-SMOLLM2 = Config("SmolLM2-135M", None, (1, 8, 32), 32, 16)
+SMOLLM2 = Config("SmolLM2-135M", None, (1, 8, 32), 64, 64)
 
 
 @dataclass
 class Timing:
     seconds: dict[int, float]  # N -> median wall time of answering N requests
     tokens: list[int]  # the greedy tokens of the first prompt, answered alone
+    prefill: dict[int, float] | None = None  # N -> median wall time of the same requests with one new token
 
 
 def make_served_adapter(llama: dict | None, scratch: Path):
@@ -123,8 +132,9 @@ def _weight_bytes(model) -> int:
     return sum(storages.values()) + repacked
 
 
-def time_vllm(source: dict, prompts, concurrency: tuple[int, ...], new: int, reps: int) -> tuple[Timing, int]:
-    """Times one engine; ``source``: {"adapter": DIR} (the plug-in) or {"model": DIR} (plain vLLM)."""
+def time_vllm(source: dict, prompts, concurrency: tuple[int, ...], new: int, reps: int) -> tuple[Timing, int, int]:
+    """Times one engine (whole calls and prefills); ``source``: {"adapter": DIR} (the plug-in) or {"model": DIR}
+    (plain vLLM). Returns the timing, the model's weight bytes and the tokens its KV cache holds."""
     from vllm import LLM, SamplingParams
 
     from qadapter_kernels.serving import engine_arguments
@@ -134,21 +144,24 @@ def time_vllm(source: dict, prompts, concurrency: tuple[int, ...], new: int, rep
     llm = LLM(**engine, dtype="float32", enforce_eager=True, max_model_len=prompts.shape[1] + new + 8,
               max_num_seqs=max(concurrency), seed=0, skip_tokenizer_init=True, enable_prefix_caching=False)
     name = PLUGIN if "adapter" in source else BASE
-    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True, detokenize=False)
 
-    def run(n: int):
+    def run(n: int, max_tokens: int = new):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
         return llm.generate([{"prompt_token_ids": p.tolist()} for p in prompts[:n]], params, use_tqdm=False)
 
     try:
         weights = llm.apply_model(_weight_bytes)[0]
-        seconds = {}
+        cache = llm.llm_engine.vllm_config.cache_config
+        kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+        seconds, prefill = {}, {}
         for n in concurrency:
             print(f"  {name} N={n} ...", flush=True)
             seconds[n] = _median_seconds(lambda: run(n), reps)
+            prefill[n] = _median_seconds(lambda: run(n, 1), reps)
         tokens = list(run(1)[0].outputs[0].token_ids)
     finally:
         llm.llm_engine.engine_core.shutdown()
-    return Timing(seconds, tokens), weights
+    return Timing(seconds, tokens, prefill), weights, kv_tokens
 
 
 def _reexec_or_skip() -> None:
@@ -184,31 +197,51 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model, adapter, base = make_served_adapter(config.llama, Path(scratch))
         vocab = model.lm_head.weight.shape[0]
-        prompts = torch.randint(1, vocab, (max(config.concurrency), config.prompt),
+        prompts = torch.randint(1, vocab, (2 * max(config.concurrency), config.prompt),
                                 generator=torch.Generator().manual_seed(0))
         print(f"running {config.name}: prompt {config.prompt} + {config.new} new, N in {config.concurrency}",
               flush=True)
         timings = {GENERATE: time_generate(model, prompts, config.concurrency, config.new, reps)}
         del model
         gc.collect()
-        timings[PLUGIN], plugin_weights = time_vllm(dict(adapter=adapter), prompts, config.concurrency,
-                                                    config.new, reps)
-        timings[BASE], base_weights = time_vllm(dict(model=str(base)), prompts, config.concurrency, config.new, reps)
+        timings[PLUGIN], plugin_weights, plugin_kv = time_vllm(dict(adapter=adapter), prompts, config.concurrency,
+                                                               config.new, reps)
+        both = tuple(sorted({*config.concurrency, *(2 * n for n in config.concurrency)}))
+        base_timing, base_weights, base_kv = time_vllm(dict(model=str(base)), prompts, both, config.new, reps)
+    # Plain vLLM at N, and at 2N reported against the plug-in's N (its floor).
+    timings[BASE] = Timing({n: base_timing.seconds[n] for n in config.concurrency}, base_timing.tokens,
+                           {n: base_timing.prefill[n] for n in config.concurrency})
+    timings[FLOOR] = Timing({n: base_timing.seconds[2 * n] for n in config.concurrency}, base_timing.tokens,
+                            {n: base_timing.prefill[2 * n] for n in config.concurrency})
     assert timings[PLUGIN].tokens == timings[GENERATE].tokens, "greedy tokens of the plug-in differ from generate's"
     print("  agreement: the plug-in's greedy tokens equal QAdapterModel.generate's", flush=True)
     results = []
+    kv_gib = float(ENGINE_ENV["VLLM_CPU_KVCACHE_SPACE"])
     for provider, timing in timings.items():
         for n, seconds in timing.seconds.items():
             r = BenchResult(provider, {"model": config.name, "N": n, "prompt+new": f"{config.prompt}+{config.new}"},
                             "float32", args.device, ms=1e3 * seconds)
             r.extra["tok/s"] = n * config.new / seconds
             r.extra["latency s"] = seconds
+            r.extra[TOKENS_RATIO] = r.extra["tok/s"] / (n * config.new / timings[BASE].seconds[n])
+            r.extra["x floor tok/s"] = timings[FLOOR].seconds[n] / seconds
+            if timing.prefill is not None:
+                prefill, floor_prefill = timing.prefill[n], timings[FLOOR].prefill[n]
+                decode = (seconds - prefill) / (config.new - 1)
+                floor_decode = (timings[FLOOR].seconds[n] - floor_prefill) / (config.new - 1)
+                r.extra["prefill s"] = prefill
+                r.extra["decode ms/step"] = 1e3 * decode
+                r.extra["prefill x floor"] = prefill / floor_prefill
+                r.extra["decode x floor"] = decode / floor_decode
             if provider != GENERATE:
                 weights = plugin_weights if provider == PLUGIN else base_weights
                 r.extra["weights MB"] = weights / 2**20
                 r.extra[WEIGHTS_RATIO] = weights / base_weights
+                r.extra["KV tokens/GiB"] = (plugin_kv if provider == PLUGIN else base_kv) / kv_gib
             results.append(r)
-    targets = [Target(PLUGIN, WEIGHTS_RATIO, "<=", TARGET_WEIGHTS_RATIO, "cpu")]
+    targets = [Target(PLUGIN, WEIGHTS_RATIO, "<=", TARGET_WEIGHTS_RATIO, "cpu"),
+               Target(PLUGIN, TOKENS_RATIO, ">=", TARGET_TOKENS_RATIO, "cpu",
+                      lambda r: r.config["N"] == 8 and r.config["model"] == SMOLLM2.name)]
     save_results(results, "serving_quick" if args.quick else "serving", args.out or default_out_dir(args.device),
                  info, "Serving a Q-Adapter: vLLM plug-in vs plain vLLM vs generate",
                  ["ms / latency: until the last of N concurrent requests completes (median of reps); "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -93,6 +94,29 @@ def _time_one_call(fn: Callable[[], Any], cuda: bool) -> float:
     start_s = time.perf_counter()
     fn()
     return (time.perf_counter() - start_s) * 1e3
+
+
+def measure_interleaved(
+    calls: dict[Any, Callable[[], Any]], warmup: int = 1, reps: int = 3, device: torch.device | str = "cpu"
+) -> dict[Any, Timing]:
+    """Time several whole calls (seconds each, such as generation) in turns: ``warmup`` untimed rounds,
+    then ``reps`` rounds each timing every call once (CUDA events on a GPU). Unlike ``measure_time`` run
+    per call, a change of the machine's load midway (another job on the core) falls on every call alike,
+    so their ratios hold on a shared machine. Returns key -> :class:`Timing`."""
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    gc.collect()
+    gc.disable()  # a collection inside the timed rounds would land on one call at random
+    try:
+        for _ in range(reps):
+            for key, fn in calls.items():
+                times[key].append(_time_one_call(fn, cuda))
+    finally:
+        gc.enable()
+    return {key: Timing(statistics.median(t), min(t), max(t)) for key, t in times.items()}
 
 
 def _reset_grads(tensors: Sequence[torch.Tensor] | None) -> None:
@@ -371,6 +395,10 @@ def save_results(
     payload = {"name": name, "machine": info, "notes": list(notes), "results": [asdict(r) for r in results]}
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out_dir / f"{name}.md").write_text(md)
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        # The tables above are the result; a venv without matplotlib (vLLM's) must not lose them to the plot.
+        print(f"{name}.png not drawn: matplotlib is not installed here (pip install matplotlib)")
+        plot = False
     if plot:
         plot_results(results, out_dir / f"{name}.png", title, time_label)
     print(md)

@@ -1,6 +1,7 @@
 """Self-check of the benchmark runner's CPU peak-memory measurement on known allocation patterns."""
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -58,6 +59,29 @@ def test_timing_and_writers(tmp_path):
     md = runner.save_results([r], "check", tmp_path, runner.machine_info("cpu"), notes=["PASS: x"])
     assert "| p | 1x10 | float32 |" in md and "PASS: x" in md
     assert {p.name for p in tmp_path.iterdir()} == {"check.json", "check.md", "check.png"}
+
+
+def test_tables_are_kept_where_matplotlib_is_missing(tmp_path, monkeypatch, capsys):
+    """A venv without matplotlib (vLLM's) still gets the JSON and markdown, and is told why no plot came."""
+    real_find_spec = runner.importlib.util.find_spec
+    monkeypatch.setattr(runner.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    r = runner.BenchResult("p", {"shape": "1x10"}, "float32", "cpu")
+    r.set_timing(runner.measure_time(lambda: None, warmup=0, reps=1))
+    runner.save_results([r], "check", tmp_path, runner.machine_info("cpu"))
+    assert {p.name for p in tmp_path.iterdir()} == {"check.json", "check.md"}
+    assert "check.png not drawn: matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_interleaved_timing_takes_turns():
+    """Each round times every call once, in order, after the warm-up rounds; a slower call gets a larger median."""
+    order = []
+    calls = {"fast": lambda: order.append("fast"), "slow": lambda: (order.append("slow"), time.sleep(0.01))}
+    timings = runner.measure_interleaved(calls, warmup=1, reps=3)
+    assert order == ["fast", "slow"] * 4
+    assert set(timings) == {"fast", "slow"}
+    assert all(0 <= t.min_ms <= t.median_ms <= t.max_ms for t in timings.values())
+    assert timings["slow"].median_ms >= 10 > timings["fast"].median_ms
 
 
 def _load_targets():

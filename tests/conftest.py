@@ -64,3 +64,27 @@ def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
     write_pairs(path)
     return path
+
+
+# ----------------------------------------------------------------------------- vLLM (its own venv)
+
+
+@pytest.fixture(scope="module")
+def vllm():
+    from serving_helpers import ENGINE_ENV
+
+    module = pytest.importorskip("vllm")
+    os.environ.update(ENGINE_ENV)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smollm2_checkpoint(vllm):
+    """The embedded SmolLM2-135M-Instruct as a plain fp32 folder (exported once, cached)."""
+    from pathlib import Path
+
+    from training_helpers import SMOLLM2_GGUF, smollm2_folder
+
+    from qadapter_kernels.serving import plain_checkpoint
+
+    return plain_checkpoint(Path(smollm2_folder()) / SMOLLM2_GGUF)

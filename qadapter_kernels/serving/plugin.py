@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __all__ = ["ARCHITECTURE", "register"]
 
-ARCHITECTURE = "QAdapterLlamaForCausalLM"
+ARCHITECTURE = "QAdapterForCausalLM"
 
 
 def register() -> None:
@@ -15,4 +15,4 @@ def register() -> None:
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "qadapter_kernels.serving.model:QAdapterLlamaForCausalLM")
+        ModelRegistry.register_model(ARCHITECTURE, "qadapter_kernels.serving.model:QAdapterForCausalLM")

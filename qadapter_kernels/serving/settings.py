@@ -16,14 +16,17 @@ from typing import Any
 
 from ..logit_identity import post_head_logit_change
 from ..params import PolicyParams
-from .adapter import LlamaShapes, load_served_adapter, read_qadapter_config
+from .adapter import DecoderShapes, load_served_adapter, read_qadapter_config
 from .checkpoint import plain_checkpoint
 from .plugin import ARCHITECTURE
 
-__all__ = ["ServingSettings", "check_base_config", "engine_arguments", "llama_shapes"]
+__all__ = ["ServingSettings", "check_base_config", "engine_arguments", "decoder_shapes"]
 
 SECTION = "qadapter"
-SUPPORTED_MODEL_TYPES = ("llama",)
+# The decoder families whose vLLM layers the plug-in walks (serving.model.DECODER_MODELS builds each).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Options of those families that change a layer's computation beyond what the plug-in's layer walk does.
+_UNSUPPORTED_OPTIONS = ("llama_4_scaling", "ada_rms_norm_t_cond")
 
 
 def _field(config: Any, name: str, default: Any = None) -> Any:
@@ -42,14 +45,18 @@ def check_base_config(config: Any) -> None:
         raise ValueError(f"the base model transforms its logits after the LM head ({change[0]}={change[1]}): the "
                          "logit identity h_c = (h_q + alpha_0 h_b) / alpha_tilde cannot reproduce them")
     if _field(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {_field(config, 'hidden_act')!r} is not supported (Llama uses silu)")
+        raise ValueError(f"hidden_act {_field(config, 'hidden_act')!r} is not supported (these families use silu)")
+    for option in _UNSUPPORTED_OPTIONS:
+        if _field(config, option):
+            raise ValueError(f"the base model sets {option}={_field(config, option)!r}, which the plug-in does not "
+                             "compute")
 
 
-def llama_shapes(config: Any) -> LlamaShapes:
-    """The projection sizes of a Llama config (object or dict), for checking an adapter against it."""
+def decoder_shapes(config: Any) -> DecoderShapes:
+    """The projection sizes of a decoder config (object or dict), for checking an adapter against it."""
     heads = _field(config, "num_attention_heads")
     head_dim = _field(config, "head_dim") or _field(config, "hidden_size") // heads
-    return LlamaShapes(num_layers=_field(config, "num_hidden_layers"), hidden_size=_field(config, "hidden_size"),
+    return DecoderShapes(num_layers=_field(config, "num_hidden_layers"), hidden_size=_field(config, "hidden_size"),
                        intermediate_size=_field(config, "intermediate_size"), q_size=heads * head_dim,
                        kv_size=(_field(config, "num_key_value_heads") or heads) * head_dim)
 
@@ -120,6 +127,6 @@ def engine_arguments(adapter: str | Path, base_model: str | Path | None = None, 
     if mismatch is not None:
         raise ValueError(f"the adapter {adapter} was trained on another base model: {mismatch}")
     settings = ServingSettings(adapter=str(adapter), enabled=enabled, alpha_tilde=alpha_tilde, alpha_0=alpha_0)
-    settings.policy(load_served_adapter(adapter, llama_shapes(config)).policy)  # every check, before an engine
+    settings.policy(load_served_adapter(adapter, decoder_shapes(config)).policy)  # every check, before an engine
     return {"model": str(model), "tokenizer": str(model),
             "hf_overrides": {"architectures": [ARCHITECTURE], SECTION: settings.to_dict()}}

@@ -362,6 +362,33 @@ def test_triton_kernel_multi_tile_rows(seed):
     assert_tokens_match(got, expected, ambiguous, "triton multi-tile", min_clear=1.0)
 
 
+# The Triton kernel gathers the blocks that reach the bound into one register tile; a row whose
+# candidates overflow the tile (a nearly flat row, a top-k past the number of blocks) is bisected over
+# the whole row instead. With the tile shrunk to one block nearly every row takes the whole-row path:
+# both must draw the same tokens, and those of the oracle.
+@no_interpreter_with_cuda
+def test_triton_candidate_tile_draws_what_the_whole_row_bisection_draws(monkeypatch, seed):
+    rows, vocab = 20, 8192 + 77
+    gen = generator(seed + 3)
+    q, base = heavy_tailed_rows(rows, vocab, seed, ties=False)
+    q[:4, 64:128] += 6.0  # nuclei inside one block
+    q[4:8] = q[4:8] * 0.05  # nearly flat: the candidates overflow the tile
+    q[8:14] = 4 * torch.randn(6, vocab, generator=gen)  # Gaussian: nuclei spread over many blocks
+    base[8:14] = q[8:14] + 0.1 * torch.randn(6, vocab, generator=gen)
+    q[14:18] = q[14:18].masked_fill(torch.rand(4, vocab, generator=gen) < 0.6, torch.finfo(torch.float32).min)
+    temperature = torch.rand(rows, generator=gen) + 0.3
+    top_k = torch.tensor([0, 1, 5, 40, 200])[torch.arange(rows) % 5]
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.95])[torch.arange(rows) % 4]
+    min_p = torch.tensor([0.0, 0.0, 0.05])[torch.arange(rows) % 3]
+    u = edge_uniforms(rows, seed)
+    args = (q, base, u, temperature, top_k, top_p, min_p, 1.0, 0.5)
+    got = run_raw("triton", *args)
+    monkeypatch.setattr(qk_sampling, "_CANDIDATES", 64)
+    assert torch.equal(got, run_raw("triton", *args))
+    expected, ambiguous = oracle_tokens(*args)
+    assert_tokens_match(got, expected, ambiguous, "triton candidate tile", min_clear=0.75)
+
+
 @no_interpreter_with_cuda
 @pytest.mark.parametrize("filters", [dict(top_k=1), dict(top_k=4), dict(top_p=0.7), dict(top_k=6, top_p=0.8)],
                          ids=["top_k=1", "top_k=4", "top_p=0.7", "top_k=6+top_p=0.8"])

@@ -5,11 +5,16 @@
 
 log_softmax(L) shifts a row by a constant, which neither the filters nor the draw can see, so
 the kernels work on y = (Q + alpha_0 * L) / alpha_tilde and never write a combined row. Nothing
-sorts the vocabulary: the C++ kernel (csrc/sampling.cpp) bounds the thresholds by the maxima of
-64-entry blocks and selects them exactly by weighted quickselect over the few blocks that reach the
-bound; the Triton kernel below bisects them in log space over passes of the row (L2-hot),
-then draws by inverse CDF with the row's uniform. The uniforms are an input, drawn from the
-caller's generator, so the ops are pure and CUDA-graph safe (no host sync).
+sorts the vocabulary. Both kernels bound the top-k and top-p thresholds from below by the maxima
+of 64-entry blocks (the k-th largest block maximum is at most the k-th largest entry; the mass of
+the block maxima above t is at most the row's), so only the blocks that reach the bound are read
+again. The C++ kernel (csrc/sampling.cpp) selects the thresholds exactly by weighted quickselect over
+those blocks' entries; the Triton kernel below gathers them into one register tile (at most
+``_CANDIDATES`` entries), bisects the thresholds there in log space, and draws by inverse CDF over the
+tile in vocabulary order. A row whose candidates do not fit the tile (a nearly flat row) is bisected
+over passes of the whole row (L2-hot) instead; both give the same thresholds, as every bisection step
+below the bound is feasible either way. The uniforms are an input, drawn from the caller's
+generator, so the ops are pure and CUDA-graph safe (no host sync).
 
 Reads top-down: Triton kernels -> launchers -> CUDA registration, fake kernels, autograd ->
 the unchecked entry points.
@@ -33,6 +38,8 @@ from .triton_helpers import (
 
 _BLOCK_V = 2048
 _BISECT_STEPS = 40  # log-space bisection: thresholds within range * 2^-40 of exact
+_SUB_BLOCK = 64  # entries per block maximum (as csrc/sampling.cpp's kBlock)
+_CANDIDATES = 4096  # the candidate tile: the entries of up to 64 blocks that reach the bound
 # The bisection's lower end, as a scaled log-weight s = (y - max) / T: exp(s) is exactly 0 in fp32
 # below about -104, so entries there can never be drawn and where a threshold falls among them
 # changes no draw. Without this floor a finite mask such as finfo(float32).min would stretch the
@@ -83,15 +90,37 @@ def _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, lowes
 
 
 @triton.jit
+def _bisect_tile(s, lowest, target, BY_COUNT: tl.constexpr, STEPS: tl.constexpr):
+    """``_bisect_threshold`` over a tile of scaled log-weights held in registers (no pass over memory)."""
+    lo = lowest
+    hi = 1.0
+    for _ in range(STEPS):
+        mid = 0.5 * (lo + hi)
+        keep = s >= mid
+        if BY_COUNT:
+            kept = tl.sum(keep.to(tl.float32), 0)
+        else:
+            kept = tl.sum(tl.where(keep, tl.exp(s), 0.0), 0)
+        feasible = kept >= target
+        lo = tl.where(feasible, mid, lo)
+        hi = tl.where(feasible, hi, mid)
+    return lo
+
+
+@triton.jit
 def _combined_sample_kernel(
     q_ptr, l_ptr, uniforms_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, tokens_ptr,
-    V, q_stride, l_stride, alpha_tilde, alpha_0,
+    block_max_ptr, candidates_ptr, V, NB, q_stride, l_stride, alpha_tilde, alpha_0,
     HAS_BASE: tl.constexpr, BLOCK_V: tl.constexpr, BISECT_STEPS: tl.constexpr,
+    SUB: tl.constexpr, NB_PAD: tl.constexpr, CANDIDATES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     q_ptr += row * q_stride
     l_ptr += row * l_stride
-    # Pass 1: maximum, its first index (greedy ties go to the lowest index), minimum, NaN.
+    block_max_ptr += row * NB
+    candidates_ptr += row * NB
+    # Pass 1: maximum, its first index (greedy ties go to the lowest index), minimum, NaN, and the
+    # maximum of every SUB-entry block (scratch [NB]).
     y_max = -float("inf")
     y_min = float("inf")
     argmax = 0
@@ -106,6 +135,8 @@ def _combined_sample_kernel(
         argmax = tl.where(tile_max > y_max, tile_arg, argmax)
         y_max = tl.maximum(y_max, tile_max)
         y_min = tl.minimum(y_min, tl.min(tl.where(in_v & (y > -float("inf")), y, float("inf")), 0))
+        blocks = start // SUB + tl.arange(0, BLOCK_V // SUB)
+        tl.store(block_max_ptr + blocks, tl.max(tl.reshape(y, [BLOCK_V // SUB, SUB]), 1), mask=blocks < NB)
     bad = (n_nan > 0) | (y_max == float("inf")) | (y_max == -float("inf"))
     temperature = tl.load(temperature_ptr + row)
     token = tl.where(bad, -1, argmax).to(tl.int64)
@@ -114,36 +145,88 @@ def _combined_sample_kernel(
         top_k = tl.load(top_k_ptr + row)
         top_p = tl.load(top_p_ptr + row)
         min_p = tl.load(min_p_ptr + row)
+        uniform = tl.load(uniforms_ptr + row)
+        by_k = (top_k > 0) & (top_k < V)
+        by_p = top_p < 1.0
         lowest = tl.maximum((y_min - y_max) * inv_t, _LOWEST_LOG_WEIGHT)
-        # Keep s >= threshold; each bisection keeps `lo` feasible and `hi` infeasible.
-        threshold = lowest
-        if (top_k > 0) & (top_k < V):
-            threshold = _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, lowest,
-                                          top_k.to(tl.float32), True, HAS_BASE, BLOCK_V, BISECT_STEPS)
-        if top_p < 1.0:
-            _c, kept_mass = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
+        tl.debug_barrier()  # the block maxima stored by every thread above are read by others below
+        # The bound: top-k's from the k-th largest block maximum; else top-p's from the block maxima's
+        # mass over the row's; else min-p's own threshold.
+        b = tl.arange(0, NB_PAD)
+        s_blocks = tl.where(b < NB, (tl.load(block_max_ptr + b, mask=b < NB, other=0.0) - y_max) * inv_t,
+                            -float("inf"))
+        total = 1.0
+        bound = tl.log(tl.maximum(min_p, 1e-30))
+        if by_k:
+            bound = _bisect_tile(s_blocks, lowest, top_k.to(tl.float32), True, BISECT_STEPS)
+        else:
+            if by_p:
+                _c, total = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, lowest,
                                         HAS_BASE, BLOCK_V)
-            threshold = _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
-                                          top_p * kept_mass, False, HAS_BASE, BLOCK_V, BISECT_STEPS)
-        threshold = tl.where(min_p > 0, tl.maximum(threshold, tl.log(min_p)), threshold)
-        _c3, total = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
-                                 HAS_BASE, BLOCK_V)
-        target = tl.load(uniforms_ptr + row) * total
-        # Inverse CDF in vocabulary order; the max entry is the fallback if rounding runs past the end.
-        cumulative = 0.0
-        drawn = argmax
-        found = 0
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            s = (_combined_row_tile(q_ptr, l_ptr, offs, offs < V, alpha_tilde, alpha_0, HAS_BASE) - y_max) * inv_t
+                bound = _bisect_tile(s_blocks, lowest, top_p * total, False, BISECT_STEPS)
+        reaching = (s_blocks >= bound).to(tl.int32)
+        n_candidates = tl.sum(reaching, 0)
+        tl.store(candidates_ptr + tl.cumsum(reaching, 0) - 1, b, mask=reaching > 0)
+        tl.debug_barrier()
+        done = 0
+        if (by_k | by_p | (min_p > 0)) & (n_candidates * SUB <= CANDIDATES):
+            # The candidate blocks' entries, in vocabulary order, as scaled log-weights s = (y - max) / T.
+            c = tl.arange(0, CANDIDATES)
+            slot = c // SUB
+            offs = tl.load(candidates_ptr + slot, mask=slot < n_candidates, other=0) * SUB + c % SUB
+            ok = (slot < n_candidates) & (offs < V)
+            s = (_combined_row_tile(q_ptr, l_ptr, offs, ok, alpha_tilde, alpha_0, HAS_BASE) - y_max) * inv_t
+            threshold = lowest
+            if by_k:
+                threshold = _bisect_tile(s, lowest, top_k.to(tl.float32), True, BISECT_STEPS)
+            if by_p:
+                if by_k:  # top-p renormalises over what top-k kept
+                    total = tl.sum(tl.where(s >= threshold, tl.exp(s), 0.0), 0)
+                target = top_p * total
+                # Rounding can leave the candidates' mass just short of what the block maxima promised:
+                # then the whole row is bisected below.
+                reached = tl.sum(tl.where(s >= bound, tl.exp(s), 0.0), 0) >= target
+                threshold = _bisect_tile(s, threshold, target, False, BISECT_STEPS)
+            else:
+                reached = n_candidates >= 0  # nothing promised: always
+            threshold = tl.where(min_p > 0, tl.maximum(threshold, tl.log(min_p)), threshold)
             w = tl.where(s >= threshold, tl.exp(s), 0.0)
-            running = cumulative + tl.cumsum(w, 0)
-            hit = tl.min(tl.where((running > target) & (w > 0), offs, V), 0)
-            take = (found == 0) & (hit < V)
-            drawn = tl.where(take, hit, drawn)
-            found = found | take.to(tl.int32)
-            cumulative += tl.sum(w, 0)
-        token = drawn.to(tl.int64)
+            running = tl.cumsum(w, 0)
+            hit = tl.min(tl.where((running > uniform * tl.sum(w, 0)) & (w > 0), offs, V), 0)
+            last = tl.max(tl.where(w > 0, offs, -1), 0)  # rounding ran past the end: the last kept entry
+            if reached:
+                token = tl.where(hit < V, hit, last).to(tl.int64)
+                done = 1
+        if done == 0:
+            # Keep s >= threshold; each bisection keeps `lo` feasible and `hi` infeasible.
+            threshold = lowest
+            if by_k:
+                threshold = _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, lowest,
+                                              top_k.to(tl.float32), True, HAS_BASE, BLOCK_V, BISECT_STEPS)
+            if by_p:
+                _c, kept_mass = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
+                                            HAS_BASE, BLOCK_V)
+                threshold = _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
+                                              top_p * kept_mass, False, HAS_BASE, BLOCK_V, BISECT_STEPS)
+            threshold = tl.where(min_p > 0, tl.maximum(threshold, tl.log(min_p)), threshold)
+            _c3, kept = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
+                                    HAS_BASE, BLOCK_V)
+            target = uniform * kept
+            # Inverse CDF in vocabulary order; the max entry is the fallback if rounding runs past the end.
+            cumulative = 0.0
+            drawn = argmax
+            found = 0
+            for start in range(0, V, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                s = (_combined_row_tile(q_ptr, l_ptr, offs, offs < V, alpha_tilde, alpha_0, HAS_BASE) - y_max) * inv_t
+                w = tl.where(s >= threshold, tl.exp(s), 0.0)
+                running = cumulative + tl.cumsum(w, 0)
+                hit = tl.min(tl.where((running > target) & (w > 0), offs, V), 0)
+                take = (found == 0) & (hit < V)
+                drawn = tl.where(take, hit, drawn)
+                found = found | take.to(tl.int32)
+                cumulative += tl.sum(w, 0)
+            token = drawn.to(tl.int64)
     tl.store(tokens_ptr + row, token)
 
 
@@ -196,14 +279,26 @@ def _combined_hidden_logits_kernel(hc_ptr, w_ptr, b_ptr, out_ptr, N, H, V, HAS_B
     tl.store(out_ptr + rows[:, None] * V + cols[None, :], y.to(tl.float32), mask=row_ok[:, None] & col_ok[None, :])
 
 
+def _sample_tiles(vocab: int) -> dict:
+    """The row tile, block and block-count constexprs of ``_combined_sample_kernel`` for ``vocab`` entries."""
+    block_v = min(_BLOCK_V, triton.next_power_of_2(vocab))
+    sub = min(_SUB_BLOCK, block_v)
+    return {"BLOCK_V": block_v, "SUB": sub, "NB_PAD": triton.next_power_of_2(triton.cdiv(vocab, sub)),
+            "CANDIDATES": _CANDIDATES}
+
+
 def _launch_sample(q, l, uniforms, temperature, top_k, top_p, min_p, alpha_tilde, alpha_0, has_base=True):
     rows, vocab = q.shape
     tokens = torch.empty(rows, dtype=torch.long, device=q.device)
     if rows:
+        tiles = _sample_tiles(vocab)
+        blocks = triton.cdiv(vocab, tiles["SUB"])
+        block_max = torch.empty((rows, blocks), dtype=torch.float32, device=q.device)
+        candidates = torch.empty((rows, blocks), dtype=torch.int32, device=q.device)
         _combined_sample_kernel[(rows,)](
-            q, l, uniforms, temperature, top_k, top_p, min_p, tokens, vocab, q.stride(0), l.stride(0),
-            alpha_tilde, alpha_0, HAS_BASE=has_base, BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)),
-            BISECT_STEPS=_BISECT_STEPS, num_warps=8,
+            q, l, uniforms, temperature, top_k, top_p, min_p, tokens, block_max, candidates, vocab, blocks,
+            q.stride(0), l.stride(0), alpha_tilde, alpha_0, HAS_BASE=has_base, BISECT_STEPS=_BISECT_STEPS,
+            num_warps=8, **tiles,
         )
     return tokens
 
@@ -324,9 +419,10 @@ def _register_compile_variants() -> None:
                 **scalars("fp32", "alpha_tilde", "alpha_0")}
         for has_base in (True, False):
             sample.append(KernelVariant(
-                {**rows, **pointers(["uniforms_ptr", "temperature_ptr", "top_p_ptr", "min_p_ptr"], "fp32"),
-                 "top_k_ptr": "*i64", "tokens_ptr": "*i64"},
-                {"HAS_BASE": has_base, "BLOCK_V": _BLOCK_V, "BISECT_STEPS": _BISECT_STEPS}))
+                {**rows, **pointers(["uniforms_ptr", "temperature_ptr", "top_p_ptr", "min_p_ptr", "block_max_ptr"],
+                                    "fp32"), "top_k_ptr": "*i64", "tokens_ptr": "*i64", "candidates_ptr": "*i32",
+                 "NB": "i32"},
+                {"HAS_BASE": has_base, "BISECT_STEPS": _BISECT_STEPS, **_sample_tiles(128256)}))
         logits.append(KernelVariant({**rows, "out_ptr": "*fp32"}, {"BLOCK_V": _BLOCK_V}))
     register_triton_kernel(_combined_from_hidden_kernel, from_hidden)
     register_triton_kernel(_combined_hidden_logits_kernel, hidden_logits)

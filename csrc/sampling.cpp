@@ -46,6 +46,8 @@ struct RowScratch {
   std::vector<float> values;      // candidates' weights (vocabulary order), then permuted by selection
   std::vector<int64_t> indices;   // candidates' vocabulary indices
   std::vector<float> work;
+  std::vector<float> block_weight;  // sample_row_lazily: each block's maximum as a weight
+  std::vector<float> weights;       // sample_row_lazily: the candidate blocks' weights, at their indices
 };
 
 inline float reduce_max(const Vec& v) {
@@ -81,32 +83,49 @@ float block_maxima(const float* y, int64_t vocab, std::vector<float>& block_max)
 // y becomes w = exp((y - max_y) / temperature) in place; block_max becomes each block's max weight
 // (computed from the stored weights, so a bound never exceeds an entry it stands for). Returns the
 // total weight, summed in vector lanes then in double.
-double weigh_row(float* y, int64_t vocab, float max_y, float temperature, RowScratch& s) {
+//
+// Every weight comes from weigh_block, so a weight computed again for a candidate (sample_row_lazily)
+// is bitwise the one a whole-row pass computes.
+template <typename Visit>
+inline void weigh_block(const float* y, float* w, int64_t b, int64_t vocab, float max_y, float temperature,
+                        Visit&& visit) {
   const Vec v_max(max_y), v_inv_t(1.f / temperature);
-  Vec sum(0.f);
-  double tail = 0;
-  std::vector<float>& block_max = s.block_max;
-  s.lane_max.resize(block_max.size() * kVec);
-  for (int64_t b = 0; b < int64_t(block_max.size()); ++b) {
-    const int64_t begin = b * kBlock, end = std::min(vocab, begin + kBlock);
-    const int64_t n_vec = begin + (end - begin) - (end - begin) % kVec;
-    Vec bmax(0.f);
-    for (int64_t v = begin; v < n_vec; v += kVec) {
-      const Vec w = vexp<float>((Vec::loadu(y + v) - v_max) * v_inv_t);
-      w.store(y + v);
+  const int64_t begin = b * kBlock, end = std::min(vocab, begin + kBlock);
+  const int64_t n_vec = begin + (end - begin) - (end - begin) % kVec;
+  for (int64_t v = begin; v < n_vec; v += kVec) {
+    const Vec wv = vexp<float>((Vec::loadu(y + v) - v_max) * v_inv_t);
+    wv.store(w + v);
+    visit.vector(wv);
+  }
+  for (int64_t v = n_vec; v < end; ++v) visit.scalar(w[v] = std::exp((y[v] - max_y) / temperature));
+}
+
+double weigh_row(float* y, int64_t vocab, float max_y, float temperature, RowScratch& s) {
+  struct Totals {
+    Vec sum{0.f}, bmax{0.f};
+    double tail = 0;
+    float tail_max = 0.f;
+    void vector(const Vec& w) {
       sum += w;
       bmax = at::vec::maximum(bmax, w);
     }
-    float* lanes = s.lane_max.data() + b * kVec;
-    bmax.store(lanes);
-    for (int64_t v = n_vec; v < end; ++v) {  // the block's tail joins the first lane's entries
-      y[v] = std::exp((y[v] - max_y) / temperature);
-      tail += y[v];
-      lanes[0] = std::max(lanes[0], y[v]);
+    void scalar(float w) {  // the block's tail joins the first lane's entries
+      tail += w;
+      tail_max = std::max(tail_max, w);
     }
+  } totals;
+  std::vector<float>& block_max = s.block_max;
+  s.lane_max.resize(block_max.size() * kVec);
+  for (int64_t b = 0; b < int64_t(block_max.size()); ++b) {
+    totals.bmax = Vec(0.f);
+    totals.tail_max = 0.f;
+    weigh_block(y, y, b, vocab, max_y, temperature, totals);
+    float* lanes = s.lane_max.data() + b * kVec;
+    totals.bmax.store(lanes);
+    lanes[0] = std::max(lanes[0], totals.tail_max);
     block_max[b] = *std::max_element(lanes, lanes + kVec);
   }
-  return double(reduce_sum(sum)) + tail;
+  return double(reduce_sum(totals.sum)) + totals.tail;
 }
 
 // The threshold t over values[0, n) such that mass(values > t) < target <= mass(values >= t),
@@ -203,6 +222,100 @@ float threshold_bound(const RowParams& p, int64_t vocab, double total, RowScratc
   return p.min_p;  // min-p alone: its threshold, exactly (the largest weight is 1)
 }
 
+constexpr int64_t kGatherAgain = -2;
+
+// The thresholds (quickselect over the candidates in s.values / s.indices: every entry the filters may
+// keep) and the draw. total: the row's mass, read by top-p without top-k only. Returns kGatherAgain when
+// the candidates (gathered down to a bound > 0) fall short of the top-p mass by rounding.
+int64_t draw_from_candidates(const RowParams& p, int64_t vocab, double total, float bound, RowScratch& s) {
+  const bool by_k = p.top_k > 0 && p.top_k < vocab, by_p = p.top_p < 1.f;
+  const int64_t n = int64_t(s.values.size());
+  if (n == 0) return -1;
+  float top_k_threshold = 0.f;
+  double kept_by_k = total;
+  if (by_k && n >= p.top_k) {
+    s.work.assign(s.values.begin(), s.values.end());
+    top_k_threshold = select_threshold<true>(s.work.data(), n, double(p.top_k));
+    kept_by_k = 0;
+    for (const float w : s.values) kept_by_k += w >= top_k_threshold ? double(w) : 0.0;
+  }
+  float threshold = std::max(p.min_p, top_k_threshold);
+  if (by_p) {
+    // top-p renormalises over what top-k kept.
+    s.work.clear();
+    double candidate_mass = 0;
+    for (const float w : s.values) {
+      if (w >= top_k_threshold) {
+        s.work.push_back(w);
+        candidate_mass += w;
+      }
+    }
+    const double target = double(p.top_p) * kept_by_k;
+    if (candidate_mass < target && bound > 0.f) return kGatherAgain;
+    threshold = std::max(threshold, select_threshold<false>(s.work.data(), int64_t(s.work.size()), target));
+  }
+  double kept = 0;
+  int64_t last = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (s.values[i] >= threshold) {
+      kept += s.values[i];
+      last = i;
+    }
+  }
+  const double target = double(p.uniform) * kept;
+  double cumulative = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (s.values[i] >= threshold) {
+      cumulative += s.values[i];
+      if (cumulative > target) return s.indices[i];
+    }
+  }
+  return last < 0 ? -1 : s.indices[last];  // rounding ran past the end: the last kept entry
+}
+
+// Neither top-k nor min-p needs the row's total mass (top-p after top-k renormalises over what top-k
+// kept), so with top-k, or min-p without top-p, only candidate blocks are weighed: the bound comes from
+// the blocks' maxima of y (in s.block_max) as weights, lowered by 1e-5 relative so that a few ulp of
+// difference between this exp and the vector one of weigh_block never drop an entry, and only the
+// blocks reaching it get weights, by weigh_block (the very values a whole-row pass computes; extra
+// candidates below a threshold change no selection). False (y untouched) when the bound cannot be set
+// from the block maxima or misses the target: the caller weighs the whole row.
+bool sample_row_lazily(const float* y, int64_t vocab, float max_y, const RowParams& p, RowScratch& s,
+                       int64_t& token) {
+  const bool by_k = p.top_k > 0 && p.top_k < vocab;
+  const int64_t blocks = int64_t(s.block_max.size());
+  if (by_k && p.top_k > blocks) return false;
+  s.block_weight.resize(blocks);
+  for (int64_t b = 0; b < blocks; ++b) s.block_weight[b] = std::exp((s.block_max[b] - max_y) / p.temperature);
+  float bound = p.min_p;
+  if (by_k) {
+    s.work.assign(s.block_weight.begin(), s.block_weight.end());
+    bound = select_threshold<true>(s.work.data(), blocks, double(p.top_k));
+  }
+  bound *= 1.f - 1e-5f;
+  if (!(bound > 0.f)) return false;
+  struct Ignore {
+    void vector(const Vec&) {}
+    void scalar(float) {}
+  } ignore;
+  s.indices.clear();
+  s.values.clear();
+  s.weights.resize(vocab);
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (!(s.block_weight[b] >= bound)) continue;
+    weigh_block(y, s.weights.data(), b, vocab, max_y, p.temperature, ignore);
+    for (int64_t v = b * kBlock, end = std::min(vocab, v + kBlock); v < end; ++v) {
+      if (s.weights[v] >= bound && s.weights[v] > 0.f) {
+        s.indices.push_back(v);
+        s.values.push_back(s.weights[v]);
+      }
+    }
+  }
+  if (by_k && int64_t(s.values.size()) < p.top_k) return false;
+  token = draw_from_candidates(p, vocab, std::numeric_limits<double>::quiet_NaN(), bound, s);
+  return token != kGatherAgain;
+}
+
 // Draws one token from the filtered softmax of `y` (a combined row, before temperature), given its
 // maximum and its blocks' maxima in s.block_max (block_maxima, or the pass that wrote y).
 // Overwrites y with the unnormalised weights; returns -1 when the row has no finite maximum.
@@ -212,8 +325,10 @@ int64_t sample_row(float* y, int64_t vocab, float max_y, const RowParams& p, Row
     const int64_t b = std::find(s.block_max.begin(), s.block_max.end(), max_y) - s.block_max.begin();
     return std::find(y + b * kBlock, y + vocab, max_y) - y;
   }
-  const double total = weigh_row(y, vocab, max_y, p.temperature, s);
   const bool by_k = p.top_k > 0 && p.top_k < vocab, by_p = p.top_p < 1.f;
+  int64_t token = -1;
+  if ((by_k || (!by_p && p.min_p > 0.f)) && sample_row_lazily(y, vocab, max_y, p, s, token)) return token;
+  const double total = weigh_row(y, vocab, max_y, p.temperature, s);
   if (!by_k && !by_p && p.min_p <= 0.f) {  // no filter: one walk over the row
     double cumulative = 0;
     const double target = double(p.uniform) * total;
@@ -246,48 +361,8 @@ int64_t sample_row(float* y, int64_t vocab, float max_y, const RowParams& p, Row
   // top-p target, the row is gathered again in full.
   for (float bound = threshold_bound(p, vocab, total, s);; bound = 0.f) {
     gather_candidates(y, vocab, bound, s);
-    const int64_t n = int64_t(s.values.size());
-    if (n == 0) return -1;
-    float top_k_threshold = 0.f;
-    double kept_by_k = total;
-    if (by_k && n >= p.top_k) {
-      s.work.assign(s.values.begin(), s.values.end());
-      top_k_threshold = select_threshold<true>(s.work.data(), n, double(p.top_k));
-      kept_by_k = 0;
-      for (const float w : s.values) kept_by_k += w >= top_k_threshold ? double(w) : 0.0;
-    }
-    float threshold = std::max(p.min_p, top_k_threshold);
-    if (by_p) {
-      // top-p renormalises over what top-k kept.
-      s.work.clear();
-      double candidate_mass = 0;
-      for (const float w : s.values) {
-        if (w >= top_k_threshold) {
-          s.work.push_back(w);
-          candidate_mass += w;
-        }
-      }
-      const double target = double(p.top_p) * kept_by_k;
-      if (candidate_mass < target && bound > 0.f) continue;
-      threshold = std::max(threshold, select_threshold<false>(s.work.data(), int64_t(s.work.size()), target));
-    }
-    double kept = 0;
-    int64_t last = -1;
-    for (int64_t i = 0; i < n; ++i) {
-      if (s.values[i] >= threshold) {
-        kept += s.values[i];
-        last = i;
-      }
-    }
-    const double target = double(p.uniform) * kept;
-    double cumulative = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      if (s.values[i] >= threshold) {
-        cumulative += s.values[i];
-        if (cumulative > target) return s.indices[i];
-      }
-    }
-    return last < 0 ? -1 : s.indices[last];  // rounding ran past the end: the last kept entry
+    const int64_t token = draw_from_candidates(p, vocab, total, bound, s);
+    if (token != kGatherAgain) return token;
   }
 }
 

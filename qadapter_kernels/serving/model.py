@@ -12,20 +12,27 @@ once: ``W h_c`` equals the customised policy's logits up to a per-row constant (
 heads have no bias), so vLLM's sampler, log-probs, penalties and OpenAI server act on the
 customised policy unchanged.
 
-Selected through the HF config (``engine.engine_arguments`` builds the override):
-``architectures = ["QAdapterForCausalLM"]`` and ``qadapter = {"adapter": DIR, "alpha_tilde":
-..., "alpha_0": ..., "enabled": bool}``. The alphas are fixed per engine (a request cannot change
-them: both are folded into the hidden state before the sampler sees anything).
+Several adapters of one base model share an engine: each request's route (``serving.routing``:
+the adapter it named, or the base model, and its own strength) reaches the forward by batch row;
+the LoRA pairs of each adapter are added to its requests' rows, and ``h_c`` is formed per token with
+that request's alphas. A step whose requests all chose the base model runs the base stream alone,
+as plain vLLM does; in a mixed step the base model's requests take ``h_b``.
+
+Selected through the HF config (``settings.engine_arguments`` builds the override):
+``architectures = ["QAdapterForCausalLM"]`` and ``qadapter = {"adapters": [{"name": ...,
+"adapter": DIR, "alpha_tilde": ..., "alpha_0": ...}, ...], "enabled": bool, "base_name": ...}``.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
@@ -36,8 +43,10 @@ from vllm.model_executor.models.qwen3 import Qwen3Model
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
+from ..params import PolicyParams
 from .adapter import LoraPair, load_served_adapter
-from .settings import ServingSettings, check_base_config, decoder_shapes
+from .routing import active_routing
+from .settings import BASE_ROUTE, RequestRoute, ServingSettings, check_base_config, decoder_shapes
 
 __all__ = ["DECODER_MODELS", "QAdapterForCausalLM"]
 
@@ -46,8 +55,31 @@ DECODER_MODELS: dict[str, type[nn.Module]] = {"llama": LlamaModel, "mistral": Mi
                                               "qwen3": Qwen3Model}
 
 
+@dataclass(frozen=True)
+class TokenRoutes:
+    """The routes of one step's tokens: per adapter present, the token rows it owns (None: every row),
+    the rows of base-model requests, and every token's alphas ([T, 1])."""
+
+    adapters: list[tuple[int, torch.Tensor | None]]
+    base_rows: torch.Tensor | None  # bool [T, 1]; None: no base-model request in the step
+    alpha_tilde: torch.Tensor
+    alpha_0: torch.Tensor
+
+
+def _query_start_loc() -> torch.Tensor | None:
+    """The step's first token of each request (and the end), from the attention metadata."""
+    if not is_forward_context_available():
+        return None
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):
+        metadata = metadata[0] if metadata else None
+    if isinstance(metadata, dict):
+        metadata = next(iter(metadata.values()), None)
+    return getattr(metadata, "query_start_loc", None)
+
+
 class _AdapterStream(nn.Module):
-    """The adapter stream's own attention layers (its KV caches) and LoRA; no base weight."""
+    """The adapter stream's own attention layers (its KV caches) and every adapter's LoRA; no base weight."""
 
     def __init__(self, vllm_config: VllmConfig, layers: nn.ModuleList, prefix: str):
         super().__init__()
@@ -60,46 +92,55 @@ class _AdapterStream(nn.Module):
                 cache_config=vllm_config.cache_config, quant_config=None,
                 per_layer_sliding_window=base.sliding_window, attn_type=base.attn_type,
                 prefix=f"{prefix}.layers.{index}.self_attn.attn"))
-        self.lora: dict[tuple[int, str], LoraPair] = {}
+        self.lora: dict[tuple[int, int, str], LoraPair] = {}
 
-    def set_lora(self, lora: dict[tuple[int, str], LoraPair], device: torch.device) -> None:
-        """Installs the fused LoRA pairs as buffers (so they move and count with the model's state)."""
+    def set_lora(self, loras: list[dict[tuple[int, str], LoraPair]], device: torch.device) -> None:
+        """Installs every adapter's fused LoRA pairs as buffers (so they move and count with the model's state)."""
         self.lora = {}
-        for (layer, projection), pair in lora.items():
-            a, b = pair.a.to(device), pair.b.to(device)
-            self.register_buffer(f"lora_{layer}_{projection}_a", a, persistent=False)
-            self.register_buffer(f"lora_{layer}_{projection}_b", b, persistent=False)
-            self.lora[(layer, projection)] = LoraPair(a, b)
+        for adapter, lora in enumerate(loras):
+            for (layer, projection), pair in lora.items():
+                a, b = pair.a.to(device), pair.b.to(device)
+                self.register_buffer(f"lora_{adapter}_{layer}_{projection}_a", a, persistent=False)
+                self.register_buffer(f"lora_{adapter}_{layer}_{projection}_b", b, persistent=False)
+                self.lora[(adapter, layer, projection)] = LoraPair(a, b)
 
     def forward(self, model: nn.Module, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                inputs_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                inputs_embeds: torch.Tensor | None, routes: TokenRoutes | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(base hidden, adapter hidden) [T, H] after the final norm, both streams in one walk of the layers."""
         embeds = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
         tokens = embeds.shape[0]
         hidden = torch.cat([embeds, embeds])  # base rows, then adapter rows
         both_positions = torch.cat([positions, positions])
+        adapters = routes.adapters if routes is not None else [(0, None)]
         residual = None
         for index, layer in enumerate(model.layers):
-            hidden, residual = self._layer(index, layer, tokens, both_positions, hidden, residual)
+            hidden, residual = self._layer(index, layer, tokens, both_positions, hidden, residual, adapters)
         hidden, _ = model.norm(hidden, residual)
         return hidden[:tokens], hidden[tokens:]
 
-    def _lora(self, out: torch.Tensor, x: torch.Tensor, tokens: int, index: int, projection: str) -> torch.Tensor:
-        """out with the LoRA delta of ``projection`` added to the adapter rows (the second ``tokens``)."""
-        pair = self.lora.get((index, projection))
-        if pair is not None:
-            out[tokens:] += F.linear(F.linear(x[tokens:], pair.a), pair.b)
+    def _lora(self, out: torch.Tensor, x: torch.Tensor, tokens: int, index: int, projection: str,
+              adapters: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+        """out with each adapter's LoRA delta of ``projection`` added to its rows among the adapter rows."""
+        out_adapter, x_adapter = out[tokens:], x[tokens:]
+        for adapter, rows in adapters:
+            pair = self.lora.get((adapter, index, projection))
+            if pair is None:
+                continue
+            if rows is None:  # one adapter in the step: every adapter row (a base request's row is dropped later)
+                out_adapter += F.linear(F.linear(x_adapter, pair.a), pair.b)
+            else:
+                out_adapter.index_add_(0, rows, F.linear(F.linear(x_adapter[rows], pair.a), pair.b))
         return out
 
-    def _layer(self, index: int, layer: nn.Module, tokens: int, positions: torch.Tensor,
-               hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layer(self, index: int, layer: nn.Module, tokens: int, positions: torch.Tensor, hidden: torch.Tensor,
+               residual: torch.Tensor | None, adapters: list) -> tuple[torch.Tensor, torch.Tensor]:
         # The family's decoder-layer forward over both streams' rows, the LoRA deltas on the adapter rows.
         if residual is None:
             residual, hidden = hidden, layer.input_layernorm(hidden)
         else:
             hidden, residual = layer.input_layernorm(hidden, residual)
         attn = layer.self_attn
-        qkv = self._lora(attn.qkv_proj(hidden)[0], hidden, tokens, index, "qkv_proj")
+        qkv = self._lora(attn.qkv_proj(hidden)[0], hidden, tokens, index, "qkv_proj", adapters)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm per head of q and k before the rotation
             q = attn.q_norm(q.view(*q.shape[:-1], -1, attn.head_dim)).view(q.shape)
@@ -107,12 +148,12 @@ class _AdapterStream(nn.Module):
         q, k = attn.rotary_emb(positions, q, k)
         context = torch.cat([attn.attn(q[:tokens], k[:tokens], v[:tokens]),
                              self.attn[index](q[tokens:], k[tokens:], v[tokens:])])
-        hidden = self._lora(attn.o_proj(context)[0], context, tokens, index, "o_proj")
+        hidden = self._lora(attn.o_proj(context)[0], context, tokens, index, "o_proj", adapters)
         hidden, residual = layer.post_attention_layernorm(hidden, residual)
         mlp = layer.mlp
-        gate_up = self._lora(mlp.gate_up_proj(hidden)[0], hidden, tokens, index, "gate_up_proj")
+        gate_up = self._lora(mlp.gate_up_proj(hidden)[0], hidden, tokens, index, "gate_up_proj", adapters)
         activated = mlp.act_fn(gate_up)
-        hidden = self._lora(mlp.down_proj(activated)[0], activated, tokens, index, "down_proj")
+        hidden = self._lora(mlp.down_proj(activated)[0], activated, tokens, index, "down_proj", adapters)
         return hidden, residual
 
 
@@ -137,8 +178,9 @@ class QAdapterForCausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         # Read and checked now, so a bad adapter fails before any weight or cache is allocated.
-        self.served = load_served_adapter(self.settings.adapter, decoder_shapes(config), vllm_config.model_config.dtype)
-        self.policy = self.settings.policy(self.served.policy)
+        dtype = vllm_config.model_config.dtype
+        self.served = [load_served_adapter(a.adapter, decoder_shapes(config), dtype) for a in self.settings.adapters]
+        self.policies = [a.policy(s.policy) for a, s in zip(self.settings.adapters, self.served)]
         self.adapter_stream = (_AdapterStream(vllm_config, self.model.layers, maybe_prefix(prefix, "qadapter"))
                                if self.settings.enabled else None)
 
@@ -148,10 +190,36 @@ class QAdapterForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        if self.adapter_stream is None:
-            return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-        base_hidden, adapter_hidden = self.adapter_stream(self.model, input_ids, positions, inputs_embeds)
-        return self.policy.combined_hidden(adapter_hidden, base_hidden)
+        routes = self._token_routes(positions.shape[0], positions.device) if self.adapter_stream is not None else None
+        if self.adapter_stream is None or (routes is not None and not routes.adapters):
+            return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)  # the base model alone
+        base_hidden, adapter_hidden = self.adapter_stream(self.model, input_ids, positions, inputs_embeds, routes)
+        if routes is None:
+            return self.policies[0].combined_hidden(adapter_hidden, base_hidden)
+        combined = (adapter_hidden + routes.alpha_0 * base_hidden) / routes.alpha_tilde
+        return combined if routes.base_rows is None else torch.where(routes.base_rows, base_hidden, combined)
+
+    def _token_routes(self, tokens: int, device: torch.device) -> TokenRoutes | None:
+        """The step's routes per token; None when every request takes the first adapter at the engine's strength."""
+        routing, starts = active_routing(), _query_start_loc()
+        if routing is None or not routing.rows or starts is None:
+            return None
+        lengths = starts.diff().cpu()
+        default = RequestRoute(0)
+        row_routes = [routing.rows.get(row, default) for row in range(lengths.numel())]
+        row_routes += [default]  # the tokens past the last request's (padding), if any
+        lengths = torch.cat([lengths, torch.tensor([tokens - int(lengths.sum())])])
+        policies = [r.policy(self.policies[r.index]) if r.index != BASE_ROUTE else PolicyParams()
+                    for r in row_routes]
+        per_token = torch.repeat_interleave(torch.tensor([r.index for r in row_routes]), lengths)
+        alphas = torch.repeat_interleave(torch.tensor([[p.alpha_tilde, p.alpha_0] for p in policies]), lengths, dim=0)
+        present = sorted(set(per_token.tolist()) - {BASE_ROUTE})
+        adapters = ([(present[0], None)] if len(present) == 1 else
+                    [(a, (per_token == a).nonzero().squeeze(1).to(device)) for a in present])
+        is_base = (per_token == BASE_ROUTE)
+        dtype = self.model.embed_tokens.weight.dtype
+        return TokenRoutes(adapters, is_base[:, None].to(device) if bool(is_base.any()) else None,
+                           alphas[:, :1].to(device, dtype), alphas[:, 1:].to(device, dtype))
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
@@ -160,5 +228,5 @@ class QAdapterForCausalLM(nn.Module):
         """The base checkpoint through vLLM's loader; then the LoRA, moved next to the base weights."""
         loaded = AutoWeightsLoader(self).load_weights(weights)
         if self.adapter_stream is not None:
-            self.adapter_stream.set_lora(self.served.lora, self.model.embed_tokens.weight.device)
+            self.adapter_stream.set_lora([s.lora for s in self.served], self.model.embed_tokens.weight.device)
         return loaded

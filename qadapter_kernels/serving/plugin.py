@@ -5,9 +5,11 @@ is named by its import path, so vLLM imports it only where a model is built.
 """
 from __future__ import annotations
 
-__all__ = ["ARCHITECTURE", "register"]
+__all__ = ["ARCHITECTURE", "ROUTING_PROCESSOR", "register"]
 
 ARCHITECTURE = "QAdapterForCausalLM"
+# The logits processor that reads each request's adapter and strength (``serving.routing``), by vLLM's FQCN.
+ROUTING_PROCESSOR = "qadapter_kernels.serving.routing:QAdapterRouting"
 
 
 def register() -> None:

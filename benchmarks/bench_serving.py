@@ -164,11 +164,17 @@ def time_vllm(source: dict, prompts, concurrency: tuple[int, ...], new: int, rep
     return Timing(seconds, tokens, prefill), weights, kv_tokens
 
 
+_REEXECUTED = "QADAPTER_BENCH_SERVING_REEXECUTED"
+
+
 def _reexec_or_skip() -> None:
     if importlib.util.find_spec("vllm") is not None:
         return
     venv_python = os.environ.get("QADAPTER_VLLM_PYTHON")
-    if venv_python and Path(venv_python).resolve() != Path(sys.executable).resolve():
+    # A venv's python is a symlink to the base interpreter: compare the paths as given (resolving them
+    # would call the venv the same python and skip), and re-run once only.
+    if venv_python and not os.environ.get(_REEXECUTED):
+        os.environ[_REEXECUTED] = "1"
         os.execv(venv_python, [venv_python, *sys.argv])
     print("SKIP bench_serving: vLLM is not importable here (run it with the vLLM venv's python, or set "
           "QADAPTER_VLLM_PYTHON; .ci/vllm_setup.sh builds the venv)")

@@ -25,6 +25,9 @@ namespace {
 struct RowParams {
   float temperature, top_p, min_p, uniform;
   int64_t top_k;
+
+  bool by_k(int64_t vocab) const { return top_k > 0 && top_k < vocab; }
+  bool by_p() const { return top_p < 1.f; }
 };
 
 using Vec = Vectorized<float>;
@@ -86,11 +89,16 @@ float block_maxima(const float* y, int64_t vocab, std::vector<float>& block_max)
 //
 // Every weight comes from weigh_block, so a weight computed again for a candidate (sample_row_lazily)
 // is bitwise the one a whole-row pass computes.
-template <typename Visit>
-inline void weigh_block(const float* y, float* w, int64_t b, int64_t vocab, float max_y, float temperature,
-                        Visit&& visit) {
+struct NoVisit {
+  void vector(const Vec&) {}
+  void scalar(float) {}
+};
+
+// w[v] = exp((y[v] - max_y) / temperature) over [begin, end): vectors, then the scalar tail.
+template <typename Visit = NoVisit>
+inline void weigh_range(const float* y, float* w, int64_t begin, int64_t end, float max_y, float temperature,
+                        Visit&& visit = Visit()) {
   const Vec v_max(max_y), v_inv_t(1.f / temperature);
-  const int64_t begin = b * kBlock, end = std::min(vocab, begin + kBlock);
   const int64_t n_vec = begin + (end - begin) - (end - begin) % kVec;
   for (int64_t v = begin; v < n_vec; v += kVec) {
     const Vec wv = vexp<float>((Vec::loadu(y + v) - v_max) * v_inv_t);
@@ -98,6 +106,12 @@ inline void weigh_block(const float* y, float* w, int64_t b, int64_t vocab, floa
     visit.vector(wv);
   }
   for (int64_t v = n_vec; v < end; ++v) visit.scalar(w[v] = std::exp((y[v] - max_y) / temperature));
+}
+
+template <typename Visit = NoVisit>
+inline void weigh_block(const float* y, float* w, int64_t b, int64_t vocab, float max_y, float temperature,
+                        Visit&& visit = Visit()) {
+  weigh_range(y, w, b * kBlock, std::min(vocab, (b + 1) * kBlock), max_y, temperature, visit);
 }
 
 double weigh_row(float* y, int64_t vocab, float max_y, float temperature, RowScratch& s) {
@@ -168,19 +182,23 @@ float select_threshold(float* values, int64_t n, double target) {
   return kByCount ? last_pivot : (lo < n ? values[lo] : last_pivot);
 }
 
+// Appends block b's entries with w >= bound and w > 0, in vocabulary order, to scratch.indices / values.
+inline void gather_block(const float* w, int64_t b, int64_t vocab, float bound, RowScratch& s) {
+  for (int64_t v = b * kBlock, end = std::min(vocab, v + kBlock); v < end; ++v) {
+    if (w[v] >= bound && w[v] > 0.f) {
+      s.indices.push_back(v);
+      s.values.push_back(w[v]);
+    }
+  }
+}
+
 // The entries with w >= bound and w > 0, in vocabulary order, into scratch.indices / scratch.values:
 // only blocks whose maximum weight reaches the bound are read.
 void gather_candidates(const float* w, int64_t vocab, float bound, RowScratch& s) {
   s.indices.clear();
   s.values.clear();
   for (int64_t b = 0; b < int64_t(s.block_max.size()); ++b) {
-    if (!(s.block_max[b] >= bound && s.block_max[b] > 0.f)) continue;
-    for (int64_t v = b * kBlock, end = std::min(vocab, v + kBlock); v < end; ++v) {
-      if (w[v] >= bound && w[v] > 0.f) {
-        s.indices.push_back(v);
-        s.values.push_back(w[v]);
-      }
-    }
+    if (s.block_max[b] >= bound && s.block_max[b] > 0.f) gather_block(w, b, vocab, bound, s);
   }
 }
 
@@ -190,7 +208,7 @@ void gather_candidates(const float* w, int64_t vocab, float bound, RowScratch& s
 float bound_from_maxima(const std::vector<float>& maxima, const RowParams& p, int64_t vocab, double total,
                         std::vector<float>& work) {
   const int64_t n = int64_t(maxima.size());
-  if (p.top_k > 0 && p.top_k < vocab) {
+  if (p.by_k(vocab)) {
     if (p.top_k > n) return -1.f;
     work.assign(maxima.begin(), maxima.end());
     return select_threshold<true>(work.data(), n, double(p.top_k));
@@ -212,7 +230,7 @@ float bound_from_maxima(const std::vector<float>& maxima, const RowParams& p, in
 // A lower bound of the threshold top-k and top-p (over the whole row, mass total) will choose, from
 // the block maxima, else from the lane maxima; 0 when neither bounds it.
 float threshold_bound(const RowParams& p, int64_t vocab, double total, RowScratch& s) {
-  if ((p.top_k > 0 && p.top_k < vocab) || p.top_p < 1.f) {
+  if (p.by_k(vocab) || p.by_p()) {
     for (const std::vector<float>* maxima : {&s.block_max, &s.lane_max}) {
       const float bound = bound_from_maxima(*maxima, p, vocab, total, s.work);
       if (bound >= 0.f) return bound;
@@ -228,19 +246,18 @@ constexpr int64_t kGatherAgain = -2;
 // keep) and the draw. total: the row's mass, read by top-p without top-k only. Returns kGatherAgain when
 // the candidates (gathered down to a bound > 0) fall short of the top-p mass by rounding.
 int64_t draw_from_candidates(const RowParams& p, int64_t vocab, double total, float bound, RowScratch& s) {
-  const bool by_k = p.top_k > 0 && p.top_k < vocab, by_p = p.top_p < 1.f;
   const int64_t n = int64_t(s.values.size());
   if (n == 0) return -1;
   float top_k_threshold = 0.f;
   double kept_by_k = total;
-  if (by_k && n >= p.top_k) {
+  if (p.by_k(vocab) && n >= p.top_k) {
     s.work.assign(s.values.begin(), s.values.end());
     top_k_threshold = select_threshold<true>(s.work.data(), n, double(p.top_k));
     kept_by_k = 0;
     for (const float w : s.values) kept_by_k += w >= top_k_threshold ? double(w) : 0.0;
   }
   float threshold = std::max(p.min_p, top_k_threshold);
-  if (by_p) {
+  if (p.by_p()) {
     // top-p renormalises over what top-k kept.
     s.work.clear();
     double candidate_mass = 0;
@@ -282,39 +299,21 @@ int64_t draw_from_candidates(const RowParams& p, int64_t vocab, double total, fl
 // from the block maxima or misses the target: the caller weighs the whole row.
 bool sample_row_lazily(const float* y, int64_t vocab, float max_y, const RowParams& p, RowScratch& s,
                        int64_t& token) {
-  const bool by_k = p.top_k > 0 && p.top_k < vocab;
+  const bool by_k = p.by_k(vocab);
   const int64_t blocks = int64_t(s.block_max.size());
-  if (by_k && p.top_k > blocks) return false;
   s.block_weight.resize(blocks);
-  const Vec v_max(max_y), v_inv_t(1.f / p.temperature);
-  const int64_t n_vec = blocks - blocks % kVec;
-  for (int64_t b = 0; b < n_vec; b += kVec) {
-    vexp<float>((Vec::loadu(s.block_max.data() + b) - v_max) * v_inv_t).store(s.block_weight.data() + b);
-  }
-  for (int64_t b = n_vec; b < blocks; ++b) s.block_weight[b] = std::exp((s.block_max[b] - max_y) / p.temperature);
-  float bound = p.min_p;
-  if (by_k) {
-    s.work.assign(s.block_weight.begin(), s.block_weight.end());
-    bound = select_threshold<true>(s.work.data(), blocks, double(p.top_k));
-  }
+  weigh_range(s.block_max.data(), s.block_weight.data(), 0, blocks, max_y, p.temperature);
+  // top-k's bound from the block maxima (-1: fewer blocks than k), else min-p's own threshold.
+  float bound = by_k ? bound_from_maxima(s.block_weight, p, vocab, 0.0, s.work) : p.min_p;
   bound *= 1.f - 1e-5f;
   if (!(bound > 0.f)) return false;
-  struct Ignore {
-    void vector(const Vec&) {}
-    void scalar(float) {}
-  } ignore;
   s.indices.clear();
   s.values.clear();
   s.weights.resize(vocab);
   for (int64_t b = 0; b < blocks; ++b) {
     if (!(s.block_weight[b] >= bound)) continue;
-    weigh_block(y, s.weights.data(), b, vocab, max_y, p.temperature, ignore);
-    for (int64_t v = b * kBlock, end = std::min(vocab, v + kBlock); v < end; ++v) {
-      if (s.weights[v] >= bound && s.weights[v] > 0.f) {
-        s.indices.push_back(v);
-        s.values.push_back(s.weights[v]);
-      }
-    }
+    weigh_block(y, s.weights.data(), b, vocab, max_y, p.temperature);
+    gather_block(s.weights.data(), b, vocab, bound, s);
   }
   if (by_k && int64_t(s.values.size()) < p.top_k) return false;
   token = draw_from_candidates(p, vocab, std::numeric_limits<double>::quiet_NaN(), bound, s);
@@ -330,7 +329,7 @@ int64_t sample_row(float* y, int64_t vocab, float max_y, const RowParams& p, Row
     const int64_t b = std::find(s.block_max.begin(), s.block_max.end(), max_y) - s.block_max.begin();
     return std::find(y + b * kBlock, y + vocab, max_y) - y;
   }
-  const bool by_k = p.top_k > 0 && p.top_k < vocab, by_p = p.top_p < 1.f;
+  const bool by_k = p.by_k(vocab), by_p = p.by_p();
   int64_t token = -1;
   if ((by_k || (!by_p && p.min_p > 0.f)) && sample_row_lazily(y, vocab, max_y, p, s, token)) return token;
   const double total = weigh_row(y, vocab, max_y, p.temperature, s);

@@ -204,8 +204,10 @@ def _combined_sample_kernel(
                 threshold = _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, lowest,
                                               top_k.to(tl.float32), True, HAS_BASE, BLOCK_V, BISECT_STEPS)
             if by_p:
-                _c, kept_mass = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
-                                            HAS_BASE, BLOCK_V)
+                kept_mass = total  # top-p alone: the row's mass, from the pass that set the bound
+                if by_k:
+                    _c, kept_mass = _kept_stats(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
+                                                HAS_BASE, BLOCK_V)
                 threshold = _bisect_threshold(q_ptr, l_ptr, V, alpha_tilde, alpha_0, y_max, inv_t, threshold,
                                               top_p * kept_mass, False, HAS_BASE, BLOCK_V, BISECT_STEPS)
             threshold = tl.where(min_p > 0, tl.maximum(threshold, tl.log(min_p)), threshold)

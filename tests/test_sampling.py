@@ -383,7 +383,7 @@ def test_triton_candidate_tile_draws_what_the_whole_row_bisection_draws(monkeypa
     u = edge_uniforms(rows, seed)
     args = (q, base, u, temperature, top_k, top_p, min_p, 1.0, 0.5)
     got = run_raw("triton", *args)
-    monkeypatch.setattr(qk_sampling, "_CANDIDATES", 64)
+    monkeypatch.setattr(qk_sampling, "CANDIDATE_TILE", 64)
     assert torch.equal(got, run_raw("triton", *args))
     expected, ambiguous = oracle_tokens(*args)
     assert_tokens_match(got, expected, ambiguous, "triton candidate tile", min_clear=0.75)

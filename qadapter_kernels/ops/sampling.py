@@ -10,7 +10,7 @@ of 64-entry blocks (the k-th largest block maximum is at most the k-th largest e
 the block maxima above t is at most the row's), so only the blocks that reach the bound are read
 again. The C++ kernel (csrc/sampling.cpp) selects the thresholds exactly by weighted quickselect over
 those blocks' entries; the Triton kernel below gathers them into one register tile (at most
-``_CANDIDATES`` entries), bisects the thresholds there in log space, and draws by inverse CDF over the
+``CANDIDATE_TILE`` entries), bisects the thresholds there in log space, and draws by inverse CDF over the
 tile in vocabulary order. A row whose candidates do not fit the tile (a nearly flat row) is bisected
 over passes of the whole row (L2-hot) instead; both give the same thresholds, as every bisection step
 below the bound is feasible either way. The uniforms are an input, drawn from the caller's
@@ -39,7 +39,7 @@ from .triton_helpers import (
 _BLOCK_V = 2048
 _BISECT_STEPS = 40  # log-space bisection: thresholds within range * 2^-40 of exact
 _SUB_BLOCK = 64  # entries per block maximum (as csrc/sampling.cpp's kBlock)
-_CANDIDATES = 4096  # the candidate tile: the entries of up to 64 blocks that reach the bound
+CANDIDATE_TILE = 4096  # the candidate tile: the entries of up to 64 blocks that reach the bound
 # The bisection's lower end, as a scaled log-weight s = (y - max) / T: exp(s) is exactly 0 in fp32
 # below about -104, so entries there can never be drawn and where a threshold falls among them
 # changes no draw. Without this floor a finite mask such as finfo(float32).min would stretch the
@@ -286,7 +286,7 @@ def _sample_tiles(vocab: int) -> dict:
     block_v = min(_BLOCK_V, triton.next_power_of_2(vocab))
     sub = min(_SUB_BLOCK, block_v)
     return {"BLOCK_V": block_v, "SUB": sub, "NB_PAD": triton.next_power_of_2(triton.cdiv(vocab, sub)),
-            "CANDIDATES": _CANDIDATES}
+            "CANDIDATES": CANDIDATE_TILE}
 
 
 def _launch_sample(q, l, uniforms, temperature, top_k, top_p, min_p, alpha_tilde, alpha_0, has_base=True):

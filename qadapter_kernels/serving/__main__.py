@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..prompts import FORMAT_CHAT_TEMPLATES
 from .adapter import read_qadapter_config
-from .settings import engine_arguments, served_routes
+from .settings import REQUEST_STRENGTH, ServingSettings, default_name, engine_arguments
 
 # vLLM's --middleware takes a dotted path: the ASGI middleware that routes a request by its ``model`` field.
 ROUTE_BY_MODEL = "qadapter_kernels.serving.middleware.RouteByModel"
@@ -44,8 +44,8 @@ __all__ = ["build_parser", "main", "server_command"]
 PROG = "qadapter serve"
 
 
-_ADAPTER_SPEC = re.compile(r"(?:(?P<name>[\w.-]+)=)?(?P<folder>.+?)"
-                           r"(?::(?P<strength>(?:alpha_tilde|alpha_0)=[^,:]+(?:,(?:alpha_tilde|alpha_0)=[^,:]+)*))?")
+_STRENGTH_ITEM = rf"(?:{'|'.join(REQUEST_STRENGTH)})=[^,:]+"
+_ADAPTER_SPEC = re.compile(rf"(?:(?P<name>[\w.-]+)=)?(?P<folder>.+?)(?::(?P<strength>{_STRENGTH_ITEM}(?:,{_STRENGTH_ITEM})*))?")
 
 
 def adapter_spec(text: str) -> tuple[str | None, str, dict[str, float]]:
@@ -93,15 +93,13 @@ def server_command(args: argparse.Namespace, vllm_args: Sequence[str], cuda: boo
             raise ValueError(f"{names[0]} {size}: the Q-Adapter plug-in runs on one device (it computes each LoRA "
                              "delta on whole projections, not on tensor- or pipeline-parallel shards)")
     (name, folder, strength), *others = args.adapter
-    more = {}
-    for other_name, other_folder, other_strength in others:
-        other_name = other_name or os.path.basename(os.path.normpath(other_folder))
-        more[other_name] = {"adapter": other_folder, **other_strength}
+    more = {other_name or default_name(other_folder): {"adapter": other_folder, **other_strength}
+            for other_name, other_folder, other_strength in others}
     engine = engine_arguments(folder, args.base_model, enabled=not args.no_adapter,
                               alpha_tilde=strength.get("alpha_tilde", args.alpha_tilde),
                               alpha_0=strength.get("alpha_0", args.alpha_0), name=name, more=more,
                               base_name=args.base_name)
-    routes = list(served_routes())
+    routes = list(ServingSettings.from_hf_config(engine["hf_overrides"]).routes())
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", engine["model"],
                "--tokenizer", engine["tokenizer"], "--hf-overrides", json.dumps(engine["hf_overrides"]),
                "--logits-processors", *engine["logits_processors"], "--middleware", ROUTE_BY_MODEL,

@@ -58,12 +58,11 @@ DECODER_MODELS: dict[str, type[nn.Module]] = {"llama": LlamaModel, "mistral": Mi
 @dataclass(frozen=True)
 class TokenRoutes:
     """The routes of one step's tokens: per adapter present, the token rows it owns (None: every row),
-    the rows of base-model requests, and every token's alphas ([T, 1])."""
+    the rows of base-model requests, and the policy with every token's alphas ([T, 1] tensors)."""
 
     adapters: list[tuple[int, torch.Tensor | None]]
     base_rows: torch.Tensor | None  # bool [T, 1]; None: no base-model request in the step
-    alpha_tilde: torch.Tensor
-    alpha_0: torch.Tensor
+    policy: PolicyParams
 
 
 def _query_start_loc() -> torch.Tensor | None:
@@ -181,6 +180,7 @@ class QAdapterForCausalLM(nn.Module):
         dtype = vllm_config.model_config.dtype
         self.served = [load_served_adapter(a.adapter, decoder_shapes(config), dtype) for a in self.settings.adapters]
         self.policies = [a.policy(s.policy) for a, s in zip(self.settings.adapters, self.served)]
+        self._route_policies: dict[RequestRoute, PolicyParams] = {}
         self.adapter_stream = (_AdapterStream(vllm_config, self.model.layers, maybe_prefix(prefix, "qadapter"))
                                if self.settings.enabled else None)
 
@@ -196,7 +196,7 @@ class QAdapterForCausalLM(nn.Module):
         base_hidden, adapter_hidden = self.adapter_stream(self.model, input_ids, positions, inputs_embeds, routes)
         if routes is None:
             return self.policies[0].combined_hidden(adapter_hidden, base_hidden)
-        combined = (adapter_hidden + routes.alpha_0 * base_hidden) / routes.alpha_tilde
+        combined = routes.policy.combined_hidden(adapter_hidden, base_hidden)
         return combined if routes.base_rows is None else torch.where(routes.base_rows, base_hidden, combined)
 
     def _token_routes(self, tokens: int, device: torch.device) -> TokenRoutes | None:
@@ -209,8 +209,7 @@ class QAdapterForCausalLM(nn.Module):
         row_routes = [routing.rows.get(row, default) for row in range(lengths.numel())]
         row_routes += [default]  # the tokens past the last request's (padding), if any
         lengths = torch.cat([lengths, torch.tensor([tokens - int(lengths.sum())])])
-        policies = [r.policy(self.policies[r.index]) if r.index != BASE_ROUTE else PolicyParams()
-                    for r in row_routes]
+        policies = [self._route_policy(r) for r in row_routes]
         per_token = torch.repeat_interleave(torch.tensor([r.index for r in row_routes]), lengths)
         alphas = torch.repeat_interleave(torch.tensor([[p.alpha_tilde, p.alpha_0] for p in policies]), lengths, dim=0)
         present = sorted(set(per_token.tolist()) - {BASE_ROUTE})
@@ -219,7 +218,14 @@ class QAdapterForCausalLM(nn.Module):
         is_base = (per_token == BASE_ROUTE)
         dtype = self.model.embed_tokens.weight.dtype
         return TokenRoutes(adapters, is_base[:, None].to(device) if bool(is_base.any()) else None,
-                           alphas[:, :1].to(device, dtype), alphas[:, 1:].to(device, dtype))
+                           PolicyParams(alpha_tilde=alphas[:, :1].to(device, dtype), alpha_0=alphas[:, 1:].to(device, dtype)))
+
+    def _route_policy(self, route: RequestRoute) -> PolicyParams:
+        """A route's policy, validated once per distinct route (not at every step); the base model's: any."""
+        if route not in self._route_policies:
+            self._route_policies[route] = (route.policy(self.policies[route.index]) if route.index != BASE_ROUTE
+                                           else PolicyParams())
+        return self._route_policies[route]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

@@ -22,8 +22,8 @@ from .adapter import DecoderShapes, load_served_adapter, read_qadapter_config
 from .checkpoint import plain_checkpoint
 from .plugin import ARCHITECTURE, ROUTING_PROCESSOR
 
-__all__ = ["BASE_ROUTE", "NamedAdapter", "RequestRoute", "ServingSettings", "check_base_config", "decoder_shapes",
-           "engine_arguments", "request_route", "served_routes"]
+__all__ = ["BASE_ROUTE", "REQUEST_ADAPTER", "REQUEST_STRENGTH", "NamedAdapter", "RequestRoute", "ServingSettings",
+           "check_base_config", "decoder_shapes", "default_name", "engine_arguments", "request_route", "served_routes"]
 
 SECTION = "qadapter"
 # The decoder families whose vLLM layers the plug-in walks (serving.model.DECODER_MODELS builds each).
@@ -195,6 +195,11 @@ def _recorded_base_mismatch(recorded: str | None, served_config: dict) -> str | 
     return None
 
 
+def default_name(folder: str | Path) -> str:
+    """The name an adapter is served under when none is given: its folder's."""
+    return Path(folder).expanduser().resolve().name
+
+
 def engine_arguments(adapter: str | Path, base_model: str | Path | None = None, *, enabled: bool = True,
                      alpha_tilde: float | None = None, alpha_0: float | None = None, name: str | None = None,
                      more: Mapping[str, str | Path | Mapping[str, Any]] | None = None,
@@ -221,7 +226,7 @@ def engine_arguments(adapter: str | Path, base_model: str | Path | None = None, 
     model = plain_checkpoint(base_model if base_model is not None else recorded)
     config = json.loads((model / "config.json").read_text())
     check_base_config(config)
-    named = [NamedAdapter(name or adapter.name, str(adapter), alpha_tilde, alpha_0)]
+    named = [NamedAdapter(name or default_name(adapter), str(adapter), alpha_tilde, alpha_0)]
     for other_name, spec in (more or {}).items():
         spec = dict(spec) if isinstance(spec, Mapping) else {"adapter": spec}
         _refuse_unknown(spec, NamedAdapter, f"the adapter {other_name!r}")

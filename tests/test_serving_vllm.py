@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+
+from pathlib import Path
 
 import peft
 import pytest
@@ -30,6 +33,9 @@ from qadapter_kernels.serving.settings import (BASE_ROUTE, RequestRoute, Serving
 from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 from serving_helpers import (ALL_MODULES, ALPHA_0, ALPHA_TILDE, ENGINE_ENV, ENGINE_OPTIONS, MAX_NEW_TOKENS,
                              SERVER_START_S, chat_prompts, reference_greedy, save_adapter, until_eos, vllm_greedy)
+
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
     fields = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -385,6 +391,30 @@ def test_generate_still_decodes_with_the_adapter_after_an_engine_ran(served, ref
     loaded = QAdapterModel.from_pretrained(folder).eval()
     assert reference_greedy(loaded, prompts, eos) == references[0]
     assert reference_greedy(loaded, prompts, eos, adapter=False) == references[1]
+
+
+def test_the_offline_example_runs_as_a_saved_script(served, tmp_path):
+    """The serving page's offline example, saved as a file and run as a script with vLLM's default engine
+    process (spawned: it imports the script again, which dies without the example's main guard), prints
+    ``generate``'s greedy completion (that the adapter changes completions is the other tests' business: on
+    the example's bare "Hello" this small random adapter does not)."""
+    pytest.importorskip("vllm")
+    qa, folder, tokenizer, _ = served
+    blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "docs" / "serving.md").read_text(), flags=re.S | re.M)
+    example = next(b for b in blocks if "LLM(" in b and "engine_arguments(" in b)
+    (tmp_path / "run").symlink_to(folder)  # the folder the example names
+    (tmp_path / "offline.py").write_text(example)
+    env = {**os.environ, **ENGINE_ENV}
+    del env["VLLM_ENABLE_V1_MULTIPROCESSING"]  # vLLM's default: the engine in its own, spawned process
+    done = subprocess.run([sys.executable, "offline.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=SERVER_START_S + 120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    prompt = torch.tensor([tokenizer.encode(re.search(r'generate\(\["(.*?)"\]', example).group(1))])
+    max_tokens = int(re.search(r"max_tokens=(\d+)", example).group(1))
+    row = qa.generate(prompt, max_new_tokens=max_tokens, temperature=0.0, eos_token_id=tokenizer.eos_token_id)[0]
+    expected = tokenizer.decode(until_eos(row[prompt.shape[1]:].tolist(), tokenizer.eos_token_id),
+                                skip_special_tokens=True)
+    assert expected and expected in done.stdout.splitlines(), done.stdout[-3000:]  # vLLM logs to stdout too
 
 
 def combined_log_probs(qa: QAdapterModel, prompt: list[int]) -> torch.Tensor:

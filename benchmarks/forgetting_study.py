@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -290,7 +290,9 @@ def execute(specs: list[dict], config: dict, jobs: int, log_path: Path, deadline
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_load_context,
                                  initargs=(config,)) as pool:
-            for result in pool.map(_timed_run, todo, [deadline] * len(todo)):
+            # As each ends, not in plan order: a stopped study keeps every run that finished.
+            for future in as_completed([pool.submit(_timed_run, spec, deadline) for spec in todo]):
+                result = future.result()
                 done[result["key"]] = _log(result, log_path, config)
     return [done[s["key"]] for s in specs if s["key"] in done and "skipped" not in done[s["key"]]]
 

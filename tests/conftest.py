@@ -18,6 +18,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores (pytest -n): one thread each, in this process and the ones
+    # it starts, or torch's OpenMP threads thrash (10-50x). test_cpu_runtime runs the kernels on two.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 from qadapter_kernels.ops import backend as _backend  # noqa: E402
 
 # The switch is read once, at import: make sure it took effect as intended.

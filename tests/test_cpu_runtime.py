@@ -19,9 +19,9 @@ SMOKE = Path(__file__).with_name("cpu_kernels_smoke.py")
 SUPPORTED = CAPABILITIES[: CAPABILITIES.index(qk.cpu_capability()) + 1]
 
 
-def _run(code_or_script: list[str], **env: str) -> subprocess.CompletedProcess:
+def _run(code_or_script: list[str], threads: int = 1, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k not in ("QADAPTER_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")}
-    environment.update(env, OMP_NUM_THREADS="1")
+    environment.update(env, OMP_NUM_THREADS=str(threads))
     return subprocess.run([sys.executable, *code_or_script], env=environment, capture_output=True, text=True,
                           timeout=600)
 
@@ -33,6 +33,14 @@ def test_each_isa_build_matches_the_reference(level):
     result = _run([str(SMOKE), "--expect", level], QADAPTER_CPU_CAPABILITY=level)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"cpu kernels smoke: {level} 12 passed, 0 failed" in result.stdout
+
+
+def test_the_kernels_split_over_two_threads_match_the_reference():
+    """The suite may run with one thread per test process (tests/conftest.py): the kernels' parallel
+    partitions (and the thread-dependent paths, e.g. the from-hidden sampler's row tiles) on two."""
+    result = _run([str(SMOKE)], threads=2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"cpu kernels smoke: {SUPPORTED[-1]} 12 passed, 0 failed" in result.stdout
 
 
 def test_the_default_is_the_level_torch_picks_and_aten_cpu_capability_lowers_it():

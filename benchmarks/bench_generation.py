@@ -19,6 +19,9 @@ phase apart, for three ways to decode the same policy and two ways to decode the
   rows mixed_batch runs, so its floor in each phase (``x floor``): the adapter stream is a second
   stream of compute, and a step's cost grows with its rows wherever the products are not bound by
   reading the weights alone.
+- ``base_alone_2B``: ``base_alone`` on the same 2B rows, tok/s counted over the B prompts: the floor
+  through the package's own loop and sampler (``x own floor``), so what mixed_batch adds beyond the
+  second stream's rows (the LoRA deltas, the routing) shows apart from what the rows cost.
 
 Every call decodes greedily (temperature 0; hf_base ``do_sample=False``) exactly ``new`` tokens
 (no EOS: hf_base gets ``min_new_tokens=new``). Before timing, greedy decoding of a few tokens is
@@ -57,8 +60,8 @@ from runner import (BenchResult, add_common_arguments, default_out_dir, machine_
                     save_results)
 
 MIXED, TWO_PASS, AUTHORS, BASE, HF_BASE = "mixed_batch", "two_pass", "authors", "base_alone", "hf_base"
-FLOOR = "hf_base_2B"
-DECODERS = (MIXED, TWO_PASS, AUTHORS, BASE, HF_BASE, FLOOR)
+FLOOR, OWN_FLOOR = "hf_base_2B", "base_alone_2B"
+DECODERS = (MIXED, TWO_PASS, AUTHORS, BASE, HF_BASE, FLOOR, OWN_FLOOR)
 ADAPTER_DECODERS = (MIXED, TWO_PASS, AUTHORS)  # the customised policy: the same greedy tokens
 RATIO, TARGET_RATIO = "x two_pass tok/s", 1.4
 BASE_RATIO, HF_RATIO = "x base_alone tok/s", "x hf_base tok/s"
@@ -66,7 +69,8 @@ PREFILL, DECODE = "prefill ms", "ms/token"
 PREFILL_RATIO, DECODE_RATIO = "prefill x hf_base", "decode x hf_base"
 BASE_TARGETS = {1: 0.95, 8: 0.75}  # batch -> mixed_batch's least fraction of base_alone's tokens/s (128+128)
 HF_TARGETS = {1: 1.0, 8: 0.9}  # batch -> mixed_batch's least fraction of hf_base's tokens/s (SmolLM2, prompt 128)
-FLOOR_RATIOS = {"tok/s": "x floor tok/s", PREFILL: "prefill x floor", DECODE: "decode x floor"}
+FLOOR_RATIOS = {floor: {"tok/s": f"x {label} tok/s", PREFILL: f"prefill x {label}", DECODE: f"decode x {label}"}
+                for floor, label in ((FLOOR, "floor"), (OWN_FLOOR, "own floor"))}  # mixed_batch against each
 AGREEMENT_TOKENS = 8
 AUTHORS_LOGITS_BUDGET = 4 * 2**30  # bytes of the authors' two fp32 prompt-logits tensors it may hold
 
@@ -111,6 +115,7 @@ def decoders(model: QAdapterModel, base_lm: torch.nn.Module | None, ids: torch.T
         TWO_PASS: lambda new: model.generate(ids, max_new_tokens=new, two_pass=True, **greedy),
         AUTHORS: lambda new: authors_generate(model, ids, new),
         BASE: lambda new: model.generate(ids, max_new_tokens=new, adapter=False, **greedy),
+        OWN_FLOOR: lambda new: model.generate(torch.cat([ids, ids]), max_new_tokens=new, adapter=False, **greedy),
     }
     if base_lm is not None:
         for name, rows in ((HF_BASE, ids), (FLOOR, torch.cat([ids, ids]))):
@@ -148,10 +153,11 @@ def add_ratios(rows: list[BenchResult]) -> None:
         if HF_BASE in by_name:
             r.extra[PREFILL_RATIO] = r.extra[PREFILL] / by_name[HF_BASE][PREFILL]
             r.extra[DECODE_RATIO] = r.extra[DECODE] / by_name[HF_BASE][DECODE]
-        if FLOOR in by_name and r.provider == MIXED:
-            r.extra[FLOOR_RATIOS["tok/s"]] = r.extra["tok/s"] / by_name[FLOOR]["tok/s"]
-            for phase in (PREFILL, DECODE):
-                r.extra[FLOOR_RATIOS[phase]] = r.extra[phase] / by_name[FLOOR][phase]
+        for floor, columns in FLOOR_RATIOS.items():
+            if floor in by_name and r.provider == MIXED:
+                r.extra[columns["tok/s"]] = r.extra["tok/s"] / by_name[floor]["tok/s"]
+                for phase in (PREFILL, DECODE):
+                    r.extra[columns[phase]] = r.extra[phase] / by_name[floor][phase]
 
 
 def bench_config(config: Config, device: str, warmup: int, reps: int, chosen: set[str]) -> tuple[list, list[str]]:
@@ -193,13 +199,14 @@ def bench_config(config: Config, device: str, warmup: int, reps: int, chosen: se
 
 
 def floor_lines(results: list[BenchResult]) -> list[str]:
-    """How close mixed_batch comes to its floor (hf_base_2B) in each phase, per config."""
+    """How close mixed_batch comes to its floors (hf_base_2B, base_alone_2B) in each phase, per config."""
     lines = []
     for r in results:
-        if r.provider == MIXED and FLOOR_RATIOS[PREFILL] in r.extra:
-            config = " ".join(f"{k}={v}" for k, v in r.config.items())
-            ratios = ", ".join(f"{k} {r.extra[v]:.3g}x" for k, v in FLOOR_RATIOS.items())
-            lines.append(f"floor: mixed_batch at {config} against hf_base_2B: {ratios}")
+        for floor, columns in FLOOR_RATIOS.items():
+            if r.provider == MIXED and columns[PREFILL] in r.extra:
+                config = " ".join(f"{k}={v}" for k, v in r.config.items())
+                ratios = ", ".join(f"{k} {r.extra[v]:.3g}x" for k, v in columns.items())
+                lines.append(f"floor: mixed_batch at {config} against {floor}: {ratios}")
     return lines
 
 
@@ -264,8 +271,9 @@ def main() -> None:
                  ["ms: the whole greedy generate call (prefill + all new tokens); tok/s = B x new tokens / that time.",
                   f"{PREFILL}: a call with 1 new token; {DECODE}: (ms - {PREFILL}) / (new - 1); "
                   f"{PREFILL_RATIO}, {DECODE_RATIO}: those times over hf_base's (lower is faster).",
-                  "mixed_batch's floor: hf_base_2B, transformers' generate of the base model on the 2B rows the "
-                  "mixed batch runs (tok/s over B prompts): x floor tok/s, and each phase's time over the floor's.",
+                  "mixed_batch's floors: hf_base_2B (x floor) and base_alone_2B (x own floor), the base model on "
+                  "the 2B rows the mixed batch runs through transformers' generate and through the package's loop "
+                  "(tok/s over B prompts): tok/s, and each phase's time over the floor's.",
                   *checks, *floor_lines(results), *verdict_lines(targets(configs), results, args.device)],
                  plot=not args.no_plot, time_label="generate call (ms)")
 

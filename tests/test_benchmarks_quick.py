@@ -48,13 +48,15 @@ def test_generation_quick_against_hf_base_by_phase(tmp_path):
     payload = run_quick(tmp_path, "bench_generation.py", "generation_quick")
     results = payload["results"]
     assert {r["provider"] for r in results} == {"mixed_batch", "two_pass", "authors", "base_alone", "hf_base",
-                                                "hf_base_2B"}
+                                                "hf_base_2B", "base_alone_2B"}
     for r in results:
         for column in ("tok/s", "prefill ms", "ms/token", "x hf_base tok/s", "prefill x hf_base", "decode x hf_base"):
             assert math.isfinite(r["extra"][column]), (r["provider"], column, r["extra"])
         assert r["extra"]["prefill ms"] > 0
     assert all(r["extra"]["x hf_base tok/s"] == 1.0 for r in results if r["provider"] == "hf_base")
-    for r in results:  # mixed_batch against its floor, the base model on its 2B rows, in each phase
+    for r in results:  # mixed_batch against its floors, the base model on its 2B rows two ways, in each phase
         if r["provider"] == "mixed_batch":
-            assert all(math.isfinite(r["extra"][c]) for c in ("x floor tok/s", "prefill x floor", "decode x floor"))
+            columns = [f"x {f} tok/s" for f in ("floor", "own floor")] + [
+                f"{phase} x {f}" for phase in ("prefill", "decode") for f in ("floor", "own floor")]
+            assert all(math.isfinite(r["extra"][c]) for c in columns), r["extra"]
     assert sum("same 8 tokens with base_alone, hf_base" in note for note in payload["notes"]) == 2  # B = 1 and 2

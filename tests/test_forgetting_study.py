@@ -50,8 +50,19 @@ def test_quick_pass_runs_end_to_end_with_the_preregistration_first(tmp_path):
     assert md.index("Pre-registered") < md.index("### Validation") < md.index("### Test") < md.index("### Outcome")
     assert (tmp_path / "forgetting_study_quick.png").stat().st_size > 0
     # Every run is in the log (validation: the grid and base; test: every row's seeds), for a later rerun to reuse.
-    runs = (tmp_path / "forgetting_study_quick_runs.jsonl").read_text().splitlines()
+    log = tmp_path / "forgetting_study_quick_runs.jsonl"
+    runs = log.read_text().splitlines()
     assert len(runs) == len(payload["validation"]) + 1 + sum(len(r["seeds"]) for r in payload["rows"])
+    # A study stopped with three test runs unfinished: the same command keeps every finished run as it was
+    # and runs only the three.
+    kept, dropped = runs[:-3], runs[-3:]
+    log.write_text("".join(line + "\n" for line in kept))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"runs reused from {log}; running 3" in again.stdout
+    rerun = log.read_text().splitlines()
+    assert rerun[:len(kept)] == kept and len(rerun) == len(runs)
+    assert {json.loads(line)["key"] for line in rerun[len(kept):]} == {json.loads(line)["key"] for line in dropped}
 
 
 def test_splits_share_no_item_or_template_and_cover_every_pair():

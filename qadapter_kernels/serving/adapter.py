@@ -68,7 +68,8 @@ class DecoderShapes:
         if kv and heads < world:
             if world % heads:
                 raise ValueError(f"{heads} key/value heads cannot be replicated evenly over {world} ranks")
-            return slice(rank // (world // heads) * self.head_dim, (rank // (world // heads) + 1) * self.head_dim)
+            head = rank // (world // heads)
+            return slice(head * self.head_dim, (head + 1) * self.head_dim)
         if size % world:
             raise ValueError(f"a projection of size {size} cannot be split evenly over {world} tensor-parallel ranks")
         share = size // world

@@ -192,7 +192,8 @@ class QAdapterForCausalLM(nn.Module):
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         # Read and checked now, so a bad adapter fails before any weight or cache is allocated.
         dtype = vllm_config.model_config.dtype
-        self.served = [load_served_adapter(a.adapter, decoder_shapes(config), dtype) for a in self.settings.adapters]
+        self.shapes = decoder_shapes(config)
+        self.served = [load_served_adapter(a.adapter, self.shapes, dtype) for a in self.settings.adapters]
         self.policies = [a.policy(s.policy) for a, s in zip(self.settings.adapters, self.served)]
         self._route_policies: dict[RequestRoute, PolicyParams] = {}
         self.adapter_stream = (_AdapterStream(vllm_config, self.model.layers, maybe_prefix(prefix, "qadapter"))
@@ -248,6 +249,5 @@ class QAdapterForCausalLM(nn.Module):
         """The base checkpoint through vLLM's loader; then the LoRA, moved next to the base weights."""
         loaded = AutoWeightsLoader(self).load_weights(weights)
         if self.adapter_stream is not None:
-            self.adapter_stream.set_lora([s.lora for s in self.served], decoder_shapes(self.config),
-                                         self.model.embed_tokens.weight.device)
+            self.adapter_stream.set_lora([s.lora for s in self.served], self.shapes, self.model.embed_tokens.weight.device)
         return loaded

@@ -59,6 +59,21 @@ def reference_greedy(qa: QAdapterModel, prompts: list[list[int]], eos: int, adap
     return [until_eos(row[width:].tolist(), eos) for row in out]
 
 
+def vllm_greedy_routed(llm, prompts: list[list[int]], eos: int, routes: dict) -> dict[str, list[list[int]]]:
+    """Per route name, the greedy tokens of every prompt, all routes' requests interleaved in ONE generate
+    call (one mixed batch); ``routes``: name -> the request's ``extra_args`` (None: the engine's default)."""
+    from vllm import SamplingParams
+
+    requests = [(route, i) for i in range(len(prompts)) for route in routes]
+    outputs = llm.generate([{"prompt_token_ids": prompts[i]} for _, i in requests],
+                           [SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, extra_args=routes[route])
+                            for route, _ in requests], use_tqdm=False)
+    tokens = {route: [None] * len(prompts) for route in routes}
+    for (route, i), output in zip(requests, outputs):
+        tokens[route][i] = until_eos(list(output.outputs[0].token_ids), eos)
+    return tokens
+
+
 def vllm_greedy(llm, prompts: list[list[int]], eos: int) -> list[list[int]]:
     from vllm import SamplingParams
 

@@ -15,8 +15,8 @@ import torch
 
 from qadapter_kernels.serving.adapter import COLUMN_PARALLEL, FUSED_PROJECTIONS, DecoderShapes, LoraPair, rank_share
 from qadapter_kernels.serving.settings import engine_arguments
-from serving_helpers import (ALPHA_0, ALPHA_TILDE, ENGINE_OPTIONS, MAX_NEW_TOKENS, chat_prompts, make_family_model,
-                             reference_greedy, save_adapter, until_eos)
+from serving_helpers import (ALPHA_0, ALPHA_TILDE, ENGINE_OPTIONS, chat_prompts, make_family_model, reference_greedy,
+                             save_adapter, vllm_greedy_routed)
 
 HEAD_DIM = 8
 
@@ -73,8 +73,6 @@ def test_a_split_vllm_would_refuse_is_refused_naming_it():
 def test_tensor_parallel_engine_equals_generate_for_every_route(vllm, smollm2_checkpoint, tmp_path, monkeypatch,
                                                                 family, kv_heads):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from vllm import SamplingParams
-
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_checkpoint))
     make_family_model(family, tmp_path / "base", tokenizer, num_key_value_heads=kv_heads)
     adapters = {}
@@ -92,12 +90,7 @@ def test_tensor_parallel_engine_equals_generate_for_every_route(vllm, smollm2_ch
                                       base_name="base"),
                    **ENGINE_OPTIONS, tensor_parallel_size=2, distributed_executor_backend="mp")
     try:
-        requests = [(route, i) for i in range(len(prompts)) for route in expected]  # interleaved: one mixed batch
-        outputs = llm.generate([{"prompt_token_ids": prompts[i]} for _, i in requests],
-                               [SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS,
-                                               extra_args=None if route == "first" else {"qadapter": route})
-                                for route, _ in requests], use_tqdm=False)
-        for (route, i), output in zip(requests, outputs):
-            assert until_eos(list(output.outputs[0].token_ids), eos) == expected[route][i], (route, i)
+        routes = {route: None if route == "first" else {"qadapter": route} for route in expected}
+        assert vllm_greedy_routed(llm, prompts, eos, routes) == expected
     finally:
         llm.llm_engine.engine_core.shutdown()

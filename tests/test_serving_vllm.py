@@ -32,7 +32,8 @@ from qadapter_kernels.serving.settings import (BASE_ROUTE, RequestRoute, Serving
                                                decoder_shapes, engine_arguments, request_route, served_routes)
 from qadapter_kernels.model import QAdapterConfig, QAdapterModel
 from serving_helpers import (ALL_MODULES, ALPHA_0, ALPHA_TILDE, ENGINE_ENV, ENGINE_OPTIONS, MAX_NEW_TOKENS,
-                             SERVER_START_S, chat_prompts, reference_greedy, save_adapter, until_eos, vllm_greedy)
+                             SERVER_START_S, chat_prompts, reference_greedy, save_adapter, until_eos, vllm_greedy,
+                             vllm_greedy_routed)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -514,18 +515,14 @@ def test_several_adapters_and_the_base_share_one_engine_and_one_batch(vllm, serv
     decoded = {"first": references[0], "base": references[1], "second": second_tokens, "stronger": stronger_tokens}
     same = [(a, b) for a in decoded for b in decoded if a < b and decoded[a] == decoded[b]]
     assert not same, f"not vacuous: each route must decode differently, these do not: {same}"
-    routes = {"first": (None, references[0]), "second": ({"qadapter": "second"}, second_tokens),
-              "base": ({"qadapter": "base"}, references[1]),
-              "stronger": ({"qadapter": "second", "alpha_0": STRONGER_ALPHA_0}, stronger_tokens)}
+    routes = {"first": None, "second": {"qadapter": "second"}, "base": {"qadapter": "base"},
+              "stronger": {"qadapter": "second", "alpha_0": STRONGER_ALPHA_0}}
     llm = vllm.LLM(**engine_arguments(folder, name="first", more={"second": second_folder}, base_name="base"),
                    **ENGINE_OPTIONS)
     try:
-        requests = [(route, i) for i in range(len(prompts)) for route in routes]  # interleaved: one mixed batch
-        outputs = llm.generate([{"prompt_token_ids": prompts[i]} for _, i in requests],
-                               [SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, extra_args=routes[r][0])
-                                for r, _ in requests], use_tqdm=False)
-        for (route, i), output in zip(requests, outputs):
-            assert until_eos(list(output.outputs[0].token_ids), eos) == routes[route][1][i], (route, i)
+        served = vllm_greedy_routed(llm, prompts, eos, routes)
+        for route in routes:
+            assert served[route] == decoded[route], route
         from vllm.exceptions import VLLMValidationError
 
         with pytest.raises(VLLMValidationError, match="'third' is not served here"):

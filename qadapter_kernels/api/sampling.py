@@ -2,8 +2,8 @@
 from the customised policy, from logits or from hidden states and the LM head.
 
 Sampling is never differentiated: inputs that require grad are read without building a graph.
-Each call costs at most one host sync (the range of per-row tensor parameters and the rows
-without a finite maximum, read together after the kernel).
+Each call costs one host sync (the range of per-row tensor parameters and the rows without a finite
+maximum, read together after the kernel); a second only to name the row it then raises for.
 """
 import numbers
 from typing import NamedTuple
@@ -111,25 +111,26 @@ def draw_uniforms(rows: int, device: torch.device, generator: torch.Generator | 
     return torch.rand(rows, generator=generator, device=gen_device).to(device)
 
 
-def bad_row_flag(tokens: torch.Tensor, source: str, alpha_0: float, flags: dict) -> None:
-    """Adds the first row without a finite maximum (token -1) to ``flags``, as a row index (-1: none)."""
-    if not tokens.numel():
+def raise_on_sampling_flags(flags: dict | None, tokens: torch.Tensor, source: str, alpha_0: float) -> None:
+    """Raises ValueError for a range flag (0-dim bool) that is set, else for the first row without a
+    finite maximum (token -1), naming ``source``: one host sync (a second, for the row's index, only
+    on the error path). ``flags`` None: checks are off."""
+    if flags is None:
         return
-    bad = tokens < 0
-    note = ZERO_ALPHA_0_NOTE if alpha_0 == 0 else ""
-    flags[f"{source}: row {{}} is all -inf or holds NaN or +inf{note}"] = torch.where(bad.any(), bad.long().argmax(), -1)
-
-
-def raise_on_sampling_flags(flags: dict | None) -> None:
-    """``raise_on_flags`` for a sampler: range flags (bool) and a bad-row index (-1: none), one host sync."""
-    if not flags:
+    checks = [f.reshape(()) for f in flags.values()]
+    if tokens.numel():
+        checks.append(tokens.amin())
+    if not checks:
         return
-    values = torch.stack([f.reshape(()).long() for f in flags.values()]).tolist()
-    for message, value in zip(flags, values):
-        if "{}" in message and value >= 0:
-            raise ValueError(message.format(value))
-        if "{}" not in message and value:
+    # One check (the common case: scalar parameters) needs no stack: .item() alone is the sync.
+    values = [checks[0].item()] if len(checks) == 1 else torch.stack([c.long() for c in checks]).tolist()
+    for message, bad in zip(flags, values):
+        if bad:
             raise ValueError(message)
+    if tokens.numel() and values[-1] < 0:
+        row = int((tokens < 0).long().argmax())
+        note = ZERO_ALPHA_0_NOTE if alpha_0 == 0 else ""
+        raise ValueError(f"{source}: row {row} is all -inf or holds NaN or +inf{note}")
 
 
 def _untracked(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -259,9 +260,7 @@ def combined_sample(
     flags = {} if value_checks_enabled(device) else None
     per_row = row_sampling(q_logits.shape[0], device, sampling, flags)
     tokens = sample_logits_rows(q_logits, base_logits, policy, per_row, as_generator(generator, device), backend)
-    if flags is not None:
-        bad_row_flag(tokens, "q_logits or base_logits", policy.alpha_0, flags)
-    raise_on_sampling_flags(flags)
+    raise_on_sampling_flags(flags, tokens, "q_logits or base_logits", policy.alpha_0)
     return tokens
 
 
@@ -305,7 +304,5 @@ def combined_sample_from_hidden(
         raise TypeError(f"two_stream must be a bool, got {type(two_stream).__name__}")
     tokens = sample_hidden_rows(adapter_hidden, base_hidden, lm_head_weight, lm_head_bias, policy, per_row,
                                 as_generator(generator, device), backend, budget, two_stream)
-    if flags is not None:
-        bad_row_flag(tokens, "adapter_hidden, base_hidden or lm_head_weight", policy.alpha_0, flags)
-    raise_on_sampling_flags(flags)
+    raise_on_sampling_flags(flags, tokens, "adapter_hidden, base_hidden or lm_head_weight", policy.alpha_0)
     return tokens

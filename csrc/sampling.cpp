@@ -1,12 +1,15 @@
 // CPU kernels of qadapter::combined_logits, combined_sample and combined_sample_from_hidden.
 //
-// Sampling never sorts the vocabulary. Per row, in thread-local scratch that stays in cache:
-// y = (Q + alpha_0 * L) / alpha_tilde (log_softmax(L) only shifts a row by a constant, which no
-// filter and no draw can see), w = exp((y - max) / temperature) with each block's maximum weight;
-// the block maxima bound the top-k and top-p thresholds from below, so only the blocks that can
-// hold a kept token are read again, into a candidate list; the exact thresholds come from weighted
-// quickselect over the candidates, min-p is w >= min_p, and the draw is one inverse-CDF walk over
-// the candidates in vocabulary order with the row's uniform draw.
+// Sampling never sorts the vocabulary and never stores a row. Per row, one pass over the inputs
+// forms y = (Q + alpha_0 * L) / alpha_tilde block by block (log_softmax(L) only shifts a row by a
+// constant, which no filter and no draw can see) and keeps, per block of kBlock entries, the maximum
+// of y, its vector lanes' maxima and, when the draw needs the row's mass, the block's mass relative
+// to its own maximum. With w = exp((y - max) / temperature), the block maxima as weights bound the
+// top-k and top-p thresholds from below, so only the blocks that can hold a kept token are formed
+// again, into a candidate list; the exact thresholds come from weighted quickselect over the
+// candidates, min-p is w >= min_p, and the draw is one inverse-CDF walk over the candidates in
+// vocabulary order with the row's uniform draw (without a filter: over the blocks' masses, then
+// inside the one block the draw falls in).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -40,17 +43,18 @@ constexpr int64_t kVec = Vec::size();
 // again; with a nucleus of a few hundred tokens that is a few hundred blocks of the vocabulary. When
 // the block maxima cannot reach the bound (a nucleus larger than, or crowded into, the blocks), the
 // maxima of each block's vector lanes (kBlock / lanes entries each, kept from the same pass) can.
-constexpr int64_t kBlock = 64;
+constexpr int64_t kBlock = 256;
 
 // Per-thread scratch of sample_row, reused from row to row.
 struct RowScratch {
-  std::vector<float> block_max;   // per block: max of y, then max of the weights
-  std::vector<float> lane_max;    // per block and vector lane: the max weight of the lane's entries
-  std::vector<float> values;      // candidates' weights (vocabulary order), then permuted by selection
-  std::vector<int64_t> indices;   // candidates' vocabulary indices
+  std::vector<float> block_max;     // per block: max of y (NaN propagates)
+  std::vector<float> lane_max;      // per block and vector lane: max of y over the lane's entries
+  std::vector<float> block_sum;     // per block: sum of exp((y - block max) / T), when the mass is needed
+  std::vector<float> block_weight;  // per block: its maximum as a weight, exp((block max - row max) / T)
+  std::vector<float> lane_weight;   // the lanes' maxima as weights (only when the blocks' cannot bound)
+  std::vector<float> values;        // candidates' weights (vocabulary order), then permuted by selection
+  std::vector<int64_t> indices;     // candidates' vocabulary indices
   std::vector<float> work;
-  std::vector<float> block_weight;  // sample_row_lazily: each block's maximum as a weight
-  std::vector<float> weights;       // sample_row_lazily: the candidate blocks' weights, at their indices
 };
 
 inline float reduce_max(const Vec& v) {
@@ -61,85 +65,91 @@ inline float reduce_sum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-// max of y over [begin, end) (NaN propagates).
-inline float range_max(const float* y, int64_t begin, int64_t end) {
-  const int64_t n_vec = begin + (end - begin) - (end - begin) % kVec;
-  Vec vmax(-std::numeric_limits<float>::infinity());
-  for (int64_t v = begin; v < n_vec; v += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(y + v));
-  float m = reduce_max(vmax);
-  for (int64_t v = n_vec; v < end; ++v) m = max_nan(m, y[v]);
-  return m;
+// Where a row's y comes from, a block of n <= kBlock entries at a time (block() returns them).
+// Every pass forms an entry the same way (the same lane of the same block), so y, and the weight a
+// pass computes from it, is bitwise the same in each.
+template <typename scalar_t>
+struct CombinedRow {  // y formed from the two logits rows
+  const scalar_t* q;
+  const scalar_t* l;
+  const Combine<float>& combine;
+
+  const float* block(int64_t begin, int64_t n, float* buffer) const {
+    float q_buf[kBlock], l_buf[kBlock];
+    const float* qt = tile_as_acc<scalar_t, float>(q + begin, n, q_buf);
+    const float* lt = tile_as_acc<scalar_t, float>(l + begin, n, l_buf);
+    const int64_t n_vec = n - n % kVec;
+    for (int64_t i = 0; i < n_vec; i += kVec) combine(Vec::loadu(qt + i), Vec::loadu(lt + i)).store(buffer + i);
+    for (int64_t i = n_vec; i < n; ++i) buffer[i] = combine(qt[i], lt[i]);
+    return buffer;
+  }
+};
+
+struct StoredRow {  // y already written (from the LM head's product)
+  const float* y;
+
+  const float* block(int64_t begin, int64_t, float*) const { return y + begin; }
+};
+
+inline int64_t block_count(int64_t vocab) { return (vocab + kBlock - 1) / kBlock; }
+inline int64_t block_size(int64_t b, int64_t vocab) { return std::min(kBlock, vocab - b * kBlock); }
+
+// w[i] = exp((y[i] - max_y) / temperature) for i in [0, n): vectors, then the scalar tail.
+inline void weigh_range(const float* y, float* w, int64_t n, float max_y, float temperature) {
+  const Vec v_max(max_y), v_inv_t(1.f / temperature);
+  const int64_t n_vec = n - n % kVec;
+  for (int64_t i = 0; i < n_vec; i += kVec) vexp<float>((Vec::loadu(y + i) - v_max) * v_inv_t).store(w + i);
+  for (int64_t i = n_vec; i < n; ++i) w[i] = std::exp((y[i] - max_y) / temperature);
 }
 
-// Row maximum of y, with each block's maximum in block_max (a pass over a row already written).
-float block_maxima(const float* y, int64_t vocab, std::vector<float>& block_max) {
-  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
-  block_max.resize(blocks);
+// The one pass over a row: each block's maximum of y and its lanes' maxima and, with `mass`, each
+// block's sum of exp((y - block max) / T) (0 for a block without a finite maximum). Returns the row's
+// maximum (NaN propagates).
+template <typename Row>
+float scan_row(const Row& row, int64_t vocab, float temperature, bool mass, RowScratch& s) {
+  const int64_t blocks = block_count(vocab);
+  s.block_max.resize(blocks);
+  s.lane_max.resize(blocks * kVec);
+  s.block_sum.resize(mass ? blocks : 0);
+  const Vec v_inv_t(1.f / temperature);
+  float buffer[kBlock];
   float row_max = -std::numeric_limits<float>::infinity();
   for (int64_t b = 0; b < blocks; ++b) {
-    block_max[b] = range_max(y, b * kBlock, std::min(vocab, (b + 1) * kBlock));
-    row_max = max_nan(row_max, block_max[b]);
+    const int64_t n = block_size(b, vocab), n_vec = n - n % kVec;
+    const float* y = row.block(b * kBlock, n, buffer);
+    Vec v_max(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < n_vec; i += kVec) v_max = at::vec::maximum(v_max, Vec::loadu(y + i));
+    float* lanes = s.lane_max.data() + b * kVec;
+    v_max.store(lanes);
+    float m = reduce_max(v_max);
+    for (int64_t i = n_vec; i < n; ++i) {  // the block's tail joins the first lane's entries
+      m = max_nan(m, y[i]);
+      lanes[0] = max_nan(lanes[0], y[i]);
+    }
+    s.block_max[b] = m;
+    row_max = max_nan(row_max, m);
+    if (!mass) continue;
+    float sum = 0.f;
+    if (std::isfinite(m)) {
+      const Vec v_m(m);
+      Vec acc(0.f);
+      for (int64_t i = 0; i < n_vec; i += kVec) acc += vexp<float>((Vec::loadu(y + i) - v_m) * v_inv_t);
+      sum = reduce_sum(acc);
+      for (int64_t i = n_vec; i < n; ++i) sum += std::exp((y[i] - m) / temperature);
+    }
+    s.block_sum[b] = sum;
   }
   return row_max;
 }
 
-// y becomes w = exp((y - max_y) / temperature) in place; block_max becomes each block's max weight
-// (computed from the stored weights, so a bound never exceeds an entry it stands for). Returns the
-// total weight, summed in vector lanes then in double.
-//
-// Every weight comes from weigh_block, so a weight computed again for a candidate (sample_row_lazily)
-// is bitwise the one a whole-row pass computes.
-struct NoVisit {
-  void vector(const Vec&) {}
-  void scalar(float) {}
-};
-
-// w[v] = exp((y[v] - max_y) / temperature) over [begin, end): vectors, then the scalar tail.
-template <typename Visit = NoVisit>
-inline void weigh_range(const float* y, float* w, int64_t begin, int64_t end, float max_y, float temperature,
-                        Visit&& visit = Visit()) {
-  const Vec v_max(max_y), v_inv_t(1.f / temperature);
-  const int64_t n_vec = begin + (end - begin) - (end - begin) % kVec;
-  for (int64_t v = begin; v < n_vec; v += kVec) {
-    const Vec wv = vexp<float>((Vec::loadu(y + v) - v_max) * v_inv_t);
-    wv.store(w + v);
-    visit.vector(wv);
-  }
-  for (int64_t v = n_vec; v < end; ++v) visit.scalar(w[v] = std::exp((y[v] - max_y) / temperature));
-}
-
-template <typename Visit = NoVisit>
-inline void weigh_block(const float* y, float* w, int64_t b, int64_t vocab, float max_y, float temperature,
-                        Visit&& visit = Visit()) {
-  weigh_range(y, w, b * kBlock, std::min(vocab, (b + 1) * kBlock), max_y, temperature, visit);
-}
-
-double weigh_row(float* y, int64_t vocab, float max_y, float temperature, RowScratch& s) {
-  struct Totals {
-    Vec sum{0.f}, bmax{0.f};
-    double tail = 0;
-    float tail_max = 0.f;
-    void vector(const Vec& w) {
-      sum += w;
-      bmax = at::vec::maximum(bmax, w);
-    }
-    void scalar(float w) {  // the block's tail joins the first lane's entries
-      tail += w;
-      tail_max = std::max(tail_max, w);
-    }
-  } totals;
-  std::vector<float>& block_max = s.block_max;
-  s.lane_max.resize(block_max.size() * kVec);
-  for (int64_t b = 0; b < int64_t(block_max.size()); ++b) {
-    totals.bmax = Vec(0.f);
-    totals.tail_max = 0.f;
-    weigh_block(y, y, b, vocab, max_y, temperature, totals);
-    float* lanes = s.lane_max.data() + b * kVec;
-    totals.bmax.store(lanes);
-    lanes[0] = std::max(lanes[0], totals.tail_max);
-    block_max[b] = *std::max_element(lanes, lanes + kVec);
-  }
-  return double(reduce_sum(totals.sum)) + totals.tail;
+// The blocks' maxima as weights into s.block_weight; returns the row's mass (with scan_row's `mass`).
+double weigh_blocks(float max_y, float temperature, bool mass, RowScratch& s) {
+  const int64_t blocks = int64_t(s.block_max.size());
+  s.block_weight.resize(blocks);
+  weigh_range(s.block_max.data(), s.block_weight.data(), blocks, max_y, temperature);
+  double total = 0;
+  for (int64_t b = 0; mass && b < blocks; ++b) total += double(s.block_sum[b]) * double(s.block_weight[b]);
+  return total;
 }
 
 // The threshold t over values[0, n) such that mass(values > t) < target <= mass(values >= t),
@@ -182,26 +192,6 @@ float select_threshold(float* values, int64_t n, double target) {
   return kByCount ? last_pivot : (lo < n ? values[lo] : last_pivot);
 }
 
-// Appends block b's entries with w >= bound and w > 0, in vocabulary order, to scratch.indices / values.
-inline void gather_block(const float* w, int64_t b, int64_t vocab, float bound, RowScratch& s) {
-  for (int64_t v = b * kBlock, end = std::min(vocab, v + kBlock); v < end; ++v) {
-    if (w[v] >= bound && w[v] > 0.f) {
-      s.indices.push_back(v);
-      s.values.push_back(w[v]);
-    }
-  }
-}
-
-// The entries with w >= bound and w > 0, in vocabulary order, into scratch.indices / scratch.values:
-// only blocks whose maximum weight reaches the bound are read.
-void gather_candidates(const float* w, int64_t vocab, float bound, RowScratch& s) {
-  s.indices.clear();
-  s.values.clear();
-  for (int64_t b = 0; b < int64_t(s.block_max.size()); ++b) {
-    if (s.block_max[b] >= bound && s.block_max[b] > 0.f) gather_block(w, b, vocab, bound, s);
-  }
-}
-
 // A lower bound of the top-k or top-p threshold from maxima of disjoint sets of entries (`maxima`);
 // -1 when they cannot bound it. Maxima below (1 - top_p) * total / count weigh less than 1 - top_p
 // together and are left out of the top-p selection (the bound holds for any subset that reaches the mass).
@@ -227,32 +217,61 @@ float bound_from_maxima(const std::vector<float>& maxima, const RowParams& p, in
   return select_threshold<false>(work.data(), int64_t(work.size()), target);
 }
 
-// A lower bound of the threshold top-k and top-p (over the whole row, mass total) will choose, from
-// the block maxima, else from the lane maxima; 0 when neither bounds it.
-float threshold_bound(const RowParams& p, int64_t vocab, double total, RowScratch& s) {
+// A lower bound of the weight of every entry the filters may keep: top-k's or top-p's (over the
+// whole row, mass total) from the block maxima, else from the lane maxima, else 0; min-p alone: its
+// own threshold. Lowered by 1e-5 relative: the maxima's weights come from other lanes of the vector
+// exp (or its scalar tail) than their entries' and may differ from them by a few ulp, and an extra
+// candidate below a threshold changes no selection.
+float threshold_bound(const RowParams& p, int64_t vocab, float max_y, double total, RowScratch& s) {
+  float bound = p.min_p;  // min-p alone: its threshold, exactly (the largest weight is 1)
   if (p.by_k(vocab) || p.by_p()) {
-    for (const std::vector<float>* maxima : {&s.block_max, &s.lane_max}) {
-      const float bound = bound_from_maxima(*maxima, p, vocab, total, s.work);
-      if (bound >= 0.f) return bound;
+    bound = bound_from_maxima(s.block_weight, p, vocab, total, s.work);
+    if (bound < 0.f) {
+      s.lane_weight.resize(s.lane_max.size());
+      weigh_range(s.lane_max.data(), s.lane_weight.data(), int64_t(s.lane_max.size()), max_y, p.temperature);
+      bound = std::max(0.f, bound_from_maxima(s.lane_weight, p, vocab, total, s.work));
     }
-    return 0.f;
   }
-  return p.min_p;  // min-p alone: its threshold, exactly (the largest weight is 1)
+  return bound * (1.f - 1e-5f);
+}
+
+// The entries with w >= bound and w > 0 of the blocks whose maximum reaches the bound, in vocabulary
+// order, into s.indices / s.values (weights).
+template <typename Row>
+void gather_candidates(const Row& row, int64_t vocab, float max_y, float temperature, float bound, RowScratch& s) {
+  s.indices.clear();
+  s.values.clear();
+  float buffer[kBlock], w[kBlock];
+  for (int64_t b = 0; b < int64_t(s.block_weight.size()); ++b) {
+    if (!(s.block_weight[b] >= bound && s.block_weight[b] > 0.f)) continue;
+    const int64_t n = block_size(b, vocab);
+    weigh_range(row.block(b * kBlock, n, buffer), w, n, max_y, temperature);
+    for (int64_t i = 0; i < n; ++i) {
+      if (w[i] >= bound && w[i] > 0.f) {
+        s.indices.push_back(b * kBlock + i);
+        s.values.push_back(w[i]);
+      }
+    }
+  }
 }
 
 constexpr int64_t kGatherAgain = -2;
 
 // The thresholds (quickselect over the candidates in s.values / s.indices: every entry the filters may
-// keep) and the draw. total: the row's mass, read by top-p without top-k only. Returns kGatherAgain when
-// the candidates (gathered down to a bound > 0) fall short of the top-p mass by rounding.
+// keep) and the draw. total: the row's mass, read by top-p without top-k only (scan_row's `mass`).
+// Returns kGatherAgain when candidates gathered down to a bound > 0 are too few for top-k, or fall
+// short of the top-p mass by rounding.
 int64_t draw_from_candidates(const RowParams& p, int64_t vocab, double total, float bound, RowScratch& s) {
   const int64_t n = int64_t(s.values.size());
+  if (p.by_k(vocab) && n < p.top_k && bound > 0.f) return kGatherAgain;
   if (n == 0) return -1;
   float top_k_threshold = 0.f;
   double kept_by_k = total;
-  if (p.by_k(vocab) && n >= p.top_k) {
-    s.work.assign(s.values.begin(), s.values.end());
-    top_k_threshold = select_threshold<true>(s.work.data(), n, double(p.top_k));
+  if (p.by_k(vocab)) {  // fewer candidates than k (entries of weight 0 are none): top-k keeps them all
+    if (n >= p.top_k) {
+      s.work.assign(s.values.begin(), s.values.end());
+      top_k_threshold = select_threshold<true>(s.work.data(), n, double(p.top_k));
+    }
     kept_by_k = 0;
     for (const float w : s.values) kept_by_k += w >= top_k_threshold ? double(w) : 0.0;
   }
@@ -290,81 +309,62 @@ int64_t draw_from_candidates(const RowParams& p, int64_t vocab, double total, fl
   return last < 0 ? -1 : s.indices[last];  // rounding ran past the end: the last kept entry
 }
 
-// Neither top-k nor min-p needs the row's total mass (top-p after top-k renormalises over what top-k
-// kept), so with top-k, or min-p without top-p, only candidate blocks are weighed: the bound comes from
-// the blocks' maxima of y (in s.block_max) as weights, lowered by 1e-5 relative so that a few ulp of
-// difference between this exp and the vector one of weigh_block never drop an entry, and only the
-// blocks reaching it get weights, by weigh_block (the very values a whole-row pass computes; extra
-// candidates below a threshold change no selection). False (y untouched) when the bound cannot be set
-// from the block maxima or misses the target: the caller weighs the whole row.
-bool sample_row_lazily(const float* y, int64_t vocab, float max_y, const RowParams& p, RowScratch& s,
-                       int64_t& token) {
-  const bool by_k = p.by_k(vocab);
-  const int64_t blocks = int64_t(s.block_max.size());
-  s.block_weight.resize(blocks);
-  weigh_range(s.block_max.data(), s.block_weight.data(), 0, blocks, max_y, p.temperature);
-  // top-k's bound from the block maxima (-1: fewer blocks than k), else min-p's own threshold.
-  float bound = by_k ? bound_from_maxima(s.block_weight, p, vocab, 0.0, s.work) : p.min_p;
-  bound *= 1.f - 1e-5f;
-  if (!(bound > 0.f)) return false;
-  s.indices.clear();
-  s.values.clear();
-  s.weights.resize(vocab);
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (!(s.block_weight[b] >= bound)) continue;
-    weigh_block(y, s.weights.data(), b, vocab, max_y, p.temperature);
-    gather_block(s.weights.data(), b, vocab, bound, s);
-  }
-  if (by_k && int64_t(s.values.size()) < p.top_k) return false;
-  token = draw_from_candidates(p, vocab, std::numeric_limits<double>::quiet_NaN(), bound, s);
-  return token != kGatherAgain;
+// The first entry holding the row's maximum: the first block holding it, then inside it.
+template <typename Row>
+int64_t first_maximum(const Row& row, int64_t vocab, float max_y, const RowScratch& s) {
+  const int64_t b = std::find(s.block_max.begin(), s.block_max.end(), max_y) - s.block_max.begin();
+  const int64_t n = block_size(b, vocab);
+  float buffer[kBlock];
+  const float* y = row.block(b * kBlock, n, buffer);
+  return b * kBlock + (std::find(y, y + n, max_y) - y);
 }
 
-// Draws one token from the filtered softmax of `y` (a combined row, before temperature), given its
-// maximum and its blocks' maxima in s.block_max (block_maxima, or the pass that wrote y).
-// Overwrites y with the unnormalised weights; returns -1 when the row has no finite maximum.
-int64_t sample_row(float* y, int64_t vocab, float max_y, const RowParams& p, RowScratch& s) {
-  if (!std::isfinite(max_y)) return -1;  // NaN, +inf, or nothing finite
-  if (p.temperature == 0.f) {            // the first maximum: the first block holding it, then inside it
-    const int64_t b = std::find(s.block_max.begin(), s.block_max.end(), max_y) - s.block_max.begin();
-    return std::find(y + b * kBlock, y + vocab, max_y) - y;
-  }
-  const bool by_k = p.by_k(vocab), by_p = p.by_p();
-  int64_t token = -1;
-  if ((by_k || (!by_p && p.min_p > 0.f)) && sample_row_lazily(y, vocab, max_y, p, s, token)) return token;
-  const double total = weigh_row(y, vocab, max_y, p.temperature, s);
-  if (!by_k && !by_p && p.min_p <= 0.f) {  // no filter: one walk over the row
-    double cumulative = 0;
-    const double target = double(p.uniform) * total;
-    int64_t last = -1;
-    for (int64_t b = 0; b < int64_t(s.block_max.size()); ++b) {
-      const int64_t begin = b * kBlock, end = std::min(vocab, begin + kBlock);
-      const int64_t n_vec = begin + (end - begin) - (end - begin) % kVec;
-      Vec block(0.f);
-      for (int64_t v = begin; v < n_vec; v += kVec) block += Vec::loadu(y + v);
-      double block_sum = reduce_sum(block);
-      for (int64_t v = n_vec; v < end; ++v) block_sum += y[v];
-      if (s.block_max[b] > 0.f) last = b;
-      if (cumulative + block_sum <= target) {
-        cumulative += block_sum;
-        continue;
-      }
-      for (int64_t v = begin; v < end; ++v) {
-        cumulative += y[v];
-        if (y[v] > 0.f && cumulative > target) return v;
-      }
+// No filter: the inverse-CDF walk over the blocks' masses, then inside the block the draw falls in.
+template <typename Row>
+int64_t walk_row(const Row& row, int64_t vocab, float max_y, const RowParams& p, double total, const RowScratch& s) {
+  const double target = double(p.uniform) * total;
+  double cumulative = 0;
+  float buffer[kBlock], w[kBlock];
+  for (int64_t b = 0; b < int64_t(s.block_sum.size()); ++b) {
+    const double mass = double(s.block_sum[b]) * double(s.block_weight[b]);
+    if (!(cumulative + mass > target)) {
+      cumulative += mass;
+      continue;
     }
-    if (last < 0) return -1;
-    for (int64_t v = std::min(vocab, (last + 1) * kBlock) - 1; v >= last * kBlock; --v) {
-      if (y[v] > 0.f) return v;  // rounding ran past the end: the last entry with weight
+    const int64_t n = block_size(b, vocab);
+    weigh_range(row.block(b * kBlock, n, buffer), w, n, max_y, p.temperature);
+    int64_t weighted = -1;
+    double inside = cumulative;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!(w[i] > 0.f)) continue;
+      weighted = i;
+      inside += w[i];
+      if (inside > target) return b * kBlock + i;
     }
-    return -1;
+    // The block's entries summed to a little less than its mass (rounding): its last entry with weight.
+    if (weighted >= 0) return b * kBlock + weighted;
+    cumulative += mass;
   }
+  return first_maximum(row, vocab, max_y, s);  // rounding ran past the end
+}
 
-  // Candidates: every entry any of the filters may keep. Should rounding make the bound miss the
-  // top-p target, the row is gathered again in full.
-  for (float bound = threshold_bound(p, vocab, total, s);; bound = 0.f) {
-    gather_candidates(y, vocab, bound, s);
+// Draws one token from the filtered softmax of a row's y (before temperature); -1 when the row has
+// no finite maximum.
+template <typename Row>
+int64_t sample_row(const Row& row, int64_t vocab, const RowParams& p, RowScratch& s) {
+  const bool greedy = p.temperature == 0.f, by_k = p.by_k(vocab), by_p = p.by_p();
+  const bool filtered = by_k || by_p || p.min_p > 0.f;
+  // The row's mass: for the walk without a filter, and for top-p without top-k (top-p after top-k
+  // renormalises over what top-k kept; top-k and min-p need none).
+  const bool mass = !greedy && (!filtered || (by_p && !by_k));
+  const float max_y = scan_row(row, vocab, p.temperature, mass, s);
+  if (!std::isfinite(max_y)) return -1;  // NaN, +inf, or nothing finite
+  if (greedy) return first_maximum(row, vocab, max_y, s);
+  const double total = weigh_blocks(max_y, p.temperature, mass, s);
+  if (!filtered) return walk_row(row, vocab, max_y, p, total, s);
+  // Should the bound prove too high (rounding), the row is gathered again in full.
+  for (float bound = threshold_bound(p, vocab, max_y, total, s);; bound = 0.f) {
+    gather_candidates(row, vocab, max_y, p.temperature, bound, s);
     const int64_t token = draw_from_candidates(p, vocab, total, bound, s);
     if (token != kGatherAgain) return token;
   }
@@ -418,33 +418,6 @@ float combine_row(const scalar_t* q, const scalar_t* l, int64_t vocab, const Com
   return lse_l.value();
 }
 
-// combine_row for sampling: writes y and, in the same pass, each block's maximum into block_max;
-// returns the row maximum (NaN propagates).
-template <typename scalar_t>
-float combine_row_with_block_maxima(const scalar_t* q, const scalar_t* l, int64_t vocab, const Combine<float>& combine,
-                                    float* out, std::vector<float>& block_max) {
-  float q_buf[kBlock], l_buf[kBlock];
-  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
-  block_max.resize(blocks);
-  float row_max = -std::numeric_limits<float>::infinity();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t begin = b * kBlock, n = std::min(kBlock, vocab - begin), n_vec = n - n % kVec;
-    const float* qt = tile_as_acc<scalar_t, float>(q + begin, n, q_buf);
-    const float* lt = tile_as_acc<scalar_t, float>(l + begin, n, l_buf);
-    Vec vmax(-std::numeric_limits<float>::infinity());
-    for (int64_t i = 0; i < n_vec; i += kVec) {
-      const Vec y = combine(Vec::loadu(qt + i), Vec::loadu(lt + i));
-      y.store(out + begin + i);
-      vmax = at::vec::maximum(vmax, y);
-    }
-    float m = reduce_max(vmax);
-    for (int64_t i = n_vec; i < n; ++i) m = max_nan(m, out[begin + i] = combine(qt[i], lt[i]));
-    block_max[b] = m;
-    row_max = max_nan(row_max, m);
-  }
-  return row_max;
-}
-
 at::Tensor combined_logits_cpu(const at::Tensor& q_logits, const at::Tensor& base_logits, double alpha_tilde,
                                double alpha_0) {
   check_logits_rows(q_logits, base_logits);
@@ -483,14 +456,10 @@ at::Tensor combined_sample_cpu(const at::Tensor& q_logits, const at::Tensor& bas
     const scalar_t* q_data = q.const_data_ptr<scalar_t>();
     const scalar_t* l_data = l.const_data_ptr<scalar_t>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      // Kept from call to call: a fresh row buffer would be page-faulted in on every decode step.
-      static thread_local std::vector<float> y;
-      static thread_local RowScratch scratch;
-      y.resize(vocab);
+      static thread_local RowScratch scratch;  // kept from call to call: fresh buffers fault pages in
       for (int64_t r = begin; r < end; ++r) {
-        const float max_y = combine_row_with_block_maxima<scalar_t>(q_data + r * vocab, l_data + r * vocab, vocab,
-                                                                    combine, y.data(), scratch.block_max);
-        out[r] = sample_row(y.data(), vocab, max_y, args.row(r), scratch);
+        const CombinedRow<scalar_t> row{q_data + r * vocab, l_data + r * vocab, combine};
+        out[r] = sample_row(row, vocab, args.row(r), scratch);
       }
     });
   });
@@ -568,12 +537,11 @@ at::Tensor combined_sample_from_hidden_cpu(const at::Tensor& adapter_hidden, con
       combined_rows_from_hidden(adapter_hidden, base_hidden, weight, bias, alpha_tilde, alpha_0, tile_vocab, two_stream);
   at::Tensor tokens = at::empty({rows}, combined.options().dtype(at::kLong));
   int64_t* out = tokens.mutable_data_ptr<int64_t>();
-  float* y = combined.mutable_data_ptr<float>();
+  const float* y = combined.const_data_ptr<float>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     static thread_local RowScratch scratch;
     for (int64_t r = begin; r < end; ++r) {
-      float* row = y + r * vocab;
-      out[r] = sample_row(row, vocab, block_maxima(row, vocab, scratch.block_max), args.row(r), scratch);
+      out[r] = sample_row(StoredRow{y + r * vocab}, vocab, args.row(r), scratch);
     }
   });
   return tokens;

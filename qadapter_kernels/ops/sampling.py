@@ -6,7 +6,7 @@
 log_softmax(L) shifts a row by a constant, which neither the filters nor the draw can see, so
 the kernels work on y = (Q + alpha_0 * L) / alpha_tilde and never write a combined row. Nothing
 sorts the vocabulary. Both kernels bound the top-k and top-p thresholds from below by the maxima
-of 64-entry blocks (the k-th largest block maximum is at most the k-th largest entry; the mass of
+of blocks of entries (256 on CPU, 64 here; the k-th largest block maximum is at most the k-th largest entry; the mass of
 the block maxima above t is at most the row's), so only the blocks that reach the bound are read
 again. The C++ kernel (csrc/sampling.cpp) selects the thresholds exactly by weighted quickselect over
 those blocks' entries; the Triton kernel below gathers them into one register tile (at most
@@ -38,7 +38,7 @@ from .triton_helpers import (
 
 _BLOCK_V = 2048
 _BISECT_STEPS = 40  # log-space bisection: thresholds within range * 2^-40 of exact
-_SUB_BLOCK = 64  # entries per block maximum (as csrc/sampling.cpp's kBlock)
+_SUB_BLOCK = 64  # entries per block maximum
 CANDIDATE_TILE = 4096  # the candidate tile: the entries of up to 64 blocks that reach the bound
 # The bisection's lower end, as a scaled log-weight s = (y - max) / T: exp(s) is exactly 0 in fp32
 # below about -104, so entries there can never be drawn and where a threshold falls among them

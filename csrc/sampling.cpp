@@ -235,21 +235,41 @@ float threshold_bound(const RowParams& p, int64_t vocab, float max_y, double tot
   return bound * (1.f - 1e-5f);
 }
 
+// Entries of y below this weigh less than `bound` whatever the last few ulp of the exp and of its
+// argument: w = exp((y - max) / T) >= bound needs y >= max + T ln(bound), and the margin is far wider
+// than those roundings (an entry it lets through is weighed and compared exactly). -inf (every entry is
+// weighed) for a bound of 0 or one where exp's argument is clamped.
+inline float weighing_floor(float max_y, float temperature, float bound) {
+  const double log_bound = bound > 0.f ? std::log(double(bound)) : -1e300;
+  if (log_bound < -100.0) return -std::numeric_limits<float>::infinity();
+  const double shift = double(temperature) * log_bound;
+  const double margin = 1e-4 * (1.0 + std::fabs(double(max_y)) - shift + double(temperature));
+  return float(double(max_y) + shift - margin);
+}
+
 // The entries with w >= bound and w > 0 of the blocks whose maximum reaches the bound, in vocabulary
-// order, into s.indices / s.values (weights).
+// order, into s.indices / s.values (weights). Only vectors of entries that reach weighing_floor are
+// weighed (each entry by the same lane of the same exp as in every other pass).
 template <typename Row>
 void gather_candidates(const Row& row, int64_t vocab, float max_y, float temperature, float bound, RowScratch& s) {
   s.indices.clear();
   s.values.clear();
-  float buffer[kBlock], w[kBlock];
+  const Vec v_floor(weighing_floor(max_y, temperature, bound));
+  constexpr int kNoneReach = (1 << kVec) - 1;  // zero_mask of a compare that fails in every lane
+  float buffer[kBlock], w[kVec];
   for (int64_t b = 0; b < int64_t(s.block_weight.size()); ++b) {
     if (!(s.block_weight[b] >= bound && s.block_weight[b] > 0.f)) continue;
     const int64_t n = block_size(b, vocab);
-    weigh_range(row.block(b * kBlock, n, buffer), w, n, max_y, temperature);
-    for (int64_t i = 0; i < n; ++i) {
-      if (w[i] >= bound && w[i] > 0.f) {
-        s.indices.push_back(b * kBlock + i);
-        s.values.push_back(w[i]);
+    const float* y = row.block(b * kBlock, n, buffer);
+    for (int64_t i = 0; i < n; i += kVec) {
+      const int64_t m = std::min(kVec, n - i);
+      if (m == kVec && (Vec::loadu(y + i) >= v_floor).zero_mask() == kNoneReach) continue;
+      weigh_range(y + i, w, m, max_y, temperature);
+      for (int64_t j = 0; j < m; ++j) {
+        if (w[j] >= bound && w[j] > 0.f) {
+          s.indices.push_back(b * kBlock + i + j);
+          s.values.push_back(w[j]);
+        }
       }
     }
   }

@@ -97,12 +97,15 @@ def _time_one_call(fn: Callable[[], Any], cuda: bool) -> float:
 
 
 def measure_interleaved(
-    calls: dict[Any, Callable[[], Any]], warmup: int = 1, reps: int = 3, device: torch.device | str = "cpu"
+    calls: dict[Any, Callable[[], Any]], warmup: int = 1, reps: int = 3, device: torch.device | str = "cpu",
+    settle: int = 0,
 ) -> dict[Any, Timing]:
-    """Time several whole calls (seconds each, such as generation) in turns: ``warmup`` untimed rounds,
-    then ``reps`` rounds each timing every call once (CUDA events on a GPU). Unlike ``measure_time`` run
-    per call, a change of the machine's load midway (another job on the core) falls on every call alike,
-    so their ratios hold on a shared machine. Returns key -> :class:`Timing`."""
+    """Time several calls in turns: ``warmup`` untimed rounds, then ``reps`` rounds each timing every
+    call once (CUDA events on a GPU). Unlike ``measure_time`` run per call, a change of the machine's
+    load midway (another job on the core) falls on every call alike, so their ratios hold on a shared
+    machine. ``settle`` untimed calls of the same function right before each timed one leave the caches
+    as that call leaves them (its inputs hot), not as the previous call in the round left them.
+    Returns key -> :class:`Timing`."""
     cuda = torch.device(device).type == "cuda"
     for _ in range(warmup):
         for fn in calls.values():
@@ -113,6 +116,8 @@ def measure_interleaved(
     try:
         for _ in range(reps):
             for key, fn in calls.items():
+                for _ in range(settle):
+                    fn()
                 times[key].append(_time_one_call(fn, cuda))
     finally:
         gc.enable()

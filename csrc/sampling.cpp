@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 #include "checks.h"
@@ -40,15 +41,19 @@ constexpr int64_t kVec = Vec::size();
 // largest block maxima are k distinct entries, so the k-th largest entry is at least the k-th largest
 // block maximum; and if block maxima at or above t weigh p of the mass, so do the entries at or above
 // t, so the top-p threshold is at least that t. Only blocks whose maximum reaches the bound are read
-// again; with a nucleus of a few hundred tokens that is a few hundred blocks of the vocabulary. When
-// the block maxima cannot reach the bound (a nucleus larger than, or crowded into, the blocks), the
-// maxima of each block's vector lanes (kBlock / lanes entries each, kept from the same pass) can.
+// again; with a nucleus of tens of tokens that is tens of blocks of the vocabulary. When the block
+// maxima cannot reach the bound (a nucleus larger than, or crowded into, the blocks), the maxima of
+// finer sets can: each vector lane's over every kLaneSpan entries of a block (kLaneSpan / lanes
+// entries each), kept from the same pass. A block of 256 entries costs the pass one horizontal
+// reduction; a lane maximum costs none.
 constexpr int64_t kBlock = 256;
+constexpr int64_t kLaneSpan = 64;
+constexpr int64_t kLanesPerBlock = kBlock / kLaneSpan * kVec;
 
 // Per-thread scratch of sample_row, reused from row to row.
 struct RowScratch {
   std::vector<float> block_max;     // per block: max of y (NaN propagates)
-  std::vector<float> lane_max;      // per block and vector lane: max of y over the lane's entries
+  std::vector<float> lane_max;      // per block, span and vector lane: max of y over the lane's entries
   std::vector<float> block_sum;     // per block: sum of exp((y - block max) / T), when the mass is needed
   std::vector<float> block_weight;  // per block: its maximum as a weight, exp((block max - row max) / T)
   std::vector<float> lane_weight;   // the lanes' maxima as weights (only when the blocks' cannot bound)
@@ -109,18 +114,24 @@ template <typename Row>
 float scan_row(const Row& row, int64_t vocab, float temperature, bool mass, RowScratch& s) {
   const int64_t blocks = block_count(vocab);
   s.block_max.resize(blocks);
-  s.lane_max.resize(blocks * kVec);
+  s.lane_max.resize(blocks * kLanesPerBlock);
   s.block_sum.resize(mass ? blocks : 0);
-  const Vec v_inv_t(1.f / temperature);
+  const Vec v_inv_t(1.f / temperature), v_low(-std::numeric_limits<float>::infinity());
   float buffer[kBlock];
   float row_max = -std::numeric_limits<float>::infinity();
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n = block_size(b, vocab), n_vec = n - n % kVec;
     const float* y = row.block(b * kBlock, n, buffer);
-    Vec v_max(-std::numeric_limits<float>::infinity());
-    for (int64_t i = 0; i < n_vec; i += kVec) v_max = at::vec::maximum(v_max, Vec::loadu(y + i));
-    float* lanes = s.lane_max.data() + b * kVec;
-    v_max.store(lanes);
+    float* lanes = s.lane_max.data() + b * kLanesPerBlock;
+    Vec v_max = v_low;
+    for (int64_t span = 0; span < kBlock; span += kLaneSpan) {  // spans past n_vec keep -inf lanes
+      Vec v_span = v_low;
+      for (int64_t i = span; i < std::min(span + kLaneSpan, n_vec); i += kVec) {
+        v_span = at::vec::maximum(v_span, Vec::loadu(y + i));
+      }
+      v_span.store(lanes + span / kLaneSpan * kVec);
+      v_max = at::vec::maximum(v_max, v_span);
+    }
     float m = reduce_max(v_max);
     for (int64_t i = n_vec; i < n; ++i) {  // the block's tail joins the first lane's entries
       m = max_nan(m, y[i]);
@@ -247,18 +258,19 @@ inline float weighing_floor(float max_y, float temperature, float bound) {
   return float(double(max_y) + shift - margin);
 }
 
-// The entries with w >= bound and w > 0 of the blocks whose maximum reaches the bound, in vocabulary
+// The entries with w >= bound and w > 0 of the blocks whose maximum reaches block_floor, in vocabulary
 // order, into s.indices / s.values (weights). Only vectors of entries that reach weighing_floor are
 // weighed (each entry by the same lane of the same exp as in every other pass).
 template <typename Row>
-void gather_candidates(const Row& row, int64_t vocab, float max_y, float temperature, float bound, RowScratch& s) {
+void gather_candidates(const Row& row, int64_t vocab, float max_y, float temperature, float bound, float block_floor,
+                       RowScratch& s) {
   s.indices.clear();
   s.values.clear();
   const Vec v_floor(weighing_floor(max_y, temperature, bound));
   constexpr int kNoneReach = (1 << kVec) - 1;  // zero_mask of a compare that fails in every lane
   float buffer[kBlock], w[kVec];
   for (int64_t b = 0; b < int64_t(s.block_weight.size()); ++b) {
-    if (!(s.block_weight[b] >= bound && s.block_weight[b] > 0.f)) continue;
+    if (!(s.block_weight[b] >= block_floor && s.block_weight[b] > 0.f)) continue;
     const int64_t n = block_size(b, vocab);
     const float* y = row.block(b * kBlock, n, buffer);
     for (int64_t i = 0; i < n; i += kVec) {
@@ -368,6 +380,31 @@ int64_t walk_row(const Row& row, int64_t vocab, float max_y, const RowParams& p,
   return first_maximum(row, vocab, max_y, s);  // rounding ran past the end
 }
 
+// When the maxima bound no threshold, or the bound proved too high (rounding): the blocks in decreasing
+// order of their maximum, 1, 2, 4, ... at a time. For top-p without top-k the gathered entries suffice
+// once those above the largest maximum left out weigh p of the row (every entry the nucleus keeps is
+// then among them: a nucleus crowded into a few blocks or lanes); otherwise, and at the end, every
+// block is gathered.
+template <typename Row>
+int64_t draw_from_growing_blocks(const Row& row, int64_t vocab, float max_y, const RowParams& p, double total,
+                                 RowScratch& s) {
+  const int64_t blocks = int64_t(s.block_weight.size());
+  for (int64_t m = 1; p.by_p() && !p.by_k(vocab) && m < blocks; m *= 2) {
+    s.work.assign(s.block_weight.begin(), s.block_weight.end());
+    std::nth_element(s.work.begin(), s.work.begin() + (m - 1), s.work.end(), std::greater<float>());
+    const float floor = s.work[m - 1];
+    if (!(floor > 0.f)) break;
+    float left_out = 0.f;  // the largest block maximum below the floor
+    for (const float w : s.block_weight) left_out = w < floor ? std::max(left_out, w) : left_out;
+    gather_candidates(row, vocab, max_y, p.temperature, 0.f, floor, s);
+    double above = 0;
+    for (const float w : s.values) above += w > left_out ? double(w) : 0.0;
+    if (above >= double(p.top_p) * total) return draw_from_candidates(p, vocab, total, 0.f, s);
+  }
+  gather_candidates(row, vocab, max_y, p.temperature, 0.f, 0.f, s);
+  return draw_from_candidates(p, vocab, total, 0.f, s);
+}
+
 // Draws one token from the filtered softmax of a row's y (before temperature); -1 when the row has
 // no finite maximum.
 template <typename Row>
@@ -382,12 +419,13 @@ int64_t sample_row(const Row& row, int64_t vocab, const RowParams& p, RowScratch
   if (greedy) return first_maximum(row, vocab, max_y, s);
   const double total = weigh_blocks(max_y, p.temperature, mass, s);
   if (!filtered) return walk_row(row, vocab, max_y, p, total, s);
-  // Should the bound prove too high (rounding), the row is gathered again in full.
-  for (float bound = threshold_bound(p, vocab, max_y, total, s);; bound = 0.f) {
-    gather_candidates(row, vocab, max_y, p.temperature, bound, s);
+  const float bound = threshold_bound(p, vocab, max_y, total, s);
+  if (bound > 0.f) {
+    gather_candidates(row, vocab, max_y, p.temperature, bound, bound, s);
     const int64_t token = draw_from_candidates(p, vocab, total, bound, s);
     if (token != kGatherAgain) return token;
   }
+  return draw_from_growing_blocks(row, vocab, max_y, p, total, s);
 }
 
 struct SamplingArgs {

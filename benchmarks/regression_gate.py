@@ -42,6 +42,9 @@ THREADS = 1
 
 # (result name, provider, metric, direction): the ratios the quick pass measures against a baseline.
 GATED = [
+    # The sampler's baselines: the median of six 1-thread quick passes (2026-12-07) since bench_sampling
+    # times its providers in turns; from_hidden at B=1 (a few us against a tiny head product) moved
+    # 3.9 to 10.7 over them, the other three at most 1.3x from their median.
     ("sampling_quick", "qadapter_kernels", "x hf", "<="),
     ("sampling_quick", "from_hidden", "x head_product", "<="),
     # Not "x eager": eager's ~5 ms of small-op temporaries at 2x64x4096 swung 6.3x (0.0485 to 0.303)

@@ -188,8 +188,9 @@ def from_memory(fns: dict[str, Callable], q: torch.Tensor, l: torch.Tensor) -> d
     pair_bytes = 2 * q.numel() * q.element_size()
     copies = [(q.clone(), l.clone()) for _ in range(max(2, -(-COLD_BYTES // pair_bytes)))]
 
+    turn = itertools.count()  # one count for every provider: timed in turns, none may find its copy hot
+
     def rotating(fn: Callable) -> Callable:
-        turn = itertools.count()
         return lambda q, l: fn(*copies[next(turn) % len(copies)])
 
     return {name: rotating(fn) for name, fn in fns.items()}

@@ -381,15 +381,16 @@ int64_t walk_row(const Row& row, int64_t vocab, float max_y, const RowParams& p,
 }
 
 // When the maxima bound no threshold, or the bound proved too high (rounding): the blocks in decreasing
-// order of their maximum, 1, 2, 4, ... at a time. For top-p without top-k the gathered entries suffice
-// once those above the largest maximum left out weigh p of the row (every entry the nucleus keeps is
-// then among them: a nucleus crowded into a few blocks or lanes); otherwise, and at the end, every
-// block is gathered.
+// order of their maximum, 1, 2, 4, ... at a time, up to an eighth of them. For top-p without top-k the
+// gathered entries suffice once those above the largest maximum left out weigh p of the row (every entry
+// the nucleus keeps is then among them: a nucleus crowded into a few blocks or lanes); otherwise, and
+// at the end, every block is gathered.
 template <typename Row>
 int64_t draw_from_growing_blocks(const Row& row, int64_t vocab, float max_y, const RowParams& p, double total,
                                  RowScratch& s) {
   const int64_t blocks = int64_t(s.block_weight.size());
-  for (int64_t m = 1; p.by_p() && !p.by_k(vocab) && m < blocks; m *= 2) {
+  // Past an eighth of the blocks the nucleus is spread wide: gathering every block then wastes least.
+  for (int64_t m = 1; p.by_p() && !p.by_k(vocab) && m <= blocks / 8; m *= 2) {
     s.work.assign(s.block_weight.begin(), s.block_weight.end());
     std::nth_element(s.work.begin(), s.work.begin() + (m - 1), s.work.end(), std::greater<float>());
     const float floor = s.work[m - 1];

@@ -70,6 +70,14 @@ inline float reduce_sum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
+// y = combine(q, l) over n entries of fp32 tiles into out: vectors, then the scalar tail (every pass
+// that forms y goes through here, so an entry is rounded the same way in each).
+inline void combine_tile(const float* q, const float* l, int64_t n, const Combine<float>& combine, float* out) {
+  const int64_t n_vec = n - n % kVec;
+  for (int64_t i = 0; i < n_vec; i += kVec) combine(Vec::loadu(q + i), Vec::loadu(l + i)).store(out + i);
+  for (int64_t i = n_vec; i < n; ++i) out[i] = combine(q[i], l[i]);
+}
+
 // Where a row's y comes from, a block of n <= kBlock entries at a time (block() returns them).
 // Every pass forms an entry the same way (the same lane of the same block), so y, and the weight a
 // pass computes from it, is bitwise the same in each.
@@ -82,10 +90,7 @@ struct CombinedRow {  // y formed from the two logits rows
   const float* block(int64_t begin, int64_t n, float* buffer) const {
     float q_buf[kBlock], l_buf[kBlock];
     const float* qt = tile_as_acc<scalar_t, float>(q + begin, n, q_buf);
-    const float* lt = tile_as_acc<scalar_t, float>(l + begin, n, l_buf);
-    const int64_t n_vec = n - n % kVec;
-    for (int64_t i = 0; i < n_vec; i += kVec) combine(Vec::loadu(qt + i), Vec::loadu(lt + i)).store(buffer + i);
-    for (int64_t i = n_vec; i < n; ++i) buffer[i] = combine(qt[i], lt[i]);
+    combine_tile(qt, tile_as_acc<scalar_t, float>(l + begin, n, l_buf), n, combine, buffer);
     return buffer;
   }
 };
@@ -467,12 +472,11 @@ float combine_row(const scalar_t* q, const scalar_t* l, int64_t vocab, const Com
   float q_buf[kTile], l_buf[kTile];
   OnlineLse<float> lse_y, lse_l;
   for (int64_t start = 0; start < vocab; start += kTile) {
-    const int64_t n = std::min(kTile, vocab - start), n_vec = n - n % kVec;
+    const int64_t n = std::min(kTile, vocab - start);
     const float* qt = tile_as_acc<scalar_t, float>(q + start, n, q_buf);
     const float* lt = tile_as_acc<scalar_t, float>(l + start, n, l_buf);
     fold_tile<float>(qt, lt, n, combine, lse_y, lse_l);
-    for (int64_t i = 0; i < n_vec; i += kVec) combine(Vec::loadu(qt + i), Vec::loadu(lt + i)).store(out + start + i);
-    for (int64_t i = n_vec; i < n; ++i) out[start + i] = combine(qt[i], lt[i]);
+    combine_tile(qt, lt, n, combine, out + start);
   }
   return lse_l.value();
 }

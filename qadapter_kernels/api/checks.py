@@ -150,11 +150,18 @@ def ids_in_range_flag(name: str, ids: torch.Tensor, vocab: int) -> dict[str, tor
     return {f"{name} must be token ids in [0, {vocab})": ((ids < 0) | (ids >= vocab)).any()}
 
 
+def read_checks(checks: list[torch.Tensor]) -> list:
+    """The values of several 0-dim tensors (bool or integer) in one host sync: ``.item()`` for one (a
+    stack would cost more than the check itself on a decode step), one stacked read for more."""
+    if len(checks) == 1:
+        return [checks[0].item()]
+    return torch.stack([c.reshape(()).long() for c in checks]).tolist()
+
+
 def raise_on_flags(flags: dict[str, torch.Tensor]) -> None:
     """One host sync for several 0-dim bool tensors; raises ValueError with the first true one's message."""
     if not flags:
         return
-    values = torch.stack([f.reshape(()) for f in flags.values()]).tolist()
-    for message, bad in zip(flags, values):
+    for message, bad in zip(flags, read_checks(list(flags.values()))):
         if bad:
             raise ValueError(message)

@@ -23,6 +23,7 @@ from .checks import (
     check_same_device,
     nonfinite_message,
     raise_on_flags,
+    read_checks,
     tile_budget,
     value_checks_enabled,
 )
@@ -117,13 +118,12 @@ def raise_on_sampling_flags(flags: dict | None, tokens: torch.Tensor, source: st
     on the error path). ``flags`` None: checks are off."""
     if flags is None:
         return
-    checks = [f.reshape(()) for f in flags.values()]
+    checks = list(flags.values())
     if tokens.numel():
         checks.append(tokens.amin())
     if not checks:
         return
-    # One check (the common case: scalar parameters) needs no stack: .item() alone is the sync.
-    values = [checks[0].item()] if len(checks) == 1 else torch.stack([c.long() for c in checks]).tolist()
+    values = read_checks(checks)
     for message, bad in zip(flags, values):
         if bad:
             raise ValueError(message)

@@ -124,8 +124,11 @@ def test_plan(sizes: StudySizes, chosen: dict[str, dict]) -> list[dict]:
         for family, pick in chosen.items():
             plan += [_spec("test", f"{family} [{budget}]", family, pick["method"], pick["settings"], pick["lr"],
                            budget, seed) for seed in sizes.seeds]
-    control = f"control: SFT lr={sizes.control_lr:g} [long]"
-    plan += [_spec("test", control, "control", "sft", {}, sizes.control_lr, "long", s) for s in sizes.seeds]
+        if budget == "demo":
+            # The control runs before the long rows: without it no budget can be read, and a study stopped
+            # part-way (``--max-minutes``) then already reads at the demo budget.
+            control = f"control: SFT lr={sizes.control_lr:g} [long]"
+            plan += [_spec("test", control, "control", "sft", {}, sizes.control_lr, "long", s) for s in sizes.seeds]
     qa_lr = chosen["Q-Adapter default"]["lr"]
     extras = [(f"bellman length_norm={norm} (lr {qa_lr:g}) [demo]", {"variant": "bellman", "length_norm": norm},
                qa_lr) for norm in ("none", "padded")]

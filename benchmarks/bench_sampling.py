@@ -13,6 +13,10 @@ Providers from logits ``[B, V]``:
 - ``read_floor``:       the floor of a logits sampler: both inputs read once (a row max of each), nothing
                         else; not a sampler. ``x read_floor`` is time / that floor.
 - ``copy``:             both inputs copied once into preallocated buffers (the copy-bandwidth reference)
+- ``mass_floor``:       ``qadapter_kernels.combined_sample(q, l)`` with no filter: the read, one exp per entry
+                        for the row's mass, one draw. Top-p's nucleus is defined by that mass, so no exact
+                        top-p sampler does less; ``x mass_floor`` is time / it. It is this package's own
+                        kernel: it prices the exp at what this package's exp costs (``csrc/fast_exp.h``)
 - ``flashinfer``:       CUDA only, if ``import flashinfer`` works: ``combined_logits`` (default backend), then
                         ``flashinfer.sampling.top_k_top_p_sampling_from_logits`` (temperature applied first;
                         skipped for parameter sets with min_p)
@@ -81,7 +85,7 @@ from runner import (
 HF, SORT, FUSED, FLASHINFER = "hf", "torch_sort", "qadapter_kernels", "flashinfer"
 HF_HIDDEN, FROM_HIDDEN, TWO_STREAM, HEAD_PRODUCT = "hf_from_hidden", "from_hidden", "from_hidden_two_stream", "head_product"
 HEAD_PRODUCT_ROWS = "head_product_rows"
-READ_FLOOR, COPY = "read_floor", "copy"
+READ_FLOOR, COPY, MASS_FLOOR = "read_floor", "copy", "mass_floor"
 COLD_BYTES = 96 * 2**20  # well past the 32 MiB L3 of the development machine
 DEFAULT_PARAMS = "top_p=0.9"
 PARAM_KEYS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float}
@@ -175,11 +179,13 @@ def logits_providers(params: dict, cuda: bool) -> tuple[dict[str, Callable], lis
 
 
 def floor_providers(q: torch.Tensor, l: torch.Tensor) -> dict[str, Callable]:
-    """Name -> fn(q, l): reading both inputs once, and copying them once (not samplers)."""
+    """Name -> fn(q, l): reading both inputs once, copying them once, and the unfiltered draw (the least
+    an exact top-p sampler does: the read and the row's mass)."""
     q_out, l_out = torch.empty_like(q), torch.empty_like(l)
     return {
         READ_FLOOR: lambda q, l: (q.amax(-1), l.amax(-1)),
         COPY: lambda q, l: (q_out.copy_(q), l_out.copy_(l)),
+        MASS_FLOOR: lambda q, l: qk.combined_sample(q, l),
     }
 
 
@@ -281,9 +287,10 @@ def bench_config(B: int, V: int, H: int, params: dict, dtype_name: str, device: 
         cold = time_providers(from_memory({FUSED: fns[FUSED], **floors}, q, l), (q, l),
                               {**config, "input": "logits from memory"}, dtype_name, device, warmup, reps, nbytes)
         for group in (in_cache, cold):
-            floor = next(r for r in group if r.provider == READ_FLOOR)
+            by_name = {r.provider: r for r in group}
             for r in group:
-                r.extra["x read_floor"] = r.ms / floor.ms
+                r.extra["x read_floor"] = r.ms / by_name[READ_FLOOR].ms
+                r.extra["x mass_floor"] = r.ms / by_name[MASS_FLOOR].ms
         results += cold
 
     if with_hidden:
@@ -401,7 +408,9 @@ def main() -> None:
         "the faster of W @ h.T and h @ W.T, timed in the same run.",
         "x read_floor: time / reading both logits inputs once (read_floor), in the same cache state: "
         "'logits' reuses one pair (cache-resident), 'logits from memory' rotates over copies past the LLC. "
-        "copy: both inputs copied once (GB/s counts the bytes read).",
+        "copy: both inputs copied once (GB/s counts the bytes read). x mass_floor: time / the unfiltered "
+        "draw (mass_floor: the read plus one exp per entry for the row's mass, which top-p's nucleus needs), "
+        "in the same cache state.",
         "Every provider's draws were checked to lie in the reference filter's support; temperature 0 "
         "checked to decode the argmax.",
         *notes,

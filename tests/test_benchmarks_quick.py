@@ -32,7 +32,7 @@ def run_quick(tmp_path, script: str, name: str) -> dict:
          {"authors_eager", "authors_compile", "matmul_only", "qadapter_kernels"}),
         ("bench_sampling.py", "sampling_quick",
          {"hf", "torch_sort", "qadapter_kernels", "hf_from_hidden", "from_hidden", "from_hidden_two_stream",
-          "head_product", "head_product_rows", "read_floor", "copy"}),
+          "head_product", "head_product_rows", "read_floor", "copy", "mass_floor"}),
         ("bench_cached_step.py", "cached_step_quick", {"cached", "uncached"}),
     ],
 )

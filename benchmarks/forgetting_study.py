@@ -332,6 +332,16 @@ def _log(result: dict, path: Path, config: dict) -> dict:
 # ----------------------------------------------------------------------------- statistics of the test rows
 
 
+def complete_rows(plan: list[dict], test: list[dict]) -> list[dict]:
+    """The finished test runs of the rows whose every planned seed has finished."""
+    planned, finished = {}, {}
+    for spec in plan:
+        planned[spec["row"]] = planned.get(spec["row"], 0) + 1
+    for run in test:
+        finished[run["row"]] = finished.get(run["row"], 0) + 1
+    return [run for run in test if finished[run["row"]] == planned[run["row"]]]
+
+
 def summarise(test: list[dict]) -> list[dict]:
     """One record per test row: each metric's mean and 95% CI over seeds, and the paired tests against base."""
     from qadapter_kernels.evaluation.paired_stats import bootstrap_mean_ci, mcnemar, seed_mean_ci
@@ -392,8 +402,10 @@ def read_outcome(rows: list[dict]) -> dict[str, str]:
         for qa_family in QADAPTERS:
             qa = by_name.get(f"{qa_family} [{budget}]")
             key = f"{qa_family} [{budget}]"
-            if control is None or qa is None:
-                outcome[key] = "INCOMPLETE: the control or this row was not run"
+            missing = [b for b in BASELINES if f"{b} [{budget}]" not in by_name]
+            if control is None or qa is None or missing:
+                outcome[key] = "INCOMPLETE: " + ("the control or this row was not run" if control is None or qa is None
+                                                 else f"{' and '.join(missing)} [{budget}] not run")
                 continue
             if not _drops(control):
                 outcome[key] = "PROBE INSENSITIVE: the positive control did not lower retention significantly"
@@ -429,7 +441,8 @@ def _ci(metric: dict, digits: int) -> str:
 
 
 def markdown(payload: dict) -> str:
-    lines = [f"## {payload['title']}", "", "### Pre-registered (written before the test runs)", "",
+    lines = [f"## {payload['title']}", "", f"Status: {payload['status']}.", "",
+             "### Pre-registered (written before the test runs)", "",
              f"**Selection rule.** {SELECTION_RULE}", "", f"**Reading.** {READING}", "",
              f"Splits ({payload['preference']}): {payload['split_sizes']}; overlap left: {payload['split_overlap']}.",
              f"Lr grid {payload['sizes']['lr_grid']}; DPO betas {payload['sizes']['dpo_betas']}; anchored alpha_0 "
@@ -619,20 +632,22 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     plan = test_plan(sizes, payload["chosen"])
     test = execute(plan, config, args.jobs, log, deadline)
-    if len(test) < len(plan):
-        print(f"forgetting_study: stopped after {args.max_minutes} min in test; rerun to go on")
-        return 0
-    payload["rows"] = summarise(test)
+    finished = complete_rows(plan, test)
+    payload["rows"] = summarise(finished) if any(r["method"] == "base" for r in finished) else []
     payload["outcome"] = read_outcome(payload["rows"])
-    payload["status"] = "complete"
+    payload["status"] = ("complete" if len(test) == len(plan) else
+                         f"interim: {len(test)} of {len(plan)} test runs finished; only rows with every seed are "
+                         "shown and read, a budget missing a row reads INCOMPLETE")
     payload["machine"]["wall_s_this_session"] = time.time() - start
-    payload["all_linear"] = next(r["lora_targets"] for r in test if r["budget"] == "long")
+    payload["all_linear"] = next((r["lora_targets"] for r in test if r["budget"] == "long"), "(no long run yet)")
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(payload))
     if not args.no_plot:
         plot(payload["rows"], out / f"{name}.png", title)
     print(markdown(payload))
     print(f"wrote {out / name}.{{json,md{'' if args.no_plot else ',png'}}} and {log.name}")
+    if len(test) < len(plan):
+        print(f"forgetting_study: stopped after {args.max_minutes} min in test ({payload['status']}); rerun to go on")
     return 0
 
 

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from forgetting_study import PREREGISTRATION, choose, read_outcome  # noqa: E402
+from forgetting_study import PREREGISTRATION, choose, complete_rows, read_outcome  # noqa: E402
 from study_splits import study_splits  # noqa: E402
 
 
@@ -57,6 +57,17 @@ def test_quick_pass_runs_end_to_end_with_the_preregistration_first(tmp_path):
     # and runs only the three.
     kept, dropped = runs[:-3], runs[-3:]
     log.write_text("".join(line + "\n" for line in kept))
+    # Stopped before any of the three could start: an interim report of the rows with every seed, read only
+    # where its budget has every row.
+    stopped = subprocess.run(cmd + ["--max-minutes", "0.0001"], capture_output=True, text=True, timeout=600, env=env)
+    assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    interim = json.loads((tmp_path / "forgetting_study_quick.json").read_text())
+    assert interim["status"].startswith(f"interim: {len(kept) - len(payload['validation']) - 1} of ")
+    unfinished = {json.loads(line)["row"] for line in dropped}
+    # (every row's change is against base, so without base no row is summarised)
+    assert {r["row"] for r in interim["rows"]} == (set() if "base" in unfinished else set(rows) - unfinished)
+    assert "Status: interim" in (tmp_path / "forgetting_study_quick.md").read_text()
+    assert log.read_text().splitlines() == kept
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"runs reused from {log}; running 3" in again.stdout
@@ -108,9 +119,17 @@ def test_the_reading_follows_the_preregistered_rule():
     assert read_outcome(rows)["Q-Adapter default [demo]"].startswith("REFUTED")
     rows[1] = _row("SFT [demo]", "SFT", 95, 0.0)
     assert read_outcome(rows)["Q-Adapter default [demo]"].startswith("UNTESTED")  # only the control drops
+    assert read_outcome(rows[:1] + rows[2:])["Q-Adapter default [demo]"].startswith("INCOMPLETE: SFT [demo]")
     rows[0] = _row("control [long]", "control", 90, -0.05)
     assert read_outcome(rows)["Q-Adapter default [demo]"].startswith("PROBE INSENSITIVE")
     assert read_outcome(rows)["Q-Adapter default [long]"].startswith("INCOMPLETE")
+
+
+def test_only_rows_with_every_planned_seed_are_complete():
+    plan = [{"row": "base"}] + [{"row": "SFT [demo]"}] * 3 + [{"row": "DPO [demo]"}] * 3
+    test = [{"row": "base"}, {"row": "SFT [demo]", "seed": 0}, {"row": "DPO [demo]", "seed": 0},
+            {"row": "SFT [demo]", "seed": 1}, {"row": "SFT [demo]", "seed": 2}]
+    assert [r["row"] for r in complete_rows(plan, test)] == ["base", "SFT [demo]", "SFT [demo]", "SFT [demo]"]
 
 
 def test_the_docs_state_the_preregistered_rule_and_reading_verbatim():

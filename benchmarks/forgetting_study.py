@@ -119,16 +119,16 @@ def validation_plan(sizes: StudySizes) -> list[dict]:
 
 
 def test_plan(sizes: StudySizes, chosen: dict[str, dict]) -> list[dict]:
-    plan = [_spec("test", "base", "base", "base", {}, None, "demo", 0)]
-    for budget in ("demo", "long"):
-        for family, pick in chosen.items():
-            plan += [_spec("test", f"{family} [{budget}]", family, pick["method"], pick["settings"], pick["lr"],
-                           budget, seed) for seed in sizes.seeds]
-        if budget == "demo":
-            # The control runs before the long rows: without it no budget can be read, and a study stopped
-            # part-way (``--max-minutes``) then already reads at the demo budget.
-            control = f"control: SFT lr={sizes.control_lr:g} [long]"
-            plan += [_spec("test", control, "control", "sft", {}, sizes.control_lr, "long", s) for s in sizes.seeds]
+    """Cheapest first, so that a study stopped part-way (``--max-minutes``) has whole rows to report: the
+    demo-budget rows, the positive control (no budget reads without it), the labelled rest of the grid (demo
+    budget), then the long-budget rows."""
+    def rows(budget: str) -> list[dict]:
+        return [_spec("test", f"{family} [{budget}]", family, pick["method"], pick["settings"], pick["lr"], budget,
+                      seed) for family, pick in chosen.items() for seed in sizes.seeds]
+
+    plan = [_spec("test", "base", "base", "base", {}, None, "demo", 0)] + rows("demo")
+    control = f"control: SFT lr={sizes.control_lr:g} [long]"
+    plan += [_spec("test", control, "control", "sft", {}, sizes.control_lr, "long", s) for s in sizes.seeds]
     qa_lr = chosen["Q-Adapter default"]["lr"]
     extras = [(f"bellman length_norm={norm} (lr {qa_lr:g}) [demo]", {"variant": "bellman", "length_norm": norm},
                qa_lr) for norm in ("none", "padded")]
@@ -136,7 +136,7 @@ def test_plan(sizes: StudySizes, chosen: dict[str, dict]) -> list[dict]:
                    {"variant": "official", "length_norm": "padded", **AUTHORS_ALPHAS}, AUTHORS_LR))
     for row, settings, lr in extras:
         plan += [_spec("test", row, "extra", "qadapter", settings, lr, "demo", s) for s in sizes.seeds]
-    return plan
+    return plan + rows("long")
 
 
 def choose(validation: list[dict]) -> dict[str, dict]:

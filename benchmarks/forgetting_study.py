@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -334,11 +335,7 @@ def _log(result: dict, path: Path, config: dict) -> dict:
 
 def complete_rows(plan: list[dict], test: list[dict]) -> list[dict]:
     """The finished test runs of the rows whose every planned seed has finished."""
-    planned, finished = {}, {}
-    for spec in plan:
-        planned[spec["row"]] = planned.get(spec["row"], 0) + 1
-    for run in test:
-        finished[run["row"]] = finished.get(run["row"], 0) + 1
+    planned, finished = Counter(spec["row"] for spec in plan), Counter(run["row"] for run in test)
     return [run for run in test if finished[run["row"]] == planned[run["row"]]]
 
 

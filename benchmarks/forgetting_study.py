@@ -399,10 +399,12 @@ def read_outcome(rows: list[dict]) -> dict[str, str]:
         for qa_family in QADAPTERS:
             qa = by_name.get(f"{qa_family} [{budget}]")
             key = f"{qa_family} [{budget}]"
-            missing = [b for b in BASELINES if f"{b} [{budget}]" not in by_name]
-            if control is None or qa is None or missing:
-                outcome[key] = "INCOMPLETE: " + ("the control or this row was not run" if control is None or qa is None
-                                                 else f"{' and '.join(missing)} [{budget}] not run")
+            missing = [f"{b} [{budget}]" for b in BASELINES if f"{b} [{budget}]" not in by_name]
+            if control is None or qa is None:
+                outcome[key] = "INCOMPLETE: the control or this row was not run"
+                continue
+            if missing:
+                outcome[key] = f"INCOMPLETE: {' and '.join(missing)} not run"
                 continue
             if not _drops(control):
                 outcome[key] = "PROBE INSENSITIVE: the positive control did not lower retention significantly"

@@ -413,9 +413,14 @@ def read_outcome(rows: list[dict]) -> dict[str, str]:
                         and _drops(by_name[f"{b} [{budget}]"])]
             comparable = [b for b in dropping
                           if qa["metrics"]["pref"]["mean"] >= b["metrics"]["pref"]["mean"] - COMPARABLE_PREF]
-            if not dropping or not comparable:
-                outcome[key] = ("UNTESTED: " + ("neither SFT nor DPO dropped significantly" if not dropping else
-                                                "the Q-Adapter reached no comparable preference"))
+            if not dropping:
+                outcome[key] = "UNTESTED: neither SFT nor DPO dropped significantly"
+                continue
+            if not comparable:
+                # Comparable to a baseline that dropped: SUPPORTED and REFUTED only weigh those.
+                prefs = " and ".join(f"{b['family']}'s {b['metrics']['pref']['mean']:.1f}%" for b in dropping)
+                outcome[key] = (f"UNTESTED: the Q-Adapter's {qa['metrics']['pref']['mean']:.1f}% preference is not "
+                                f"within {COMPARABLE_PREF:g} points of any baseline that dropped ({prefs})")
                 continue
             less = {b["family"]: bootstrap_mean_ci([q - c for q, c in zip(qa["item_margin_change"],
                                                                           b["item_margin_change"])])
@@ -423,7 +428,7 @@ def read_outcome(rows: list[dict]) -> dict[str, str]:
             detail = "; ".join(f"vs {f}: CI of the difference [{ci.low:.3f}, {ci.high:.3f}]" for f, ci in less.items())
             if all(ci.low > 0 for ci in less.values()):
                 outcome[key] = f"SUPPORTED ({detail})"
-            elif _drops(qa) and any(ci.low <= 0 for ci in less.values()):
+            elif _drops(qa):
                 outcome[key] = f"REFUTED ({detail})"
             else:
                 outcome[key] = f"INCONCLUSIVE ({detail})"
@@ -458,16 +463,19 @@ def markdown(payload: dict) -> str:
     lines += ["", "### Test (mean [95% CI]; retention on every probe item; margin change: paired bootstrap over "
               "items; KL: bootstrap over prompts)", "",
               "| row | lr | pref % | pair acc % | retention % | open answer % | margin change vs base | "
-              "McNemar p (per seed) | KL | KL, preference-neutral | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "McNemar p (per seed) | McNemar p, open answer | KL | KL, preference-neutral | train s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         m = r["metrics"]
         change = _ci(m["margin_change_vs_base"], 3) if "margin_change_vs_base" in m else "-"
-        ps = ", ".join(f"{t['p_value']:.2g}" for t in r["mcnemar_vs_base"]["retention"])
+        ps, open_ps = (", ".join(f"{t['p_value']:.2g}" for t in r["mcnemar_vs_base"][measure])
+                       for measure in ("retention", "open_answer"))
         lines.append(f"| {r['row']} | {r['lr']} | {_ci(m['pref'], 1)} | {_ci(m['pair_acc'], 1)} | "
-                     f"{_ci(m['retention_acc'], 1)} | {_ci(m['open_answer_acc'], 1)} | {change} | {ps} | "
+                     f"{_ci(m['retention_acc'], 1)} | {_ci(m['open_answer_acc'], 1)} | {change} | {ps} | {open_ps} | "
                      f"{_ci(m['kl'], 4)} | {_ci(m['kl_neutral'], 4) if 'kl_neutral' in m else 'n/a'} | "
                      f"{m['train_s']['mean']:.0f} |")
-    lines += ["", "### Outcome (the pre-registered reading applied)", ""]
+    lines += ["", "### Outcome (the pre-registered reading applied)", "",
+              "The one positive control (long budget) stands for the probe's sensitivity at both budgets.", ""]
     lines += [f"- {k}: {v}" for k, v in payload["outcome"].items()]
     return "\n".join(lines) + "\n"
 
@@ -616,10 +624,11 @@ def main(argv: list[str] | None = None) -> int:
                "split_sizes": splits.sizes(), "split_overlap": splits.overlap, "split_templates": splits.templates,
                "estimate": cost, "machine": machine_info(args.device), "status": "pre-registered, nothing run"}
     json_path = out / f"{name}.json"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")  # the rule and reading, before any result
     start = time.time()
     deadline = start + 60 * args.max_minutes if args.max_minutes else None
     log = out / f"{name}_runs.jsonl"
+    if not _read_log(log, config):
+        _write_atomically(json_path, json.dumps(payload, indent=2) + "\n")  # the rule and reading, before any result
     validation = execute(val_plan, config, args.jobs, log, deadline)
     if len(validation) < len(val_plan):
         print(f"forgetting_study: stopped after {args.max_minutes} min in validation; rerun to go on")
@@ -627,27 +636,45 @@ def main(argv: list[str] | None = None) -> int:
     payload["validation"] = [{k: r[k] for k in ("family", "method", "settings", "lr", "pref", "pair_acc", "kl",
                                                 "train_s", "eval_s")} for r in validation if r["family"] != "base"]
     payload["chosen"] = choose(payload["validation"])
-    payload["status"] = "settings chosen on validation, test not run"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
     plan = test_plan(sizes, payload["chosen"])
+    # What earlier sessions finished, reported again before this one adds to it (not replaced by less).
+    write_report(payload, plan, _finished(plan, log, config), out / name, plot_too=False)
     test = execute(plan, config, args.jobs, log, deadline)
-    finished = complete_rows(plan, test)
-    payload["rows"] = summarise(finished) if any(r["method"] == "base" for r in finished) else []
-    payload["outcome"] = read_outcome(payload["rows"])
-    payload["status"] = ("complete" if len(test) == len(plan) else
-                         f"interim: {len(test)} of {len(plan)} test runs finished; only rows with every seed are "
-                         "shown and read, a budget missing a row reads INCOMPLETE")
     payload["machine"]["wall_s_this_session"] = time.time() - start
-    payload["all_linear"] = next((r["lora_targets"] for r in test if r["budget"] == "long"), "(no long run yet)")
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown(payload))
-    if not args.no_plot:
-        plot(payload["rows"], out / f"{name}.png", title)
+    write_report(payload, plan, test, out / name, plot_too=not args.no_plot)
     print(markdown(payload))
     print(f"wrote {out / name}.{{json,md{'' if args.no_plot else ',png'}}} and {log.name}")
     if len(test) < len(plan):
         print(f"forgetting_study: stopped after {args.max_minutes} min in test ({payload['status']}); rerun to go on")
     return 0
+
+
+def _finished(plan: list[dict], log: Path, config: dict) -> list[dict]:
+    done = {r["key"]: r for r in _read_log(log, config)}
+    return [done[s["key"]] for s in plan if s["key"] in done]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(payload: dict, plan: list[dict], test: list[dict], stem: Path, plot_too: bool) -> None:
+    """Fills ``payload`` with the rows whose every seed finished, their reading and the status, and writes
+    ``stem``.json and .md (and the plot), each replaced atomically."""
+    finished = complete_rows(plan, test)
+    payload["rows"] = summarise(finished) if any(r["method"] == "base" for r in finished) else []
+    payload["outcome"] = read_outcome(payload["rows"])
+    payload["status"] = ("complete" if len(test) == len(plan) else "settings chosen on validation, test not run"
+                         if not test else
+                         f"interim: {len(test)} of {len(plan)} test runs finished; only rows with every seed are "
+                         "shown and read, a budget missing a row reads INCOMPLETE")
+    payload["all_linear"] = next((r["lora_targets"] for r in test if r["budget"] == "long"), "(no long run yet)")
+    _write_atomically(stem.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
+    _write_atomically(stem.with_suffix(".md"), markdown(payload))
+    if plot_too:
+        plot(payload["rows"], stem.with_suffix(".png"), payload["title"])
 
 
 def calibrate(config: dict, jobs: int, out: Path, train_pairs: int, whole_sets: dict[str, int]) -> int:

@@ -123,6 +123,26 @@ def test_the_reading_follows_the_preregistered_rule():
     rows[0] = _row("control [long]", "control", 90, -0.05)
     assert read_outcome(rows)["Q-Adapter default [demo]"].startswith("PROBE INSENSITIVE")
     assert read_outcome(rows)["Q-Adapter default [long]"].startswith("INCOMPLETE")
+    assert read_outcome(rows[1:])["Q-Adapter default [demo]"].startswith("INCOMPLETE: the control")
+
+
+def test_the_reading_weighs_only_the_baselines_that_drop_and_are_comparable():
+    control = _row("control [long]", "control", 90, -2.0)
+
+    def outcome(sft, dpo, qa):
+        return read_outcome([control, _row("SFT [demo]", "SFT", *sft), _row("DPO [demo]", "DPO", *dpo),
+                             _row("Q-Adapter default [demo]", "Q-Adapter default", *qa)])["Q-Adapter default [demo]"]
+
+    # Comparable to SFT, which kept its knowledge, and 13 points below DPO, which lost some: nothing to weigh.
+    untested = outcome((81.5, 0.2), (98.5, -0.4), (85.5, 0.1))
+    assert untested.startswith("UNTESTED") and "DPO's 98.5%" in untested and "SFT" not in untested
+    # Both dropped; only SFT is within 10 points, and the Q-Adapter drops less than it.
+    supported = outcome((80.0, -1.0), (99.0, -0.3), (85.0, -0.2))
+    assert supported.startswith("SUPPORTED") and "vs SFT" in supported and "vs DPO" not in supported
+    # Comparable to both, less than SFT but not than DPO, and dropping itself.
+    assert outcome((95.0, -1.0), (95.0, -0.3), (90.0, -0.5)).startswith("REFUTED")
+    # As much as SFT lost, but its own CI is too wide to call a drop: neither supported nor refuted.
+    assert outcome((95.0, -1.0), (95.0, 0.0), (90.0, -1.0, -2.0, 0.1)).startswith("INCONCLUSIVE")
 
 
 def test_only_rows_with_every_planned_seed_are_complete():

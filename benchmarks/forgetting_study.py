@@ -281,7 +281,7 @@ def task_scores(model, context, adapter: bool) -> dict[str, list[float]]:
 def execute(specs: list[dict], config: dict, jobs: int, log_path: Path, deadline: float | None) -> list[dict]:
     """The results of ``specs``: those already in ``log_path`` (same configuration) reused, the rest run
     ``jobs`` at a time (each worker with cores/jobs threads), each appended to ``log_path`` as it ends."""
-    done = {r["key"]: r for r in _read_log(log_path, config)}
+    done = _read_log(log_path, config)
     todo = [s for s in specs if s["key"] not in done]
     if todo:
         print(f"{len(specs) - len(todo)} of {len(specs)} runs reused from {log_path}; running {len(todo)}",
@@ -298,6 +298,11 @@ def execute(specs: list[dict], config: dict, jobs: int, log_path: Path, deadline
             for future in as_completed([pool.submit(_timed_run, spec, deadline) for spec in todo]):
                 result = future.result()
                 done[result["key"]] = _log(result, log_path, config)
+    return _in_plan_order(specs, done)
+
+
+def _in_plan_order(specs: list[dict], done: dict[str, dict]) -> list[dict]:
+    """The finished results of ``specs`` (key -> result in ``done``), in plan order."""
     return [done[s["key"]] for s in specs if s["key"] in done and "skipped" not in done[s["key"]]]
 
 
@@ -315,12 +320,13 @@ def _fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps({k: config[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_log(path: Path, config: dict) -> list[dict]:
+def _read_log(path: Path, config: dict) -> dict[str, dict]:
+    """key -> result of every run ``path`` logged under ``config``."""
     if not path.exists():
-        return []
+        return {}
     fingerprint = _fingerprint(config)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("config") == fingerprint]
+    return {r["key"]: r for r in rows if r.get("config") == fingerprint}
 
 
 def _log(result: dict, path: Path, config: dict) -> dict:
@@ -638,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     payload["chosen"] = choose(payload["validation"])
     plan = test_plan(sizes, payload["chosen"])
     # What earlier sessions finished, reported again before this one adds to it (not replaced by less).
-    write_report(payload, plan, _finished(plan, log, config), out / name, plot_too=False)
+    write_report(payload, plan, _in_plan_order(plan, _read_log(log, config)), out / name, plot_too=False)
     test = execute(plan, config, args.jobs, log, deadline)
     payload["machine"]["wall_s_this_session"] = time.time() - start
     write_report(payload, plan, test, out / name, plot_too=not args.no_plot)
@@ -647,11 +653,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(test) < len(plan):
         print(f"forgetting_study: stopped after {args.max_minutes} min in test ({payload['status']}); rerun to go on")
     return 0
-
-
-def _finished(plan: list[dict], log: Path, config: dict) -> list[dict]:
-    done = {r["key"]: r for r in _read_log(log, config)}
-    return [done[s["key"]] for s in plan if s["key"] in done]
 
 
 def _write_atomically(path: Path, text: str) -> None:

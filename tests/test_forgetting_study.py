@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,9 +69,21 @@ def test_quick_pass_runs_end_to_end_with_the_preregistration_first(tmp_path):
     assert {r["row"] for r in interim["rows"]} == (set() if "base" in unfinished else set(rows) - unfinished)
     assert "Status: interim" in (tmp_path / "forgetting_study_quick.md").read_text()
     assert log.read_text().splitlines() == kept
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"runs reused from {log}; running 3" in again.stdout
+    # Resumed, the study's first rewrite of the report (a new file moved in) is the interim one again, not a
+    # report that has forgotten what the earlier session finished.
+    report = tmp_path / "forgetting_study_quick.json"
+    inode = report.stat().st_ino
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as resumed:
+        first_rewrite = None
+        while first_rewrite is None and resumed.poll() is None:
+            if report.stat().st_ino != inode:
+                first_rewrite = json.loads(report.read_text())
+            time.sleep(0.02)
+        stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert first_rewrite is not None and first_rewrite["status"] == interim["status"]
+    assert [r["row"] for r in first_rewrite["rows"]] == [r["row"] for r in interim["rows"]]
+    assert f"runs reused from {log}; running 3" in stdout
     rerun = log.read_text().splitlines()
     assert rerun[:len(kept)] == kept and len(rerun) == len(runs)
     assert {json.loads(line)["key"] for line in rerun[len(kept):]} == {json.loads(line)["key"] for line in dropped}
